@@ -1,0 +1,1 @@
+//! The CUDA path (in progress).

@@ -1,0 +1,147 @@
+//! The crate's one error type. Every variant carries the values that made the input invalid, so a
+//! message such as `expert id 9 at token 3, slot 1 is out of range for 8 experts` says what to fix.
+//!
+//! Validation runs before any computation (and, on the CUDA path, before any `unsafe` code), so an
+//! `Err` never leaves an output half written.
+
+use crate::dtype::DType;
+
+/// Result alias used throughout the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in a molora operation.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// A buffer's length does not match the shape the operation was given.
+    #[error("{what}: expected length {expected}, got {got}")]
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+
+    /// A dimension is zero (or otherwise outside what the operation accepts).
+    #[error("{what} = {value} is invalid: {reason}")]
+    InvalidDim {
+        what: &'static str,
+        value: usize,
+        reason: &'static str,
+    },
+
+    /// LoRA rank 0, or above the largest rank an operation supports.
+    #[error("LoRA rank {rank} is invalid: rank must be in 1..={max}")]
+    InvalidRank { rank: usize, max: usize },
+
+    /// `k = 0` or `k > E` for top-k gating.
+    #[error("top-k with k = {k} is invalid for {num_experts} experts: k must be in 1..={num_experts}")]
+    InvalidK { k: usize, num_experts: usize },
+
+    /// An expert id in a routing is `>= E` or below `-1`.
+    #[error("expert id {id} at token {token}, slot {slot} is out of range for {num_experts} experts (valid: -1 for an empty slot, or 0..{num_experts})")]
+    ExpertIdOutOfRange {
+        token: usize,
+        slot: usize,
+        id: i32,
+        num_experts: usize,
+    },
+
+    /// An adapter id of a sequence segment is `>= N` or below `-1`.
+    #[error("adapter id {id} of segment {segment} is out of range for {num_adapters} adapters (valid: -1 for no adapter, or 0..{num_adapters})")]
+    AdapterIdOutOfRange {
+        segment: usize,
+        id: i32,
+        num_adapters: usize,
+    },
+
+    /// A NaN or infinity where a finite number is required (logits, probabilities, thresholds, weights).
+    #[error("{what}[{index}] = {value} is not finite")]
+    NonFinite {
+        what: &'static str,
+        index: usize,
+        value: f32,
+    },
+
+    /// A scalar parameter outside its valid range (temperature <= 0, lambda outside [0, 1], ...).
+    #[error("{what} = {value} is invalid: {reason}")]
+    InvalidParameter {
+        what: &'static str,
+        value: f32,
+        reason: &'static str,
+    },
+
+    /// Offsets of sequence (or expert) segments that do not start at 0, decrease, or do not end at the
+    /// number of rows.
+    #[error("{what}: {reason} (offsets[{index}] = {value}, previous = {previous}, rows = {rows})")]
+    BadOffsets {
+        what: &'static str,
+        reason: &'static str,
+        index: usize,
+        value: usize,
+        previous: usize,
+        rows: usize,
+    },
+
+    /// Tensors of different element types were combined.
+    #[error("dtype mismatch in {what}: expected {expected:?}, got {got:?}")]
+    DTypeMismatch {
+        what: &'static str,
+        expected: DType,
+        got: DType,
+    },
+
+    /// A shape or configuration that no kernel handles; the message names it.
+    #[error("unsupported by {op}: {what}")]
+    Unsupported { op: &'static str, what: String },
+
+    /// The crate was built without the `cuda` feature.
+    #[error("{op} needs the CUDA path, but molora was built without the `cuda` feature (rebuild with `--features cuda`)")]
+    CudaNotCompiled { op: &'static str },
+
+    /// No usable GPU or driver was found at run time.
+    #[error("no CUDA device available: {reason}")]
+    NoDevice { reason: String },
+
+    /// A CUDA launcher or runtime call failed.
+    #[error("CUDA error in {op}: code {code} ({message})")]
+    Cuda {
+        op: &'static str,
+        code: i32,
+        message: String,
+    },
+
+    /// An error reported by the CUDA driver API (through cudarc).
+    #[error("CUDA driver error: {0}")]
+    Driver(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::LengthMismatch`].
+    pub fn len_mismatch(what: &'static str, expected: usize, got: usize) -> Self {
+        Error::LengthMismatch {
+            what,
+            expected,
+            got,
+        }
+    }
+}
+
+/// Checks that `got == expected`, naming the buffer in the error otherwise.
+pub fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(Error::len_mismatch(what, expected, got))
+    }
+}
+
+/// Checks that every value in `values` is finite, naming the first one that is not.
+pub fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(Error::NonFinite {
+            what,
+            index,
+            value: values[index],
+        }),
+    }
+}

@@ -1,0 +1,124 @@
+//! Comparison helpers shared by the property tests (CPU invariants, and CUDA against the CPU
+//! reference), exposed so downstream backends can check themselves the same way.
+//!
+//! A value passes when `|got − want| ≤ atol + rtol·|want|`; the tolerance depends on the element type
+//! the result was rounded to (see [`Tolerance::for_dtype`]).
+
+use crate::dtype::DType;
+
+/// Absolute and relative tolerance of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerance {
+    pub atol: f32,
+    pub rtol: f32,
+}
+
+impl Tolerance {
+    /// The per-dtype table. f32 allows for a different summation order over a few thousand terms;
+    /// f16 (10-bit mantissa) and bf16 (7-bit mantissa) allow for one output rounding plus an
+    /// intermediate rounding (e.g. of the base GEMM) and the order of the f32 accumulation.
+    ///
+    /// | dtype | atol | rtol |
+    /// |---|---|---|
+    /// | f32 | 1e-4 | 1e-4 |
+    /// | f16 | 2e-3 | 4e-3 |
+    /// | bf16 | 1.6e-2 | 1.6e-2 |
+    pub const fn for_dtype(dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => Tolerance {
+                atol: 1e-4,
+                rtol: 1e-4,
+            },
+            DType::F16 => Tolerance {
+                atol: 2e-3,
+                rtol: 4e-3,
+            },
+            DType::BF16 => Tolerance {
+                atol: 1.6e-2,
+                rtol: 1.6e-2,
+            },
+        }
+    }
+
+    /// Scales both bounds (e.g. by `sqrt(K)` for a reduction over `K` terms of unit size).
+    pub fn scaled(self, factor: f32) -> Self {
+        Tolerance {
+            atol: self.atol * factor,
+            rtol: self.rtol * factor,
+        }
+    }
+
+    /// Whether `got` is within tolerance of `want`. NaN never is; equal infinities are.
+    pub fn accepts(&self, got: f32, want: f32) -> bool {
+        if got == want {
+            return true;
+        }
+        (got - want).abs() <= self.atol + self.rtol * want.abs()
+    }
+}
+
+/// Compares two equally long slices and returns a message naming the first mismatching index,
+/// both values, their difference and the bound, with the number of mismatches; `Ok(())` if all pass.
+pub fn compare(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: length {} differs from the reference's {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let mut first = None;
+    let mut count = 0usize;
+    let mut worst = 0.0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if !tol.accepts(g, w) {
+            count += 1;
+            let excess = (g - w).abs() - (tol.atol + tol.rtol * w.abs());
+            if first.is_none() {
+                first = Some(i);
+            }
+            if excess.is_nan() || excess > worst {
+                worst = excess;
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "{what}: {count} of {} values out of tolerance (atol {}, rtol {}); first at index {i}: \
+             got {}, want {}, |diff| {}, bound {}",
+            got.len(),
+            tol.atol,
+            tol.rtol,
+            got[i],
+            want[i],
+            (got[i] - want[i]).abs(),
+            tol.atol + tol.rtol * want[i].abs()
+        )),
+    }
+}
+
+/// Panics with [`compare`]'s message when the slices differ beyond `tol`. For tests.
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
+    if let Err(msg) = compare(what, got, want, tol) {
+        panic!("{msg}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_reports_first_index_and_values() {
+        let tol = Tolerance::for_dtype(DType::F32);
+        assert!(compare("ok", &[1.0, 2.0], &[1.0, 2.00001], tol).is_ok());
+        let err = compare("bad", &[1.0, 2.5, 3.0], &[1.0, 2.0, 3.5], tol).unwrap_err();
+        assert!(err.contains("2 of 3"), "{err}");
+        assert!(err.contains("index 1"), "{err}");
+        assert!(err.contains("got 2.5"), "{err}");
+        assert!(compare("nan", &[f32::NAN], &[1.0], tol).is_err());
+        assert!(compare("len", &[1.0], &[1.0, 2.0], tol).is_err());
+    }
+}
