@@ -1,1 +1,154 @@
-fn main(){}
+//! Build script. Without the `cuda` feature it does nothing (no nvcc, no libclang needed). With it:
+//! nvcc compiles every `cuda/*.cu` (SASS for sm_80 and sm_90, PTX for compute_90, cudart static) into
+//! the static library `molora_kernels`, and bindgen turns `cuda/include/molora.h` into the Rust FFI
+//! (`$OUT_DIR/molora_ffi.rs`), so the C ABI is declared once.
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "cuda")]
+    cuda::build();
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::path::{Path, PathBuf};
+
+    /// Where nvcc lives: `$CUDA_HOME`, `$CUDA_PATH`, `nvcc` on `PATH`, `/usr/local/cuda`, or the cache
+    /// that `scripts/cuda-toolkit.sh` fills from NVIDIA's PyPI wheels.
+    fn find_cuda_home() -> Option<PathBuf> {
+        let has_nvcc = |p: &Path| p.join("bin").join("nvcc").is_file();
+        for var in ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"] {
+            if let Some(v) = std::env::var_os(var) {
+                let p = PathBuf::from(v);
+                if has_nvcc(&p) {
+                    return Some(p);
+                }
+            }
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path) {
+                if dir.join("nvcc").is_file() {
+                    if let Some(home) = dir.parent() {
+                        return Some(home.to_path_buf());
+                    }
+                }
+            }
+        }
+        let mut candidates = vec![PathBuf::from("/usr/local/cuda")];
+        if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
+            candidates.push(PathBuf::from(cache).join("cuda-13.0"));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            candidates.push(PathBuf::from(home).join(".cache").join("cuda-13.0"));
+        }
+        candidates.into_iter().find(|p| has_nvcc(p))
+    }
+
+    pub fn build() {
+        for var in [
+            "CUDA_HOME",
+            "CUDA_PATH",
+            "CUDA_ROOT",
+            "PATH",
+            "MOLORA_NVCC_FLAGS",
+        ] {
+            println!("cargo:rerun-if-env-changed={var}");
+        }
+        println!("cargo:rerun-if-changed=cuda");
+        let manifest = PathBuf::from(
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+        );
+        let cuda_dir = manifest.join("cuda");
+        let include = cuda_dir.join("include");
+        let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+
+        let Some(cuda_home) = find_cuda_home() else {
+            panic!(
+                "\n\nmolora: the `cuda` feature needs nvcc (CUDA 12.x or 13.x), and none was found in \
+                 $CUDA_HOME, $CUDA_PATH, PATH, /usr/local/cuda or ~/.cache/cuda-13.0.\n\
+                 Get one with the project's script (it unpacks NVIDIA's PyPI wheels, no root needed):\n\
+                 \n    export CUDA_HOME=$(scripts/cuda-toolkit.sh) PATH=\"$CUDA_HOME/bin:$PATH\"\n\n\
+                 or install the CUDA toolkit and set CUDA_HOME.\n"
+            );
+        };
+
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(&cuda_dir)
+            .expect("cuda/ exists")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+            .collect();
+        sources.sort();
+        for entry in std::fs::read_dir(&cuda_dir)
+            .expect("cuda/ exists")
+            .flatten()
+        {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
+        for entry in std::fs::read_dir(&include)
+            .expect("cuda/include exists")
+            .flatten()
+        {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
+
+        // cc runs `$NVCC` (or `nvcc` from PATH) for CUDA sources; point it at the toolkit found.
+        let nvcc = cuda_home.join("bin").join("nvcc");
+        std::env::set_var("NVCC", &nvcc);
+        let mut b = cc::Build::new();
+        b.cuda(true)
+            .cudart("static")
+            .include(&include)
+            .include(&cuda_dir)
+            .flag("-std=c++17")
+            .flag("--expt-relaxed-constexpr")
+            .flag("-Xcompiler")
+            .flag("-fPIC")
+            .flag("-gencode=arch=compute_80,code=sm_80")
+            .flag("-gencode=arch=compute_90,code=sm_90")
+            .flag("-gencode=arch=compute_90,code=compute_90")
+            .warnings(false);
+        if let Ok(extra) = std::env::var("MOLORA_NVCC_FLAGS") {
+            for f in extra.split_whitespace() {
+                b.flag(f);
+            }
+        }
+        for s in &sources {
+            b.file(s);
+        }
+        b.compile("molora_kernels");
+
+        for lib in ["lib64", "lib", "targets/x86_64-linux/lib"] {
+            let dir = cuda_home.join(lib);
+            if dir.join("libcudart_static.a").is_file() {
+                println!("cargo:rustc-link-search=native={}", dir.display());
+            }
+        }
+        println!("cargo:rustc-link-lib=static=cudart_static");
+        for lib in ["rt", "dl", "pthread", "stdc++"] {
+            println!("cargo:rustc-link-lib={lib}");
+        }
+        // For dependents (C/C++ users through a build script): DEP_MOLORA_KERNELS_ROOT / _INCLUDE.
+        println!("cargo:root={}", out.display());
+        println!("cargo:include={}", include.display());
+
+        let bindings = bindgen::Builder::default()
+            .header(include.join("molora.h").to_string_lossy())
+            .allowlist_item("molora_.*")
+            .allowlist_item("MOLORA_.*")
+            .derive_default(true)
+            .derive_debug(true)
+            .derive_copy(true)
+            .prepend_enum_name(false)
+            .layout_tests(true)
+            .generate()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "molora: bindgen could not read cuda/include/molora.h: {e}\n\
+                     bindgen needs libclang: install libclang-dev (scripts/cuda-toolkit.sh does) or set LIBCLANG_PATH"
+                )
+            });
+        bindings
+            .write_to_file(out.join("molora_ffi.rs"))
+            .expect("write molora_ffi.rs");
+    }
+}

@@ -33,7 +33,9 @@ pub enum Error {
     InvalidRank { rank: usize, max: usize },
 
     /// `k = 0` or `k > E` for top-k gating.
-    #[error("top-k with k = {k} is invalid for {num_experts} experts: k must be in 1..={num_experts}")]
+    #[error(
+        "top-k with k = {k} is invalid for {num_experts} experts: k must be in 1..={num_experts}"
+    )]
     InvalidK { k: usize, num_experts: usize },
 
     /// An expert id in a routing is `>= E` or below `-1`.

@@ -21,7 +21,7 @@ pub mod testing;
 pub use dispatch::DispatchPlan;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
-pub use routing::{AdapterSegments, Routing, SeqRouting, Segments};
+pub use routing::{AdapterSegments, Routing, Segments, SeqRouting};
 pub use shape::{LoraShape, MAX_RANK};
 
 /// Re-export of `half` so users name the same f16/bf16 types.

@@ -95,13 +95,7 @@ impl Routing {
     /// A routing in which every slot is empty: the LoRA part is exactly zero.
     pub fn empty(num_tokens: usize, k_max: usize, num_experts: usize) -> Result<Self> {
         let n = num_tokens.saturating_mul(k_max);
-        Routing::new(
-            num_tokens,
-            k_max,
-            num_experts,
-            vec![-1; n],
-            vec![0.0; n],
-        )
+        Routing::new(num_tokens, k_max, num_experts, vec![-1; n], vec![0.0; n])
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -228,7 +222,10 @@ impl Segments {
     pub fn segment_of_rows(&self) -> Vec<usize> {
         let mut out = Vec::with_capacity(self.num_rows());
         for s in 0..self.num_segments() {
-            out.extend(std::iter::repeat_n(s, self.offsets[s + 1] - self.offsets[s]));
+            out.extend(std::iter::repeat_n(
+                s,
+                self.offsets[s + 1] - self.offsets[s],
+            ));
         }
         out
     }

@@ -106,6 +106,28 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
     }
 }
 
+/// The device a GPU test runs on, or `None` after printing why the test is skipped (no `cuda`
+/// feature, no driver, no device). With the environment variable `MOLORA_REQUIRE_GPU=1` a missing GPU
+/// is a failure instead: this panics, so a GPU run cannot pass by skipping.
+pub fn gpu_or_skip(test: &str) -> Option<crate::cuda::Device> {
+    match crate::cuda::Device::new(0) {
+        Ok(dev) => Some(dev),
+        Err(err) => {
+            if std::env::var("MOLORA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: MOLORA_REQUIRE_GPU=1 but no usable GPU: {err}");
+            }
+            // Written to the stderr handle itself, which the test harness does not capture, so the
+            // skip shows in every run's log.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipping {test}: {err} (set MOLORA_REQUIRE_GPU=1 to fail instead)"
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

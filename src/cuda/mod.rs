@@ -1,1 +1,50 @@
-//! The CUDA path (in progress).
+//! The CUDA path: safe wrappers over the kernels of `cuda/*.cu`, on cudarc 0.19 devices, streams and
+//! buffers.
+//!
+//! Every op validates shapes, lengths and parameters before its one `unsafe` block, enqueues its
+//! kernels on the [`Device`]'s stream and returns without synchronising with the host.
+//!
+//! Without the `cuda` feature this module still exists: [`device_available`] is `false` and
+//! [`Device::new`] returns [`Error::CudaNotCompiled`](crate::Error::CudaNotCompiled), so callers need no
+//! `cfg` of their own.
+
+#[cfg(feature = "cuda")]
+mod device;
+#[cfg(feature = "cuda")]
+pub mod ffi;
+#[cfg(feature = "cuda")]
+mod gating;
+
+/// The cudarc version molora's CUDA ops take buffers of.
+#[cfg(feature = "cuda")]
+pub use cudarc;
+#[cfg(feature = "cuda")]
+pub use device::{device_available, Device};
+#[cfg(feature = "cuda")]
+pub use gating::{top_k_gating, MAX_GATING_EXPERTS};
+
+#[cfg(not(feature = "cuda"))]
+mod disabled {
+    use crate::{Error, Result};
+
+    /// `false`: molora was built without the `cuda` feature.
+    pub fn device_available() -> bool {
+        false
+    }
+
+    /// Stands in for the CUDA device when the `cuda` feature is off; it cannot be constructed.
+    #[derive(Debug)]
+    pub struct Device {
+        _private: (),
+    }
+
+    impl Device {
+        /// Always [`Error::CudaNotCompiled`].
+        pub fn new(_ordinal: usize) -> Result<Device> {
+            Err(Error::CudaNotCompiled { op: "Device::new" })
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub use disabled::{device_available, Device};

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Prints a CUDA_HOME that holds nvcc 13.0, getting one if needed, and makes sure libclang (for
+# bindgen) is present. Idempotent: a second run only prints the path.
+#
+#   export CUDA_HOME=$(scripts/cuda-toolkit.sh) PATH="$CUDA_HOME/bin:$PATH"
+#
+# Order: $CUDA_HOME if it holds bin/nvcc; an nvcc on PATH; /usr/local/cuda; otherwise NVIDIA's own
+# PyPI wheels (nvcc, nvvm, crt, runtime headers + static cudart, cccl), unpacked once into
+# ${XDG_CACHE_HOME:-~/.cache}/cuda-13.0. Everything but the path goes to stderr.
+set -euo pipefail
+
+ensure_libclang() {
+  if ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so'; then return 0; fi
+  if compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null; then return 0; fi
+  if [ -n "${LIBCLANG_PATH:-}" ] && compgen -G "$LIBCLANG_PATH/libclang*.so*" >/dev/null; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "cuda-toolkit.sh: installing libclang-dev for bindgen" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev) >&2
+  else
+    echo "cuda-toolkit.sh: libclang not found; bindgen needs it: install libclang-dev (Debian/Ubuntu)" \
+         "or set LIBCLANG_PATH to the folder holding libclang.so" >&2
+    return 1
+  fi
+}
+
+find_cuda() {
+  if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then echo "$CUDA_HOME"; return; fi
+  if command -v nvcc >/dev/null 2>&1; then dirname "$(dirname "$(command -v nvcc)")"; return; fi
+  if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; return; fi
+  local dest="${XDG_CACHE_HOME:-$HOME/.cache}/cuda-13.0"
+  if [ ! -x "$dest/bin/nvcc" ]; then
+    echo "cuda-toolkit.sh: fetching nvcc 13.0 from PyPI into $dest" >&2
+    local tmp; tmp=$(mktemp -d)
+    python3 -m pip download -q --no-deps -d "$tmp" \
+      nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+      nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 >&2
+    mkdir -p "$tmp/site"
+    for w in "$tmp"/*.whl; do python3 -m zipfile -e "$w" "$tmp/site" >&2; done
+    rm -rf "$dest"; mkdir -p "$(dirname "$dest")"
+    mv "$tmp/site/nvidia/cu13" "$dest"
+    chmod +x "$dest"/bin/* "$dest"/nvvm/bin/* 2>/dev/null || true
+    # nvcc links host code against libcudart.so; the wheel ships only the versioned name.
+    [ -e "$dest/lib/libcudart.so" ] || ln -s libcudart.so.13 "$dest/lib/libcudart.so"
+    [ -e "$dest/lib64" ] || ln -sfn lib "$dest/lib64"
+    rm -rf "$tmp"
+  fi
+  echo "$dest"
+}
+
+ensure_libclang
+find_cuda

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The project's test command (README), and what CI runs: format, lints with and without `cuda`,
+# the test suite on the CPU, and the test suite built with the CUDA kernels (GPU tests skip with a
+# printed line when no GPU is present; MOLORA_REQUIRE_GPU=1 makes them fail instead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+CUDA_HOME=$(scripts/cuda-toolkit.sh)
+export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+
+step() { printf '\n== %s\n' "$*"; }
+start=$(date +%s)
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (CPU)"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo clippy (cuda)"
+cargo clippy --all-targets --features cuda -- -D warnings
+
+step "cargo test (CPU)"
+cargo test
+
+step "cargo test (cuda)"
+cargo test --features cuda
+
+step "all checks passed in $(( $(date +%s) - start )) s"

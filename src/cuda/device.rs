@@ -1,0 +1,124 @@
+//! The device handle: a cudarc context and the stream every op of this handle runs on.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+use crate::{Error, Result};
+
+/// Whether a CUDA driver and at least one device are present. Never panics.
+pub fn device_available() -> bool {
+    // SAFETY: `is_culib_present` only tries to dlopen the driver library and drops the handle.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    matches!(CudaContext::device_count(), Ok(n) if n > 0)
+}
+
+/// A CUDA device and the stream molora's ops on it are enqueued on.
+#[derive(Debug, Clone)]
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl Device {
+    /// Opens device `ordinal` and uses its default stream.
+    pub fn new(ordinal: usize) -> Result<Device> {
+        // SAFETY: as in `device_available`.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice {
+                reason: "the CUDA driver library (libcuda) was not found".into(),
+            });
+        }
+        let count = CudaContext::device_count().map_err(|e| Error::Driver(e.to_string()))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice {
+                reason: format!("device {ordinal} requested, {count} present"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Driver(e.to_string()))?;
+        let stream = ctx.default_stream();
+        Ok(Device { ctx, stream })
+    }
+
+    /// Uses an existing cudarc stream (e.g. a framework's), so molora's ops order with its work.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Device {
+        Device {
+            ctx: stream.context().clone(),
+            stream,
+        }
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Copies a host slice to a new device buffer (enqueued on the stream).
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| Error::Driver(e.to_string()))
+    }
+
+    /// Copies a device buffer back to the host; this waits for the stream.
+    pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(dev)
+            .map_err(|e| Error::Driver(e.to_string()))
+    }
+
+    /// A zeroed device buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(len)
+            .map_err(|e| Error::Driver(e.to_string()))
+    }
+
+    /// Waits until everything enqueued on the stream has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::Driver(e.to_string()))
+    }
+
+    pub(crate) fn raw_stream(&self) -> super::ffi::molora_stream_t {
+        self.stream.cu_stream() as super::ffi::molora_stream_t
+    }
+}
+
+/// Maps a launcher's return code (a `cudaError_t`) to a result.
+pub(crate) fn check_launch(op: &'static str, code: i32) -> Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Error::Cuda {
+            op,
+            code,
+            message: cuda_error_name(code).to_string(),
+        })
+    }
+}
+
+/// Names of the `cudaError_t` codes a launcher can return.
+fn cuda_error_name(code: i32) -> &'static str {
+    match code {
+        1 => "cudaErrorInvalidValue",
+        2 => "cudaErrorMemoryAllocation",
+        3 => "cudaErrorInitializationError",
+        9 => "cudaErrorInvalidConfiguration",
+        35 => "cudaErrorInsufficientDriver",
+        98 => "cudaErrorInvalidDeviceFunction",
+        100 => "cudaErrorNoDevice",
+        101 => "cudaErrorInvalidDevice",
+        209 => "cudaErrorNoKernelImageForDevice",
+        400 => "cudaErrorInvalidResourceHandle",
+        700 => "cudaErrorIllegalAddress",
+        701 => "cudaErrorLaunchOutOfResources",
+        _ => "see cudaGetErrorString",
+    }
+}
