@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "molora.h"
@@ -28,6 +30,28 @@ __device__ __forceinline__ float sigmoid(float z) {
     if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
     const float e = expf(z);
     return e / (1.0f + e);
+}
+
+// Element conversions: exact widening to f32, round-to-nearest-even narrowing (as `half` does).
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// Index of the run holding row p: the largest q with offsets[q] <= p and offsets[q + 1] > p, for
+// non-decreasing offsets[0..=n] and offsets[0] <= p < offsets[n].
+__device__ __forceinline__ int find_run(const int32_t *offsets, int n, int p) {
+    int lo = 0, hi = n;  // invariant: offsets[lo] <= p < offsets[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (offsets[mid] <= p) lo = mid; else hi = mid;
+    }
+    return lo;
 }
 
 // Launch epilogue: the error of the launch just enqueued (configuration errors show up here).

@@ -63,6 +63,120 @@ typedef struct molora_topk_gating_args {
 
 int molora_topk_gating_f32(const molora_topk_gating_args *args, molora_stream_t stream);
 
+/*
+ * Dispatch: a stable counting sort of the (token, slot) pairs by expert, on the GPU, giving exactly
+ * the CPU reference's plan (src/dispatch.rs):
+ *
+ *   expert_offsets [E + 1]   start of each expert's run; expert_offsets[E] = P, the number of pairs
+ *   sorted_slots  [S]        flat slot index t * k_max + s of each sorted pair (by expert, then slot
+ *                            index); entries P..S-1 are set to -1
+ *   slot_to_sorted [S]       sorted position of each slot, -1 for an empty slot
+ *
+ * with S = num_slots = T * k_max. Ids outside [-1, E) cannot be rejected without a host sync; they are
+ * treated as empty slots. Three kernels (count per chunk, one-block scan, stable scatter); the grids
+ * depend on S and E only. `workspace` holds molora_dispatch_workspace_len(S, E) int32 values.
+ */
+#define MOLORA_DISPATCH_MAX_EXPERTS 1024
+#define MOLORA_DISPATCH_CHUNK 256
+
+typedef struct molora_dispatch_args {
+    const int32_t *ids;
+    int32_t *expert_offsets;
+    int32_t *sorted_slots;
+    int32_t *slot_to_sorted;
+    int32_t *workspace;
+    int32_t num_slots;
+    int32_t num_experts;
+} molora_dispatch_args;
+
+int64_t molora_dispatch_workspace_len(int32_t num_slots, int32_t num_experts);
+int molora_dispatch(const molora_dispatch_args *args, molora_stream_t stream);
+
+/*
+ * Grouped LoRA shrink, over row runs (experts after dispatch, or sequence segments):
+ *
+ *   h[p, j] = Σ_i x[src(p), i] · A[w(run(p)), j, i]      (f32 out, f32 accumulation in i order)
+ *
+ * Rows p in [0, run_offsets[num_runs]) are grouped into runs: run q covers
+ * [run_offsets[q], run_offsets[q + 1]) and uses weight w(q) = run_weight[q] (or q when run_weight is
+ * NULL); a weight outside [0, num_weights) (e.g. -1) gives zero rows. src(p) = row_src[p] / src_div
+ * (or p when row_src is NULL): for expert segments run_offsets = expert_offsets, row_src =
+ * sorted_slots and src_div = k_max (the gather is fused); for sequence segments run_offsets = the
+ * sequence offsets, run_weight = the adapter ids, row_src = NULL.
+ * x [*, d_in] and A [num_weights, rank, d_in] of the launcher's element type; h [max_rows, rank] f32;
+ * rows past run_offsets[num_runs] are not written. The grid depends on max_rows only.
+ */
+typedef struct molora_lora_shrink_args {
+    const void *x;
+    const void *a;
+    float *h;
+    const int32_t *run_offsets;
+    const int32_t *run_weight;
+    const int32_t *row_src;
+    int32_t src_div;
+    int32_t max_rows;
+    int32_t num_runs;
+    int32_t num_weights;
+    int32_t rank;
+    int32_t d_in;
+} molora_lora_shrink_args;
+
+int molora_lora_shrink_f32(const molora_lora_shrink_args *args, molora_stream_t stream);
+int molora_lora_shrink_f16(const molora_lora_shrink_args *args, molora_stream_t stream);
+int molora_lora_shrink_bf16(const molora_lora_shrink_args *args, molora_stream_t stream);
+
+/*
+ * Grouped LoRA expand with the scatter and the weighted combine fused, deterministic (no atomics):
+ *
+ *   expert mode (ids != NULL):
+ *     y[t, o] = round(y[t, o] + scale · Σ_{s: ids[t,s] valid} weights[t,s] · Σ_j h[slot_to_sorted[t,s], j] · B[ids[t,s], o, j])
+ *   segment mode (ids == NULL):
+ *     y[t, o] = round(y[t, o] + scale · Σ_j h[t, j] · B[adapter_ids[seg(t)], o, j])
+ *
+ * Slots are summed in slot order, j in order, in f32; y is read and written once per element. Rows
+ * of tokens with no valid slot (or adapter -1) are not touched. h [*, rank] f32, B [num_weights,
+ * d_out, rank] and y [num_tokens, d_out] of the launcher's element type.
+ */
+typedef struct molora_lora_expand_args {
+    const float *h;
+    const void *b;
+    void *y;
+    const int32_t *ids;
+    const float *weights;
+    const int32_t *slot_to_sorted;
+    int32_t k_max;
+    const int32_t *seg_offsets;
+    const int32_t *adapter_ids;
+    int32_t num_segments;
+    float scale;
+    int32_t num_tokens;
+    int32_t num_weights;
+    int32_t rank;
+    int32_t d_out;
+} molora_lora_expand_args;
+
+int molora_lora_expand_f32(const molora_lora_expand_args *args, molora_stream_t stream);
+int molora_lora_expand_f16(const molora_lora_expand_args *args, molora_stream_t stream);
+int molora_lora_expand_bf16(const molora_lora_expand_args *args, molora_stream_t stream);
+
+/*
+ * Weight-space mixing (SAML), per sequence s:
+ *   out[s, i] = round(Σ_e probs[s, e] · w[e, i]),  i < per_expert   (f32 accumulation in e order)
+ * Called once for the A stack (per_expert = rank·d_in) and once for the B stack (d_out·rank).
+ */
+typedef struct molora_mix_args {
+    const void *w;
+    const float *probs;
+    void *out;
+    int32_t num_experts;
+    int32_t num_seqs;
+    int64_t per_expert;
+} molora_mix_args;
+
+int molora_mix_f32(const molora_mix_args *args, molora_stream_t stream);
+int molora_mix_f16(const molora_mix_args *args, molora_stream_t stream);
+int molora_mix_bf16(const molora_mix_args *args, molora_stream_t stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

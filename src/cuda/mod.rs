@@ -11,9 +11,13 @@
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+mod dispatch;
+#[cfg(feature = "cuda")]
 pub mod ffi;
 #[cfg(feature = "cuda")]
 mod gating;
+#[cfg(feature = "cuda")]
+mod lora;
 
 /// The cudarc version molora's CUDA ops take buffers of.
 #[cfg(feature = "cuda")]
@@ -21,7 +25,14 @@ pub use cudarc;
 #[cfg(feature = "cuda")]
 pub use device::{device_available, Device};
 #[cfg(feature = "cuda")]
+pub use dispatch::{dispatch, DevicePlan, MAX_DISPATCH_EXPERTS};
+#[cfg(feature = "cuda")]
 pub use gating::{top_k_gating, MAX_GATING_EXPERTS};
+#[cfg(feature = "cuda")]
+pub use lora::{
+    expand_experts, expand_segments, mix_experts, shrink_experts, shrink_segments, CudaElement,
+    DeviceSegments,
+};
 
 #[cfg(not(feature = "cuda"))]
 mod disabled {

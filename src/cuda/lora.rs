@@ -1,0 +1,369 @@
+//! Grouped LoRA on the GPU (`cuda/lora.cu`): shrink and expand over expert segments (gather and
+//! scatter/combine fused) and over sequence segments (SGMV), and SAML's weight-space mixing. Each op
+//! is the GPU counterpart of the [`crate::cpu`] function of the same name, with device buffers.
+
+use std::os::raw::c_int;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use half::{bf16, f16};
+
+use super::device::{check_launch, Device};
+use super::dispatch::DevicePlan;
+use super::ffi;
+use crate::error::check_len;
+use crate::{AdapterSegments, Element, Error, LoraShape, Result};
+
+type Launcher<A> = unsafe extern "C" fn(*const A, ffi::molora_stream_t) -> c_int;
+
+/// An element type with CUDA kernels: f32, f16 and bf16.
+pub trait CudaElement: Element + DeviceRepr {
+    #[doc(hidden)]
+    const SHRINK: Launcher<ffi::molora_lora_shrink_args>;
+    #[doc(hidden)]
+    const EXPAND: Launcher<ffi::molora_lora_expand_args>;
+    #[doc(hidden)]
+    const MIX: Launcher<ffi::molora_mix_args>;
+}
+
+impl CudaElement for f32 {
+    const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f32;
+    const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_f32;
+    const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_f32;
+}
+impl CudaElement for f16 {
+    const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f16;
+    const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_f16;
+    const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_f16;
+}
+impl CudaElement for bf16 {
+    const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_bf16;
+    const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_bf16;
+    const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_bf16;
+}
+
+/// Sequence segments with one adapter each, in device memory (from a validated [`AdapterSegments`]).
+#[derive(Debug)]
+pub struct DeviceSegments {
+    num_rows: usize,
+    num_segments: usize,
+    num_adapters: usize,
+    offsets: CudaSlice<i32>,
+    adapter_ids: CudaSlice<i32>,
+}
+
+impl DeviceSegments {
+    /// Uploads the offsets and adapter ids (enqueued on `dev`'s stream).
+    pub fn new(dev: &Device, segs: &AdapterSegments) -> Result<Self> {
+        Ok(DeviceSegments {
+            num_rows: segs.segments().num_rows(),
+            num_segments: segs.segments().num_segments(),
+            num_adapters: segs.num_adapters(),
+            offsets: dev.upload(&segs.segments().offsets_i32())?,
+            adapter_ids: dev.upload(segs.adapter_ids())?,
+        })
+    }
+    pub fn num_rows(&self) -> usize {
+        self.num_rows
+    }
+    pub fn num_segments(&self) -> usize {
+        self.num_segments
+    }
+}
+
+fn check_experts(op: &'static str, shape: &LoraShape, num_experts: usize) -> Result<()> {
+    if shape.num_experts != num_experts {
+        return Err(Error::LengthMismatch {
+            what: if op.contains("segments") {
+                "adapters of the segments vs shape.num_experts"
+            } else {
+                "experts of the plan vs shape.num_experts"
+            },
+            expected: shape.num_experts,
+            got: num_experts,
+        });
+    }
+    Ok(())
+}
+
+fn fits_i32(what: &'static str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| Error::InvalidDim {
+        what,
+        value: n,
+        reason: "must fit in an i32",
+    })
+}
+
+/// Grouped shrink over expert segments with the gather fused:
+/// `h[p, j] = Σ_i x[token(p), i]·A[e(p), j, i]`, `h` f32 `[T·k_max, r]` in the plan's sorted order
+/// (rows past the number of pairs are not written). GPU counterpart of [`crate::cpu::shrink_experts`].
+pub fn shrink_experts<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    a: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    plan: &DevicePlan,
+    h: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    const OP: &str = "shrink_experts";
+    check_experts(OP, shape, plan.num_experts())?;
+    let slots = plan.num_tokens() * plan.k_max();
+    check_len("x [T, d_in]", plan.num_tokens() * shape.d_in, x.len())?;
+    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    check_len("h [T * k_max, r]", slots * shape.rank, h.len())?;
+    let max_rows = fits_i32("T * k_max", slots)?;
+    fits_i32("T * k_max * r", slots * shape.rank)?;
+    if slots == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (a_ptr, _g1) = a.device_ptr(stream);
+    let (h_ptr, _g2) = h.device_ptr_mut(stream);
+    let (off_ptr, sorted_ptr, _g3) = plan.offsets_and_sorted(stream);
+    let args = ffi::molora_lora_shrink_args {
+        x: x_ptr as *const _,
+        a: a_ptr as *const _,
+        h: h_ptr as *mut f32,
+        run_offsets: off_ptr as *const i32,
+        run_weight: std::ptr::null(),
+        row_src: sorted_ptr as *const i32,
+        src_div: plan.k_max() as i32,
+        max_rows,
+        num_runs: shape.num_experts as i32,
+        num_weights: shape.num_experts as i32,
+        rank: shape.rank as i32,
+        d_in: shape.d_in as i32,
+    };
+    // SAFETY: x holds T·d_in, A E·r·d_in and h T·k_max·r elements (checked above); the plan was
+    // allocated for this T, k_max and E, so its offsets hold E + 1 and its sorted slots T·k_max
+    // entries, each a slot index < T·k_max (or -1 past the pairs, never read); dividing by k_max gives
+    // a token < T. All sizes fit an i32. The guards keep the buffers alive and ordered on `stream`.
+    let code = unsafe { T::SHRINK(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// Grouped expand with the scatter and weighted combine fused, deterministic:
+/// `y[t, o] = round(y[t, o] + scale·Σ_s w_ts·Σ_j h[pos(t, s), j]·B[e_ts, o, j])`; tokens with no
+/// active slot are not touched. `ids`/`weights` are the routing's `[T, k_max]`, `h` the output of
+/// [`shrink_experts`] with the same plan. GPU counterpart of [`crate::cpu::expand_experts`].
+#[allow(clippy::too_many_arguments)]
+pub fn expand_experts<T: CudaElement>(
+    dev: &Device,
+    h: &impl DevicePtr<f32>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    plan: &DevicePlan,
+    ids: &impl DevicePtr<i32>,
+    weights: &impl DevicePtr<f32>,
+    scale: f32,
+    y: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    const OP: &str = "expand_experts";
+    check_experts(OP, shape, plan.num_experts())?;
+    check_scale(scale)?;
+    let (t, k_max) = (plan.num_tokens(), plan.k_max());
+    let slots = t * k_max;
+    check_len("h [T * k_max, r]", slots * shape.rank, h.len())?;
+    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
+    check_len("routing ids [T, k_max]", slots, ids.len())?;
+    check_len("routing weights [T, k_max]", slots, weights.len())?;
+    check_len("y [T, d_out]", t * shape.d_out, y.len())?;
+    fits_i32("T * d_out", t * shape.d_out)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (h_ptr, _g0) = h.device_ptr(stream);
+    let (b_ptr, _g1) = b.device_ptr(stream);
+    let (ids_ptr, _g2) = ids.device_ptr(stream);
+    let (w_ptr, _g3) = weights.device_ptr(stream);
+    let (y_ptr, _g4) = y.device_ptr_mut(stream);
+    let (inv_ptr, _g5) = plan.inverse(stream);
+    let args = ffi::molora_lora_expand_args {
+        h: h_ptr as *const f32,
+        b: b_ptr as *const _,
+        y: y_ptr as *mut _,
+        ids: ids_ptr as *const i32,
+        weights: w_ptr as *const f32,
+        slot_to_sorted: inv_ptr as *const i32,
+        k_max: k_max as i32,
+        seg_offsets: std::ptr::null(),
+        adapter_ids: std::ptr::null(),
+        num_segments: 0,
+        scale,
+        num_tokens: t as i32,
+        num_weights: shape.num_experts as i32,
+        rank: shape.rank as i32,
+        d_out: shape.d_out as i32,
+    };
+    // SAFETY: lengths checked above (h T·k_max·r, B E·d_out·r, ids/weights T·k_max, y T·d_out); the
+    // plan's inverse holds T·k_max positions, each -1 or < T·k_max (a row of h). The kernel skips
+    // ids outside [0, E). Sizes fit an i32; the guards keep buffers alive and ordered on `stream`.
+    let code = unsafe { T::EXPAND(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// Segmented (SGMV) shrink: `h[t, j] = Σ_i x[t, i]·A[adapter(seg(t)), j, i]`, zero rows for adapter
+/// `-1`. `shape.num_experts` is the number of adapters. GPU counterpart of
+/// [`crate::cpu::shrink_segments`].
+pub fn shrink_segments<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    a: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    segs: &DeviceSegments,
+    h: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    const OP: &str = "shrink_segments";
+    check_experts(OP, shape, segs.num_adapters)?;
+    let t = segs.num_rows;
+    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
+    check_len("A [N, r, d_in]", shape.a_len(), a.len())?;
+    check_len("h [T, r]", t * shape.rank, h.len())?;
+    fits_i32("T * r", t * shape.rank)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (a_ptr, _g1) = a.device_ptr(stream);
+    let (h_ptr, _g2) = h.device_ptr_mut(stream);
+    let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
+    let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
+    let args = ffi::molora_lora_shrink_args {
+        x: x_ptr as *const _,
+        a: a_ptr as *const _,
+        h: h_ptr as *mut f32,
+        run_offsets: off_ptr as *const i32,
+        run_weight: ad_ptr as *const i32,
+        row_src: std::ptr::null(),
+        src_div: 1,
+        max_rows: t as i32,
+        num_runs: segs.num_segments as i32,
+        num_weights: shape.num_experts as i32,
+        rank: shape.rank as i32,
+        d_in: shape.d_in as i32,
+    };
+    // SAFETY: the segments were validated on the host (offsets from 0 non-decreasing to T, adapter
+    // ids in [-1, N)) and uploaded whole; x, A and h have the lengths checked above; sizes fit an i32.
+    let code = unsafe { T::SHRINK(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// Segmented (SGMV) expand: `y[t, o] = round(y[t, o] + scale·Σ_j h[t, j]·B[adapter(seg(t)), o, j])`,
+/// rows of adapter `-1` untouched. GPU counterpart of [`crate::cpu::expand_segments`].
+#[allow(clippy::too_many_arguments)]
+pub fn expand_segments<T: CudaElement>(
+    dev: &Device,
+    h: &impl DevicePtr<f32>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    segs: &DeviceSegments,
+    scale: f32,
+    y: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    const OP: &str = "expand_segments";
+    check_experts(OP, shape, segs.num_adapters)?;
+    check_scale(scale)?;
+    let t = segs.num_rows;
+    check_len("h [T, r]", t * shape.rank, h.len())?;
+    check_len("B [N, d_out, r]", shape.b_len(), b.len())?;
+    check_len("y [T, d_out]", t * shape.d_out, y.len())?;
+    fits_i32("T * d_out", t * shape.d_out)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (h_ptr, _g0) = h.device_ptr(stream);
+    let (b_ptr, _g1) = b.device_ptr(stream);
+    let (y_ptr, _g2) = y.device_ptr_mut(stream);
+    let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
+    let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
+    let args = ffi::molora_lora_expand_args {
+        h: h_ptr as *const f32,
+        b: b_ptr as *const _,
+        y: y_ptr as *mut _,
+        ids: std::ptr::null(),
+        weights: std::ptr::null(),
+        slot_to_sorted: std::ptr::null(),
+        k_max: 0,
+        seg_offsets: off_ptr as *const i32,
+        adapter_ids: ad_ptr as *const i32,
+        num_segments: segs.num_segments as i32,
+        scale,
+        num_tokens: t as i32,
+        num_weights: shape.num_experts as i32,
+        rank: shape.rank as i32,
+        d_out: shape.d_out as i32,
+    };
+    // SAFETY: as for `shrink_segments`: validated segments uploaded whole, lengths checked above.
+    let code = unsafe { T::EXPAND(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// SAML weight-space mixing: `Ā_s = Σ_e p_se·A_e` (`[S, r, d_in]`) and `B̄_s = Σ_e p_se·B_e`
+/// (`[S, d_out, r]`), f32 accumulation, rounded once. `probs` `[S, E]`. GPU counterpart of
+/// [`crate::cpu::mix_experts`]; feed the outputs to [`shrink_segments`] / [`expand_segments`] with
+/// [`AdapterSegments::identity`].
+#[allow(clippy::too_many_arguments)]
+pub fn mix_experts<T: CudaElement>(
+    dev: &Device,
+    a: &impl DevicePtr<T>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    probs: &impl DevicePtr<f32>,
+    num_seqs: usize,
+    a_mixed: &mut impl DevicePtrMut<T>,
+    b_mixed: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    const OP: &str = "mix_experts";
+    let e = shape.num_experts;
+    let per_a = shape.rank * shape.d_in;
+    let per_b = shape.d_out * shape.rank;
+    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
+    check_len("probs [S, E]", num_seqs * e, probs.len())?;
+    check_len("mixed A [S, r, d_in]", num_seqs * per_a, a_mixed.len())?;
+    check_len("mixed B [S, d_out, r]", num_seqs * per_b, b_mixed.len())?;
+    if num_seqs > 65535 {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!("{num_seqs} sequences (the mixing kernel handles up to 65535)"),
+        });
+    }
+    if num_seqs == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (p_ptr, _g0) = probs.device_ptr(stream);
+    for (w, out, per) in [
+        (a.device_ptr(stream), a_mixed.device_ptr_mut(stream), per_a),
+        (b.device_ptr(stream), b_mixed.device_ptr_mut(stream), per_b),
+    ] {
+        let args = ffi::molora_mix_args {
+            w: w.0 as *const _,
+            probs: p_ptr as *const f32,
+            out: out.0 as *mut _,
+            num_experts: e as i32,
+            num_seqs: num_seqs as i32,
+            per_expert: per as i64,
+        };
+        // SAFETY: w holds E·per, out S·per and probs S·E elements (checked above); S <= 65535 and
+        // E·per fits an i32 (LoraShape). The guards (w.1, out.1, _g0) live until after the launch.
+        let code = unsafe { T::MIX(&args, dev.raw_stream()) };
+        check_launch(OP, code)?;
+    }
+    Ok(())
+}
+
+fn check_scale(scale: f32) -> Result<()> {
+    if scale.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter {
+            what: "scale",
+            value: scale,
+            reason: "must be finite",
+        })
+    }
+}

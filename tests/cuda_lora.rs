@@ -1,0 +1,346 @@
+//! Grouped LoRA kernels against the CPU reference: shrink/expand over expert segments (fused
+//! gather/scatter), over sequence segments (SGMV), and weight-space mixing, for every dtype, odd
+//! shapes (tails of every tile), skewed/empty/all-to-one routings and `-1` slots (exactly zero).
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use molora::cpu;
+    use molora::cuda::{
+        dispatch, expand_experts, expand_segments, mix_experts, shrink_experts, shrink_segments,
+        CudaElement, Device, DevicePlan, DeviceSegments,
+    };
+    use molora::testing::{compare, gpu_or_skip, Tolerance};
+    use molora::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
+    use proptest::prelude::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn vals<T: Element>(&mut self, n: usize, scale: f32) -> Vec<T> {
+            (0..n)
+                .map(|_| T::from_f32((self.next() as f32 * 2.0 - 1.0) * scale))
+                .collect()
+        }
+    }
+
+    /// Uploads with one element of padding (the driver cannot allocate zero bytes).
+    fn up<T: CudaElement>(dev: &Device, v: &[T]) -> molora::cuda::cudarc::driver::CudaSlice<T> {
+        let mut p = v.to_vec();
+        p.push(T::default());
+        dev.upload(&p).expect("upload")
+    }
+
+    fn down<T: CudaElement>(
+        dev: &Device,
+        d: &molora::cuda::cudarc::driver::CudaSlice<T>,
+        n: usize,
+    ) -> Vec<T> {
+        let mut v = dev.download(d).expect("download");
+        v.truncate(n);
+        v
+    }
+
+    fn f32s<T: Element>(v: &[T]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        t: usize,
+        k_max: usize,
+        e: usize,
+        r: usize,
+        d_in: usize,
+        d_out: usize,
+        seed: u64,
+        skew: f64,
+        empty: f64,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            prop_oneof![Just(0usize), Just(1), Just(7), Just(133), 0usize..300],
+            1usize..=4,
+            1usize..=64,
+            prop_oneof![1usize..=8, Just(16), Just(64), Just(65), 1usize..=256],
+            prop_oneof![1usize..=40, Just(64), 100usize..=300],
+            prop_oneof![1usize..=40, Just(257), 100usize..=300],
+            any::<u64>(),
+            prop_oneof![Just(0.0f64), Just(0.9), Just(1.0)],
+            prop_oneof![Just(0.0f64), Just(0.3), Just(1.0)],
+        )
+            .prop_map(|(t, k_max, e, r, d_in, d_out, seed, skew, empty)| Case {
+                t,
+                k_max,
+                e,
+                r,
+                d_in,
+                d_out,
+                seed,
+                skew,
+                empty,
+            })
+    }
+
+    fn routing(c: &Case, rng: &mut Rng) -> Routing {
+        let n = c.t * c.k_max;
+        let mut ids = Vec::with_capacity(n);
+        let mut w = Vec::with_capacity(n);
+        for _ in 0..n {
+            if rng.next() < c.empty {
+                ids.push(-1);
+                w.push(f32::NAN); // an empty slot's weight must not matter
+            } else {
+                let e = if rng.next() < c.skew {
+                    0
+                } else {
+                    (rng.next() * c.e as f64) as i32 % c.e as i32
+                };
+                ids.push(e);
+                w.push(rng.next() as f32);
+            }
+        }
+        Routing::new(c.t, c.k_max, c.e, ids, w).expect("valid routing")
+    }
+
+    /// The expert-segment shrink + expand on the GPU equals the CPU's, and equals it bit for bit on
+    /// the rows of tokens whose slots are all empty.
+    fn experts_case<T: CudaElement>(dev: &Device, c: &Case) -> Result<(), String> {
+        let mut rng = Rng(c.seed | 1);
+        let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).map_err(|e| e.to_string())?;
+        let x: Vec<T> = rng.vals(c.t * c.d_in, 1.0);
+        let a: Vec<T> = rng.vals(shape.a_len(), 0.3);
+        let b: Vec<T> = rng.vals(shape.b_len(), 0.3);
+        let y0: Vec<T> = rng.vals(c.t * c.d_out, 1.0);
+        let r = routing(c, &mut rng);
+        let scale = 1.7f32;
+
+        let plan = cpu::dispatch(&r).map_err(|e| e.to_string())?;
+        let h_want = cpu::shrink_experts(&x, &a, &shape, &plan).map_err(|e| e.to_string())?;
+        let mut y_want = y0.clone();
+        cpu::expand_experts(&h_want, &b, &shape, &plan, &r, scale, &mut y_want)
+            .map_err(|e| e.to_string())?;
+
+        let slots = c.t * c.k_max;
+        let (dx, da, db) = (up(dev, &x), up(dev, &a), up(dev, &b));
+        let dids = up(dev, r.ids());
+        let dw = up(dev, r.weights());
+        let mut dy = up(dev, &y0);
+        let mut dh = up(dev, &vec![0.0f32; slots * c.r]);
+        let mut dplan = DevicePlan::new(dev, c.t, c.k_max, c.e).map_err(|e| e.to_string())?;
+        dispatch(dev, &dids.slice(0..slots), &mut dplan).map_err(|e| e.to_string())?;
+        shrink_experts(
+            dev,
+            &dx.slice(0..x.len()),
+            &da.slice(0..a.len()),
+            &shape,
+            &dplan,
+            &mut dh.slice_mut(0..slots * c.r),
+        )
+        .map_err(|e| e.to_string())?;
+        expand_experts(
+            dev,
+            &dh.slice(0..slots * c.r),
+            &db.slice(0..b.len()),
+            &shape,
+            &dplan,
+            &dids.slice(0..slots),
+            &dw.slice(0..slots),
+            scale,
+            &mut dy.slice_mut(0..y0.len()),
+        )
+        .map_err(|e| e.to_string())?;
+        let pairs = plan.num_pairs();
+        let h_got = down(dev, &dh, pairs * c.r);
+        let y_got = down(dev, &dy, y0.len());
+        let tol = Tolerance::for_dtype(T::DTYPE).scaled(((c.d_in.max(c.r)) as f32).sqrt());
+        compare("h (sorted rows)", &h_got, &h_want, tol)?;
+        compare("y", &f32s(&y_got), &f32s(&y_want), tol)?;
+        for t in 0..c.t {
+            if (0..c.k_max).all(|s| r.id(t, s) < 0) {
+                let row = t * c.d_out..(t + 1) * c.d_out;
+                if y_got[row.clone()] != y0[row] {
+                    return Err(format!(
+                        "token {t} has only empty slots but its row changed"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SGMV shrink/expand and weight-space mixing against the CPU.
+    fn segments_case<T: CudaElement>(dev: &Device, c: &Case) -> Result<(), String> {
+        let mut rng = Rng(c.seed ^ 0x5eed);
+        let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).map_err(|e| e.to_string())?;
+        // Up to 5 sequences, some empty, one with no adapter.
+        let mut lens = vec![];
+        let mut left = c.t;
+        while left > 0 && lens.len() < 4 {
+            let l = ((rng.next() * (left + 1) as f64) as usize).min(left);
+            lens.push(l);
+            left -= l;
+        }
+        lens.push(left);
+        let segs = Segments::from_lengths(&lens).map_err(|e| e.to_string())?;
+        let adapter_ids: Vec<i32> = (0..lens.len())
+            .map(|i| {
+                if i == 1 {
+                    -1
+                } else {
+                    (rng.next() * c.e as f64) as i32 % c.e as i32
+                }
+            })
+            .collect();
+        let asegs =
+            AdapterSegments::new(segs.clone(), c.e, adapter_ids).map_err(|e| e.to_string())?;
+        let x: Vec<T> = rng.vals(c.t * c.d_in, 1.0);
+        let a: Vec<T> = rng.vals(shape.a_len(), 0.3);
+        let b: Vec<T> = rng.vals(shape.b_len(), 0.3);
+        let y0: Vec<T> = rng.vals(c.t * c.d_out, 1.0);
+        let h_want = cpu::shrink_segments(&x, &a, &shape, &asegs).map_err(|e| e.to_string())?;
+        let mut y_want = y0.clone();
+        cpu::expand_segments(&h_want, &b, &shape, &asegs, 0.5, &mut y_want)
+            .map_err(|e| e.to_string())?;
+
+        let (dx, da, db) = (up(dev, &x), up(dev, &a), up(dev, &b));
+        let mut dy = up(dev, &y0);
+        let mut dh = up(dev, &vec![0.0f32; c.t * c.r]);
+        let dsegs = DeviceSegments::new(dev, &asegs).map_err(|e| e.to_string())?;
+        shrink_segments(
+            dev,
+            &dx.slice(0..x.len()),
+            &da.slice(0..a.len()),
+            &shape,
+            &dsegs,
+            &mut dh.slice_mut(0..c.t * c.r),
+        )
+        .map_err(|e| e.to_string())?;
+        expand_segments(
+            dev,
+            &dh.slice(0..c.t * c.r),
+            &db.slice(0..b.len()),
+            &shape,
+            &dsegs,
+            0.5,
+            &mut dy.slice_mut(0..y0.len()),
+        )
+        .map_err(|e| e.to_string())?;
+        let tol = Tolerance::for_dtype(T::DTYPE).scaled(((c.d_in.max(c.r)) as f32).sqrt());
+        compare("h (segments)", &down(dev, &dh, c.t * c.r), &h_want, tol)?;
+        let y_got = down(dev, &dy, y0.len());
+        compare("y (segments)", &f32s(&y_got), &f32s(&y_want), tol)?;
+        let no_adapter = segs.range(1);
+        let rows = no_adapter.start * c.d_out..no_adapter.end * c.d_out;
+        if y_got[rows.clone()] != y0[rows] {
+            return Err("rows of the segment without adapter changed".into());
+        }
+
+        // Weight-space mixing with these sequences.
+        let s = lens.len();
+        let probs: Vec<f32> = (0..s * c.e).map(|_| rng.next() as f32).collect();
+        let seq = SeqRouting::new(segs, c.e, probs.clone()).map_err(|e| e.to_string())?;
+        let (am_want, bm_want) =
+            cpu::mix_experts(&a, &b, &shape, &seq).map_err(|e| e.to_string())?;
+        let dp = up(dev, &probs);
+        let mut dam = up(dev, &vec![T::default(); s * c.r * c.d_in]);
+        let mut dbm = up(dev, &vec![T::default(); s * c.d_out * c.r]);
+        mix_experts(
+            dev,
+            &da.slice(0..a.len()),
+            &db.slice(0..b.len()),
+            &shape,
+            &dp.slice(0..probs.len()),
+            s,
+            &mut dam.slice_mut(0..am_want.len()),
+            &mut dbm.slice_mut(0..bm_want.len()),
+        )
+        .map_err(|e| e.to_string())?;
+        let tol = Tolerance::for_dtype(T::DTYPE).scaled((c.e as f32).sqrt());
+        compare(
+            "mixed A",
+            &f32s(&down(dev, &dam, am_want.len())),
+            &f32s(&am_want),
+            tol,
+        )?;
+        compare(
+            "mixed B",
+            &f32s(&down(dev, &dbm, bm_want.len())),
+            &f32s(&bm_want),
+            tol,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn grouped_lora_matches_cpu(c in case()) {
+            let Some(dev) = gpu_or_skip("grouped_lora_matches_cpu") else { return Ok(()) };
+            for (dtype, result) in [
+                ("f32", experts_case::<f32>(&dev, &c)),
+                ("f16", experts_case::<half::f16>(&dev, &c)),
+                ("bf16", experts_case::<half::bf16>(&dev, &c)),
+            ] {
+                if let Err(msg) = result {
+                    prop_assert!(false, "{dtype}: {msg} ({c:?})");
+                }
+            }
+        }
+
+        #[test]
+        fn segmented_lora_and_mixing_match_cpu(c in case()) {
+            let Some(dev) = gpu_or_skip("segmented_lora_and_mixing_match_cpu") else { return Ok(()) };
+            for (dtype, result) in [
+                ("f32", segments_case::<f32>(&dev, &c)),
+                ("f16", segments_case::<half::f16>(&dev, &c)),
+                ("bf16", segments_case::<half::bf16>(&dev, &c)),
+            ] {
+                if let Err(msg) = result {
+                    prop_assert!(false, "{dtype}: {msg} ({c:?})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_lora_rejects_bad_input() {
+        let Some(dev) = gpu_or_skip("grouped_lora_rejects_bad_input") else {
+            return;
+        };
+        let shape = LoraShape::new(4, 8, 16, 12).unwrap();
+        let plan = DevicePlan::new(&dev, 3, 2, 4).unwrap();
+        let x = dev.zeros::<f32>(3 * 16).unwrap();
+        let a = dev.zeros::<f32>(shape.a_len()).unwrap();
+        let mut h = dev.zeros::<f32>(3 * 2 * 8).unwrap();
+        let wrong = LoraShape::new(5, 8, 16, 12).unwrap();
+        assert!(matches!(
+            shrink_experts(&dev, &x, &a, &wrong, &plan, &mut h),
+            Err(molora::Error::LengthMismatch {
+                expected: 5,
+                got: 4,
+                ..
+            })
+        ));
+        let short = dev.zeros::<f32>(3 * 16 - 1).unwrap();
+        assert!(matches!(
+            shrink_experts(&dev, &short, &a, &shape, &plan, &mut h),
+            Err(molora::Error::LengthMismatch {
+                what: "x [T, d_in]",
+                ..
+            })
+        ));
+        let b = dev.zeros::<f32>(shape.b_len()).unwrap();
+        let ids = dev.zeros::<i32>(6).unwrap();
+        let w = dev.zeros::<f32>(6).unwrap();
+        let mut y = dev.zeros::<f32>(3 * 12).unwrap();
+        assert!(matches!(
+            expand_experts(&dev, &h, &b, &shape, &plan, &ids, &w, f32::NAN, &mut y),
+            Err(molora::Error::InvalidParameter { what: "scale", .. })
+        ));
+    }
+}
