@@ -1,12 +1,14 @@
-// Gating kernels: router activation (softmax / sigmoid with temperature) fused with top-k selection.
+// Gating kernels: router logits (x·W_gᵀ + b, and the input-dependent threshold), then one fused
+// kernel for activation (softmax / sigmoid with temperature), the hierarchical combination with a
+// per-sequence global posterior, and the gate (top-k, dynamic threshold, dense).
 //
-// One warp per token; lanes stride over the experts. The token's probabilities live in shared memory
-// (E <= MOLORA_GATING_MAX_EXPERTS floats per warp). Selection runs k rounds of a warp arg-max that
-// orders by (p descending, expert id ascending), the CPU reference's order, so exact ties go to the
-// lower id. The renormalising sum is formed in double, as on the CPU.
+// One warp per token; lanes stride over the experts. A token's probabilities live in shared memory
+// (E <= MOLORA_GATING_MAX_EXPERTS floats per warp). Selection repeats a warp arg-max ordered by
+// (p descending, expert id ascending), the CPU reference's order, so exact ties go to the lower id.
+// The gates' normalising sums are formed in double, as on the CPU.
 //
-// Non-finite logits cannot be rejected without a host sync, so they are defined instead: a slot that
-// finds no comparable probability (NaN) is written empty (id -1, weight 0).
+// Non-finite logits cannot be rejected without a host sync, so they are defined instead: a slot
+// that finds no comparable probability (NaN) is written empty (id -1, weight 0).
 
 #include "common.cuh"
 
@@ -15,7 +17,7 @@ namespace {
 
 constexpr int kGatingWarps = 4;  // tokens per block
 
-// (p, id) with the better one first: larger p, then lower id. Taken experts carry p = -1.
+// (p, id) with the better one kept: larger p, then lower id. Taken experts carry p = -1.
 __device__ __forceinline__ void better(float &p, int &id, float p2, int id2) {
     if (p2 > p || (p2 == p && id2 < id)) {
         p = p2;
@@ -23,8 +25,27 @@ __device__ __forceinline__ void better(float &p, int &id, float p2, int id2) {
     }
 }
 
-__global__ void __launch_bounds__(kGatingWarps * kWarp)
-topk_gating_kernel(molora_topk_gating_args a) {
+// The best untaken expert of the warp's row (p >= floor), the same on every lane; id INT32_MAX if none.
+__device__ __forceinline__ void warp_argmax(const float *p, int E, int lane, float floor, float &best_p, int &best_id) {
+    best_p = -2.0f;
+    best_id = INT32_MAX;
+    for (int e = lane; e < E; e += kWarp)
+        if (p[e] >= floor) better(best_p, best_id, p[e], e);
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+        const float p2 = __shfl_xor_sync(kFullMask, best_p, o);
+        const int id2 = __shfl_xor_sync(kFullMask, best_id, o);
+        better(best_p, best_id, p2, id2);
+    }
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+    return v;
+}
+
+__global__ void __launch_bounds__(kGatingWarps * kWarp) gating_kernel(molora_gating_args a) {
     extern __shared__ float smem[];
     const int warp = threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
@@ -34,6 +55,7 @@ topk_gating_kernel(molora_topk_gating_args a) {
     float *p = smem + warp * E;
     const float *z = a.logits + static_cast<int64_t>(t) * E;
 
+    // Activation.
     if (a.activation == MOLORA_ACTIVATION_SOFTMAX) {
         float m = -INFINITY;
         for (int e = lane; e < E; e += kWarp) m = fmaxf(m, z[e]);
@@ -51,47 +73,142 @@ topk_gating_kernel(molora_topk_gating_args a) {
     }
     __syncwarp();
 
-    int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k;
-    float *w = a.weights + static_cast<int64_t>(t) * a.k;
-    double kept_sum = 0.0;
-    for (int s = 0; s < a.k; ++s) {
-        float best_p = -2.0f;
-        int best_id = INT32_MAX;
-        for (int e = lane; e < E; e += kWarp) better(best_p, best_id, p[e], e);
-#pragma unroll
-        for (int o = kWarp / 2; o > 0; o >>= 1) {
-            const float p2 = __shfl_xor_sync(kFullMask, best_p, o);
-            const int id2 = __shfl_xor_sync(kFullMask, best_id, o);
-            better(best_p, best_id, p2, id2);
-        }
-        // Every lane now holds the same winner. No winner only happens when the row holds NaN
-        // (the logits were not finite): the slot is left empty rather than indexing out of bounds.
-        const bool found = best_id < E;
-        if (found) kept_sum += static_cast<double>(best_p);
-        if (lane == 0) {
-            ids[s] = found ? best_id : -1;
-            w[s] = found ? best_p : 0.0f;
-            if (found) p[best_id] = -1.0f;
+    // Hierarchical combination with the sequence's global posterior.
+    if (a.combine != MOLORA_COMBINE_NONE) {
+        const int seg = find_run(a.seq_offsets, a.num_seqs, t);
+        const float *g = a.global_probs + static_cast<int64_t>(seg) * E;
+        if (a.combine == MOLORA_COMBINE_MIX) {
+            for (int e = lane; e < E; e += kWarp) p[e] = a.lambda * g[e] + (1.0f - a.lambda) * p[e];
+        } else {
+            double s = 0.0;
+            for (int e = lane; e < E; e += kWarp) s += static_cast<double>(g[e]) * static_cast<double>(p[e]);
+            s = warp_sum_d(s);
+            if (s > 0.0) {
+                for (int e = lane; e < E; e += kWarp)
+                    p[e] = static_cast<float>(static_cast<double>(g[e]) * static_cast<double>(p[e]) / s);
+            }
         }
         __syncwarp();
     }
-    if (a.renormalize) {
-        for (int s = lane; s < a.k; s += kWarp) {
+
+    if (a.gate == MOLORA_GATE_DENSE) {
+        int32_t *ids = a.ids + static_cast<int64_t>(t) * E;
+        float *w = a.weights + static_cast<int64_t>(t) * E;
+        for (int e = lane; e < E; e += kWarp) {
+            ids[e] = e;
+            w[e] = p[e];
+        }
+        return;
+    }
+
+    const bool threshold = a.gate == MOLORA_GATE_THRESHOLD;
+    const int k_max = threshold ? E : a.k;
+    const float tau = threshold ? (a.taus ? a.taus[t] : a.tau) : 0.0f;
+    int32_t *ids = a.ids + static_cast<int64_t>(t) * k_max;
+    float *w = a.weights + static_cast<int64_t>(t) * k_max;
+    // Top-k takes k slots from everything; the threshold takes every p >= tau (the floor), and the
+    // arg-max when none passes.
+    const float floor = threshold ? tau : -1.0f;
+    double kept_sum = 0.0;
+    int filled = 0;
+    for (int s = 0; s < k_max; ++s) {
+        float best_p;
+        int best_id;
+        warp_argmax(p, E, lane, threshold ? floor : 0.0f, best_p, best_id);
+        if (best_id >= E && threshold && s == 0) {
+            // No expert passes: the arg-max over all untaken (every one) with weight 1.
+            warp_argmax(p, E, lane, -1.0f, best_p, best_id);
+            if (lane == 0) {
+                ids[0] = best_id < E ? best_id : -1;
+                w[0] = best_id < E ? 1.0f : 0.0f;
+            }
+            filled = 1;
+            kept_sum = -1.0;  // marks the fallback: no renormalisation below
+            break;
+        }
+        if (best_id >= E) break;  // nothing left (threshold) or a NaN row (top-k)
+        kept_sum += threshold ? static_cast<double>(best_p) - static_cast<double>(tau) : static_cast<double>(best_p);
+        if (lane == 0) {
+            ids[s] = best_id;
+            w[s] = best_p;
+            p[best_id] = -1.0f;
+        }
+        ++filled;
+        __syncwarp();
+    }
+    __syncwarp();
+    for (int s = filled + lane; s < k_max; s += kWarp) {
+        ids[s] = -1;
+        w[s] = 0.0f;
+    }
+    if (kept_sum < 0.0) return;  // threshold fallback already final
+    if (threshold) {
+        for (int s = lane; s < filled; s += kWarp) {
+            w[s] = kept_sum > 0.0
+                       ? static_cast<float>((static_cast<double>(w[s]) - static_cast<double>(tau)) / kept_sum)
+                       : 1.0f / static_cast<float>(filled);
+        }
+    } else if (a.renormalize) {
+        for (int s = lane; s < filled; s += kWarp) {
             w[s] = kept_sum > 0.0 ? static_cast<float>(static_cast<double>(w[s]) / kept_sum)
                                   : 1.0f / static_cast<float>(a.k);
         }
     }
 }
 
+// ---- router logits -------------------------------------------------------------------------
+constexpr int kLogitWarps = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kLogitWarps * kWarp) router_logits_kernel(molora_router_logits_args a) {
+    const int warp = threadIdx.x / kWarp;
+    const int lane = threadIdx.x % kWarp;
+    const int t = blockIdx.x * kLogitWarps + warp;
+    if (t >= a.num_tokens) return;
+    const T *x = static_cast<const T *>(a.x) + static_cast<int64_t>(t) * a.d_in;
+    const T *wg = static_cast<const T *>(a.w_g);
+    const T *bg = static_cast<const T *>(a.b_g);
+    for (int e = 0; e < a.num_experts; ++e) {
+        const T *we = wg + static_cast<int64_t>(e) * a.d_in;
+        float s = 0.0f;
+        for (int i = lane; i < a.d_in; i += kWarp) s = fmaf(to_f32(x[i]), to_f32(we[i]), s);
+        s = warp_sum(s);
+        if (lane == 0) a.logits[static_cast<int64_t>(t) * a.num_experts + e] = bg ? s + to_f32(bg[e]) : s;
+    }
+    if (a.taus) {
+        float s = 0.0f;
+        for (int i = lane; i < a.d_in; i += kWarp) s = fmaf(a.w_tau[i], to_f32(x[i]), s);
+        s = warp_sum(s);
+        if (lane == 0) a.taus[t] = sigmoid(s + a.b_tau) / static_cast<float>(a.num_experts);
+    }
+}
+
+template <typename T>
+int launch_router_logits(const molora_router_logits_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_router_logits_args a = *args;
+    if (a.num_tokens < 0 || a.d_in < 1 || a.num_experts < 1 || (a.taus && !a.w_tau))
+        return static_cast<int>(cudaErrorInvalidValue);
+    if (a.num_tokens == 0) return 0;
+    const int blocks = (a.num_tokens + kLogitWarps - 1) / kLogitWarps;
+    router_logits_kernel<T><<<blocks, kLogitWarps * kWarp, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    return last_launch_error();
+}
+
 }  // namespace
 }  // namespace molora
 
-extern "C" int molora_topk_gating_f32(const molora_topk_gating_args *args, molora_stream_t stream) {
+extern "C" int molora_gating_f32(const molora_gating_args *args, molora_stream_t stream) {
     using namespace molora;
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-    const molora_topk_gating_args a = *args;
-    if (a.num_tokens < 0 || a.num_experts < 1 || a.num_experts > MOLORA_GATING_MAX_EXPERTS ||
-        a.k < 1 || a.k > a.num_experts || !(a.temperature > 0.0f) ||
+    const molora_gating_args a = *args;
+    const bool gate_ok = a.gate == MOLORA_GATE_DENSE || a.gate == MOLORA_GATE_THRESHOLD ||
+                         (a.gate == MOLORA_GATE_TOPK && a.k >= 1 && a.k <= a.num_experts);
+    const bool combine_ok = a.combine == MOLORA_COMBINE_NONE ||
+                            ((a.combine == MOLORA_COMBINE_MIX || a.combine == MOLORA_COMBINE_PRODUCT) &&
+                             a.global_probs && a.seq_offsets && a.num_seqs >= 1);
+    if (a.num_tokens < 0 || a.num_experts < 1 || a.num_experts > MOLORA_GATING_MAX_EXPERTS || !gate_ok ||
+        !combine_ok || !(a.temperature > 0.0f) ||
         (a.activation != MOLORA_ACTIVATION_SOFTMAX && a.activation != MOLORA_ACTIVATION_SIGMOID)) {
         return static_cast<int>(cudaErrorInvalidValue);
     }
@@ -99,6 +216,18 @@ extern "C" int molora_topk_gating_f32(const molora_topk_gating_args *args, molor
     const dim3 block(kGatingWarps * kWarp);
     const dim3 grid((a.num_tokens + kGatingWarps - 1) / kGatingWarps);
     const size_t smem = sizeof(float) * kGatingWarps * a.num_experts;
-    topk_gating_kernel<<<grid, block, smem, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    gating_kernel<<<grid, block, smem, reinterpret_cast<cudaStream_t>(stream)>>>(a);
     return last_launch_error();
+}
+
+extern "C" {
+int molora_router_logits_f32(const molora_router_logits_args *a, molora_stream_t s) {
+    return molora::launch_router_logits<float>(a, s);
+}
+int molora_router_logits_f16(const molora_router_logits_args *a, molora_stream_t s) {
+    return molora::launch_router_logits<__half>(a, s);
+}
+int molora_router_logits_bf16(const molora_router_logits_args *a, molora_stream_t s) {
+    return molora::launch_router_logits<__nv_bfloat16>(a, s);
+}
 }

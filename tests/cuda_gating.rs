@@ -157,6 +157,183 @@ mod gpu {
         }
     }
 
+    /// The general fused gate (threshold, dense, hierarchical) and the router-logits kernel against
+    /// the CPU pipeline.
+    fn check_general(dev: &Device, c: &Case, seed: u64) -> Result<(), String> {
+        use molora::cuda::{gating, router_logits, DeviceGate, DeviceSeqRouting};
+        use molora::{Segments, SeqRouting};
+        let s = |e: molora::Error| e.to_string();
+        // Two sequences (one may be empty) with a global posterior each.
+        let split = (seed as usize) % (c.t + 1);
+        let segs = Segments::from_lengths(&[split, c.t - split]).map_err(s)?;
+        let mut g = logits(2 * c.e, seed ^ 7, 0, 1.0);
+        for v in &mut g {
+            *v = v.abs();
+        }
+        let global = SeqRouting::new(segs, c.e, g).map_err(s)?;
+        let dglobal = DeviceSeqRouting::new(dev, &global).map_err(s)?;
+        let combines = [
+            None,
+            Some(cpu::HierarchicalCombine::Mix { lambda: 0.3 }),
+            Some(cpu::HierarchicalCombine::Product),
+        ];
+        let gates = [
+            cpu::Gate::Dense,
+            cpu::Gate::Threshold(cpu::ThresholdSpec::Learned { theta: 0.4 }),
+            cpu::Gate::Threshold(cpu::ThresholdSpec::Fixed(2.0)), // above every p: arg-max fallback
+            cpu::Gate::TopK {
+                k: c.k,
+                renormalize: c.renormalize,
+            },
+        ];
+        let mut padded = c.z.clone();
+        padded.push(0.0);
+        let dl = dev.upload(&padded).map_err(s)?;
+        for combine in combines {
+            let mut probs = cpu::activate(&c.z, c.t, c.e, c.act, c.temperature).map_err(s)?;
+            if let Some(cb) = combine {
+                probs = cpu::hierarchical(&probs, c.t, c.e, &global, cb).map_err(s)?;
+            }
+            for gate in &gates {
+                let want = match gate {
+                    cpu::Gate::Dense => cpu::dense(&probs, c.t, c.e),
+                    cpu::Gate::TopK { k, renormalize } => {
+                        cpu::top_k(&probs, c.t, c.e, *k, *renormalize)
+                    }
+                    cpu::Gate::Threshold(spec) => {
+                        let taus =
+                            cpu::threshold_values::<f32>(spec, None, c.t, 1, c.e).map_err(s)?;
+                        cpu::threshold_gate(&probs, c.t, c.e, &taus)
+                    }
+                }
+                .map_err(s)?;
+                let dgate = DeviceGate::from_gate(gate, c.e).map_err(s)?;
+                let n = c.t * dgate.k_max(c.e);
+                let mut ids = dev.zeros::<i32>(n + 1).map_err(s)?;
+                let mut w = dev.zeros::<f32>(n + 1).map_err(s)?;
+                gating(
+                    dev,
+                    &dl.slice(0..c.z.len()),
+                    c.t,
+                    c.e,
+                    c.act,
+                    c.temperature,
+                    combine.map(|cb| (&dglobal, cb)),
+                    &dgate,
+                    &mut ids.slice_mut(0..n),
+                    &mut w.slice_mut(0..n),
+                )
+                .map_err(s)?;
+                let mut got_ids = dev.download(&ids).map_err(s)?;
+                let mut got_w = dev.download(&w).map_err(s)?;
+                got_ids.truncate(n);
+                got_w.truncate(n);
+                let what = format!("{gate:?} with {combine:?}");
+                compare_ids(&what, &got_ids, want.ids(), &probs, c.e, want.k_max())?;
+                compare(
+                    &what,
+                    &got_w,
+                    want.weights(),
+                    Tolerance::for_dtype(DType::F32),
+                )?;
+            }
+        }
+        // Router logits (bf16 inputs) and the input-dependent threshold.
+        let d_in = 1 + (seed as usize % 97);
+        let x: Vec<half::bf16> = logits(c.t * d_in + 1, seed ^ 11, 0, 1.0)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect();
+        let wg: Vec<half::bf16> = logits(c.e * d_in, seed ^ 13, 0, 0.5)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect();
+        let w_tau = logits(d_in, seed ^ 17, 0, 0.5);
+        let want_logits =
+            cpu::router_logits(&x[..c.t * d_in], c.t, d_in, &wg, None, c.e).map_err(s)?;
+        let spec = cpu::ThresholdSpec::InputDependent {
+            w: w_tau.clone(),
+            b: 0.25,
+        };
+        let want_taus =
+            cpu::threshold_values(&spec, Some(&x[..c.t * d_in]), c.t, d_in, c.e).map_err(s)?;
+        if c.t > 0 {
+            let dx = dev.upload(&x).map_err(s)?;
+            let dwg = dev.upload(&wg).map_err(s)?;
+            let dwt = dev.upload(&w_tau).map_err(s)?;
+            let mut dlog = dev.zeros::<f32>(c.t * c.e).map_err(s)?;
+            let mut dtaus = dev.zeros::<f32>(c.t).map_err(s)?;
+            router_logits(
+                dev,
+                &dx.slice(0..c.t * d_in),
+                c.t,
+                d_in,
+                &dwg,
+                None,
+                c.e,
+                &mut dlog,
+                Some((&dwt.slice(0..d_in), 0.25, &mut dtaus)),
+            )
+            .map_err(s)?;
+            let got = dev.download(&dlog).map_err(s)?;
+            let tol = Tolerance::for_dtype(DType::F32).scaled((d_in as f32).sqrt());
+            compare("router logits", &got, &want_logits, tol)?;
+            compare(
+                "input-dependent taus",
+                &dev.download(&dtaus).map_err(s)?,
+                &want_taus,
+                tol,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Ids equal, except where the two experts' probabilities tie within f32 rounding (either
+    /// order is then a valid answer).
+    fn compare_ids(
+        what: &str,
+        got: &[i32],
+        want: &[i32],
+        probs: &[f32],
+        e: usize,
+        k_max: usize,
+    ) -> Result<(), String> {
+        for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+            if g == r {
+                continue;
+            }
+            let row = &probs[(i / k_max) * e..(i / k_max + 1) * e];
+            let p = |id: i32| {
+                if id >= 0 {
+                    row[id as usize]
+                } else {
+                    f32::NAN
+                }
+            };
+            if !Tolerance::for_dtype(DType::F32).accepts(p(g), p(r)) {
+                return Err(format!(
+                    "{what}: token {} slot {}: kernel chose {g} (p = {}), reference {r} (p = {})",
+                    i / k_max,
+                    i % k_max,
+                    p(g),
+                    p(r)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn general_gating_matches_cpu(c in case_strategy(), seed in any::<u64>()) {
+            let Some(dev) = gpu_or_skip("general_gating_matches_cpu") else { return Ok(()) };
+            if let Err(msg) = check_general(&dev, &c, seed) {
+                prop_assert!(false, "{}", msg);
+            }
+        }
+    }
+
     #[test]
     fn top_k_gating_edges() {
         let Some(dev) = gpu_or_skip("top_k_gating_edges") else {

@@ -36,32 +36,81 @@ typedef enum molora_activation {
     MOLORA_ACTIVATION_SIGMOID = 1
 } molora_activation;
 
+/* How a gating kernel turns probabilities into slots. */
+typedef enum molora_gate {
+    MOLORA_GATE_TOPK = 0,      /* k largest, descending, ties to the lower id; k_max = k */
+    MOLORA_GATE_THRESHOLD = 1, /* every p >= tau, descending; arg-max fallback; k_max = E */
+    MOLORA_GATE_DENSE = 2      /* slot e holds expert e with weight p; k_max = E */
+} molora_gate;
+
+/* How the hierarchical gate combines the local probabilities l_t with the sequence's global g_s. */
+typedef enum molora_combine {
+    MOLORA_COMBINE_NONE = 0,
+    MOLORA_COMBINE_MIX = 1,    /* p = lambda·g + (1 − lambda)·l */
+    MOLORA_COMBINE_PRODUCT = 2 /* p = g ⊙ l / Σ(g ⊙ l) (in double); l when the sum is 0 */
+} molora_combine;
+
 /*
- * Fused top-k gating from router logits.
+ * Fused gating from router logits, one warp per token (the CPU reference is src/cpu/gating.rs):
  *
- *   p[t, e]  = softmax_e(logits[t, :] / temperature)   (max-subtracted), or sigmoid(logits / temperature)
- *   slots    = the k largest p[t, :], in descending order, ties to the LOWER expert id
- *   ids[t,s] = expert of slot s;  weights[t,s] = p (renormalize = 0) or p / Σ_kept p (renormalize = 1;
- *              1/k each when that sum is 0)
+ *   p[t, :] = softmax(logits[t, :] / temperature) (max-subtracted) or sigmoid(logits / temperature)
+ *   p       = combine(p, global_probs[seg(t), :])        when combine != NONE (seq_offsets [S + 1])
+ *   top-k:     the k largest p, descending, ties to the LOWER id; weights p, or p / Σ_kept p
+ *              (renormalize; 1/k each when that sum is 0)
+ *   threshold: every e with p >= tau_t (taus[t], or tau when taus is NULL), descending; weights
+ *              (p − tau)/Σ(p − tau) in double (uniform when that sum is 0); the arg-max with weight 1
+ *              when none passes; remaining slots id -1, weight 0
+ *   dense:     ids[t, e] = e, weights[t, e] = p
  *
- * logits [num_tokens, num_experts] f32; ids [num_tokens, k] int32; weights [num_tokens, k] f32.
- * 1 <= k <= num_experts <= MOLORA_GATING_MAX_EXPERTS, temperature > 0. num_tokens = 0 launches
- * nothing. The grid depends on num_tokens only (never on the data), so the launch can be captured in
- * a CUDA graph.
+ * ids / weights are [num_tokens, k_max] with k_max = k (top-k) or E (threshold, dense). Sums of the
+ * gates are formed in double, as on the CPU. 1 <= k <= E <= MOLORA_GATING_MAX_EXPERTS, temperature
+ * > 0. Non-finite logits cannot be rejected without a host sync: a slot that finds no comparable
+ * probability is left empty (id -1, weight 0). The grid depends on num_tokens only.
  */
-typedef struct molora_topk_gating_args {
+typedef struct molora_gating_args {
     const float *logits;
     int32_t *ids;
     float *weights;
     int32_t num_tokens;
     int32_t num_experts;
-    int32_t k;
     int32_t activation; /* molora_activation */
     float temperature;
-    int32_t renormalize; /* 0 or 1 */
-} molora_topk_gating_args;
+    int32_t combine; /* molora_combine */
+    float lambda;
+    const float *global_probs;
+    const int32_t *seq_offsets;
+    int32_t num_seqs;
+    int32_t gate; /* molora_gate */
+    int32_t k;
+    int32_t renormalize;
+    const float *taus;
+    float tau;
+} molora_gating_args;
 
-int molora_topk_gating_f32(const molora_topk_gating_args *args, molora_stream_t stream);
+int molora_gating_f32(const molora_gating_args *args, molora_stream_t stream);
+
+/*
+ * Router logits, one warp per token:
+ *   logits[t, e] = Σ_i x[t, i]·W_g[e, i] + b_g[e]           (b_g may be NULL)
+ *   taus[t]      = σ(Σ_i w_tau[i]·x[t, i] + b_tau) / E      (only when taus != NULL; w_tau f32 [d_in])
+ * x [T, d_in], W_g [E, d_in], b_g [E] of the launcher's element type; f32 accumulation.
+ */
+typedef struct molora_router_logits_args {
+    const void *x;
+    const void *w_g;
+    const void *b_g;
+    float *logits;
+    const float *w_tau;
+    float b_tau;
+    float *taus;
+    int32_t num_tokens;
+    int32_t d_in;
+    int32_t num_experts;
+} molora_router_logits_args;
+
+int molora_router_logits_f32(const molora_router_logits_args *args, molora_stream_t stream);
+int molora_router_logits_f16(const molora_router_logits_args *args, molora_stream_t stream);
+int molora_router_logits_bf16(const molora_router_logits_args *args, molora_stream_t stream);
 
 /*
  * Dispatch: a stable counting sort of the (token, slot) pairs by expert, on the GPU, giving exactly

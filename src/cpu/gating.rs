@@ -151,7 +151,7 @@ fn check_probs(
     Ok(())
 }
 
-fn check_temperature(temperature: f32) -> Result<()> {
+pub(crate) fn check_temperature(temperature: f32) -> Result<()> {
     if !(temperature.is_finite() && temperature > 0.0) {
         return Err(Error::InvalidParameter {
             what: "temperature",
@@ -162,14 +162,14 @@ fn check_temperature(temperature: f32) -> Result<()> {
     Ok(())
 }
 
-fn check_k(k: usize, num_experts: usize) -> Result<()> {
+pub(crate) fn check_k(k: usize, num_experts: usize) -> Result<()> {
     if k == 0 || k > num_experts {
         return Err(Error::InvalidK { k, num_experts });
     }
     Ok(())
 }
 
-fn check_spec(spec: &ThresholdSpec) -> Result<()> {
+pub(crate) fn check_spec(spec: &ThresholdSpec) -> Result<()> {
     match spec {
         ThresholdSpec::Fixed(tau) => check_finite("tau", &[*tau]),
         ThresholdSpec::Learned { theta } => check_finite("theta", &[*theta]),
@@ -180,7 +180,7 @@ fn check_spec(spec: &ThresholdSpec) -> Result<()> {
     }
 }
 
-fn check_combine(combine: HierarchicalCombine) -> Result<()> {
+pub(crate) fn check_combine(combine: HierarchicalCombine) -> Result<()> {
     if let HierarchicalCombine::Mix { lambda } = combine {
         if !(0.0..=1.0).contains(&lambda) {
             return Err(Error::InvalidParameter {
@@ -194,7 +194,11 @@ fn check_combine(combine: HierarchicalCombine) -> Result<()> {
 }
 
 /// Checks that a global posterior fits `num_tokens` rows and `num_experts` experts.
-fn check_global(global: &SeqRouting, num_tokens: usize, num_experts: usize) -> Result<()> {
+pub(crate) fn check_global(
+    global: &SeqRouting,
+    num_tokens: usize,
+    num_experts: usize,
+) -> Result<()> {
     check_len(
         "global posterior experts",
         num_experts,

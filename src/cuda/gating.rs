@@ -1,26 +1,231 @@
-//! Gating on the GPU: the fused activation + top-k kernel of `cuda/gating.cu`.
+//! Gating on the GPU (`cuda/gating.cu`): router logits (with the input-dependent threshold), and one
+//! fused kernel for activation, hierarchical combination and the gate (top-k, dynamic threshold,
+//! dense). GPU counterparts of [`crate::cpu::router_logits`], [`crate::cpu::activate`],
+//! [`crate::cpu::hierarchical`], [`crate::cpu::top_k`], [`crate::cpu::threshold_gate`] and
+//! [`crate::cpu::dense`].
 
-use cudarc::driver::{DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
 use super::device::{check_launch, Device};
 use super::ffi;
-use crate::cpu::Activation;
+use super::lora::CudaElement;
+use crate::cpu::gating::{check_combine, check_k, check_spec, check_temperature};
+use crate::cpu::{Activation, Gate, HierarchicalCombine, ThresholdSpec};
 use crate::error::check_len;
-use crate::{Error, Result};
+use crate::{Error, Result, SeqRouting};
 
 /// Largest number of experts the gating kernels handle.
 pub const MAX_GATING_EXPERTS: usize = ffi::MOLORA_GATING_MAX_EXPERTS as usize;
 
-/// Fused top-k gating from router logits, the GPU counterpart of
-/// `cpu::top_k(&cpu::activate(logits, T, E, act, temperature)?, T, E, k, renormalize)`:
-/// `p = softmax(z / temperature)` (or sigmoid), keep the `k` largest per token in descending order
-/// (ties to the lower id), weights `p` or `p / Σ_kept p`.
-///
-/// `logits` `[T, E]`, `ids` and `weights` `[T, k]`: any cudarc buffer or view (`CudaSlice`,
-/// `CudaView`, `CudaViewMut`) of exactly that length. Asynchronous on `dev`'s stream.
+/// A per-sequence global posterior in device memory (from a validated [`SeqRouting`]).
+#[derive(Debug)]
+pub struct DeviceSeqRouting {
+    num_rows: usize,
+    num_seqs: usize,
+    num_experts: usize,
+    offsets: CudaSlice<i32>,
+    probs: CudaSlice<f32>,
+}
+
+impl DeviceSeqRouting {
+    /// Uploads the sequence offsets and the `[S, E]` probabilities (enqueued on the stream).
+    pub fn new(dev: &Device, r: &SeqRouting) -> Result<Self> {
+        Ok(DeviceSeqRouting {
+            num_rows: r.segments().num_rows(),
+            num_seqs: r.segments().num_segments(),
+            num_experts: r.num_experts(),
+            offsets: dev.upload(&r.segments().offsets_i32())?,
+            probs: dev.upload(r.probs())?,
+        })
+    }
+}
+
+/// The gate of [`gating`], with the threshold in the form the kernel takes.
+#[derive(Debug)]
+pub enum DeviceGate<'a> {
+    TopK {
+        k: usize,
+        renormalize: bool,
+    },
+    /// One `τ` for every token (a fixed or learned threshold).
+    Threshold(f32),
+    /// Per-token `τ` `[T]` (the input-dependent threshold, from [`router_logits`]).
+    ThresholdPerToken(CudaView<'a, f32>),
+    Dense,
+}
+
+impl DeviceGate<'static> {
+    /// The device form of a CPU [`Gate`]: a learned threshold becomes `σ(θ)/E`, computed exactly as
+    /// the CPU does. An input-dependent threshold needs per-token values from [`router_logits`]
+    /// ([`DeviceGate::ThresholdPerToken`]) and is refused here.
+    pub fn from_gate(gate: &Gate, num_experts: usize) -> Result<Self> {
+        Ok(match gate {
+            Gate::TopK { k, renormalize } => DeviceGate::TopK {
+                k: *k,
+                renormalize: *renormalize,
+            },
+            Gate::Dense => DeviceGate::Dense,
+            Gate::Threshold(spec @ (ThresholdSpec::Fixed(_) | ThresholdSpec::Learned { .. })) => {
+                let tau = crate::cpu::threshold_values::<f32>(spec, None, 1, 1, num_experts)?;
+                DeviceGate::Threshold(tau[0])
+            }
+            Gate::Threshold(ThresholdSpec::InputDependent { .. }) => {
+                return Err(Error::Unsupported {
+                    op: "DeviceGate::from_gate",
+                    what: "an input-dependent threshold: compute per-token taus with \
+                           cuda::router_logits and pass DeviceGate::ThresholdPerToken"
+                        .into(),
+                })
+            }
+        })
+    }
+}
+
+impl DeviceGate<'_> {
+    /// Slots per token of the routing this gate writes (`k` for top-k, `E` otherwise).
+    pub fn k_max(&self, num_experts: usize) -> usize {
+        match self {
+            DeviceGate::TopK { k, .. } => *k,
+            _ => num_experts,
+        }
+    }
+}
+
+fn check_experts(op: &'static str, num_experts: usize) -> Result<()> {
+    if num_experts == 0 {
+        return Err(Error::InvalidDim {
+            what: "num_experts",
+            value: 0,
+            reason: "need at least one expert",
+        });
+    }
+    if num_experts > MAX_GATING_EXPERTS {
+        return Err(Error::Unsupported {
+            op,
+            what: format!(
+                "{num_experts} experts (the gating kernels handle up to {MAX_GATING_EXPERTS})"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn checked_i32(what: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .filter(|&n| n <= i32::MAX as usize)
+        .ok_or(Error::InvalidDim {
+            what,
+            value: a.saturating_mul(b),
+            reason: "must fit in an i32",
+        })
+}
+
+/// Fused gating from router logits `[T, E]`: activation with temperature, optional hierarchical
+/// combination with a per-sequence global posterior, and the gate; writes `ids`/`weights`
+/// `[T, k_max]` (`k_max` = [`DeviceGate::k_max`]). Asynchronous on `dev`'s stream.
 ///
 /// Logits cannot be checked for NaN without waiting for the device; a non-finite row gives empty
 /// slots (id `-1`, weight 0) instead of the CPU path's [`Error::NonFinite`].
+#[allow(clippy::too_many_arguments)]
+pub fn gating(
+    dev: &Device,
+    logits: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    num_experts: usize,
+    act: Activation,
+    temperature: f32,
+    hierarchy: Option<(&DeviceSeqRouting, HierarchicalCombine)>,
+    gate: &DeviceGate<'_>,
+    ids: &mut impl DevicePtrMut<i32>,
+    weights: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    const OP: &str = "gating";
+    check_experts(OP, num_experts)?;
+    check_temperature(temperature)?;
+    let k_max = gate.k_max(num_experts);
+    match gate {
+        DeviceGate::TopK { k, .. } => check_k(*k, num_experts)?,
+        DeviceGate::Threshold(tau) => check_spec(&ThresholdSpec::Fixed(*tau))?,
+        DeviceGate::ThresholdPerToken(taus) => check_len("taus [T]", num_tokens, taus.len())?,
+        DeviceGate::Dense => {}
+    }
+    if let Some((g, combine)) = &hierarchy {
+        check_combine(*combine)?;
+        check_len("global posterior experts", num_experts, g.num_experts)?;
+        check_len("global posterior segment rows", num_tokens, g.num_rows)?;
+    }
+    let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
+    let n_slots = num_tokens * k_max;
+    check_len("logits [T, E]", n_logits, logits.len())?;
+    check_len("ids [T, k_max]", n_slots, ids.len())?;
+    check_len("weights [T, k_max]", n_slots, weights.len())?;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+
+    let stream = dev.stream();
+    let (logits_ptr, _g0) = logits.device_ptr(stream);
+    let (ids_ptr, _g1) = ids.device_ptr_mut(stream);
+    let (w_ptr, _g2) = weights.device_ptr_mut(stream);
+    let hier = hierarchy.map(|(g, c)| {
+        let (o, go) = g.offsets.device_ptr(stream);
+        let (p, gp) = g.probs.device_ptr(stream);
+        (o, p, g.num_seqs, c, [go, gp])
+    });
+    let taus = match gate {
+        DeviceGate::ThresholdPerToken(v) => Some(v.device_ptr(stream)),
+        _ => None,
+    };
+    let (combine, lambda) = match hierarchy.map(|h| h.1) {
+        None => (ffi::MOLORA_COMBINE_NONE, 0.0),
+        Some(HierarchicalCombine::Mix { lambda }) => (ffi::MOLORA_COMBINE_MIX, lambda),
+        Some(HierarchicalCombine::Product) => (ffi::MOLORA_COMBINE_PRODUCT, 0.0),
+    };
+    let (gate_kind, k, renormalize, tau) = match gate {
+        DeviceGate::TopK { k, renormalize } => (ffi::MOLORA_GATE_TOPK, *k, *renormalize, 0.0),
+        DeviceGate::Threshold(tau) => (ffi::MOLORA_GATE_THRESHOLD, 0, false, *tau),
+        DeviceGate::ThresholdPerToken(_) => (ffi::MOLORA_GATE_THRESHOLD, 0, false, 0.0),
+        DeviceGate::Dense => (ffi::MOLORA_GATE_DENSE, 0, false, 0.0),
+    };
+    let args = ffi::molora_gating_args {
+        logits: logits_ptr as *const f32,
+        ids: ids_ptr as *mut i32,
+        weights: w_ptr as *mut f32,
+        num_tokens: num_tokens as i32,
+        num_experts: num_experts as i32,
+        activation: match act {
+            Activation::Softmax => ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
+            Activation::Sigmoid => ffi::MOLORA_ACTIVATION_SIGMOID as i32,
+        },
+        temperature,
+        combine: combine as i32,
+        lambda,
+        global_probs: hier
+            .as_ref()
+            .map_or(std::ptr::null(), |h| h.1 as *const f32),
+        seq_offsets: hier
+            .as_ref()
+            .map_or(std::ptr::null(), |h| h.0 as *const i32),
+        num_seqs: hier.as_ref().map_or(0, |h| h.2 as i32),
+        gate: gate_kind as i32,
+        k: k as i32,
+        renormalize: renormalize as i32,
+        taus: taus
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t.0 as *const f32),
+        tau,
+    };
+    // SAFETY: logits hold T·E, ids and weights T·k_max elements (checked above; T·E fits an i32);
+    // the global posterior (when given) was validated on the host and covers exactly T rows with E
+    // experts; per-token taus hold T values. 1 <= k <= E <= MAX_GATING_EXPERTS, temperature finite
+    // and > 0, λ in [0, 1]. The guards keep every buffer alive and ordered on `stream`.
+    let code = unsafe { ffi::molora_gating_f32(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// Fused top-k gating from router logits: [`gating`] with [`DeviceGate::TopK`] and no hierarchy,
+/// the GPU counterpart of `cpu::top_k(&cpu::activate(logits, T, E, act, temperature)?, T, E, k,
+/// renormalize)`.
 #[allow(clippy::too_many_arguments)]
 pub fn top_k_gating(
     dev: &Device,
@@ -34,7 +239,44 @@ pub fn top_k_gating(
     ids: &mut impl DevicePtrMut<i32>,
     weights: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    const OP: &str = "top_k_gating";
+    gating(
+        dev,
+        logits,
+        num_tokens,
+        num_experts,
+        act,
+        temperature,
+        None,
+        &DeviceGate::TopK { k, renormalize },
+        ids,
+        weights,
+    )
+}
+
+/// Router logits `logits[t, e] = Σ_i x[t, i]·W_g[e, i] + b_g[e]` (`[T, E]` f32), and, when `tau` is
+/// given as `(w_τ [d_in], b_τ, taus [T])`, the input-dependent threshold
+/// `taus[t] = σ(w_τ·x_t + b_τ)/E`. GPU counterpart of [`crate::cpu::router_logits`] and
+/// [`crate::cpu::threshold_values`].
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn router_logits<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    num_tokens: usize,
+    d_in: usize,
+    w_g: &impl DevicePtr<T>,
+    b_g: Option<&CudaView<'_, T>>,
+    num_experts: usize,
+    logits: &mut impl DevicePtrMut<f32>,
+    tau: Option<(&CudaView<'_, f32>, f32, &mut CudaSlice<f32>)>,
+) -> Result<()> {
+    const OP: &str = "router_logits";
+    if d_in == 0 {
+        return Err(Error::InvalidDim {
+            what: "d_in",
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
     if num_experts == 0 {
         return Err(Error::InvalidDim {
             what: "num_experts",
@@ -42,62 +284,59 @@ pub fn top_k_gating(
             reason: "need at least one expert",
         });
     }
-    if num_experts > MAX_GATING_EXPERTS {
-        return Err(Error::Unsupported {
-            op: OP,
-            what: format!(
-                "{num_experts} experts (the gating kernel handles up to {MAX_GATING_EXPERTS})"
-            ),
-        });
+    check_len(
+        "x [T, d_in]",
+        checked_i32("num_tokens * d_in", num_tokens, d_in)?,
+        x.len(),
+    )?;
+    check_len(
+        "router W_g [E, d_in]",
+        checked_i32("E * d_in", num_experts, d_in)?,
+        w_g.len(),
+    )?;
+    if let Some(b) = b_g {
+        check_len("router b_g [E]", num_experts, b.len())?;
     }
-    if k == 0 || k > num_experts {
-        return Err(Error::InvalidK { k, num_experts });
+    check_len(
+        "logits [T, E]",
+        checked_i32("num_tokens * num_experts", num_tokens, num_experts)?,
+        logits.len(),
+    )?;
+    if let Some((w, b, taus)) = &tau {
+        check_len("threshold w [d_in]", d_in, w.len())?;
+        crate::error::check_finite("threshold b", &[*b])?;
+        check_len("taus [T]", num_tokens, taus.len())?;
     }
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(Error::InvalidParameter {
-            what: "temperature",
-            value: temperature,
-            reason: "must be finite and > 0",
-        });
-    }
-    let n_logits = num_tokens
-        .checked_mul(num_experts)
-        .filter(|&n| n <= i32::MAX as usize)
-        .ok_or(Error::InvalidDim {
-            what: "num_tokens * num_experts",
-            value: num_tokens.saturating_mul(num_experts),
-            reason: "must fit in an i32",
-        })?;
-    let n_slots = num_tokens * k;
-    check_len("logits [T, E]", n_logits, logits.len())?;
-    check_len("ids [T, k]", n_slots, ids.len())?;
-    check_len("weights [T, k]", n_slots, weights.len())?;
     if num_tokens == 0 {
         return Ok(());
     }
-
     let stream = dev.stream();
-    let (logits_ptr, _logits_guard) = logits.device_ptr(stream);
-    let (ids_ptr, _ids_guard) = ids.device_ptr_mut(stream);
-    let (w_ptr, _w_guard) = weights.device_ptr_mut(stream);
-    let args = ffi::molora_topk_gating_args {
-        logits: logits_ptr as *const f32,
-        ids: ids_ptr as *mut i32,
-        weights: w_ptr as *mut f32,
-        num_tokens: num_tokens as i32,
-        num_experts: num_experts as i32,
-        k: k as i32,
-        activation: match act {
-            Activation::Softmax => ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
-            Activation::Sigmoid => ffi::MOLORA_ACTIVATION_SIGMOID as i32,
-        },
-        temperature,
-        renormalize: renormalize as i32,
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (wg_ptr, _g1) = w_g.device_ptr(stream);
+    let (l_ptr, _g2) = logits.device_ptr_mut(stream);
+    let bias = b_g.map(|b| b.device_ptr(stream));
+    let (b_tau, tau_ptrs) = match tau {
+        Some((w, b, taus)) => (b, Some((w.device_ptr(stream), taus.device_ptr_mut(stream)))),
+        None => (0.0, None),
     };
-    // SAFETY: the three pointers are live device allocations of the lengths checked above
-    // (T·E logits, T·k ids and weights), kept alive and ordered on `stream` by the guards until the
-    // launch is enqueued; every scalar was validated (1 <= k <= E <= MAX_GATING_EXPERTS, T·E fits an
-    // i32, temperature finite and > 0), which is what the launcher requires.
-    let code = unsafe { ffi::molora_topk_gating_f32(&args, dev.raw_stream()) };
+    let args = ffi::molora_router_logits_args {
+        x: x_ptr as *const _,
+        w_g: wg_ptr as *const _,
+        b_g: bias.as_ref().map_or(std::ptr::null(), |b| b.0 as *const _),
+        logits: l_ptr as *mut f32,
+        w_tau: tau_ptrs
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t.0 .0 as *const f32),
+        b_tau,
+        taus: tau_ptrs
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |t| t.1 .0 as *mut f32),
+        num_tokens: num_tokens as i32,
+        d_in: d_in as i32,
+        num_experts: num_experts as i32,
+    };
+    // SAFETY: x holds T·d_in, W_g E·d_in, b_g E, logits T·E, w_τ d_in and taus T elements (checked
+    // above, all products fit an i32); the guards keep every buffer alive and ordered on `stream`.
+    let code = unsafe { T::ROUTER_LOGITS(&args, dev.raw_stream()) };
     check_launch(OP, code)
 }

@@ -23,22 +23,27 @@ pub trait CudaElement: Element + DeviceRepr {
     const EXPAND: Launcher<ffi::molora_lora_expand_args>;
     #[doc(hidden)]
     const MIX: Launcher<ffi::molora_mix_args>;
+    #[doc(hidden)]
+    const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args>;
 }
 
 impl CudaElement for f32 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f32;
     const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_f32;
     const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_f32;
+    const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_f32;
 }
 impl CudaElement for f16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f16;
     const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_f16;
     const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_f16;
+    const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_f16;
 }
 impl CudaElement for bf16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_bf16;
     const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_bf16;
     const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_bf16;
+    const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_bf16;
 }
 
 /// Sequence segments with one adapter each, in device memory (from a validated [`AdapterSegments`]).

@@ -27,7 +27,9 @@ pub use device::{device_available, Device};
 #[cfg(feature = "cuda")]
 pub use dispatch::{dispatch, DevicePlan, MAX_DISPATCH_EXPERTS};
 #[cfg(feature = "cuda")]
-pub use gating::{top_k_gating, MAX_GATING_EXPERTS};
+pub use gating::{
+    gating, router_logits, top_k_gating, DeviceGate, DeviceSeqRouting, MAX_GATING_EXPERTS,
+};
 #[cfg(feature = "cuda")]
 pub use lora::{
     expand_experts, expand_segments, mix_experts, shrink_experts, shrink_segments, CudaElement,
