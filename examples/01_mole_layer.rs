@@ -102,7 +102,8 @@ fn run(t: usize, d_in: usize, d_out: usize, e: usize, r: usize) -> Result<()> {
     println!("|---|---|---|---|");
 
     let k = 2.min(e);
-    let modes: Vec<(String, Option<(&SeqRouting, HierarchicalCombine)>, Gate)> = vec![
+    type Hierarchy<'a> = Option<(&'a SeqRouting, HierarchicalCombine)>;
+    let modes: Vec<(String, Hierarchy, Gate)> = vec![
         (
             format!("top-{k}, renormalised"),
             None,

@@ -349,8 +349,8 @@ fn segments_and_mixing<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     let s = lens.len();
     let mut probs: Vec<f32> = (0..s * c.e).map(|_| rng.next() as f32).collect();
     let onehot = rng.below(c.e);
-    for e in 0..c.e {
-        probs[e] = if e == onehot { 1.0 } else { 0.0 };
+    for (e, p) in probs.iter_mut().take(c.e).enumerate() {
+        *p = if e == onehot { 1.0 } else { 0.0 };
     }
     let seq = SeqRouting::new(segs.clone(), c.e, probs.clone()).unwrap();
     let (am, bm) = cpu::mix_experts(&a, &b, &shape, &seq).unwrap();

@@ -5,6 +5,7 @@
 #[cfg(feature = "cuda")]
 mod gpu {
     use molora::cpu;
+    use molora::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
     use molora::cuda::{
         dispatch, expand_experts, expand_segments, mix_experts, shrink_experts, shrink_segments,
         CudaElement, Device, DevicePlan, DeviceSegments,
@@ -29,17 +30,13 @@ mod gpu {
     }
 
     /// Uploads with one element of padding (the driver cannot allocate zero bytes).
-    fn up<T: CudaElement>(dev: &Device, v: &[T]) -> molora::cuda::cudarc::driver::CudaSlice<T> {
+    fn up<T: DeviceRepr + Default + Clone>(dev: &Device, v: &[T]) -> CudaSlice<T> {
         let mut p = v.to_vec();
         p.push(T::default());
         dev.upload(&p).expect("upload")
     }
 
-    fn down<T: CudaElement>(
-        dev: &Device,
-        d: &molora::cuda::cudarc::driver::CudaSlice<T>,
-        n: usize,
-    ) -> Vec<T> {
+    fn down<T: DeviceRepr>(dev: &Device, d: &CudaSlice<T>, n: usize) -> Vec<T> {
         let mut v = dev.download(d).expect("download");
         v.truncate(n);
         v
