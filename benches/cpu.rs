@@ -72,6 +72,11 @@ fn bench_gating(c: &mut Criterion) {
         )
         .unwrap();
         g.throughput(Throughput::Bytes((t * e * 8) as u64));
+        g.throughput(Throughput::Bytes((t * e * 4 + t * e * 8) as u64));
+        g.bench_function(BenchmarkId::new("dense", &id), |b| {
+            b.iter(|| cpu::dense(black_box(&probs), t, e).unwrap())
+        });
+        g.throughput(Throughput::Bytes((t * e * 8) as u64));
         g.bench_function(BenchmarkId::new("hierarchical", &id), |b| {
             b.iter(|| {
                 cpu::hierarchical(
@@ -118,6 +123,23 @@ fn bench_lora(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("dispatch", &id), |b| {
             b.iter(|| cpu::dispatch(black_box(&routing)).unwrap())
         });
+        g.throughput(Throughput::Bytes((t * d_in * 2 + pairs * d_in * 2) as u64));
+        g.bench_function(BenchmarkId::new("gather_rows", &id), |b| {
+            b.iter(|| cpu::gather_rows(black_box(&x), t, d_in, &plan).unwrap())
+        });
+        let rows = values(pairs * d_out, 13);
+        let y_init: Vec<bf16> = typed(&values(t * d_out, 14));
+        g.throughput(Throughput::Bytes(
+            (pairs * d_out * 4 + 2 * t * d_out * 2) as u64,
+        ));
+        g.bench_function(BenchmarkId::new("scatter_combine", &id), |b| {
+            b.iter(|| {
+                let mut y = y_init.clone();
+                cpu::scatter_combine(black_box(&rows), d_out, &plan, &routing, 2.0, &mut y)
+                    .unwrap();
+                y
+            })
+        });
         g.throughput(Throughput::Bytes(
             (t * d_in * 2 + pairs * r * 4 + expert_bytes / 2) as u64,
         ));
@@ -155,6 +177,18 @@ fn bench_lora(c: &mut Criterion) {
             b.iter(|| cpu::shrink_segments(black_box(&x), &a, &shape, &adapters).unwrap())
         });
 
+        let hs = cpu::shrink_segments(&x, &a, &shape, &adapters).unwrap();
+        g.throughput(Throughput::Bytes(
+            (t * r * 4 + 2 * t * d_out * 2 + expert_bytes / 2) as u64,
+        ));
+        g.bench_function(BenchmarkId::new("expand_segments", &id), |b| {
+            b.iter(|| {
+                let mut y = y_init.clone();
+                cpu::expand_segments(black_box(&hs), &bw, &shape, &adapters, 2.0, &mut y).unwrap();
+                y
+            })
+        });
+
         let w0: Vec<bf16> = typed(&values(d_out * d_in, 10));
         let base = DenseBase {
             weight: &w0,
@@ -182,6 +216,18 @@ fn bench_lora(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("mole_forward_threshold", &id), |b| {
             b.iter(|| cpu::mole_forward(black_box(&x), t, &base.into(), &experts, &th).unwrap())
         });
+        g.bench_function(BenchmarkId::new("mole_forward_weight_space", &id), |b| {
+            b.iter(|| {
+                cpu::mole_forward_weight_space(
+                    black_box(&x),
+                    t,
+                    &base.into(),
+                    &experts,
+                    &seq_routing,
+                )
+                .unwrap()
+            })
+        });
     }
     g.finish();
 }
@@ -198,8 +244,16 @@ fn bench_quant(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("quantize_nf4", &id), |b| {
             b.iter(|| cpu::quantize_nf4(black_box(&w), d_out, d_in).unwrap())
         });
+        g.throughput(Throughput::Bytes((d_out * d_in * 3 + d_out * 4) as u64));
+        g.bench_function(BenchmarkId::new("quantize_int8", &id), |b| {
+            b.iter(|| cpu::quantize_int8(black_box(&w), d_out, d_in).unwrap())
+        });
         let nf4 = cpu::quantize_nf4(&w, d_out, d_in).unwrap();
         let int8 = cpu::quantize_int8(&w, d_out, d_in).unwrap();
+        g.throughput(Throughput::Bytes((nf4.bytes() + d_out * d_in * 4) as u64));
+        g.bench_function(BenchmarkId::new("dequantize_nf4", &id), |b| {
+            b.iter(|| black_box(&nf4).dequantize())
+        });
         g.throughput(Throughput::Bytes(
             (nf4.bytes() + t * d_in * 2 + t * d_out * 4) as u64,
         ));

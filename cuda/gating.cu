@@ -10,6 +10,9 @@
 // Non-finite logits cannot be rejected without a host sync, so they are defined instead: a slot
 // that finds no comparable probability (NaN) is written empty (id -1, weight 0).
 
+#include <cfloat>
+#include <cstdint>
+
 #include "common.cuh"
 
 namespace molora {
@@ -195,20 +198,16 @@ int launch_router_logits(const molora_router_logits_args *args, molora_stream_t 
     return last_launch_error();
 }
 
-}  // namespace
-}  // namespace molora
-
-extern "C" int molora_gating_f32(const molora_gating_args *args, molora_stream_t stream) {
-    using namespace molora;
-    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-    const molora_gating_args a = *args;
+// Validates a gating launch (cudaErrorInvalidValue without launching), then enqueues it.
+int launch_gating(const molora_gating_args &a, molora_stream_t stream) {
     const bool gate_ok = a.gate == MOLORA_GATE_DENSE || a.gate == MOLORA_GATE_THRESHOLD ||
                          (a.gate == MOLORA_GATE_TOPK && a.k >= 1 && a.k <= a.num_experts);
     const bool combine_ok = a.combine == MOLORA_COMBINE_NONE ||
                             ((a.combine == MOLORA_COMBINE_MIX || a.combine == MOLORA_COMBINE_PRODUCT) &&
                              a.global_probs && a.seq_offsets && a.num_seqs >= 1);
     if (a.num_tokens < 0 || a.num_experts < 1 || a.num_experts > MOLORA_GATING_MAX_EXPERTS || !gate_ok ||
-        !combine_ok || !(a.temperature > 0.0f) ||
+        !combine_ok || !(a.temperature > 0.0f) || !(a.temperature <= FLT_MAX) ||
+        static_cast<int64_t>(a.num_tokens) * a.num_experts > INT32_MAX ||
         (a.activation != MOLORA_ACTIVATION_SOFTMAX && a.activation != MOLORA_ACTIVATION_SIGMOID)) {
         return static_cast<int>(cudaErrorInvalidValue);
     }
@@ -218,6 +217,31 @@ extern "C" int molora_gating_f32(const molora_gating_args *args, molora_stream_t
     const size_t smem = sizeof(float) * kGatingWarps * a.num_experts;
     gating_kernel<<<grid, block, smem, reinterpret_cast<cudaStream_t>(stream)>>>(a);
     return last_launch_error();
+}
+
+}  // namespace
+}  // namespace molora
+
+extern "C" int molora_gating_f32(const molora_gating_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    return molora::launch_gating(*args, stream);
+}
+
+extern "C" int molora_topk_gating_f32(const molora_topk_gating_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    molora_gating_args a{};
+    a.logits = args->logits;
+    a.ids = args->ids;
+    a.weights = args->weights;
+    a.num_tokens = args->num_tokens;
+    a.num_experts = args->num_experts;
+    a.activation = args->activation;
+    a.temperature = args->temperature;
+    a.combine = MOLORA_COMBINE_NONE;
+    a.gate = MOLORA_GATE_TOPK;
+    a.k = args->k;
+    a.renormalize = args->renormalize != 0;
+    return molora::launch_gating(a, stream);
 }
 
 extern "C" {

@@ -5,7 +5,8 @@
 
 use half::bf16;
 use molora::cpu::{
-    self, Activation, DenseBase, Experts, Gate, HierarchicalCombine, RouterWeights, ThresholdSpec,
+    self, Activation, BaseWeight, DenseBase, Experts, Gate, HierarchicalCombine, RouterWeights,
+    ThresholdSpec,
 };
 use molora::{Element, LoraShape, Result, Routing, Segments, SeqRouting};
 
@@ -135,41 +136,64 @@ fn run(t: usize, d_in: usize, d_out: usize, e: usize, r: usize) -> Result<()> {
     for (label, hierarchy, gate) in modes {
         let routing = cpu::route(&x, t, d_in, e, &router, hierarchy, &gate)?;
         let y = cpu::mole_forward(&x, t, &base.into(), &experts, &routing)?;
-        print_row(&label, &routing, &y, &base_out, d_out);
+        print_row(&label, Some(&routing), &y, &base_out, d_out);
     }
 
-    // SAML: one mixing vector per utterance, experts mixed in weight space.
+    // SAML: one mixing vector per utterance, experts mixed in weight space, on an NF4 base.
     let per_seq = SeqRouting::new(seqs, e, global.probs().to_vec())?;
     let y = cpu::mole_forward_weight_space(&x, t, &base.into(), &experts, &per_seq)?;
-    let counts = Routing::empty(t, 1, e)?; // no per-token slots: every token uses its utterance's mixture
     print_row(
         "per-utterance weight-space (SAML)",
-        &counts,
+        None,
         &y,
         &base_out,
         d_out,
     );
+    let nf4 = cpu::quantize_nf4(&w0, d_out, d_in)?;
+    let y = cpu::mole_forward_weight_space(
+        &x,
+        t,
+        &BaseWeight::Nf4(&nf4, Some(&bias)),
+        &experts,
+        &per_seq,
+    )?;
+    print_row(
+        "same, NF4 base (vs the bf16 base's output)",
+        None,
+        &y,
+        &base_out,
+        d_out,
+    );
+    println!(
+        "\nNF4 base: {} bytes against {} in bf16 ({:.1}x smaller)",
+        nf4.bytes(),
+        w0.len() * 2,
+        (w0.len() * 2) as f32 / nf4.bytes() as f32
+    );
     Ok(())
 }
 
-fn print_row(label: &str, routing: &Routing, y: &[bf16], base: &[f32], d_out: usize) {
-    let t = routing.num_tokens();
-    let per_token: Vec<usize> = (0..t)
-        .map(|i| {
-            (0..routing.k_max())
-                .filter(|&s| routing.id(i, s) >= 0)
-                .count()
-        })
-        .collect();
-    let active = if per_token.iter().all(|&c| c == 0) {
-        format!("all {} (mixed)", routing.num_experts())
-    } else {
-        format!(
-            "{}..{}, {:.2}",
-            per_token.iter().min().unwrap_or(&0),
-            per_token.iter().max().unwrap_or(&0),
-            per_token.iter().sum::<usize>() as f32 / t.max(1) as f32
-        )
+/// One table row; `routing` is `None` for weight-space mixing (every token uses its utterance's
+/// mixture of all experts).
+fn print_row(label: &str, routing: Option<&Routing>, y: &[bf16], base: &[f32], d_out: usize) {
+    let active = match routing {
+        None => "all (one mixed adapter per utterance)".to_string(),
+        Some(routing) => {
+            let t = routing.num_tokens();
+            let per_token: Vec<usize> = (0..t)
+                .map(|i| {
+                    (0..routing.k_max())
+                        .filter(|&s| routing.id(i, s) >= 0)
+                        .count()
+                })
+                .collect();
+            format!(
+                "{}..{}, {:.2}",
+                per_token.iter().min().unwrap_or(&0),
+                per_token.iter().max().unwrap_or(&0),
+                per_token.iter().sum::<usize>() as f32 / t.max(1) as f32
+            )
+        }
     };
     let delta: Vec<f32> = y.iter().zip(base).map(|(a, b)| a.to_f32() - b).collect();
     let head: Vec<String> = y

@@ -9,18 +9,23 @@
 # ${XDG_CACHE_HOME:-~/.cache}/cuda-13.0. Everything but the path goes to stderr.
 set -euo pipefail
 
+# libclang is what bindgen parses cuda/include/molora.h with. Missing, it is installed when this runs
+# as root with apt-get; otherwise the script says how and goes on (nvcc is still useful without it).
 ensure_libclang() {
-  if ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so'; then return 0; fi
+  # No `grep -q`: under pipefail an early exit of grep can fail the pipeline with SIGPIPE.
+  if ldconfig -p 2>/dev/null | grep 'libclang[-.0-9]*\.so' >/dev/null; then return 0; fi
   if compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null; then return 0; fi
   if [ -n "${LIBCLANG_PATH:-}" ] && compgen -G "$LIBCLANG_PATH/libclang*.so*" >/dev/null; then return 0; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "cuda-toolkit.sh: installing libclang-dev for bindgen" >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev) >&2
-  else
-    echo "cuda-toolkit.sh: libclang not found; bindgen needs it: install libclang-dev (Debian/Ubuntu)" \
-         "or set LIBCLANG_PATH to the folder holding libclang.so" >&2
-    return 1
+    if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev) >&2; then
+      return 0
+    fi
+    echo "cuda-toolkit.sh: apt-get could not install libclang-dev" >&2
   fi
+  echo "cuda-toolkit.sh: libclang not found; bindgen (the \`cuda\` feature) needs it. Install it with" \
+       "\`sudo apt-get install libclang-dev\` (Debian/Ubuntu), \`dnf install clang-devel\` (Fedora)," \
+       "or set LIBCLANG_PATH to the folder holding libclang.so" >&2
 }
 
 find_cuda() {

@@ -21,10 +21,16 @@ cargo clippy --all-targets -- -D warnings
 step "cargo clippy (cuda)"
 cargo clippy --all-targets --features cuda -- -D warnings
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
 step "cargo test (CPU)"
-cargo test
+cargo test 2>&1 | tee -a "$log"
 
 step "cargo test (cuda)"
-cargo test --features cuda
+cargo test --features cuda 2>&1 | tee -a "$log"
 
-step "all checks passed in $(( $(date +%s) - start )) s"
+skipped=$(grep -c '^skipping ' "$log" || true)
+step "all checks passed in $(( $(date +%s) - start )) s ($skipped GPU test cases skipped: no GPU)"
+# One closing line for both runs: the totals of every `test result:` line above.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "molora: %d passed, %d failed\n", p, f }' "$log"

@@ -10,9 +10,14 @@
  * The header needs no CUDA header to parse: a `molora_stream_t` is a `cudaStream_t` / `CUstream`.
  *
  * Using it from C/C++: build the crate with `--features cuda`; the static library
- * `libmolora_kernels.a` lands in cargo's OUT_DIR (a dependent crate's build script sees it as
- * DEP_MOLORA_KERNELS_ROOT, and this folder as DEP_MOLORA_KERNELS_INCLUDE). Link with
- * `-lmolora_kernels -lcudart_static -lrt -ldl -lpthread -lstdc++`.
+ * `libmolora_kernels.a` (kernels for sm_80 and sm_90 plus compute_90 PTX, device code already
+ * linked, so any host linker can use it) lands in cargo's OUT_DIR, which a dependent crate's build
+ * script sees as DEP_MOLORA_KERNELS_ROOT (and this folder as DEP_MOLORA_KERNELS_INCLUDE). Then
+ *
+ *   cc app.c -I"$DEP_MOLORA_KERNELS_INCLUDE" -L"$DEP_MOLORA_KERNELS_ROOT" -lmolora_kernels \
+ *      -L"$CUDA_HOME/lib64" -lcudart_static -lrt -ldl -lpthread -lstdc++
+ *
+ * (the CUDA toolkit's static runtime; `scripts/cuda-toolkit.sh` prints a CUDA_HOME).
  */
 #ifndef MOLORA_H
 #define MOLORA_H
@@ -51,7 +56,43 @@ typedef enum molora_combine {
 } molora_combine;
 
 /*
- * Fused gating from router logits, one warp per token (the CPU reference is src/cpu/gating.rs):
+ * Fused top-k gating from router logits, one warp per token, several tokens per block; the CPU
+ * reference is molora::cpu::top_k(molora::cpu::activate(logits, T, E, activation, temperature),
+ * T, E, k, renormalize) in src/cpu/gating.rs. Per token t (row-major layouts):
+ *
+ *   logits  [num_tokens, num_experts]  f32, read only
+ *   ids     [num_tokens, k]            int32, written
+ *   weights [num_tokens, k]            f32, written
+ *
+ *   p[e] = exp((z[e] − max_j z[j]) / temperature) / Σ_j exp((z[j] − max z) / temperature)   (softmax)
+ *   p[e] = σ(z[e] / temperature)                                                           (sigmoid)
+ *
+ * computed in f32 with expf and IEEE division (no fast math). Slot s holds the s-th expert in the
+ * order (p descending, expert id ascending): exact ties go to the LOWER id. weights[t, s] = p, or,
+ * with renormalize != 0, p / Σ_kept p (sum in double; 1/k each when that sum is 0).
+ *
+ * Limits: 1 <= k <= num_experts <= MOLORA_GATING_MAX_EXPERTS, num_tokens >= 0, temperature finite
+ * and > 0, num_tokens * num_experts < 2^31; otherwise cudaErrorInvalidValue without a launch.
+ * num_tokens == 0 returns 0 without a launch. The grid depends on num_tokens only. A row holding a
+ * NaN (which the launcher cannot see without a host sync) gives empty slots (id -1, weight 0).
+ * Returns the launch's cudaError_t (from cudaGetLastError) as an int; asynchronous on `stream`.
+ */
+typedef struct molora_topk_gating_args {
+    const float *logits;
+    int32_t *ids;
+    float *weights;
+    int32_t num_tokens;
+    int32_t num_experts;
+    int32_t k;
+    int32_t activation; /* molora_activation */
+    float temperature;
+    int32_t renormalize; /* 0 or 1 */
+} molora_topk_gating_args;
+
+int molora_topk_gating_f32(const molora_topk_gating_args *args, molora_stream_t stream);
+
+/*
+ * The general fused gate, from router logits, one warp per token (the CPU reference is src/cpu/gating.rs):
  *
  *   p[t, :] = softmax(logits[t, :] / temperature) (max-subtracted) or sigmoid(logits / temperature)
  *   p       = combine(p, global_probs[seg(t), :])        when combine != NONE (seq_offsets [S + 1])

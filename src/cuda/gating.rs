@@ -223,9 +223,28 @@ pub fn gating(
     check_launch(OP, code)
 }
 
-/// Fused top-k gating from router logits: [`gating`] with [`DeviceGate::TopK`] and no hierarchy,
-/// the GPU counterpart of `cpu::top_k(&cpu::activate(logits, T, E, act, temperature)?, T, E, k,
-/// renormalize)`.
+/// Fused top-k gating from router logits, the GPU counterpart of
+/// `cpu::top_k(&cpu::activate(logits, T, E, act, temperature)?, T, E, k, renormalize)`:
+///
+/// * `p[t, e] = exp((z[t, e] − max_j z[t, j]) / temperature) / Σ_j exp((z[t, j] − max_j z[t, j]) / temperature)`
+///   (softmax) or `σ(z[t, e] / temperature)` (sigmoid), in f32;
+/// * slot `s` of token `t` holds the `s`-th expert in the order (`p` descending, id ascending): exact
+///   ties go to the lower id, as on the CPU;
+/// * `weights[t, s] = p`, or with `renormalize` `p / Σ_kept p` (sum in f64; `1/k` each when that sum
+///   is 0).
+///
+/// `logits` `[T, E]`, `ids` and `weights` `[T, k]`: any cudarc buffer or view (`CudaSlice`,
+/// `CudaView`, `CudaViewMut`) of exactly that length. Asynchronous on `dev`'s stream: nothing is
+/// synchronised; `T = 0` enqueues nothing.
+///
+/// Errors, all before anything is enqueued: `E = 0` ([`Error::InvalidDim`]), `E >`
+/// [`MAX_GATING_EXPERTS`] ([`Error::Unsupported`]), `k = 0` or `k > E` ([`Error::InvalidK`]),
+/// temperature not finite or `<= 0` ([`Error::InvalidParameter`]), `T·E` beyond `i32`
+/// ([`Error::InvalidDim`]), a buffer of the wrong length ([`Error::LengthMismatch`] naming it), and a
+/// failed launch ([`Error::Cuda`]).
+///
+/// Logits cannot be checked for NaN without waiting for the device; a row holding a NaN gives empty
+/// slots (id `-1`, weight 0) instead of the CPU path's [`Error::NonFinite`].
 #[allow(clippy::too_many_arguments)]
 pub fn top_k_gating(
     dev: &Device,
@@ -239,18 +258,45 @@ pub fn top_k_gating(
     ids: &mut impl DevicePtrMut<i32>,
     weights: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    gating(
-        dev,
-        logits,
-        num_tokens,
-        num_experts,
-        act,
+    const OP: &str = "top_k_gating";
+    check_experts(OP, num_experts)?;
+    check_k(k, num_experts)?;
+    check_temperature(temperature)?;
+    let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
+    // k <= E, so T·k <= T·E fits as well.
+    let n_slots = num_tokens * k;
+    check_len("logits [T, E]", n_logits, logits.len())?;
+    check_len("ids [T, k]", n_slots, ids.len())?;
+    check_len("weights [T, k]", n_slots, weights.len())?;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+
+    let stream = dev.stream();
+    let (logits_ptr, _logits_guard) = logits.device_ptr(stream);
+    let (ids_ptr, _ids_guard) = ids.device_ptr_mut(stream);
+    let (w_ptr, _w_guard) = weights.device_ptr_mut(stream);
+    let args = ffi::molora_topk_gating_args {
+        logits: logits_ptr as *const f32,
+        ids: ids_ptr as *mut i32,
+        weights: w_ptr as *mut f32,
+        num_tokens: num_tokens as i32,
+        num_experts: num_experts as i32,
+        k: k as i32,
+        activation: match act {
+            Activation::Softmax => ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
+            Activation::Sigmoid => ffi::MOLORA_ACTIVATION_SIGMOID as i32,
+        },
         temperature,
-        None,
-        &DeviceGate::TopK { k, renormalize },
-        ids,
-        weights,
-    )
+        renormalize: i32::from(renormalize),
+    };
+    // SAFETY: the three pointers are live device allocations of exactly the lengths checked above
+    // (T·E logits, T·k ids and weights), kept alive and ordered on `stream` by the guards until the
+    // launch is enqueued; every scalar satisfies the launcher's contract (1 <= k <= E <=
+    // MAX_GATING_EXPERTS, 1 <= T and T·E fits an i32, temperature finite and > 0, a valid
+    // activation), and `args` outlives the call, which only reads it.
+    let code = unsafe { ffi::molora_topk_gating_f32(&args, dev.raw_stream()) };
+    check_launch(OP, code)
 }
 
 /// Router logits `logits[t, e] = Σ_i x[t, i]·W_g[e, i] + b_g[e]` (`[T, E]` f32), and, when `tau` is
