@@ -1,7 +1,9 @@
 //! Build script. Without the `cuda` feature it does nothing (no nvcc, no libclang needed). With it:
-//! nvcc compiles every `cuda/*.cu` (SASS for sm_80 and sm_90, PTX for compute_90, cudart static) into
-//! the static library `molora_kernels`, and bindgen turns `cuda/include/molora.h` into the Rust FFI
-//! (`$OUT_DIR/molora_ffi.rs`), so the C ABI is declared once.
+//! nvcc compiles every `cuda/*.cu` (`-O3`, SASS for sm_80 and sm_90, PTX for compute_90, cudart
+//! static) into the static library `molora_kernels` (device code linked in, so any host linker can use
+//! it), and bindgen turns `cuda/include/molora.h` into the Rust FFI (`$OUT_DIR/molora_ffi.rs`), so the
+//! C ABI is declared once. nvcc is looked for in `$CUDA_HOME`, `$CUDA_PATH`, `$CUDA_ROOT`, `PATH`,
+//! `/usr/local/cuda` and `~/.cache/cuda-13.0` (where `scripts/cuda-toolkit.sh` puts it).
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -107,6 +109,7 @@ mod cuda {
             .include(&include)
             .include(&cuda_dir)
             .flag("-std=c++17")
+            .flag("-O3")
             .flag("-lineinfo")
             .flag("--expt-relaxed-constexpr")
             .flag("-Xcompiler")

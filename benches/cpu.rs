@@ -41,7 +41,7 @@ fn name(t: usize, d_in: usize, d_out: usize, e: usize, r: usize, k: usize) -> St
 fn bench_gating(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/gating");
     for &(t, d_in, _, e, _, k) in SHAPES {
-        let id = name(t, d_in, 0, e, 0, k);
+        let id = format!("T{t}_d{d_in}_E{e}_k{k}");
         let x: Vec<bf16> = typed(&values(t * d_in, 1));
         let w_g: Vec<bf16> = typed(&values(e * d_in, 2));
         g.throughput(Throughput::Bytes(

@@ -90,29 +90,12 @@ mod gpu {
         let mut got_w = dev.download(&w).map_err(|e| e.to_string())?;
         got_ids.truncate(n);
         got_w.truncate(n);
-        for (i, (&g, &r)) in got_ids.iter().zip(want.ids()).enumerate() {
-            if g == r {
-                continue;
-            }
-            let t = i / c.k;
-            let row = &probs[t * c.e..(t + 1) * c.e];
-            let (pg, pr) = (
-                row.get(g as usize).copied().unwrap_or(f32::NAN),
-                row[r as usize],
-            );
-            if !(g >= 0 && Tolerance::for_dtype(DType::F32).accepts(pg, pr)) {
-                return Err(format!(
-                    "token {t} slot {}: kernel chose expert {g} (p = {pg}), reference {r} (p = {pr}); \
-                     T = {}, E = {}, k = {}, {:?}, temperature {}",
-                    i % c.k,
-                    c.t,
-                    c.e,
-                    c.k,
-                    c.act,
-                    c.temperature
-                ));
-            }
-        }
+        let what = format!(
+            "top-k ids (T = {}, E = {}, k = {}, {:?}, temperature {}, renormalize {})",
+            c.t, c.e, c.k, c.act, c.temperature, c.renormalize
+        );
+        compare_ids(&what, &got_ids, want.ids(), &probs, Some(&c.z), c.e, c.k)?;
+        check_top_k_invariants(&got_ids, &got_w, c)?;
         compare(
             "top-k weights",
             &got_w,
@@ -229,7 +212,15 @@ mod gpu {
                 got_ids.truncate(n);
                 got_w.truncate(n);
                 let what = format!("{gate:?} with {combine:?}");
-                compare_ids(&what, &got_ids, want.ids(), &probs, c.e, want.k_max())?;
+                compare_ids(
+                    &what,
+                    &got_ids,
+                    want.ids(),
+                    &probs,
+                    combine.is_none().then_some(c.z.as_slice()),
+                    c.e,
+                    want.k_max(),
+                )?;
                 compare(
                     &what,
                     &got_w,
@@ -288,36 +279,91 @@ mod gpu {
         Ok(())
     }
 
-    /// Ids equal, except where the two experts' probabilities tie within f32 rounding (either
-    /// order is then a valid answer).
+    /// Ids equal slot by slot. The one allowed difference: two experts whose reference
+    /// probabilities differ by a few f32 ulps (the device's `expf` may round differently from the
+    /// host's), in either order. Experts with bitwise-equal logits (when `logits` is given) have
+    /// bitwise-equal probabilities on both sides, so there the lower id must win exactly.
     fn compare_ids(
         what: &str,
         got: &[i32],
         want: &[i32],
         probs: &[f32],
+        logits: Option<&[f32]>,
         e: usize,
         k_max: usize,
     ) -> Result<(), String> {
+        if got.len() != want.len() {
+            return Err(format!(
+                "{what}: {} ids, reference {}",
+                got.len(),
+                want.len()
+            ));
+        }
         for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
             if g == r {
                 continue;
             }
-            let row = &probs[(i / k_max) * e..(i / k_max + 1) * e];
-            let p = |id: i32| {
-                if id >= 0 {
-                    row[id as usize]
-                } else {
-                    f32::NAN
-                }
+            let t = i / k_max;
+            let row = &probs[t * e..(t + 1) * e];
+            let p = |id: i32| usize::try_from(id).ok().and_then(|j| row.get(j).copied());
+            let z = |id: i32| {
+                let row = &logits?[t * e..(t + 1) * e];
+                usize::try_from(id).ok().and_then(|j| row.get(j).copied())
             };
-            if !Tolerance::for_dtype(DType::F32).accepts(p(g), p(r)) {
+            let exact_tie = logits.is_some() && z(g).is_some() && z(g) == z(r);
+            let ok = match (p(g), p(r)) {
+                (Some(a), Some(b)) => !exact_tie && near_tie(a, b),
+                _ => false,
+            };
+            if !ok {
                 return Err(format!(
-                    "{what}: token {} slot {}: kernel chose {g} (p = {}), reference {r} (p = {})",
-                    i / k_max,
+                    "{what}: token {t} slot {}: kernel chose {g} (p = {:?}, z = {:?}), reference \
+                     {r} (p = {:?}, z = {:?})",
                     i % k_max,
                     p(g),
-                    p(r)
+                    z(g),
+                    p(r),
+                    z(r)
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Within 16 f32 ulps of each other (relative), or both below the normal range.
+    fn near_tie(a: f32, b: f32) -> bool {
+        (a - b).abs() <= 16.0 * f32::EPSILON * a.abs().max(b.abs()) + f32::MIN_POSITIVE
+    }
+
+    /// What a top-k routing must satisfy on its own: every slot filled with an id in `[0, E)`, no id
+    /// twice in a token, weights in `[0, 1]` and non-increasing along the slots, summing to 1 per
+    /// token when renormalised.
+    fn check_top_k_invariants(ids: &[i32], w: &[f32], c: &Case) -> Result<(), String> {
+        let tol = Tolerance::for_dtype(DType::F32);
+        for t in 0..c.t {
+            let ids_t = &ids[t * c.k..(t + 1) * c.k];
+            let w_t = &w[t * c.k..(t + 1) * c.k];
+            let mut seen = vec![false; c.e];
+            for (s, &id) in ids_t.iter().enumerate() {
+                let Some(flag) = usize::try_from(id).ok().and_then(|j| seen.get_mut(j)) else {
+                    return Err(format!("token {t} slot {s}: id {id} outside [0, {})", c.e));
+                };
+                if std::mem::replace(flag, true) {
+                    return Err(format!("token {t}: expert {id} appears twice in {ids_t:?}"));
+                }
+            }
+            if w_t.iter().any(|&x| !(0.0..=1.0).contains(&x)) {
+                return Err(format!("token {t}: a weight outside [0, 1] in {w_t:?}"));
+            }
+            // Non-increasing up to a near-tie swap (see compare_ids).
+            if w_t.windows(2).any(|p| p[1] > p[0] && !near_tie(p[0], p[1])) {
+                return Err(format!("token {t}: weights not descending: {w_t:?}"));
+            }
+            if c.renormalize {
+                let sum: f64 = w_t.iter().map(|&x| f64::from(x)).sum();
+                if !tol.accepts(sum as f32, 1.0) {
+                    return Err(format!("token {t}: renormalised weights sum to {sum}"));
+                }
             }
         }
         Ok(())
@@ -374,96 +420,216 @@ mod gpu {
         }
     }
 
-    #[test]
-    fn top_k_gating_rejects_bad_input() {
-        let Some(dev) = gpu_or_skip("top_k_gating_rejects_bad_input") else {
-            return;
-        };
-        let (t, e) = (4usize, 6usize);
-        let z = dev.zeros::<f32>(t * e).unwrap();
-        let mut ids = dev.zeros::<i32>(t * 2).unwrap();
-        let mut w = dev.zeros::<f32>(t * 2).unwrap();
-        let run = |z: &CudaSlice<f32>,
-                   t,
-                   e,
-                   k,
-                   temp,
-                   ids: &mut CudaSlice<i32>,
-                   w: &mut CudaSlice<f32>| {
-            top_k_gating(&dev, z, t, e, Activation::Softmax, temp, k, true, ids, w)
-        };
-        assert_eq!(
-            run(&z, t, e, 0, 1.0, &mut ids, &mut w),
-            Err(Error::InvalidK {
-                k: 0,
-                num_experts: e
-            })
-        );
-        assert_eq!(
-            run(&z, t, e, 7, 1.0, &mut ids, &mut w),
-            Err(Error::InvalidK {
-                k: 7,
-                num_experts: e
-            })
-        );
-        assert!(matches!(
-            run(&z, t, e, 2, 0.0, &mut ids, &mut w),
-            Err(Error::InvalidParameter {
-                what: "temperature",
-                ..
-            })
-        ));
-        assert!(matches!(
-            run(&z, t, e, 2, f32::NAN, &mut ids, &mut w),
-            Err(Error::InvalidParameter {
-                what: "temperature",
-                ..
-            })
-        ));
-        assert_eq!(
-            run(&z, t + 1, e, 2, 1.0, &mut ids, &mut w),
-            Err(Error::LengthMismatch {
-                what: "logits [T, E]",
-                expected: (t + 1) * e,
-                got: t * e
-            })
-        );
-        assert_eq!(
-            run(&z, t, e, 3, 1.0, &mut ids, &mut w),
-            Err(Error::LengthMismatch {
-                what: "ids [T, k]",
-                expected: t * 3,
-                got: t * 2
-            })
-        );
-        let big = MAX_GATING_EXPERTS + 1;
-        let zb = dev.zeros::<f32>(big).unwrap();
-        assert!(matches!(
-            run(&zb, 1, big, 2, 1.0, &mut ids, &mut w),
-            Err(Error::Unsupported {
-                op: "top_k_gating",
-                ..
-            })
-        ));
-        // T = 0 is a valid no-op.
-        // T = 0 is a valid no-op (zero-length views: the driver cannot allocate zero bytes).
-        let z0 = z.slice(0..0);
-        let mut i0 = ids.slice_mut(0..0);
-        let mut w0 = w.slice_mut(0..0);
-        assert_eq!(
+    /// Buffers for the bad-input tests: logits `[4, 6]`, ids and weights `[4, 2]` pre-filled with
+    /// sentinels, so a test can show that a refused call enqueued nothing.
+    struct Bad {
+        dev: Device,
+        z: CudaSlice<f32>,
+        ids: CudaSlice<i32>,
+        w: CudaSlice<f32>,
+    }
+
+    const BT: usize = 4;
+    const BE: usize = 6;
+    const BK: usize = 2;
+
+    impl Bad {
+        fn new(test: &str) -> Option<Bad> {
+            let dev = gpu_or_skip(test)?;
+            let z = dev.upload(&logits(BT * BE, 5, 0, 3.0)).unwrap();
+            let ids = dev.upload(&[77i32; BT * BK]).unwrap();
+            let w = dev.upload(&[-5.0f32; BT * BK]).unwrap();
+            Some(Bad { dev, z, ids, w })
+        }
+
+        fn run(&mut self, t: usize, e: usize, k: usize, temperature: f32) -> molora::Result<()> {
             top_k_gating(
-                &dev,
-                &z0,
-                0,
+                &self.dev,
+                &self.z,
+                t,
                 e,
                 Activation::Softmax,
-                1.0,
-                2,
+                temperature,
+                k,
                 true,
-                &mut i0,
-                &mut w0
-            ),
-            Ok(())
+                &mut self.ids,
+                &mut self.w,
+            )
+        }
+
+        /// The outputs still hold the sentinels.
+        fn untouched(&self) {
+            assert_eq!(self.dev.download(&self.ids).unwrap(), vec![77; BT * BK]);
+            assert_eq!(self.dev.download(&self.w).unwrap(), vec![-5.0; BT * BK]);
+        }
+    }
+
+    #[test]
+    fn top_k_gating_rejects_k_zero() {
+        let Some(mut b) = Bad::new("top_k_gating_rejects_k_zero") else {
+            return;
+        };
+        assert_eq!(
+            b.run(BT, BE, 0, 1.0),
+            Err(Error::InvalidK {
+                k: 0,
+                num_experts: BE
+            })
         );
+        b.untouched();
+    }
+
+    #[test]
+    fn top_k_gating_rejects_k_above_experts() {
+        let Some(mut b) = Bad::new("top_k_gating_rejects_k_above_experts") else {
+            return;
+        };
+        assert_eq!(
+            b.run(BT, BE, BE + 1, 1.0),
+            Err(Error::InvalidK {
+                k: BE + 1,
+                num_experts: BE
+            })
+        );
+        b.untouched();
+    }
+
+    #[test]
+    fn top_k_gating_rejects_bad_temperature() {
+        let Some(mut b) = Bad::new("top_k_gating_rejects_bad_temperature") else {
+            return;
+        };
+        for temp in [0.0, -0.0, -1.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            match b.run(BT, BE, BK, temp) {
+                Err(Error::InvalidParameter {
+                    what: "temperature",
+                    value,
+                    ..
+                }) => assert!(value.to_bits() == temp.to_bits(), "{value} vs {temp}"),
+                other => panic!("temperature {temp}: expected InvalidParameter, got {other:?}"),
+            }
+        }
+        b.untouched();
+    }
+
+    #[test]
+    fn top_k_gating_rejects_wrong_logits_length() {
+        let Some(mut b) = Bad::new("top_k_gating_rejects_wrong_logits_length") else {
+            return;
+        };
+        // E = 5 against logits [4, 6]; ids and weights [4, 2] fit.
+        assert_eq!(
+            b.run(BT, BE - 1, BK, 1.0),
+            Err(Error::LengthMismatch {
+                what: "logits [T, E]",
+                expected: BT * (BE - 1),
+                got: BT * BE
+            })
+        );
+        b.untouched();
+    }
+
+    #[test]
+    fn top_k_gating_rejects_wrong_ids_length() {
+        let Some(mut b) = Bad::new("top_k_gating_rejects_wrong_ids_length") else {
+            return;
+        };
+        assert_eq!(
+            b.run(BT, BE, BK + 1, 1.0),
+            Err(Error::LengthMismatch {
+                what: "ids [T, k]",
+                expected: BT * (BK + 1),
+                got: BT * BK
+            })
+        );
+        b.untouched();
+    }
+
+    #[test]
+    fn top_k_gating_rejects_wrong_weights_length() {
+        let Some(mut b) = Bad::new("top_k_gating_rejects_wrong_weights_length") else {
+            return;
+        };
+        let Bad { dev, z, ids, w } = &mut b;
+        let mut short = w.slice_mut(0..BT * BK - 1);
+        let r = top_k_gating(
+            dev,
+            z,
+            BT,
+            BE,
+            Activation::Sigmoid,
+            1.0,
+            BK,
+            false,
+            ids,
+            &mut short,
+        );
+        assert_eq!(
+            r,
+            Err(Error::LengthMismatch {
+                what: "weights [T, k]",
+                expected: BT * BK,
+                got: BT * BK - 1
+            })
+        );
+        b.untouched();
+    }
+
+    #[test]
+    fn top_k_gating_rejects_zero_experts() {
+        let Some(mut b) = Bad::new("top_k_gating_rejects_zero_experts") else {
+            return;
+        };
+        assert!(matches!(
+            b.run(BT, 0, 1, 1.0),
+            Err(Error::InvalidDim {
+                what: "num_experts",
+                value: 0,
+                ..
+            })
+        ));
+        b.untouched();
+    }
+
+    #[test]
+    fn top_k_gating_refuses_more_experts_than_the_kernel_handles() {
+        let Some(mut b) = Bad::new("top_k_gating_refuses_more_experts_than_the_kernel_handles")
+        else {
+            return;
+        };
+        let big = MAX_GATING_EXPERTS + 1;
+        b.z = b.dev.zeros::<f32>(big).unwrap();
+        match b.run(1, big, BK, 1.0) {
+            Err(Error::Unsupported { op, what }) => {
+                assert_eq!(op, "top_k_gating");
+                assert!(what.contains(&big.to_string()), "{what}");
+                assert!(what.contains(&MAX_GATING_EXPERTS.to_string()), "{what}");
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+        b.untouched();
+    }
+
+    #[test]
+    fn top_k_gating_with_no_tokens_is_a_no_op() {
+        let Some(mut b) = Bad::new("top_k_gating_with_no_tokens_is_a_no_op") else {
+            return;
+        };
+        // Zero-length views (the driver cannot allocate zero bytes).
+        let Bad { dev, z, ids, w } = &mut b;
+        let r = top_k_gating(
+            dev,
+            &z.slice(0..0),
+            0,
+            BE,
+            Activation::Softmax,
+            1.0,
+            BK,
+            true,
+            &mut ids.slice_mut(0..0),
+            &mut w.slice_mut(0..0),
+        );
+        assert_eq!(r, Ok(()));
+        b.untouched();
     }
 }

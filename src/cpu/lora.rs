@@ -2,7 +2,7 @@
 //! the gather and the weighted scatter-combine fused) and over sequence segments (punica's SGMV
 //! case, one adapter per segment). Intermediates `h` are f32; every sum is f32 in index order.
 
-use super::dispatch::{check_plan_routing, check_scale};
+use super::dispatch::{check_plan, check_plan_routing, check_scale, mul_len};
 use crate::error::{check_len, Result};
 use crate::{AdapterSegments, DispatchPlan, Element, LoraShape, Routing};
 
@@ -31,7 +31,8 @@ fn check_plan_shape(plan: &DispatchPlan, shape: &LoraShape) -> Result<()> {
         "experts of the plan vs shape.num_experts",
         shape.num_experts,
         plan.num_experts(),
-    )
+    )?;
+    check_plan(plan)
 }
 
 /// Grouped shrink over expert segments with the gather fused:
@@ -45,7 +46,8 @@ pub fn shrink_experts<T: Element>(
 ) -> Result<Vec<f32>> {
     check_plan_shape(plan, shape)?;
     let (r, d_in) = (shape.rank, shape.d_in);
-    check_len("x [T, d_in]", plan.num_tokens() * d_in, x.len())?;
+    let x_len = mul_len("x [T, d_in]", plan.num_tokens(), d_in)?;
+    check_len("x [T, d_in]", x_len, x.len())?;
     check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
     let mut h = vec![0.0f32; plan.num_pairs() * r];
     for e in 0..shape.num_experts {
@@ -77,12 +79,18 @@ pub fn expand_experts<T: Element>(
     y: &mut [T],
 ) -> Result<()> {
     check_plan_shape(plan, shape)?;
+    check_len(
+        "experts of the routing vs shape.num_experts",
+        shape.num_experts,
+        routing.num_experts(),
+    )?;
     check_plan_routing(plan, routing)?;
     check_scale(scale)?;
     let (r, d_out, k) = (shape.rank, shape.d_out, plan.k_max());
-    check_len("h [P, r]", plan.num_pairs() * r, h.len())?;
+    check_len("h [P, r]", mul_len("h [P, r]", plan.num_pairs(), r)?, h.len())?;
     check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
-    check_len("y [T, d_out]", plan.num_tokens() * d_out, y.len())?;
+    let y_len = mul_len("y [T, d_out]", plan.num_tokens(), d_out)?;
+    check_len("y [T, d_out]", y_len, y.len())?;
     for t in 0..plan.num_tokens() {
         let active: Vec<(usize, usize, f32)> = (0..k)
             .filter_map(|s| {
@@ -132,7 +140,7 @@ pub fn shrink_segments<T: Element>(
     check_segments(segs, shape)?;
     let (r, d_in) = (shape.rank, shape.d_in);
     let rows = segs.segments().num_rows();
-    check_len("x [T, d_in]", rows * d_in, x.len())?;
+    check_len("x [T, d_in]", mul_len("x [T, d_in]", rows, d_in)?, x.len())?;
     check_len("A [N, r, d_in]", shape.a_len(), a.len())?;
     let mut h = vec![0.0f32; rows * r];
     for (s, &id) in segs.adapter_ids().iter().enumerate() {
@@ -164,9 +172,9 @@ pub fn expand_segments<T: Element>(
     check_scale(scale)?;
     let (r, d_out) = (shape.rank, shape.d_out);
     let rows = segs.segments().num_rows();
-    check_len("h [T, r]", rows * r, h.len())?;
+    check_len("h [T, r]", mul_len("h [T, r]", rows, r)?, h.len())?;
     check_len("B [N, d_out, r]", shape.b_len(), b.len())?;
-    check_len("y [T, d_out]", rows * d_out, y.len())?;
+    check_len("y [T, d_out]", mul_len("y [T, d_out]", rows, d_out)?, y.len())?;
     for (s, &id) in segs.adapter_ids().iter().enumerate() {
         if id < 0 {
             continue;
