@@ -98,35 +98,49 @@ mod cuda {
         // cc runs `$NVCC` (or `nvcc` from PATH) for CUDA sources; point it at the toolkit found.
         let nvcc = cuda_home.join("bin").join("nvcc");
         std::env::set_var("NVCC", &nvcc);
-        let mut b = cc::Build::new();
-        // Kernels are always optimised: cc would otherwise follow the profile and pass `-G` (device
-        // debug code, no optimisation) and `-O0` in debug builds. `-lineinfo` keeps source lines for
-        // compute-sanitizer and ncu at no run-time cost. MOLORA_NVCC_FLAGS adds flags (e.g. `-G`).
-        b.cuda(true)
-            .cudart("static")
-            .debug(false)
-            .opt_level(3)
-            .include(&include)
-            .include(&cuda_dir)
-            .flag("-std=c++17")
-            .flag("-O3")
-            .flag("-lineinfo")
-            .flag("--expt-relaxed-constexpr")
-            .flag("-Xcompiler")
-            .flag("-fPIC")
-            .flag("-gencode=arch=compute_80,code=sm_80")
-            .flag("-gencode=arch=compute_90,code=sm_90")
-            .flag("-gencode=arch=compute_90,code=compute_90")
-            .warnings(false);
-        if let Ok(extra) = std::env::var("MOLORA_NVCC_FLAGS") {
+        // Each .cu file is its own whole-program translation unit (no relocatable device code):
+        // given several files in one build, cc would compile them with `--device-c` and device-link
+        // them, and a device-linked image keeps only the SASS, dropping the compute_90 PTX that lets
+        // newer GPUs JIT the kernels. Kernels are always optimised: cc would otherwise follow the
+        // profile and pass `-G` (device debug code, no optimisation) in debug builds. `-lineinfo`
+        // keeps source lines for compute-sanitizer and ncu at no run-time cost. MOLORA_NVCC_FLAGS
+        // adds flags (e.g. `-G`).
+        let extra = std::env::var("MOLORA_NVCC_FLAGS").unwrap_or_default();
+        let build_for = |source: &Path| {
+            let mut b = cc::Build::new();
+            b.cuda(true)
+                .cudart("static")
+                .debug(false)
+                .opt_level(3)
+                .include(&include)
+                .include(&cuda_dir)
+                .flag("-std=c++17")
+                .flag("-O3")
+                .flag("-lineinfo")
+                .flag("--expt-relaxed-constexpr")
+                .flag("-Xcompiler")
+                .flag("-fPIC")
+                .flag("-gencode=arch=compute_80,code=sm_80")
+                .flag("-gencode=arch=compute_90,code=sm_90")
+                .flag("-gencode=arch=compute_90,code=compute_90")
+                .warnings(false)
+                .file(source);
             for f in extra.split_whitespace() {
                 b.flag(f);
             }
-        }
-        for s in &sources {
-            b.file(s);
-        }
-        b.compile("molora_kernels");
+            b
+        };
+        // nvcc per file, in parallel; then one archive.
+        let objects: Vec<PathBuf> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = sources
+                .iter()
+                .map(|s| scope.spawn(move || build_for(s).compile_intermediates()))
+                .collect();
+            jobs.into_iter()
+                .flat_map(|j| j.join().expect("nvcc job panicked"))
+                .collect()
+        });
+        cc::Build::new().objects(&objects).compile("molora_kernels");
 
         let mut searched: Vec<PathBuf> = Vec::new();
         for lib in ["lib64", "lib", "targets/x86_64-linux/lib"] {

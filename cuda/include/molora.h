@@ -10,9 +10,10 @@
  * The header needs no CUDA header to parse: a `molora_stream_t` is a `cudaStream_t` / `CUstream`.
  *
  * Using it from C/C++: build the crate with `--features cuda`; the static library
- * `libmolora_kernels.a` (kernels for sm_80 and sm_90 plus compute_90 PTX, device code already
- * linked, so any host linker can use it) lands in cargo's OUT_DIR, which a dependent crate's build
- * script sees as DEP_MOLORA_KERNELS_ROOT (and this folder as DEP_MOLORA_KERNELS_INCLUDE). Then
+ * `libmolora_kernels.a` (SASS for sm_80 and sm_90 plus compute_90 PTX that newer GPUs JIT; each
+ * object is whole-program device code, so any host linker can use it) lands in cargo's OUT_DIR,
+ * which a dependent crate's build script sees as DEP_MOLORA_KERNELS_ROOT (and this folder as
+ * DEP_MOLORA_KERNELS_INCLUDE). Then
  *
  *   cc app.c -I"$DEP_MOLORA_KERNELS_INCLUDE" -L"$DEP_MOLORA_KERNELS_ROOT" -lmolora_kernels \
  *      -L"$CUDA_HOME/lib64" -lcudart_static -lrt -ldl -lpthread -lstdc++
@@ -266,6 +267,54 @@ typedef struct molora_mix_args {
 int molora_mix_f32(const molora_mix_args *args, molora_stream_t stream);
 int molora_mix_f16(const molora_mix_args *args, molora_stream_t stream);
 int molora_mix_bf16(const molora_mix_args *args, molora_stream_t stream);
+
+/*
+ * Base-weight quantisation, bit for bit as the CPU reference (src/cpu/quant.rs). W is [rows, cols]
+ * row-major (nn.Linear.weight: rows = d_out, cols = d_in).
+ *
+ * NF4: blocks of MOLORA_NF4_BLOCK elements of the flattened weight, absmax[b] = max |w| (f32), code =
+ * number of the 15 code-book midpoints strictly below w / absmax (one f32 division; 7, the exact 0,
+ * for an all-zero block); two codes per byte, element 2i in the high nibble. packed holds
+ * ceil(n / 2) bytes, absmax ceil(n / 64) floats. Dequantised value: table[code] * absmax.
+ * int8: scale[o] = max_i |W[o, i]| / 127, q = clamp(roundf(w / scale), -127, 127) (0 for a zero row).
+ * Non-finite weights cannot be rejected without a host sync; they give unspecified codes.
+ *
+ * Matmul (any T; one warp per output row and tile of 16 tokens, so best for T <= 16):
+ *   y[t, o] = Σ_i x[t, i] · deq(W)[o, i] + bias[o]     (f32 out, f32 accumulation; bias may be NULL)
+ */
+#define MOLORA_NF4_BLOCK 64
+
+typedef struct molora_quantize_args {
+    const void *w;
+    uint8_t *packed;  /* NF4 */
+    int8_t *q;        /* int8 */
+    float *scales;    /* NF4: absmax per block; int8: scale per row */
+    int32_t rows;
+    int32_t cols;
+} molora_quantize_args;
+
+int molora_quantize_nf4_f32(const molora_quantize_args *args, molora_stream_t stream);
+int molora_quantize_nf4_f16(const molora_quantize_args *args, molora_stream_t stream);
+int molora_quantize_nf4_bf16(const molora_quantize_args *args, molora_stream_t stream);
+int molora_quantize_int8_f32(const molora_quantize_args *args, molora_stream_t stream);
+int molora_quantize_int8_f16(const molora_quantize_args *args, molora_stream_t stream);
+int molora_quantize_int8_bf16(const molora_quantize_args *args, molora_stream_t stream);
+
+typedef struct molora_quant_matmul_args {
+    const void *x;
+    const uint8_t *packed; /* NF4, or NULL */
+    const int8_t *q;       /* int8, or NULL */
+    const float *scales;
+    const void *bias;
+    float *y;
+    int32_t num_tokens;
+    int32_t rows;
+    int32_t cols;
+} molora_quant_matmul_args;
+
+int molora_quant_matmul_f32(const molora_quant_matmul_args *args, molora_stream_t stream);
+int molora_quant_matmul_f16(const molora_quant_matmul_args *args, molora_stream_t stream);
+int molora_quant_matmul_bf16(const molora_quant_matmul_args *args, molora_stream_t stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -107,7 +107,11 @@ pub(crate) fn check_plan(plan: &DispatchPlan) -> Result<()> {
         plan.num_experts + 1,
         plan.expert_offsets.len(),
     )?;
-    check_len("plan slot_to_sorted [T * k_max]", slots, plan.slot_to_sorted.len())?;
+    check_len(
+        "plan slot_to_sorted [T * k_max]",
+        slots,
+        plan.slot_to_sorted.len(),
+    )?;
     let pairs = plan.sorted_slots.len();
     let bad = |reason, index: usize, value: i32, previous: i32| Error::BadOffsets {
         what: "dispatch plan expert_offsets",
@@ -251,8 +255,16 @@ pub fn scatter_combine<T: Element>(
     check_dim("d", d)?;
     check_plan_routing(plan, routing)?;
     check_scale(scale)?;
-    check_len("rows [P, d]", mul_len("rows [P, d]", plan.num_pairs(), d)?, rows.len())?;
-    check_len("y [T, d]", mul_len("y [T, d]", plan.num_tokens, d)?, y.len())?;
+    check_len(
+        "rows [P, d]",
+        mul_len("rows [P, d]", plan.num_pairs(), d)?,
+        rows.len(),
+    )?;
+    check_len(
+        "y [T, d]",
+        mul_len("y [T, d]", plan.num_tokens, d)?,
+        y.len(),
+    )?;
     let k = plan.k_max;
     let mut acc = vec![0.0f32; d];
     for t in 0..plan.num_tokens {

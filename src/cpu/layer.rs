@@ -2,7 +2,7 @@
 //! routings (top-k, threshold, hierarchical, dense: all arrive as a [`Routing`]) and for SAML's
 //! per-sequence weight-space mixing. Everything is computed in f32 and rounded once, at the output.
 
-use super::dispatch::check_scale;
+use super::dispatch::{check_dim, check_scale, mul_len};
 use super::mixing::mix_experts_f32;
 use crate::error::{check_len, Result};
 use crate::{Element, LoraShape, Routing, SeqRouting};
@@ -34,9 +34,13 @@ pub struct DenseBase<'a, T> {
     pub bias: Option<&'a [T]>,
 }
 
-/// The frozen base of a MoLE layer.
+/// The frozen base of a MoLE layer, as the layer functions take it ([`mole_forward`],
+/// [`mole_forward_weight_space`]). A [`DenseBase`] converts with `.into()`; quantised bases hold their
+/// packed weight and keep the bias in the element type. Whatever the variant, the base output is
+/// [`base_weight_forward`], f32 `[T, d_out]`.
 #[derive(Debug, Clone, Copy)]
 pub enum BaseWeight<'a, T> {
+    /// An unquantised `W0` `[d_out, d_in]` and optional bias `[d_out]`.
     Dense(DenseBase<'a, T>),
     /// An NF4-quantised weight (see [`super::quantize_nf4`]) with an optional bias.
     Nf4(&'a super::Nf4Weight, Option<&'a [T]>),
@@ -59,11 +63,12 @@ pub fn base_forward<T: Element>(
     d_in: usize,
     d_out: usize,
 ) -> Result<Vec<f32>> {
-    check_len("x [T, d_in]", num_tokens * d_in, x.len())?;
-    check_len("base W0 [d_out, d_in]", d_out * d_in, base.weight.len())?;
-    if let Some(b) = base.bias {
-        check_len("base bias [d_out]", d_out, b.len())?;
-    }
+    check_dense_base(base, d_in, d_out)?;
+    check_len(
+        "x [T, d_in]",
+        mul_len("x [T, d_in]", num_tokens, d_in)?,
+        x.len(),
+    )?;
     let mut out = Vec::with_capacity(num_tokens * d_out);
     for t in 0..num_tokens {
         let xt = &x[t * d_in..(t + 1) * d_in];
@@ -79,7 +84,38 @@ pub fn base_forward<T: Element>(
     Ok(out)
 }
 
-/// The base output of any [`BaseWeight`], f32 `[T, d_out]`.
+fn check_dense_base<T>(base: &DenseBase<T>, d_in: usize, d_out: usize) -> Result<()> {
+    check_dim("d_in", d_in)?;
+    check_dim("d_out", d_out)?;
+    let w_len = mul_len("base W0 [d_out, d_in]", d_out, d_in)?;
+    check_len("base W0 [d_out, d_in]", w_len, base.weight.len())?;
+    if let Some(b) = base.bias {
+        check_len("base bias [d_out]", d_out, b.len())?;
+    }
+    Ok(())
+}
+
+/// Checks a base against the layer's `d_in`, `d_out` (weight and bias lengths, or the quantised
+/// weight's rows and columns), without computing anything.
+fn check_base<T>(base: &BaseWeight<T>, d_in: usize, d_out: usize) -> Result<()> {
+    let check_quantised = |rows: usize, cols: usize, bias: Option<&[T]>| -> Result<()> {
+        check_len("quantised base rows vs d_out", d_out, rows)?;
+        check_len("quantised base cols vs d_in", d_in, cols)?;
+        if let Some(b) = bias {
+            check_len("base bias [d_out]", d_out, b.len())?;
+        }
+        Ok(())
+    };
+    match base {
+        BaseWeight::Dense(b) => check_dense_base(b, d_in, d_out),
+        BaseWeight::Nf4(w, bias) => check_quantised(w.rows(), w.cols(), *bias),
+        BaseWeight::Int8(w, bias) => check_quantised(w.rows(), w.cols(), *bias),
+    }
+}
+
+/// The base output of any [`BaseWeight`], f32 `[T, d_out]`:
+/// `base[t, o] = Σ_i x[t, i]·W0[o, i] + bias[o]` with `W0` the dense weight, or the dequantised one
+/// ([`super::nf4_matmul`], [`super::int8_matmul`]).
 pub fn base_weight_forward<T: Element>(
     x: &[T],
     num_tokens: usize,
@@ -87,20 +123,11 @@ pub fn base_weight_forward<T: Element>(
     d_in: usize,
     d_out: usize,
 ) -> Result<Vec<f32>> {
-    let check_dims = |rows: usize, cols: usize| -> Result<()> {
-        check_len("quantised base rows vs d_out", d_out, rows)?;
-        check_len("quantised base cols vs d_in", d_in, cols)
-    };
+    check_base(base, d_in, d_out)?;
     match base {
         BaseWeight::Dense(b) => base_forward(x, num_tokens, b, d_in, d_out),
-        BaseWeight::Nf4(w, bias) => {
-            check_dims(w.rows(), w.cols())?;
-            super::nf4_matmul(x, num_tokens, w, *bias)
-        }
-        BaseWeight::Int8(w, bias) => {
-            check_dims(w.rows(), w.cols())?;
-            super::int8_matmul(x, num_tokens, w, *bias)
-        }
+        BaseWeight::Nf4(w, bias) => super::nf4_matmul(x, num_tokens, w, *bias),
+        BaseWeight::Int8(w, bias) => super::int8_matmul(x, num_tokens, w, *bias),
     }
 }
 
@@ -119,7 +146,11 @@ fn check_routing(
 
 fn check_experts<T: Element>(experts: &Experts<T>, x: &[T], num_tokens: usize) -> Result<()> {
     let s = &experts.shape;
-    check_len("x [T, d_in]", num_tokens * s.d_in, x.len())?;
+    check_len(
+        "x [T, d_in]",
+        mul_len("x [T, d_in]", num_tokens, s.d_in)?,
+        x.len(),
+    )?;
     check_len("A [E, r, d_in]", s.a_len(), experts.a.len())?;
     check_len("B [E, d_out, r]", s.b_len(), experts.b.len())?;
     check_scale(experts.scale)
@@ -195,6 +226,10 @@ pub fn mole_forward<T: Element>(
     routing: &Routing,
 ) -> Result<Vec<T>> {
     let s = experts.shape;
+    // Everything is validated before anything is computed.
+    check_experts(experts, x, num_tokens)?;
+    check_routing(routing, experts, num_tokens)?;
+    check_base(base, s.d_in, s.d_out)?;
     let delta = lora_delta(x, num_tokens, experts, routing)?;
     let base_out = base_weight_forward(x, num_tokens, base, s.d_in, s.d_out)?;
     Ok(base_out
@@ -225,6 +260,7 @@ pub fn mole_forward_weight_space<T: Element>(
         num_tokens,
         routing.segments().num_rows(),
     )?;
+    check_base(base, experts.shape.d_in, experts.shape.d_out)?;
     let LoraShape {
         rank: r,
         d_in,

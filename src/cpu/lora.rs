@@ -1,6 +1,10 @@
 //! Grouped LoRA shrink and expand on the CPU: over expert segments (after [`super::dispatch`], with
 //! the gather and the weighted scatter-combine fused) and over sequence segments (punica's SGMV
 //! case, one adapter per segment). Intermediates `h` are f32; every sum is f32 in index order.
+//!
+//! Lengths, the plan (against its routing), adapter ids and the scale are validated before anything
+//! is computed. The values of `x`, `A`, `B` and `h` are not inspected: as in any matmul, a NaN among
+//! them propagates to the outputs it touches (a `-1` slot or adapter never reads them).
 
 use super::dispatch::{check_plan, check_plan_routing, check_scale, mul_len};
 use crate::error::{check_len, Result};
@@ -87,7 +91,11 @@ pub fn expand_experts<T: Element>(
     check_plan_routing(plan, routing)?;
     check_scale(scale)?;
     let (r, d_out, k) = (shape.rank, shape.d_out, plan.k_max());
-    check_len("h [P, r]", mul_len("h [P, r]", plan.num_pairs(), r)?, h.len())?;
+    check_len(
+        "h [P, r]",
+        mul_len("h [P, r]", plan.num_pairs(), r)?,
+        h.len(),
+    )?;
     check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
     let y_len = mul_len("y [T, d_out]", plan.num_tokens(), d_out)?;
     check_len("y [T, d_out]", y_len, y.len())?;
@@ -174,7 +182,11 @@ pub fn expand_segments<T: Element>(
     let rows = segs.segments().num_rows();
     check_len("h [T, r]", mul_len("h [T, r]", rows, r)?, h.len())?;
     check_len("B [N, d_out, r]", shape.b_len(), b.len())?;
-    check_len("y [T, d_out]", mul_len("y [T, d_out]", rows, d_out)?, y.len())?;
+    check_len(
+        "y [T, d_out]",
+        mul_len("y [T, d_out]", rows, d_out)?,
+        y.len(),
+    )?;
     for (s, &id) in segs.adapter_ids().iter().enumerate() {
         if id < 0 {
             continue;

@@ -7,6 +7,10 @@ use crate::{Element, LoraShape, SeqRouting};
 /// sequence `s` of `routing`, each element summed over `e` in order in f32 and rounded once to `T`.
 /// This mixes in weight space: `x·Ā_sᵀ·B̄_sᵀ ≠ Σ_e p_se·x·A_eᵀ·B_eᵀ` (cross terms). Apply the result
 /// with [`super::shrink_segments`] / [`super::expand_segments`] and [`crate::AdapterSegments::identity`].
+///
+/// `p` may be any finite values ([`SeqRouting`] checks that); they need not sum to 1. A one-hot `p_s`
+/// gives back the chosen expert's `A_e`, `B_e` exactly. `routing.num_experts()` must equal
+/// `shape.num_experts` and `a`, `b` must have the lengths of `shape`.
 pub fn mix_experts<T: Element>(
     a: &[T],
     b: &[T],

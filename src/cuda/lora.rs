@@ -25,6 +25,12 @@ pub trait CudaElement: Element + DeviceRepr {
     const MIX: Launcher<ffi::molora_mix_args>;
     #[doc(hidden)]
     const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args>;
+    #[doc(hidden)]
+    const QUANTIZE_NF4: Launcher<ffi::molora_quantize_args>;
+    #[doc(hidden)]
+    const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args>;
+    #[doc(hidden)]
+    const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args>;
 }
 
 impl CudaElement for f32 {
@@ -32,18 +38,27 @@ impl CudaElement for f32 {
     const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_f32;
     const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_f32;
     const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_f32;
+    const QUANTIZE_NF4: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_nf4_f32;
+    const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_f32;
+    const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_f32;
 }
 impl CudaElement for f16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f16;
     const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_f16;
     const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_f16;
     const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_f16;
+    const QUANTIZE_NF4: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_nf4_f16;
+    const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_f16;
+    const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_f16;
 }
 impl CudaElement for bf16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_bf16;
     const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_bf16;
     const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_bf16;
     const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_bf16;
+    const QUANTIZE_NF4: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_nf4_bf16;
+    const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_bf16;
+    const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_bf16;
 }
 
 /// Sequence segments with one adapter each, in device memory (from a validated [`AdapterSegments`]).

@@ -18,6 +18,8 @@ pub mod ffi;
 mod gating;
 #[cfg(feature = "cuda")]
 mod lora;
+#[cfg(feature = "cuda")]
+mod quant;
 
 /// The cudarc version molora's CUDA ops take buffers of.
 #[cfg(feature = "cuda")]
@@ -35,6 +37,8 @@ pub use lora::{
     expand_experts, expand_segments, mix_experts, shrink_experts, shrink_segments, CudaElement,
     DeviceSegments,
 };
+#[cfg(feature = "cuda")]
+pub use quant::{quant_matmul, quantize_int8, quantize_nf4, DeviceQuantWeight};
 
 #[cfg(not(feature = "cuda"))]
 mod disabled {
