@@ -58,21 +58,24 @@ mod gpu {
         z: Vec<f32>,
     }
 
-    /// Runs the kernel and the reference; ids must agree exactly except where the two chosen
-    /// experts' probabilities tie within f32 rounding (then either order is a valid top-k), and
-    /// weights within the f32 tolerance.
+    /// Runs the kernel and the reference: ids must agree slot by slot (up to the near-tie rule of
+    /// [`compare_ids`]), the routing must satisfy the top-k invariants, weights agree within the
+    /// f32 tolerance, and nothing past the `[T, k]` outputs is written.
     fn check(dev: &Device, c: &Case) -> Result<(), String> {
         let probs =
             cpu::activate(&c.z, c.t, c.e, c.act, c.temperature).map_err(|e| e.to_string())?;
         let want = cpu::top_k(&probs, c.t, c.e, c.k, c.renormalize).map_err(|e| e.to_string())?;
         // The driver cannot allocate zero bytes: pad every buffer by one element and pass views of
-        // the exact length.
+        // the exact length. Outputs start as sentinels, so an unwritten slot or a write past the
+        // end shows.
         let n = c.t * c.k;
         let mut padded = c.z.clone();
         padded.push(0.0);
         let logits = dev.upload(&padded).map_err(|e| e.to_string())?;
-        let mut ids = dev.zeros::<i32>(n + 1).map_err(|e| e.to_string())?;
-        let mut w = dev.zeros::<f32>(n + 1).map_err(|e| e.to_string())?;
+        let mut ids = dev.upload(&vec![-7i32; n + 1]).map_err(|e| e.to_string())?;
+        let mut w = dev
+            .upload(&vec![f32::NAN; n + 1])
+            .map_err(|e| e.to_string())?;
         top_k_gating(
             dev,
             &logits.slice(0..c.z.len()),
@@ -88,6 +91,12 @@ mod gpu {
         .map_err(|e| e.to_string())?;
         let mut got_ids = dev.download(&ids).map_err(|e| e.to_string())?;
         let mut got_w = dev.download(&w).map_err(|e| e.to_string())?;
+        if got_ids[n] != -7 || !got_w[n].is_nan() {
+            return Err(format!(
+                "written past the [T, k] outputs: id {}, weight {}",
+                got_ids[n], got_w[n]
+            ));
+        }
         got_ids.truncate(n);
         got_w.truncate(n);
         let what = format!(

@@ -55,7 +55,7 @@ impl<'a, T> From<DenseBase<'a, T>> for BaseWeight<'a, T> {
 }
 
 /// The base output `base[t, o] = Σ_i x[t, i]·W0[o, i] + bias[o]` (f32 `[T, d_out]`, the sum over `i`
-/// in order, the bias added last).
+/// in order, the bias added last). `x` `[T, d_in]`, `d_in, d_out >= 1`.
 pub fn base_forward<T: Element>(
     x: &[T],
     num_tokens: usize,

@@ -1,4 +1,4 @@
-//! Grouped LoRA shrink and expand on the CPU: over expert segments (after [`super::dispatch`], with
+//! Grouped LoRA shrink and expand on the CPU: over expert segments (after [`super::dispatch()`], with
 //! the gather and the weighted scatter-combine fused) and over sequence segments (punica's SGMV
 //! case, one adapter per segment). Intermediates `h` are f32; every sum is f32 in index order.
 //!

@@ -24,6 +24,9 @@ pub struct Device {
 
 impl Device {
     /// Opens device `ordinal` and uses its default stream.
+    ///
+    /// Errors: [`Error::NoDevice`] when the driver library is missing or `ordinal` is not below the
+    /// device count, [`Error::Driver`] when the driver fails to count devices or create the context.
     pub fn new(ordinal: usize) -> Result<Device> {
         // SAFETY: as in `device_available`.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -50,10 +53,12 @@ impl Device {
         }
     }
 
+    /// The cudarc context of the device.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
 
+    /// The stream molora's ops on this handle are enqueued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
