@@ -1,8 +1,42 @@
 //! Base-weight quantisation on the CPU: NF4 (QLoRA's 4-bit NormalFloat, block-wise absmax) and int8
 //! per output channel, with dequantisation and the quantised base matmul. Every rounding is defined
-//! here exactly, so GPU kernels can match these results bit for bit.
+//! here exactly, so GPU kernels can match these codes and scales bit for bit.
 //!
-//! Weights are `[rows = d_out, cols = d_in]`, row-major (PyTorch's `nn.Linear.weight`).
+//! Weights are `[rows = d_out, cols = d_in]`, row-major (PyTorch's `nn.Linear.weight`); `n = rows·cols`
+//! must fit in an `i32`. Element values are converted to f32 exactly (f16 and bf16 are subsets of
+//! f32) before anything is computed.
+//!
+//! # NF4
+//!
+//! The weight is flattened row-major and cut into blocks of [`NF4_BLOCK`] = 64 elements (the last
+//! block holds `n mod 64` elements when that is not 0; blocks run across row boundaries). Per block
+//! `b`:
+//!
+//! * `absmax_b = max_{i ∈ b} |w_i|` (f32, exact: a maximum rounds nothing).
+//! * `v_i = w_i / absmax_b`, one IEEE f32 division, round to nearest even; `|v_i| ≤ 1` exactly.
+//! * `code_i = |{c ∈ 0..15 : mid[c] < v_i}|` with `mid[c] = (NF4_TABLE[c] + NF4_TABLE[c + 1]) / 2`
+//!   evaluated in f32 (an f32 add, then an exact halving). This is the index of the nearest table
+//!   value; a `v_i` exactly on a midpoint goes to the LOWER code (towards −1).
+//! * An all-zero block (`absmax_b = 0`) stores absmax 0 and code 7 (the table's exact 0) for each
+//!   element.
+//!
+//! Packing: byte `j` holds element `2j` in its high nibble and element `2j + 1` in its low nibble;
+//! when `n` is odd the low nibble of the last byte is 0. Dequantisation is
+//! `deq_i = NF4_TABLE[code_i] · absmax_b` (one f32 multiply), so the block's absmax element
+//! (`v = ±1`, code 0 or 15) and every zero come back exactly.
+//!
+//! # int8
+//!
+//! Per row `o`: `scale_o = (max_i |W[o, i]|) / 127` (one f32 division; 0 for an all-zero row) and
+//! `q[o, i] = clamp(round_half_away_from_zero(W[o, i] / scale_o), −127, 127)` (one f32 division;
+//! `q = 0` wherever `scale_o = 0`, including a non-zero row so tiny that `max / 127` underflows to 0).
+//! Dequantisation is `deq[o, i] = (q[o, i] as f32) · scale_o` (one f32 multiply). The code −128 is
+//! never produced and not accepted.
+//!
+//! # Matmul
+//!
+//! `y[t, o] = (Σ_{i = 0..d_in} x[t, i] · deq[o, i]) + bias[o]`: f32 products and an f32 sum in index
+//! order starting from 0, the bias (converted to f32) added last; the output is f32 `[T, d_out]`.
 
 use crate::error::{check_finite, check_len, Error, Result};
 use crate::Element;
@@ -11,7 +45,7 @@ use crate::Element;
 pub const NF4_BLOCK: usize = 64;
 
 /// QLoRA's NF4 code book (the quantiles of N(0, 1) normalised to [-1, 1], with an exact 0), as in
-/// bitsandbytes.
+/// bitsandbytes, each constant rounded to the nearest f32. Ascending; `NF4_TABLE[7] = 0`.
 pub const NF4_TABLE: [f32; 16] = [
     -1.0_f64 as f32,
     -0.6961928009986877_f64 as f32,
@@ -31,6 +65,9 @@ pub const NF4_TABLE: [f32; 16] = [
     1.0_f64 as f32,
 ];
 
+/// The NF4 code of an all-zero block's elements: the index of the table's exact 0.
+const NF4_ZERO_CODE: u8 = 7;
+
 /// Midpoints between neighbouring code-book values, `(NF4_TABLE[c] + NF4_TABLE[c + 1]) / 2` in f32.
 fn nf4_midpoints() -> [f32; 15] {
     let mut m = [0.0f32; 15];
@@ -47,6 +84,7 @@ fn nf4_code(v: f32, mid: &[f32; 15]) -> u8 {
     mid.iter().filter(|&&m| m < v).count() as u8
 }
 
+/// Checks `rows, cols >= 1` and `rows·cols <= i32::MAX`; returns `n = rows·cols`.
 fn check_dims(rows: usize, cols: usize) -> Result<usize> {
     for (what, value) in [("rows", rows), ("cols", cols)] {
         if value == 0 {
@@ -66,21 +104,30 @@ fn check_dims(rows: usize, cols: usize) -> Result<usize> {
         })
 }
 
+/// Checks that stored scales (NF4 absmax, int8 scales) are finite and `>= 0`.
 fn check_scales(what: &'static str, v: &[f32]) -> Result<()> {
     check_finite(what, v)?;
-    match v.iter().position(|&s| s < 0.0) {
+    match v.iter().find(|&&s| s < 0.0) {
         None => Ok(()),
-        Some(i) => Err(Error::InvalidParameter {
+        Some(&value) => Err(Error::InvalidParameter {
             what,
-            value: v[i],
+            value,
             reason: "scales must be >= 0",
         }),
     }
 }
 
-/// An NF4-quantised weight: two 4-bit codes per byte (element `2i` in the high nibble, `2i + 1` in
-/// the low nibble; an odd count leaves the last low nibble 0) and one f32 absmax per block of
-/// [`NF4_BLOCK`] elements of the flattened weight (the last block may be shorter).
+/// Converts elements to f32 (exact) and checks that every value is finite.
+fn to_finite_f32<T: Element>(what: &'static str, v: &[T]) -> Result<Vec<f32>> {
+    let f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+    check_finite(what, &f)?;
+    Ok(f)
+}
+
+/// An NF4-quantised weight `[rows, cols]`: two 4-bit codes per byte (element `2i` in the high nibble,
+/// `2i + 1` in the low nibble; an odd count leaves the last low nibble 0) and one f32 absmax per block
+/// of [`NF4_BLOCK`] elements of the flattened weight (the last block may be shorter). See the module
+/// documentation for the exact quantisation rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Weight {
     rows: usize,
@@ -90,8 +137,12 @@ pub struct Nf4Weight {
 }
 
 impl Nf4Weight {
-    /// Wraps stored parts, checking their lengths (`ceil(n/2)` bytes, `ceil(n/64)` absmax values,
-    /// finite and `>= 0`).
+    /// Wraps stored parts, with `n = rows·cols`: `packed` must hold `ceil(n/2)` bytes (for odd `n`
+    /// the last byte's low nibble must be 0) and `absmax` `ceil(n/64)` finite values `>= 0`.
+    ///
+    /// Errors: zero or oversized dims ([`Error::InvalidDim`]), wrong lengths
+    /// ([`Error::LengthMismatch`]), NaN/infinite absmax ([`Error::NonFinite`]), negative absmax or a
+    /// non-zero padding nibble ([`Error::InvalidParameter`]).
     pub fn from_parts(rows: usize, cols: usize, packed: Vec<u8>, absmax: Vec<f32>) -> Result<Self> {
         let n = check_dims(rows, cols)?;
         check_len("NF4 packed codes [ceil(n/2)]", n.div_ceil(2), packed.len())?;
@@ -101,6 +152,17 @@ impl Nf4Weight {
             absmax.len(),
         )?;
         check_scales("NF4 absmax", &absmax)?;
+        if n % 2 == 1 {
+            if let Some(&last) = packed.last() {
+                if last & 0x0f != 0 {
+                    return Err(Error::InvalidParameter {
+                        what: "NF4 padding nibble",
+                        value: f32::from(last & 0x0f),
+                        reason: "the low nibble after the last element of an odd count must be 0",
+                    });
+                }
+            }
+        }
         Ok(Nf4Weight {
             rows,
             cols,
@@ -108,24 +170,45 @@ impl Nf4Weight {
             absmax,
         })
     }
+
+    /// Number of rows (`d_out`).
     pub fn rows(&self) -> usize {
         self.rows
     }
+
+    /// Number of columns (`d_in`).
     pub fn cols(&self) -> usize {
         self.cols
     }
+
+    /// The packed codes, `ceil(rows·cols / 2)` bytes.
     pub fn packed(&self) -> &[u8] {
         &self.packed
     }
+
+    /// One absmax per block of 64 flattened elements, `ceil(rows·cols / 64)` values.
     pub fn absmax(&self) -> &[f32] {
         &self.absmax
     }
-    /// Storage in bytes: the packed codes plus the f32 absmax values.
+
+    /// Storage in bytes: `ceil(n/2)` packed code bytes plus `4·ceil(n/64)` for the f32 absmax values
+    /// (about 4.5 bits per element).
     pub fn bytes(&self) -> usize {
-        self.packed.len() + 4 * self.absmax.len()
+        self.packed.len() + std::mem::size_of::<f32>() * self.absmax.len()
     }
-    /// The code of flattened element `i` (`i < rows·cols`).
+
+    /// The code (0..=15) of flattened element `i`: the high nibble of byte `i/2` for even `i`, the
+    /// low nibble for odd `i`.
+    ///
+    /// # Panics
+    ///
+    /// When `i >= rows·cols`, like slice indexing.
     pub fn code(&self, i: usize) -> u8 {
+        assert!(
+            i < self.rows * self.cols,
+            "NF4 element {i} out of range for {} elements",
+            self.rows * self.cols
+        );
         let byte = self.packed[i / 2];
         if i % 2 == 0 {
             byte >> 4
@@ -133,41 +216,73 @@ impl Nf4Weight {
             byte & 0x0f
         }
     }
-    /// Element `i` dequantised: `NF4_TABLE[code(i)] · absmax[i / 64]` (one f32 multiply).
+
+    /// Flattened element `i` dequantised: `NF4_TABLE[code(i)] · absmax[i / 64]` (one f32 multiply).
+    ///
+    /// # Panics
+    ///
+    /// When `i >= rows·cols`, like slice indexing.
     #[inline]
     pub fn value(&self, i: usize) -> f32 {
-        NF4_TABLE[self.code(i) as usize] * self.absmax[i / NF4_BLOCK]
+        NF4_TABLE[usize::from(self.code(i))] * self.absmax[i / NF4_BLOCK]
     }
-    /// The dequantised weight, f32 `[rows, cols]`.
+
+    /// The dequantised weight, f32 `[rows, cols]`: `deq[i] = NF4_TABLE[code(i)] · absmax[i / 64]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        (0..self.rows * self.cols).map(|i| self.value(i)).collect()
+        let n = self.rows * self.cols;
+        let mut out = Vec::with_capacity(n);
+        for (b, &a) in self.absmax.iter().enumerate() {
+            let end = ((b + 1) * NF4_BLOCK).min(n);
+            for i in b * NF4_BLOCK..end {
+                let byte = self.packed.get(i / 2).copied().unwrap_or(0);
+                let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                out.push(NF4_TABLE[usize::from(code)] * a);
+            }
+        }
+        out
     }
 }
 
-/// NF4 quantisation: per block `b` of 64 flattened elements, `absmax_b = max |w|` (0 for an all-zero
-/// block), and per element `code = nf4_code(w / absmax_b)` (one f32 division; an all-zero block gets
-/// code 7, the exact 0). The nearest code-book value wins, ties to the lower code.
+/// NF4 quantisation of `w` `[rows, cols]` (row-major): per block `b` of 64 flattened elements,
+/// `absmax_b = max |w_i|`, and per element `code_i = |{c : mid[c] < w_i / absmax_b}|` (one f32
+/// division; `mid[c] = (NF4_TABLE[c] + NF4_TABLE[c + 1]) / 2` in f32), i.e. the nearest code-book
+/// value with ties to the lower code. An all-zero block gets absmax 0 and code 7 (the exact 0).
+/// Codes are packed high nibble first (see [`Nf4Weight`]).
+///
+/// Errors: `rows = 0`, `cols = 0` or `rows·cols > i32::MAX` ([`Error::InvalidDim`]), `w.len() ≠
+/// rows·cols` ([`Error::LengthMismatch`]), NaN/infinite weights ([`Error::NonFinite`]
+/// `{ what: "weight", index, value }`).
 pub fn quantize_nf4<T: Element>(w: &[T], rows: usize, cols: usize) -> Result<Nf4Weight> {
     let n = check_dims(rows, cols)?;
     check_len("weight [rows, cols]", n, w.len())?;
-    let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-    check_finite("weight", &wf)?;
+    let wf = to_finite_f32("weight", w)?;
     let mid = nf4_midpoints();
     let mut absmax = Vec::with_capacity(n.div_ceil(NF4_BLOCK));
-    let mut packed = vec![0u8; n.div_ceil(2)];
-    for (b, block) in wf.chunks(NF4_BLOCK).enumerate() {
+    let mut codes = Vec::with_capacity(n);
+    for block in wf.chunks(NF4_BLOCK) {
         let m = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         absmax.push(m);
-        for (j, &v) in block.iter().enumerate() {
-            let code = if m > 0.0 { nf4_code(v / m, &mid) } else { 7 };
-            let i = b * NF4_BLOCK + j;
-            packed[i / 2] |= if i % 2 == 0 { code << 4 } else { code };
-        }
+        codes.extend(block.iter().map(|&v| {
+            if m > 0.0 {
+                nf4_code(v / m, &mid)
+            } else {
+                NF4_ZERO_CODE
+            }
+        }));
     }
+    let packed = codes
+        .chunks(2)
+        .map(|pair| match *pair {
+            [hi, lo] => (hi << 4) | lo,
+            [hi] => hi << 4,
+            _ => 0,
+        })
+        .collect();
     Nf4Weight::from_parts(rows, cols, packed, absmax)
 }
 
-/// An int8 weight quantised per output channel (row): `q` `[rows, cols]` and one f32 scale per row.
+/// An int8 weight `[rows, cols]` quantised per output channel (row): codes `q` in `-127..=127`,
+/// row-major, and one f32 scale per row. See the module documentation for the exact rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Int8Weight {
     rows: usize,
@@ -177,12 +292,24 @@ pub struct Int8Weight {
 }
 
 impl Int8Weight {
-    /// Wraps stored parts, checking their lengths and that the scales are finite and `>= 0`.
+    /// Wraps stored parts: `q` must hold `rows·cols` codes in `-127..=127`, `scales` `rows` finite
+    /// values `>= 0`.
+    ///
+    /// Errors: zero or oversized dims ([`Error::InvalidDim`]), wrong lengths
+    /// ([`Error::LengthMismatch`]), NaN/infinite scales ([`Error::NonFinite`]), negative scales or
+    /// the code −128 ([`Error::InvalidParameter`]).
     pub fn from_parts(rows: usize, cols: usize, q: Vec<i8>, scales: Vec<f32>) -> Result<Self> {
         let n = check_dims(rows, cols)?;
         check_len("int8 codes [rows, cols]", n, q.len())?;
         check_len("int8 scales [rows]", rows, scales.len())?;
         check_scales("int8 scales", &scales)?;
+        if q.contains(&i8::MIN) {
+            return Err(Error::InvalidParameter {
+                what: "int8 codes",
+                value: f32::from(i8::MIN),
+                reason: "codes must be in -127..=127",
+            });
+        }
         Ok(Int8Weight {
             rows,
             cols,
@@ -190,43 +317,70 @@ impl Int8Weight {
             scales,
         })
     }
+
+    /// Number of rows (`d_out`).
     pub fn rows(&self) -> usize {
         self.rows
     }
+
+    /// Number of columns (`d_in`).
     pub fn cols(&self) -> usize {
         self.cols
     }
+
+    /// The codes, `[rows, cols]` row-major.
     pub fn q(&self) -> &[i8] {
         &self.q
     }
+
+    /// One scale per row.
     pub fn scales(&self) -> &[f32] {
         &self.scales
     }
-    /// Storage in bytes: the codes plus the f32 scales.
+
+    /// Storage in bytes: `rows·cols` code bytes plus `4·rows` for the f32 scales.
     pub fn bytes(&self) -> usize {
-        self.q.len() + 4 * self.scales.len()
+        self.q.len() + std::mem::size_of::<f32>() * self.scales.len()
     }
-    /// Element `(o, i)` dequantised: `q[o, i] as f32 · scale[o]`.
+
+    /// Element `(o, i)` dequantised: `q[o, i] as f32 · scale[o]` (one f32 multiply).
+    ///
+    /// # Panics
+    ///
+    /// When `o >= rows` or `i >= cols`, like slice indexing.
     #[inline]
     pub fn value(&self, o: usize, i: usize) -> f32 {
-        self.q[o * self.cols + i] as f32 * self.scales[o]
+        assert!(
+            o < self.rows && i < self.cols,
+            "int8 element ({o}, {i}) out of range for [{}, {}]",
+            self.rows,
+            self.cols
+        );
+        f32::from(self.q[o * self.cols + i]) * self.scales[o]
     }
-    /// The dequantised weight, f32 `[rows, cols]`.
+
+    /// The dequantised weight, f32 `[rows, cols]`: `deq[o, i] = q[o, i] as f32 · scale[o]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        (0..self.rows)
-            .flat_map(|o| (0..self.cols).map(move |i| (o, i)))
-            .map(|(o, i)| self.value(o, i))
+        self.q
+            .chunks_exact(self.cols)
+            .zip(&self.scales)
+            .flat_map(|(row, &s)| row.iter().map(move |&q| f32::from(q) * s))
             .collect()
     }
 }
 
-/// Int8 per-channel quantisation: `scale_o = max_i |W[o, i]| / 127` (f32; 0 for an all-zero row) and
-/// `q = clamp(round_half_away_from_zero(w / scale_o), -127, 127)` (0 where the scale is 0).
+/// Int8 per-channel quantisation of `w` `[rows, cols]` (row-major):
+/// `scale_o = (max_i |W[o, i]|) / 127` (f32; 0 for an all-zero row) and
+/// `q[o, i] = clamp(round_half_away_from_zero(W[o, i] / scale_o), −127, 127)` (one f32 division;
+/// `q = 0` where `scale_o = 0`). The row's largest magnitude maps to ±127.
+///
+/// Errors: `rows = 0`, `cols = 0` or `rows·cols > i32::MAX` ([`Error::InvalidDim`]), `w.len() ≠
+/// rows·cols` ([`Error::LengthMismatch`]), NaN/infinite weights ([`Error::NonFinite`]
+/// `{ what: "weight", index, value }`).
 pub fn quantize_int8<T: Element>(w: &[T], rows: usize, cols: usize) -> Result<Int8Weight> {
     let n = check_dims(rows, cols)?;
     check_len("weight [rows, cols]", n, w.len())?;
-    let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-    check_finite("weight", &wf)?;
+    let wf = to_finite_f32("weight", w)?;
     let mut q = Vec::with_capacity(n);
     let mut scales = Vec::with_capacity(rows);
     for row in wf.chunks_exact(cols) {
@@ -235,6 +389,7 @@ pub fn quantize_int8<T: Element>(w: &[T], rows: usize, cols: usize) -> Result<In
         scales.push(scale);
         q.extend(row.iter().map(|&v| {
             if scale > 0.0 {
+                // `f32::round` rounds half away from zero; the clamp keeps the cast exact.
                 (v / scale).round().clamp(-127.0, 127.0) as i8
             } else {
                 0
@@ -244,64 +399,101 @@ pub fn quantize_int8<T: Element>(w: &[T], rows: usize, cols: usize) -> Result<In
     Int8Weight::from_parts(rows, cols, q, scales)
 }
 
+/// Checks `x` `[T, cols]` and `bias` `[rows]`: lengths and finiteness. Returns `x` and the bias in f32.
 fn check_matmul_inputs<T: Element>(
     x: &[T],
     num_tokens: usize,
     rows: usize,
     cols: usize,
     bias: Option<&[T]>,
-) -> Result<()> {
-    check_len("x [T, d_in]", num_tokens * cols, x.len())?;
-    if let Some(b) = bias {
-        check_len("bias [d_out]", rows, b.len())?;
-    }
-    Ok(())
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let x_len = num_tokens.checked_mul(cols).ok_or(Error::InvalidDim {
+        what: "num_tokens * d_in",
+        value: usize::MAX,
+        reason: "the buffer length overflows usize",
+    })?;
+    num_tokens.checked_mul(rows).ok_or(Error::InvalidDim {
+        what: "num_tokens * d_out",
+        value: usize::MAX,
+        reason: "the buffer length overflows usize",
+    })?;
+    check_len("x [T, d_in]", x_len, x.len())?;
+    let bias = match bias {
+        Some(b) => {
+            check_len("bias [d_out]", rows, b.len())?;
+            Some(to_finite_f32("bias", b)?)
+        }
+        None => None,
+    };
+    let x = to_finite_f32("x", x)?;
+    Ok((x, bias))
 }
 
-/// The NF4 base matmul: `y[t, o] = Σ_i x[t, i]·deq(W)[o, i] + bias[o]`, f32 `[T, d_out]`, the sum over
-/// `i` in order, the bias added last.
+/// The NF4 base matmul: `y[t, o] = (Σ_{i = 0..d_in} x[t, i]·deq(W)[o, i]) + bias[o]` with
+/// `deq(W)` = [`Nf4Weight::dequantize`], f32 products summed in f32 in index order, the bias added
+/// last (none: nothing added); output f32 `[T, d_out]` (`T = 0` gives an empty output).
+///
+/// Errors: `x.len() ≠ T·d_in` or `bias.len() ≠ d_out` ([`Error::LengthMismatch`]), NaN/infinite `x`
+/// or `bias` ([`Error::NonFinite`] `"x"` / `"bias"`).
 pub fn nf4_matmul<T: Element>(
     x: &[T],
     num_tokens: usize,
     w: &Nf4Weight,
     bias: Option<&[T]>,
 ) -> Result<Vec<f32>> {
-    check_matmul_inputs(x, num_tokens, w.rows, w.cols, bias)?;
+    let (x, bias) = check_matmul_inputs(x, num_tokens, w.rows, w.cols, bias)?;
     let deq = w.dequantize();
-    Ok(matmul_f32(x, num_tokens, &deq, w.rows, w.cols, bias))
+    Ok(matmul_f32(&x, &deq, w.rows, w.cols, bias.as_deref()))
 }
 
-/// The int8 base matmul: `y[t, o] = Σ_i x[t, i]·(q[o, i]·scale_o) + bias[o]`, f32 `[T, d_out]`, the
-/// sum over `i` in order, the bias added last.
+/// The int8 base matmul: `y[t, o] = (Σ_{i = 0..d_in} x[t, i]·(q[o, i]·scale_o)) + bias[o]`, the
+/// dequantised weight as in [`Int8Weight::dequantize`], f32 products summed in f32 in index order,
+/// the bias added last; output f32 `[T, d_out]`.
+///
+/// Errors: as [`nf4_matmul`].
 pub fn int8_matmul<T: Element>(
     x: &[T],
     num_tokens: usize,
     w: &Int8Weight,
     bias: Option<&[T]>,
 ) -> Result<Vec<f32>> {
-    check_matmul_inputs(x, num_tokens, w.rows, w.cols, bias)?;
+    let (x, bias) = check_matmul_inputs(x, num_tokens, w.rows, w.cols, bias)?;
     let deq = w.dequantize();
-    Ok(matmul_f32(x, num_tokens, &deq, w.rows, w.cols, bias))
+    Ok(matmul_f32(&x, &deq, w.rows, w.cols, bias.as_deref()))
 }
 
-fn matmul_f32<T: Element>(
-    x: &[T],
-    num_tokens: usize,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    bias: Option<&[T]>,
-) -> Vec<f32> {
-    let mut out = Vec::with_capacity(num_tokens * rows);
-    for t in 0..num_tokens {
-        let xt = &x[t * cols..(t + 1) * cols];
-        for o in 0..rows {
+/// `y[t, o] = (Σ_i x[t, i]·w[o, i]) + bias[o]` over validated f32 buffers.
+fn matmul_f32(x: &[f32], w: &[f32], rows: usize, cols: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / cols * rows);
+    for xt in x.chunks_exact(cols) {
+        for (o, wo) in w.chunks_exact(cols).enumerate() {
             let mut acc = 0.0f32;
-            for (&a, &b) in xt.iter().zip(&w[o * cols..(o + 1) * cols]) {
-                acc += a.to_f32() * b;
+            for (&a, &b) in xt.iter().zip(wo) {
+                acc += a * b;
             }
-            out.push(acc + bias.map_or(0.0, |b| b[o].to_f32()));
+            if let Some(b) = bias {
+                acc += b.get(o).copied().unwrap_or(0.0);
+            }
+            out.push(acc);
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn midpoints_split_the_table() {
+        let mid = nf4_midpoints();
+        for (c, &t) in NF4_TABLE.iter().enumerate() {
+            assert_eq!(nf4_code(t, &mid), c as u8);
+        }
+        for c in 0..15 {
+            // Exactly on a midpoint: the lower code; just above: the upper one.
+            assert_eq!(nf4_code(mid[c], &mid), c as u8);
+            assert_eq!(nf4_code(mid[c] + 1e-6, &mid), c as u8 + 1);
+        }
+    }
 }
