@@ -198,33 +198,21 @@ impl Nf4Weight {
     }
 
     /// The code (0..=15) of flattened element `i`: the high nibble of byte `i/2` for even `i`, the
-    /// low nibble for odd `i`.
-    ///
-    /// # Panics
-    ///
-    /// When `i >= rows·cols`, like slice indexing.
-    pub fn code(&self, i: usize) -> u8 {
-        assert!(
-            i < self.rows * self.cols,
-            "NF4 element {i} out of range for {} elements",
-            self.rows * self.cols
-        );
-        let byte = self.packed[i / 2];
-        if i % 2 == 0 {
-            byte >> 4
-        } else {
-            byte & 0x0f
+    /// low nibble for odd `i`; `None` when `i >= rows·cols`.
+    pub fn code(&self, i: usize) -> Option<u8> {
+        if i >= self.rows * self.cols {
+            return None;
         }
+        let byte = self.packed[i / 2];
+        Some(if i % 2 == 0 { byte >> 4 } else { byte & 0x0f })
     }
 
-    /// Flattened element `i` dequantised: `NF4_TABLE[code(i)] · absmax[i / 64]` (one f32 multiply).
-    ///
-    /// # Panics
-    ///
-    /// When `i >= rows·cols`, like slice indexing.
+    /// Flattened element `i` dequantised: `NF4_TABLE[code(i)] · absmax[i / 64]` (one f32 multiply);
+    /// `None` when `i >= rows·cols`.
     #[inline]
-    pub fn value(&self, i: usize) -> f32 {
-        NF4_TABLE[usize::from(self.code(i))] * self.absmax[i / NF4_BLOCK]
+    pub fn value(&self, i: usize) -> Option<f32> {
+        self.code(i)
+            .map(|c| NF4_TABLE[usize::from(c)] * self.absmax[i / NF4_BLOCK])
     }
 
     /// The dequantised weight, f32 `[rows, cols]`: `deq[i] = NF4_TABLE[code(i)] · absmax[i / 64]`.
@@ -343,20 +331,12 @@ impl Int8Weight {
         self.q.len() + std::mem::size_of::<f32>() * self.scales.len()
     }
 
-    /// Element `(o, i)` dequantised: `q[o, i] as f32 · scale[o]` (one f32 multiply).
-    ///
-    /// # Panics
-    ///
-    /// When `o >= rows` or `i >= cols`, like slice indexing.
+    /// Element `(o, i)` dequantised: `q[o, i] as f32 · scale[o]` (one f32 multiply); `None` when
+    /// `o >= rows` or `i >= cols`.
     #[inline]
-    pub fn value(&self, o: usize, i: usize) -> f32 {
-        assert!(
-            o < self.rows && i < self.cols,
-            "int8 element ({o}, {i}) out of range for [{}, {}]",
-            self.rows,
-            self.cols
-        );
-        f32::from(self.q[o * self.cols + i]) * self.scales[o]
+    pub fn value(&self, o: usize, i: usize) -> Option<f32> {
+        (o < self.rows && i < self.cols)
+            .then(|| f32::from(self.q[o * self.cols + i]) * self.scales[o])
     }
 
     /// The dequantised weight, f32 `[rows, cols]`: `deq[o, i] = q[o, i] as f32 · scale[o]`.
