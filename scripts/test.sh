@@ -21,6 +21,9 @@ cargo clippy --all-targets -- -D warnings
 step "cargo clippy (cuda)"
 cargo clippy --all-targets --features cuda -- -D warnings
 
+step "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 

@@ -4,7 +4,7 @@
 //! (a stable counting sort: within an expert, by token, then by slot), with `expert_offsets[e]..
 //! expert_offsets[e + 1]` the positions of expert `e`'s pairs. `slot_to_sorted` is the inverse: the
 //! sorted position of every slot, or `-1` for an empty slot. Everything is i32 so the device holds
-//! the same arrays. Built by [`crate::cpu::dispatch`] (and, on the GPU, by its dispatch kernels,
+//! the same arrays. Built by [`crate::cpu::dispatch()`] (and, on the GPU, by its dispatch kernels,
 //! which must give exactly the same arrays).
 
 /// See the module documentation.

@@ -85,7 +85,7 @@ fn nf4_code(v: f32, mid: &[f32; 15]) -> u8 {
 }
 
 /// Checks `rows, cols >= 1` and `rows·cols <= i32::MAX`; returns `n = rows·cols`.
-fn check_dims(rows: usize, cols: usize) -> Result<usize> {
+pub(crate) fn check_dims(rows: usize, cols: usize) -> Result<usize> {
     for (what, value) in [("rows", rows), ("cols", cols)] {
         if value == 0 {
             return Err(Error::InvalidDim {

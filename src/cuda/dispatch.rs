@@ -1,5 +1,5 @@
 //! Dispatch on the GPU: the stable counting sort of `cuda/dispatch.cu`, giving exactly the arrays of
-//! [`crate::cpu::dispatch`].
+//! [`crate::cpu::dispatch()`].
 
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
@@ -117,7 +117,7 @@ impl DevicePlan {
 }
 
 /// Builds the dispatch plan of a routing's expert ids `[T, k_max]` (i32, `-1` = empty) into `plan`,
-/// asynchronously on `dev`'s stream. The GPU counterpart of [`crate::cpu::dispatch`]: the same
+/// asynchronously on `dev`'s stream. The GPU counterpart of [`crate::cpu::dispatch()`]: the same
 /// offsets and the same stable order. Ids outside `[-1, E)` cannot be checked without a host sync;
 /// the kernels treat them as empty slots.
 pub fn dispatch(dev: &Device, ids: &impl DevicePtr<i32>, plan: &mut DevicePlan) -> Result<()> {

@@ -10,6 +10,7 @@ use half::{bf16, f16};
 use super::device::{check_launch, Device};
 use super::dispatch::DevicePlan;
 use super::ffi;
+use crate::cpu::dispatch::check_scale;
 use crate::error::check_len;
 use crate::{AdapterSegments, Element, Error, LoraShape, Result};
 
@@ -374,16 +375,4 @@ pub fn mix_experts<T: CudaElement>(
         check_launch(OP, code)?;
     }
     Ok(())
-}
-
-fn check_scale(scale: f32) -> Result<()> {
-    if scale.is_finite() {
-        Ok(())
-    } else {
-        Err(Error::InvalidParameter {
-            what: "scale",
-            value: scale,
-            reason: "must be finite",
-        })
-    }
 }

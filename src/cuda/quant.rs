@@ -8,6 +8,7 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use super::device::{check_launch, Device};
 use super::ffi;
 use super::lora::CudaElement;
+use crate::cpu::quant::check_dims;
 use crate::cpu::{Int8Weight, Nf4Weight, NF4_BLOCK};
 use crate::error::check_len;
 use crate::{Error, Result};
@@ -29,23 +30,6 @@ pub enum DeviceQuantWeight {
         q: CudaSlice<i8>,
         scales: CudaSlice<f32>,
     },
-}
-
-fn dims(rows: usize, cols: usize) -> Result<usize> {
-    if rows == 0 || cols == 0 {
-        return Err(Error::InvalidDim {
-            what: if rows == 0 { "rows" } else { "cols" },
-            value: 0,
-            reason: "a weight needs at least one row and one column",
-        });
-    }
-    rows.checked_mul(cols)
-        .filter(|&n| n <= i32::MAX as usize)
-        .ok_or(Error::InvalidDim {
-            what: "rows * cols",
-            value: rows.saturating_mul(cols),
-            reason: "must fit in an i32",
-        })
 }
 
 impl DeviceQuantWeight {
@@ -122,7 +106,7 @@ pub fn quantize_nf4<T: CudaElement>(
     rows: usize,
     cols: usize,
 ) -> Result<DeviceQuantWeight> {
-    let n = dims(rows, cols)?;
+    let n = check_dims(rows, cols)?;
     check_len("weight [rows, cols]", n, w.len())?;
     let mut packed = dev.zeros::<u8>(n.div_ceil(2))?;
     let mut absmax = dev.zeros::<f32>(n.div_ceil(NF4_BLOCK))?;
@@ -159,7 +143,7 @@ pub fn quantize_int8<T: CudaElement>(
     rows: usize,
     cols: usize,
 ) -> Result<DeviceQuantWeight> {
-    let n = dims(rows, cols)?;
+    let n = check_dims(rows, cols)?;
     check_len("weight [rows, cols]", n, w.len())?;
     let mut q = dev.zeros::<i8>(n)?;
     let mut scales = dev.zeros::<f32>(rows)?;
