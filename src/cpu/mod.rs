@@ -2,6 +2,7 @@
 //! computes, f32 accumulation, one rounding to the element type at the output. It is the oracle the
 //! CUDA kernels are tested against.
 
+pub mod backward;
 pub mod dispatch;
 pub mod gating;
 pub mod layer;
