@@ -5,9 +5,9 @@
 //! finite difference crosses a tie or a threshold edge.
 
 use molora::cpu::backward::{
-    cv_balance_loss, gate_backward, lora_backward, lora_forward, mix_backward,
-    mix_combine_backward, product_combine_backward, router_backward, sigmoid_backward,
-    softmax_backward, switch_balance_loss,
+    base_backward_dx, cv_balance_loss, gate_backward, input_threshold_backward, lora_backward,
+    lora_forward, mix_backward, mix_combine_backward, product_combine_backward, router_backward,
+    sigmoid_backward, softmax_backward, switch_balance_loss,
 };
 use molora::LoraShape;
 use proptest::prelude::*;
@@ -313,6 +313,43 @@ proptest! {
         check("switch dL/dp", &gs, &fd(&|v| switch_balance_loss(v, e, &ids).unwrap().0, &l))?;
         let (_, gcv) = cv_balance_loss(&l, e).unwrap();
         check("cv dL/dw", &gcv, &fd(&|v| cv_balance_loss(v, e).unwrap().0, &l))?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// The input-dependent threshold's parameters and input, and dx through a frozen base.
+    #[test]
+    fn input_threshold_and_base_gradients(t in 1usize..5, d_in in 1usize..7, d_out in 1usize..5,
+                                          e in 1usize..9, seed in any::<u64>()) {
+        let mut rng = Rng(seed | 1);
+        let x = rng.vals(t * d_in);
+        let w = rng.vals(d_in);
+        let b = rng.next() - 0.5;
+        let dtau = rng.vals(t);
+        let taus = |x: &[f64], w: &[f64], b: f64| -> Vec<f64> {
+            (0..t)
+                .map(|tok| {
+                    let z = dot(&x[tok * d_in..(tok + 1) * d_in], w) + b;
+                    1.0 / (1.0 + (-z).exp()) / e as f64
+                })
+                .collect()
+        };
+        let (dw, db, dx) = input_threshold_backward(&x, &w, b, e, &dtau).unwrap();
+        check("τ(x) dw", &dw, &fd(&|v| dot(&dtau, &taus(&x, v, b)), &w))?;
+        check("τ(x) db", &[db], &fd(&|v| dot(&dtau, &taus(&x, &w, v[0])), &[b]))?;
+        check("τ(x) dx", &dx, &fd(&|v| dot(&dtau, &taus(v, &w, b)), &x))?;
+
+        let w0 = rng.vals(d_out * d_in);
+        let dy = rng.vals(t * d_out);
+        let base = |x: &[f64]| -> Vec<f64> {
+            (0..t * d_out)
+                .map(|k| dot(&x[(k / d_out) * d_in..(k / d_out + 1) * d_in], &w0[(k % d_out) * d_in..(k % d_out + 1) * d_in]))
+                .collect()
+        };
+        let dxb = base_backward_dx(&dy, &w0, d_in, d_out).unwrap();
+        check("base dx", &dxb, &fd(&|v| dot(&dy, &base(v)), &x))?;
     }
 }
 

@@ -499,3 +499,60 @@ pub fn cv_balance_loss<F: Float>(w: &[F], num_experts: usize) -> Result<(F, Vec<
         .collect();
     Ok((loss, (0..w.len()).map(|i| di[i % num_experts]).collect()))
 }
+
+/// Backward of AdaMoLE's input-dependent threshold `τ_t = σ(w·x_t + b)/E` given `dτ` `[T]`:
+/// with `σ_t = σ(w·x_t + b)`, `g_t = dτ_t·σ_t·(1 − σ_t)/E`: `dw = Σ_t g_t·x_t`, `db = Σ_t g_t`,
+/// `dx_t = g_t·w`. Returns `(dw [d_in], db, dx [T, d_in])`.
+pub fn input_threshold_backward<F: Float>(
+    x: &[F],
+    w: &[F],
+    b: F,
+    num_experts: usize,
+    dtau: &[F],
+) -> Result<(Vec<F>, F, Vec<F>)> {
+    let d_in = w.len();
+    if d_in == 0 {
+        return Err(Error::InvalidDim {
+            what: "d_in",
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
+    let t = dtau.len();
+    check_len("x [T, d_in]", t * d_in, x.len())?;
+    let e = cast::<F>(num_experts as f64);
+    let mut dw = vec![F::zero(); d_in];
+    let mut db = F::zero();
+    let mut dx = vec![F::zero(); x.len()];
+    for (tok, &dt) in dtau.iter().enumerate() {
+        let xt = &x[tok * d_in..(tok + 1) * d_in];
+        let z = xt.iter().zip(w).fold(b, |acc, (&xi, &wi)| acc + xi * wi);
+        let s = F::one() / (F::one() + (-z).exp());
+        let g = dt * s * (F::one() - s) / e;
+        db = db + g;
+        for i in 0..d_in {
+            dw[i] = dw[i] + g * xt[i];
+            dx[tok * d_in + i] = g * w[i];
+        }
+    }
+    Ok((dw, db, dx))
+}
+
+/// `dx` through a frozen dense base `y = x·W0ᵀ`: `dx[t, i] = Σ_o dy[t, o]·W0[o, i]` (`W0`
+/// `[d_out, d_in]`). Add it to [`LoraGrads::dx`] for the gradient through the whole layer; for a
+/// quantised base pass its dequantised weight.
+pub fn base_backward_dx<F: Float>(dy: &[F], w0: &[F], d_in: usize, d_out: usize) -> Result<Vec<F>> {
+    check_len("base W0 [d_out, d_in]", d_out * d_in, w0.len())?;
+    let t = dy.len() / d_out.max(1);
+    check_len("dy [T, d_out]", t * d_out, dy.len())?;
+    let mut dx = vec![F::zero(); t * d_in];
+    for tok in 0..t {
+        for o in 0..d_out {
+            let g = dy[tok * d_out + o];
+            for i in 0..d_in {
+                dx[tok * d_in + i] = dx[tok * d_in + i] + g * w0[o * d_in + i];
+            }
+        }
+    }
+    Ok(dx)
+}
