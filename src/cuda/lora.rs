@@ -4,7 +4,7 @@
 
 use std::os::raw::c_int;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
 use super::device::{check_launch, Device};
@@ -17,7 +17,7 @@ use crate::{AdapterSegments, Element, Error, LoraShape, Result};
 type Launcher<A> = unsafe extern "C" fn(*const A, ffi::molora_stream_t) -> c_int;
 
 /// An element type with CUDA kernels: f32, f16 and bf16.
-pub trait CudaElement: Element + DeviceRepr {
+pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
     #[doc(hidden)]
     const SHRINK: Launcher<ffi::molora_lora_shrink_args>;
     #[doc(hidden)]
