@@ -111,11 +111,13 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora
                 const int64_t slot = static_cast<int64_t>(t) * a.k_max + s;
                 const int e = a.ids[slot];
                 if (e < 0 || e >= a.num_weights) continue;
-                const int pos = a.slot_to_sorted[slot];
-                if (pos < 0) continue;
+                // Dense layout: h row t holds every expert's shrink, expert e at column e·rank.
+                const int64_t row = a.h_dense ? static_cast<int64_t>(t) : a.slot_to_sorted[slot];
+                if (row < 0) continue;
                 any = true;
                 if (o >= a.d_out) continue;
-                const float *hr = a.h + static_cast<int64_t>(pos) * a.rank;
+                const float *hr = a.h_dense ? a.h + row * a.num_weights * a.rank + static_cast<int64_t>(e) * a.rank
+                                            : a.h + row * a.rank;
                 const T *br = B + (static_cast<int64_t>(e) * a.d_out + o) * a.rank;
                 float d = 0.0f;
                 for (int j = 0; j < a.rank; ++j) d = fmaf(hr[j], to_f32(br[j]), d);
@@ -172,7 +174,8 @@ int launch_expand(const molora_lora_expand_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
     const molora_lora_expand_args a = *args;
     if (a.num_tokens < 0 || a.num_weights < 1 || a.rank < 1 || a.d_out < 1) return static_cast<int>(cudaErrorInvalidValue);
-    if (a.ids ? a.k_max < 1 : a.num_segments < 1) return static_cast<int>(cudaErrorInvalidValue);
+    if (a.ids ? (a.k_max < 1 || (!a.h_dense && !a.slot_to_sorted)) : a.num_segments < 1)
+        return static_cast<int>(cudaErrorInvalidValue);
     if (a.num_tokens == 0) return 0;
     const dim3 grid((a.d_out + kExpandThreads - 1) / kExpandThreads, (a.num_tokens + kExpandTokens - 1) / kExpandTokens);
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);

@@ -1,5 +1,7 @@
 //! GPU benchmark of the LoRA part of a MoLE layer (everything but the base GEMM), printed as a
-//! Markdown table: time per forward, GB/s, the fraction of the memory floor, and in the same run two
+//! Markdown table: time per forward on the segmented path (dispatch + grouped shrink/expand) and on
+//! the dense-gated path (no dispatch), GB/s and the fraction of the memory floor (segmented path),
+//! and in the same run two
 //! cuBLAS references: the dense all-experts version (`H = X·A_allᵀ`, `Y += H·B_all`, two GEMMs, the
 //! gating scale left out, so a lower bound of that baseline) and the base GEMM `X·W0ᵀ` for scale.
 //!
@@ -16,8 +18,9 @@ use molora::cuda::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmC
 use molora::cuda::cudarc::driver::sys::CUevent_flags;
 use molora::cuda::cudarc::driver::CudaSlice;
 use molora::cuda::{
-    dispatch, expand_experts, expand_segments, gating, mix_experts, router_logits, shrink_experts,
-    shrink_segments, CudaElement, Device, DeviceGate, DevicePlan, DeviceSegments,
+    dispatch, expand_experts, expand_segments, gating, lora_dense_gated, mix_experts,
+    router_logits, shrink_experts, shrink_segments, CudaElement, DenseGatedWorkspace, Device,
+    DeviceGate, DevicePlan, DeviceSegments, DENSE_GATED_MAX_COLUMNS,
 };
 use molora::{AdapterSegments, Element, LoraShape, Segments};
 
@@ -210,6 +213,33 @@ where
         Ok(())
     })?;
 
+    // The dense-gated path (no dispatch) on the same routing, where E·r fits it.
+    let fused = if mode != Mode::PerSequence && e * r <= DENSE_GATED_MAX_COLUMNS {
+        let mut ws = DenseGatedWorkspace::new(dev, t, &shape)?;
+        let us = time_us(dev, iters, || {
+            router_logits(dev, &x, t, d_in, &w_g, None, e, &mut logits, None)?;
+            gating(
+                dev,
+                &logits,
+                t,
+                e,
+                molora::cpu::Activation::Softmax,
+                1.0,
+                None,
+                &gate,
+                &mut ids,
+                &mut w,
+            )?;
+            lora_dense_gated(
+                dev, &x, &a, &b, &shape, &ids, &w, k_max, 2.0, &mut ws, &mut y,
+            )?;
+            Ok(())
+        })?;
+        format!("{us:.1}")
+    } else {
+        "—".to_string()
+    };
+
     // cuBLAS references.
     let a_all = dev.upload(&values::<T>(e * r * d_in, 6, 0.02))?; // [E·r, d_in]
     let b_all = dev.upload(&values::<T>(d_out * e * r, 7, 0.02))?; // [d_out, E·r]
@@ -234,7 +264,7 @@ where
         Mode::PerSequence => format!("SAML, {nseq} seqs"),
     };
     Ok(format!(
-        "| {t} | {d_in}→{d_out} | {e} | {r} | {mode_name} | {ours:.1} | {:.0} | {floor_us:.1} | {:.2}× | {dense:.1} | {:.2}× | {base:.1} |",
+        "| {t} | {d_in}→{d_out} | {e} | {r} | {mode_name} | {ours:.1} | {fused} | {:.0} | {floor_us:.1} | {:.2}× | {dense:.1} | {:.2}× | {base:.1} |",
         bytes / (ours * 1e-6) / 1e9,
         ours / floor_us,
         dense / ours,
@@ -259,8 +289,8 @@ fn run() -> Res<()> {
     println!(
         "LoRA part of a MoLE layer, {dtype}, memory floor at {bw} GB/s (times in µs, CUDA events)\n"
     );
-    println!("| T | d_in→d_out | E | r | routing | ours µs | GB/s | floor µs | ours / floor | dense cuBLAS µs | dense / ours | base GEMM µs |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| T | d_in→d_out | E | r | routing | segmented µs | dense-gated µs | GB/s | floor µs | ours / floor | dense cuBLAS µs | dense / ours | base GEMM µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &(shape, mode) in CASES {
         let row = match dtype.as_str() {
             "f16" => bench::<f16>(&dev, &blas, shape, mode, bw)?,

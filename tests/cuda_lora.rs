@@ -7,8 +7,9 @@ mod gpu {
     use molora::cpu;
     use molora::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
     use molora::cuda::{
-        dispatch, expand_experts, expand_segments, mix_experts, shrink_experts, shrink_segments,
-        CudaElement, Device, DevicePlan, DeviceSegments,
+        dispatch, expand_experts, expand_segments, lora_dense_gated, mix_experts, shrink_experts,
+        shrink_segments, CudaElement, DenseGatedWorkspace, Device, DevicePlan, DeviceSegments,
+        DENSE_GATED_MAX_COLUMNS,
     };
     use molora::testing::{compare, gpu_or_skip, Tolerance};
     use molora::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
@@ -158,6 +159,31 @@ mod gpu {
         let tol = Tolerance::for_dtype(T::DTYPE).scaled(((c.d_in.max(c.r)) as f32).sqrt());
         compare("h (sorted rows)", &h_got, &h_want, tol)?;
         compare("y", &f32s(&y_got), &f32s(&y_want), tol)?;
+        // The dense-gated path (no dispatch) gives the same y, when E·r fits it.
+        if c.e * c.r <= DENSE_GATED_MAX_COLUMNS {
+            let mut dy2 = up(dev, &y0);
+            let mut ws = DenseGatedWorkspace::new(dev, c.t, &shape).map_err(|e| e.to_string())?;
+            lora_dense_gated(
+                dev,
+                &dx.slice(0..x.len()),
+                &da.slice(0..a.len()),
+                &db.slice(0..b.len()),
+                &shape,
+                &dids.slice(0..slots),
+                &dw.slice(0..slots),
+                c.k_max,
+                scale,
+                &mut ws,
+                &mut dy2.slice_mut(0..y0.len()),
+            )
+            .map_err(|e| e.to_string())?;
+            compare(
+                "y (dense-gated)",
+                &f32s(&down(dev, &dy2, y0.len())),
+                &f32s(&y_want),
+                tol,
+            )?;
+        }
         for t in 0..c.t {
             if (0..c.k_max).all(|s| r.id(t, s) < 0) {
                 let row = t * c.d_out..(t + 1) * c.d_out;

@@ -221,6 +221,7 @@ int molora_lora_shrink_bf16(const molora_lora_shrink_args *args, molora_stream_t
  *
  *   expert mode (ids != NULL):
  *     y[t, o] = round(y[t, o] + scale · Σ_{s: ids[t,s] valid} weights[t,s] · Σ_j h[slot_to_sorted[t,s], j] · B[ids[t,s], o, j])
+ *     (h_dense = 1: h[t, e·rank + j] in place of h[slot_to_sorted[t,s], j])
  *   segment mode (ids == NULL):
  *     y[t, o] = round(y[t, o] + scale · Σ_j h[t, j] · B[adapter_ids[seg(t)], o, j])
  *
@@ -236,6 +237,8 @@ typedef struct molora_lora_expand_args {
     const float *weights;
     const int32_t *slot_to_sorted;
     int32_t k_max;
+    int32_t h_dense; /* expert mode: 1 = h is [T, num_weights·rank] (row t, expert e at column e·rank),
+                        slot_to_sorted unused: the dense-gated path, no dispatch */
     const int32_t *seg_offsets;
     const int32_t *adapter_ids;
     int32_t num_segments;

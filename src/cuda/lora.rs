@@ -208,6 +208,7 @@ pub fn expand_experts<T: CudaElement>(
         weights: w_ptr as *const f32,
         slot_to_sorted: inv_ptr as *const i32,
         k_max: k_max as i32,
+        h_dense: 0,
         seg_offsets: std::ptr::null(),
         adapter_ids: std::ptr::null(),
         num_segments: 0,
@@ -308,6 +309,7 @@ pub fn expand_segments<T: CudaElement>(
         weights: std::ptr::null(),
         slot_to_sorted: std::ptr::null(),
         k_max: 0,
+        h_dense: 0,
         seg_offsets: off_ptr as *const i32,
         adapter_ids: ad_ptr as *const i32,
         num_segments: segs.num_segments as i32,
@@ -375,4 +377,152 @@ pub fn mix_experts<T: CudaElement>(
         check_launch(OP, code)?;
     }
     Ok(())
+}
+
+/// Largest `E·r` the dense-gated path takes: every expert's shrink is computed for every token.
+pub const DENSE_GATED_MAX_COLUMNS: usize = 512;
+
+/// Which LoRA forward path suits a shape: [`LoraPath::DenseGated`] (all experts' shrink as one pass
+/// over `x`, no dispatch, two launches) when `E·r <= 256`, else [`LoraPath::Segmented`] (dispatch,
+/// then shrink / expand over expert segments, five launches). The threshold is a starting point to
+/// be tuned by measurement; both paths give the same result and are reachable explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraPath {
+    DenseGated,
+    Segmented,
+}
+
+impl LoraPath {
+    pub fn for_shape(shape: &LoraShape) -> Self {
+        if shape.num_experts * shape.rank <= 256 {
+            LoraPath::DenseGated
+        } else {
+            LoraPath::Segmented
+        }
+    }
+}
+
+/// Workspace of the dense-gated path for `T` tokens: every expert's shrink `[T, E·r]` (f32) and the
+/// one-run offsets `[0, T]`. Allocate once per shape; [`lora_dense_gated`] allocates nothing.
+#[derive(Debug)]
+pub struct DenseGatedWorkspace {
+    num_tokens: usize,
+    columns: usize,
+    h: CudaSlice<f32>,
+    offsets: CudaSlice<i32>,
+}
+
+impl DenseGatedWorkspace {
+    pub fn new(dev: &Device, num_tokens: usize, shape: &LoraShape) -> Result<Self> {
+        let columns = shape.num_experts * shape.rank;
+        if columns > DENSE_GATED_MAX_COLUMNS {
+            return Err(Error::Unsupported {
+                op: "lora_dense_gated",
+                what: format!(
+                    "E·r = {columns} (the dense-gated path takes up to {DENSE_GATED_MAX_COLUMNS}; use the segmented path)"
+                ),
+            });
+        }
+        fits_i32("T * E * r", num_tokens * columns)?;
+        Ok(DenseGatedWorkspace {
+            num_tokens,
+            columns,
+            h: dev.zeros(num_tokens * columns + 1)?,
+            offsets: dev.upload(&[0, num_tokens as i32])?,
+        })
+    }
+}
+
+/// The dense-gated LoRA forward, without dispatch: `H = x·A_allᵀ` with `A_all` the `[E·r, d_in]`
+/// view of the stacked `A` (one shrink over all experts), then the fused expand reading each active
+/// slot's columns of `H`: `y[t, o] = round(y[t, o] + scale·Σ_s w_ts·Σ_j H[t, e_ts·r + j]·B[e_ts, o, j])`.
+/// The same result as [`shrink_experts`] + [`expand_experts`] with the same routing; two launches.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_dense_gated<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    a: &impl DevicePtr<T>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    ids: &impl DevicePtr<i32>,
+    weights: &impl DevicePtr<f32>,
+    k_max: usize,
+    scale: f32,
+    ws: &mut DenseGatedWorkspace,
+    y: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    const OP: &str = "lora_dense_gated";
+    check_scale(scale)?;
+    let t = ws.num_tokens;
+    check_len(
+        "workspace columns (E * r)",
+        shape.num_experts * shape.rank,
+        ws.columns,
+    )?;
+    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
+    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
+    check_len("routing ids [T, k_max]", t * k_max, ids.len())?;
+    check_len("routing weights [T, k_max]", t * k_max, weights.len())?;
+    check_len("y [T, d_out]", t * shape.d_out, y.len())?;
+    fits_i32("T * d_out", t * shape.d_out)?;
+    if k_max == 0 {
+        return Err(Error::InvalidDim {
+            what: "k_max",
+            value: 0,
+            reason: "a routing needs at least one slot per token",
+        });
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (a_ptr, _g1) = a.device_ptr(stream);
+    let (b_ptr, _g2) = b.device_ptr(stream);
+    let (ids_ptr, _g3) = ids.device_ptr(stream);
+    let (w_ptr, _g4) = weights.device_ptr(stream);
+    let (y_ptr, _g5) = y.device_ptr_mut(stream);
+    let (h_ptr, _g6) = ws.h.device_ptr_mut(stream);
+    let (off_ptr, _g7) = ws.offsets.device_ptr(stream);
+    let shrink = ffi::molora_lora_shrink_args {
+        x: x_ptr as *const _,
+        a: a_ptr as *const _,
+        h: h_ptr as *mut f32,
+        run_offsets: off_ptr as *const i32,
+        run_weight: std::ptr::null(),
+        row_src: std::ptr::null(),
+        src_div: 1,
+        max_rows: t as i32,
+        num_runs: 1,
+        num_weights: 1,
+        rank: ws.columns as i32,
+        d_in: shape.d_in as i32,
+    };
+    // SAFETY: x holds T·d_in and A E·r·d_in elements, read as one [E·r, d_in] weight; the workspace
+    // holds T·E·r (+1) floats of h and the offsets [0, T], allocated for this T and E·r.
+    let code = unsafe { T::SHRINK(&shrink, dev.raw_stream()) };
+    check_launch(OP, code)?;
+    let expand = ffi::molora_lora_expand_args {
+        h: h_ptr as *const f32,
+        b: b_ptr as *const _,
+        y: y_ptr as *mut _,
+        ids: ids_ptr as *const i32,
+        weights: w_ptr as *const f32,
+        slot_to_sorted: std::ptr::null(),
+        k_max: k_max as i32,
+        h_dense: 1,
+        seg_offsets: std::ptr::null(),
+        adapter_ids: std::ptr::null(),
+        num_segments: 0,
+        scale,
+        num_tokens: t as i32,
+        num_weights: shape.num_experts as i32,
+        rank: shape.rank as i32,
+        d_out: shape.d_out as i32,
+    };
+    // SAFETY: h is [T, E·r] as written above; ids/weights hold T·k_max, B E·d_out·r and y T·d_out
+    // elements (checked); the kernel skips ids outside [0, E).
+    let code = unsafe { T::EXPAND(&expand, dev.raw_stream()) };
+    check_launch(OP, code)
 }

@@ -34,8 +34,9 @@ pub use gating::{
 };
 #[cfg(feature = "cuda")]
 pub use lora::{
-    expand_experts, expand_segments, mix_experts, shrink_experts, shrink_segments, CudaElement,
-    DeviceSegments,
+    expand_experts, expand_segments, lora_dense_gated, mix_experts, shrink_experts,
+    shrink_segments, CudaElement, DenseGatedWorkspace, DeviceSegments, LoraPath,
+    DENSE_GATED_MAX_COLUMNS,
 };
 #[cfg(feature = "cuda")]
 pub use quant::{quant_matmul, quantize_int8, quantize_nf4, DeviceQuantWeight};
