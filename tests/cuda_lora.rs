@@ -367,3 +367,67 @@ mod gpu {
         ));
     }
 }
+
+/// The GPU LoRA backward against the CPU backward (in f32 on the same inputs).
+#[cfg(feature = "cuda")]
+mod gpu_backward {
+    use half::bf16;
+    use molora::cpu::{self, backward};
+    use molora::cuda::{
+        dispatch, lora_backward_experts, shrink_experts, DeviceLoraGrads, DevicePlan,
+    };
+    use molora::testing::{compare, gpu_or_skip, Tolerance};
+    use molora::{DType, LoraShape, Routing};
+    use proptest::prelude::*;
+
+    fn vals(n: usize, seed: u64) -> Vec<bf16> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                bf16::from_f32((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn lora_backward_matches_cpu(t in 1usize..150, k in 1usize..=3, e in 1usize..=16,
+                                     r in prop_oneof![1usize..=8, Just(16), Just(64)],
+                                     d_in in 1usize..=70, d_out in 1usize..=70, seed in any::<u64>()) {
+            let Some(dev) = gpu_or_skip("lora_backward_matches_cpu") else { return Ok(()) };
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            let x = vals(t * d_in, seed);
+            let a = vals(shape.a_len(), seed ^ 1);
+            let b = vals(shape.b_len(), seed ^ 2);
+            let dy = vals(t * d_out, seed ^ 3);
+            let ids: Vec<i32> = (0..t * k).map(|i| if i % 5 == 3 { -1 } else { ((i * 7 + seed as usize) % e) as i32 }).collect();
+            let w: Vec<f32> = (0..t * k).map(|i| 0.25 + (i % 3) as f32 * 0.25).collect();
+            let routing = Routing::new(t, k, e, ids.clone(), w.clone()).unwrap();
+            let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            let want = backward::lora_backward(&f(&x), &f(&a), &f(&b), &shape, &ids, &w, k, 1.5f32, &f(&dy)).unwrap();
+
+            let (dx_, da, db, ddy) = (dev.upload(&x).unwrap(), dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&dy).unwrap());
+            let dids = dev.upload(routing.ids()).unwrap();
+            let dw = dev.upload(routing.weights()).unwrap();
+            let mut plan = DevicePlan::new(&dev, t, k, e).unwrap();
+            let mut h = dev.zeros::<f32>(t * k * r).unwrap();
+            dispatch(&dev, &dids, &mut plan).unwrap();
+            shrink_experts(&dev, &dx_, &da, &shape, &plan, &mut h).unwrap();
+            let mut grads = DeviceLoraGrads::new(&dev, t, k, &shape).unwrap();
+            lora_backward_experts(&dev, &dx_, &da, &db, &shape, &plan, &dids, &dw, &h, &ddy, 1.5, &mut grads).unwrap();
+            let got = grads.to_host(&dev).unwrap();
+            let tol = Tolerance::for_dtype(DType::F32).scaled((t.max(d_in).max(d_out) as f32).sqrt() * 4.0);
+            for (what, g, w) in [("dA", &got.da, &want.da), ("dB", &got.db, &want.db), ("dx", &got.dx, &want.dx), ("dw", &got.dw, &want.dw)] {
+                if let Err(m) = compare(what, g, w, tol) {
+                    prop_assert!(false, "{}", m);
+                }
+            }
+            // The CPU forward plan agrees (sanity of the inputs).
+            prop_assert_eq!(plan.to_host(&dev).unwrap(), cpu::dispatch(&routing).unwrap());
+        }
+    }
+}

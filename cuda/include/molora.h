@@ -319,6 +319,49 @@ int molora_quant_matmul_f32(const molora_quant_matmul_args *args, molora_stream_
 int molora_quant_matmul_f16(const molora_quant_matmul_args *args, molora_stream_t stream);
 int molora_quant_matmul_bf16(const molora_quant_matmul_args *args, molora_stream_t stream);
 
+/*
+ * Backward of the grouped LoRA part over expert segments (the plan of the forward), deterministic (no
+ * float atomics: every output element is summed by one thread in a fixed order). With h the forward's
+ * sorted shrink [P, rank] f32, for each sorted pair p of token t, slot s, expert e, weight w:
+ *
+ *   u[p, j]  = Σ_o dy[t, o]·B[e, o, j]                       (workspace u [T·k_max, rank] f32)
+ *   dw[t,s]  = scale·Σ_j h[p, j]·u[p, j]                      (f32 [T, k_max]; 0 for empty slots)
+ *   dB[e,o,j] = scale·Σ_{p in e} w·dy[t, o]·h[p, j]           (pairs in sorted order)
+ *   dA[e,j,i] = scale·Σ_{p in e} w·u[p, j]·x[t, i]
+ *   dx[t, i] = scale·Σ_{s active} w·Σ_j u[p, j]·A[e, j, i]     (slots in order)
+ *
+ * Gradients are f32: dA [E, rank, d_in], dB [E, d_out, rank], dx [T, d_in], dw [T, k_max]. x, A, B
+ * and dy are of the launcher's element type.
+ */
+typedef struct molora_lora_backward_args {
+    const void *x;
+    const void *a;
+    const void *b;
+    const void *dy;
+    const float *h;
+    const int32_t *ids;
+    const float *weights;
+    const int32_t *expert_offsets;
+    const int32_t *sorted_slots;
+    const int32_t *slot_to_sorted;
+    float *u;
+    float *da;
+    float *db;
+    float *dx;
+    float *dw;
+    float scale;
+    int32_t num_tokens;
+    int32_t k_max;
+    int32_t num_experts;
+    int32_t rank;
+    int32_t d_in;
+    int32_t d_out;
+} molora_lora_backward_args;
+
+int molora_lora_backward_f32(const molora_lora_backward_args *args, molora_stream_t stream);
+int molora_lora_backward_f16(const molora_lora_backward_args *args, molora_stream_t stream);
+int molora_lora_backward_bf16(const molora_lora_backward_args *args, molora_stream_t stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

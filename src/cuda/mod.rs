@@ -9,6 +9,8 @@
 //! `cfg` of their own.
 
 #[cfg(feature = "cuda")]
+mod backward;
+#[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
 mod dispatch;
@@ -21,6 +23,8 @@ mod lora;
 #[cfg(feature = "cuda")]
 mod quant;
 
+#[cfg(feature = "cuda")]
+pub use backward::{lora_backward_experts, DeviceLoraGrads};
 /// The cudarc version molora's CUDA ops take buffers of.
 #[cfg(feature = "cuda")]
 pub use cudarc;

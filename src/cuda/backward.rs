@@ -1,0 +1,183 @@
+//! Backward of the grouped LoRA part on the GPU (`cuda/backward.cu`), deterministic: the GPU
+//! counterpart of [`crate::cpu::backward::lora_backward`] over the forward's dispatch plan.
+
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+
+use super::device::{check_launch, Device};
+use super::dispatch::DevicePlan;
+use super::ffi;
+use super::lora::CudaElement;
+use crate::cpu::backward::LoraGrads;
+use crate::cpu::dispatch::check_scale;
+use crate::error::check_len;
+use crate::{Error, LoraShape, Result};
+
+/// Device buffers of the LoRA gradients (f32) for `T` tokens, `k_max` slots and a [`LoraShape`],
+/// plus the `u = dy·B` workspace `[T·k_max, r]`. Allocate once per shape and reuse.
+#[derive(Debug)]
+pub struct DeviceLoraGrads {
+    num_tokens: usize,
+    k_max: usize,
+    shape: LoraShape,
+    // Each buffer holds one element more than it needs: the driver cannot allocate zero bytes.
+    da: CudaSlice<f32>,
+    db: CudaSlice<f32>,
+    dx: CudaSlice<f32>,
+    dw: CudaSlice<f32>,
+    u: CudaSlice<f32>,
+}
+
+impl DeviceLoraGrads {
+    pub fn new(dev: &Device, num_tokens: usize, k_max: usize, shape: &LoraShape) -> Result<Self> {
+        let slots = num_tokens
+            .checked_mul(k_max)
+            .filter(|&n| n <= i32::MAX as usize)
+            .ok_or(Error::InvalidDim {
+                what: "num_tokens * k_max",
+                value: num_tokens.saturating_mul(k_max),
+                reason: "must fit in an i32",
+            })?;
+        Ok(DeviceLoraGrads {
+            num_tokens,
+            k_max,
+            shape: *shape,
+            da: dev.zeros(shape.a_len() + 1)?,
+            db: dev.zeros(shape.b_len() + 1)?,
+            dx: dev.zeros(num_tokens * shape.d_in + 1)?,
+            dw: dev.zeros(slots + 1)?,
+            u: dev.zeros(slots * shape.rank + 1)?,
+        })
+    }
+
+    /// `dA` `[E, r, d_in]` on the device.
+    pub fn da(&self) -> CudaView<'_, f32> {
+        self.da.slice(0..self.shape.a_len())
+    }
+    /// `dB` `[E, d_out, r]` on the device.
+    pub fn db(&self) -> CudaView<'_, f32> {
+        self.db.slice(0..self.shape.b_len())
+    }
+    /// `dx` through the experts `[T, d_in]` on the device.
+    pub fn dx(&self) -> CudaView<'_, f32> {
+        self.dx.slice(0..self.num_tokens * self.shape.d_in)
+    }
+    /// `dw` `[T, k_max]` on the device.
+    pub fn dw(&self) -> CudaView<'_, f32> {
+        self.dw.slice(0..self.num_tokens * self.k_max)
+    }
+
+    /// Copies the gradients to the host (waits for the stream).
+    pub fn to_host(&self, dev: &Device) -> Result<LoraGrads<f32>> {
+        let take = |s: &CudaSlice<f32>, n: usize| -> Result<Vec<f32>> {
+            let mut v = dev.download(s)?;
+            v.truncate(n);
+            Ok(v)
+        };
+        Ok(LoraGrads {
+            da: take(&self.da, self.shape.a_len())?,
+            db: take(&self.db, self.shape.b_len())?,
+            dx: take(&self.dx, self.num_tokens * self.shape.d_in)?,
+            dw: take(&self.dw, self.num_tokens * self.k_max)?,
+        })
+    }
+}
+
+/// Gradients of the LoRA part given `dy` `[T, d_out]`, with the forward's plan and its sorted
+/// shrink `h` `[T·k_max, r]` (from [`super::shrink_experts`]): `dA`, `dB` (per-expert reductions over
+/// the expert's pairs in sorted order), `dx` through the experts and `dw`, into `grads`. Formulas
+/// as in [`crate::cpu::backward::lora_backward`]; deterministic, asynchronous.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_experts<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    a: &impl DevicePtr<T>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    plan: &DevicePlan,
+    ids: &impl DevicePtr<i32>,
+    weights: &impl DevicePtr<f32>,
+    h: &impl DevicePtr<f32>,
+    dy: &impl DevicePtr<T>,
+    scale: f32,
+    grads: &mut DeviceLoraGrads,
+) -> Result<()> {
+    const OP: &str = "lora_backward_experts";
+    check_scale(scale)?;
+    let (t, k) = (plan.num_tokens(), plan.k_max());
+    check_len(
+        "experts of the plan vs shape.num_experts",
+        shape.num_experts,
+        plan.num_experts(),
+    )?;
+    check_len("gradient buffers: tokens", t, grads.num_tokens)?;
+    check_len("gradient buffers: k_max", k, grads.k_max)?;
+    if grads.shape != *shape {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!(
+                "gradient buffers made for {:?}, called with {shape:?}",
+                grads.shape
+            ),
+        });
+    }
+    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
+    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
+    check_len("routing ids [T, k_max]", t * k, ids.len())?;
+    check_len("routing weights [T, k_max]", t * k, weights.len())?;
+    check_len("h [T * k_max, r]", t * k * shape.rank, h.len())?;
+    check_len("dy [T, d_out]", t * shape.d_out, dy.len())?;
+    if t > 65535 || shape.num_experts > 65535 {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!(
+                "{t} tokens / {} experts (the backward grid takes up to 65535 each)",
+                shape.num_experts
+            ),
+        });
+    }
+    let stream = dev.stream();
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (a_ptr, _g1) = a.device_ptr(stream);
+    let (b_ptr, _g2) = b.device_ptr(stream);
+    let (dy_ptr, _g3) = dy.device_ptr(stream);
+    let (h_ptr, _g4) = h.device_ptr(stream);
+    let (ids_ptr, _g5) = ids.device_ptr(stream);
+    let (w_ptr, _g6) = weights.device_ptr(stream);
+    let (off_ptr, sorted_ptr, _g7) = plan.offsets_and_sorted(stream);
+    let (inv_ptr, _g8) = plan.inverse(stream);
+    let (u_ptr, _g9) = grads.u.device_ptr_mut(stream);
+    let (da_ptr, _g10) = grads.da.device_ptr_mut(stream);
+    let (db_ptr, _g11) = grads.db.device_ptr_mut(stream);
+    let (dx_ptr, _g12) = grads.dx.device_ptr_mut(stream);
+    let (dw_ptr, _g13) = grads.dw.device_ptr_mut(stream);
+    let args = ffi::molora_lora_backward_args {
+        x: x_ptr as *const _,
+        a: a_ptr as *const _,
+        b: b_ptr as *const _,
+        dy: dy_ptr as *const _,
+        h: h_ptr as *const f32,
+        ids: ids_ptr as *const i32,
+        weights: w_ptr as *const f32,
+        expert_offsets: off_ptr as *const i32,
+        sorted_slots: sorted_ptr as *const i32,
+        slot_to_sorted: inv_ptr as *const i32,
+        u: u_ptr as *mut f32,
+        da: da_ptr as *mut f32,
+        db: db_ptr as *mut f32,
+        dx: dx_ptr as *mut f32,
+        dw: dw_ptr as *mut f32,
+        scale,
+        num_tokens: t as i32,
+        k_max: k as i32,
+        num_experts: shape.num_experts as i32,
+        rank: shape.rank as i32,
+        d_in: shape.d_in as i32,
+        d_out: shape.d_out as i32,
+    };
+    // SAFETY: every input has the length checked above; the plan was built for this T, k_max and E
+    // (its sorted slots index the routing, its positions index h and u); the gradient buffers were
+    // allocated for this T, k_max and shape. Grid dimensions were checked against 65535.
+    let code = unsafe { T::LORA_BACKWARD(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
