@@ -8,22 +8,13 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use molora::cpu::{self, Activation, DenseBase, Experts, Gate, ThresholdSpec};
+use molora::testing::Rng;
 use molora::{AdapterSegments, Element, LoraShape, Segments, SeqRouting};
 use std::hint::black_box;
 
-/// Deterministic pseudo-random values in [-1, 1) (SplitMix64), so every run benches the same data.
+/// Deterministic pseudo-random values in [-1, 1), so every run benches the same data.
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    Rng::new(seed).values(n, 1.0)
 }
 
 fn typed<T: Element>(v: &[f32]) -> Vec<T> {

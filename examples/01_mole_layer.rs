@@ -8,21 +8,12 @@ use molora::cpu::{
     self, Activation, BaseWeight, DenseBase, Experts, Gate, HierarchicalCombine, RouterWeights,
     ThresholdSpec,
 };
+use molora::testing::Rng;
 use molora::{Element, LoraShape, Result, Routing, Segments, SeqRouting};
 
-/// Deterministic pseudo-random values in [-scale, scale) (SplitMix64).
+/// Deterministic pseudo-random values in [-scale, scale).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            scale * ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-        })
-        .collect()
+    Rng::new(seed).values(n, scale)
 }
 
 fn typed<T: Element>(v: &[f32]) -> Vec<T> {

@@ -22,6 +22,7 @@ use molora::cuda::{
     router_logits, shrink_experts, shrink_segments, CudaElement, DenseGatedWorkspace, Device,
     DeviceGate, DevicePlan, DeviceSegments, DENSE_GATED_MAX_COLUMNS,
 };
+use molora::testing::Rng;
 use molora::{AdapterSegments, Element, LoraShape, Segments};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -70,15 +71,7 @@ const CASES: &[(Shape, Mode)] = &[
 ];
 
 fn values<T: Element>(n: usize, seed: u64, scale: f32) -> Vec<T> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            T::from_f32(((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale)
-        })
-        .collect()
+    Rng::new(seed).values(n, scale)
 }
 
 /// Mean time of `f` in microseconds over `iters` runs after 3 warm-up runs, by CUDA events.

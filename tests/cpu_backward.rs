@@ -9,23 +9,11 @@ use molora::cpu::backward::{
     lora_forward, mix_backward, mix_combine_backward, product_combine_backward, router_backward,
     sigmoid_backward, softmax_backward, switch_balance_loss,
 };
+use molora::testing::Rng;
 use molora::LoraShape;
 use proptest::prelude::*;
 
 const EPS: f64 = 1e-6;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vals(&mut self, n: usize) -> Vec<f64> {
-        (0..n).map(|_| self.next() * 2.0 - 1.0).collect()
-    }
-}
 
 /// Central differences of `f` at `x`.
 fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f64]) -> Vec<f64> {
@@ -115,16 +103,16 @@ proptest! {
     /// dA, dB, dx and dw of the LoRA part, with empty slots and duplicate ids.
     #[test]
     fn lora_gradients(c in lora_case()) {
-        let mut rng = Rng(c.seed);
+        let mut rng = Rng::new(c.seed);
         let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).unwrap();
-        let x = rng.vals(c.t * c.d_in);
-        let a = rng.vals(shape.a_len());
-        let b = rng.vals(shape.b_len());
+        let x = rng.values_f64(c.t * c.d_in, 1.0);
+        let a = rng.values_f64(shape.a_len(), 1.0);
+        let b = rng.values_f64(shape.b_len(), 1.0);
         let ids: Vec<i32> = (0..c.t * c.k)
-            .map(|_| if rng.next() < 0.25 { -1 } else { (rng.next() * c.e as f64) as i32 % c.e as i32 })
+            .map(|_| if rng.uniform() < 0.25 { -1 } else { (rng.uniform() * c.e as f64) as i32 % c.e as i32 })
             .collect();
-        let w = rng.vals(c.t * c.k);
-        let dy = rng.vals(c.t * c.d_out);
+        let w = rng.values_f64(c.t * c.k, 1.0);
+        let dy = rng.values_f64(c.t * c.d_out, 1.0);
         let s = 1.5;
         let g = lora_backward(&x, &a, &b, &shape, &ids, &w, c.k, s, &dy).unwrap();
         let loss = |x: &[f64], a: &[f64], b: &[f64], w: &[f64]| {
@@ -145,9 +133,9 @@ proptest! {
     #[test]
     fn activation_and_router_gradients(t in 1usize..5, e in 1usize..7, d_in in 1usize..6,
                                        temp in 0.3f64..3.0, seed in any::<u64>()) {
-        let mut rng = Rng(seed | 1);
-        let z = rng.vals(t * e);
-        let dp = rng.vals(t * e);
+        let mut rng = Rng::new(seed);
+        let z = rng.values_f64(t * e, 1.0);
+        let dp = rng.values_f64(t * e, 1.0);
         let p = softmax(&z, e, temp);
         let dz = softmax_backward(&p, &dp, e, temp).unwrap();
         check("softmax dz", &dz, &fd(&|v| dot(&dp, &softmax(v, e, temp)), &z))?;
@@ -156,9 +144,9 @@ proptest! {
         let dzs = sigmoid_backward(&ps, &dp, temp).unwrap();
         check("sigmoid dz", &dzs, &fd(&|v| dot(&dp, &sig(v)), &z))?;
 
-        let x = rng.vals(t * d_in);
-        let wg = rng.vals(e * d_in);
-        let bg = rng.vals(e);
+        let x = rng.values_f64(t * d_in, 1.0);
+        let wg = rng.values_f64(e * d_in, 1.0);
+        let bg = rng.values_f64(e, 1.0);
         let logits = |x: &[f64], wg: &[f64], bg: &[f64]| -> Vec<f64> {
             (0..t * e)
                 .map(|i| {
@@ -178,16 +166,16 @@ proptest! {
     fn gate_gradients(t in 1usize..5, e in 2usize..8, k in 1usize..8, seed in any::<u64>(),
                       theta in -2.0f64..2.0) {
         let k = k.min(e);
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         // Well-separated probabilities: distinct multiples of 1/(4E), shuffled, plus jitter < 1e-3.
         let mut p = Vec::with_capacity(t * e);
         for _ in 0..t {
             let mut levels: Vec<f64> = (1..=e).map(|v| v as f64 / (4.0 * e as f64)).collect();
             for i in (1..levels.len()).rev() {
-                let j = (rng.next() * (i + 1) as f64) as usize % (i + 1);
+                let j = (rng.uniform() * (i + 1) as f64) as usize % (i + 1);
                 levels.swap(i, j);
             }
-            p.extend(levels.iter().map(|v| v + rng.next() * 1e-3));
+            p.extend(levels.iter().map(|v| v + rng.uniform() * 1e-3));
         }
         let top = |row: &[f64], k: usize| -> Vec<usize> {
             let mut idx: Vec<usize> = (0..row.len()).collect();
@@ -198,7 +186,7 @@ proptest! {
         // The selection is fixed at p; the weights are differentiated as functions of p (and τ).
         let sel: Vec<Vec<usize>> = p.chunks(e).map(|row| top(row, k)).collect();
         let ids: Vec<i32> = sel.iter().flat_map(|s| s.iter().map(|&v| v as i32)).collect();
-        let dw = rng.vals(t * k);
+        let dw = rng.values_f64(t * k, 1.0);
         for renorm in [true, false] {
             let weights = |p: &[f64]| -> Vec<f64> {
                 let mut w = vec![];
@@ -232,7 +220,7 @@ proptest! {
                 tids[tok * e + slot] = i as i32;
             }
         }
-        let dwt = rng.vals(t * e);
+        let dwt = rng.values_f64(t * e, 1.0);
         let tw = |p: &[f64], tau: f64| -> Vec<f64> {
             let mut w = vec![0.0; t * e];
             for (tok, s) in kept.iter().enumerate() {
@@ -258,10 +246,10 @@ proptest! {
     #[test]
     fn combine_mixing_and_balance_gradients(t in 1usize..5, e in 1usize..6, r in 1usize..4,
                                             d in 1usize..5, seed in any::<u64>()) {
-        let mut rng = Rng(seed | 1);
-        let l: Vec<f64> = (0..t * e).map(|_| 0.05 + rng.next()).collect();
-        let g: Vec<f64> = (0..t * e).map(|_| 0.05 + rng.next()).collect();
-        let dp = rng.vals(t * e);
+        let mut rng = Rng::new(seed);
+        let l: Vec<f64> = (0..t * e).map(|_| 0.05 + rng.uniform()).collect();
+        let g: Vec<f64> = (0..t * e).map(|_| 0.05 + rng.uniform()).collect();
+        let dp = rng.values_f64(t * e, 1.0);
         let lambda = 0.3;
         let mix = |l: &[f64], lam: f64| -> Vec<f64> {
             g.iter().zip(l).map(|(&ge, &le)| lam * ge + (1.0 - lam) * le).collect()
@@ -283,11 +271,11 @@ proptest! {
         // SAML: y = s·(x·Āᵀ)·B̄ᵀ with Ā = Σ p_e A_e, B̄ = Σ p_e B_e, one sequence.
         let shape = LoraShape::new(e, r, d, d + 1).unwrap();
         let one = LoraShape::new(1, r, d, d + 1).unwrap();
-        let x = rng.vals(t * d);
-        let a = rng.vals(shape.a_len());
-        let b = rng.vals(shape.b_len());
-        let p: Vec<f64> = (0..e).map(|_| rng.next()).collect();
-        let dy = rng.vals(t * (d + 1));
+        let x = rng.values_f64(t * d, 1.0);
+        let a = rng.values_f64(shape.a_len(), 1.0);
+        let b = rng.values_f64(shape.b_len(), 1.0);
+        let p: Vec<f64> = (0..e).map(|_| rng.uniform()).collect();
+        let dy = rng.values_f64(t * (d + 1), 1.0);
         let mixed = |a: &[f64], b: &[f64], p: &[f64]| -> (Vec<f64>, Vec<f64>) {
             let pa = r * d;
             let pb = (d + 1) * r;
@@ -323,11 +311,11 @@ proptest! {
     #[test]
     fn input_threshold_and_base_gradients(t in 1usize..5, d_in in 1usize..7, d_out in 1usize..5,
                                           e in 1usize..9, seed in any::<u64>()) {
-        let mut rng = Rng(seed | 1);
-        let x = rng.vals(t * d_in);
-        let w = rng.vals(d_in);
-        let b = rng.next() - 0.5;
-        let dtau = rng.vals(t);
+        let mut rng = Rng::new(seed);
+        let x = rng.values_f64(t * d_in, 1.0);
+        let w = rng.values_f64(d_in, 1.0);
+        let b = rng.uniform() - 0.5;
+        let dtau = rng.values_f64(t, 1.0);
         let taus = |x: &[f64], w: &[f64], b: f64| -> Vec<f64> {
             (0..t)
                 .map(|tok| {
@@ -341,8 +329,8 @@ proptest! {
         check("τ(x) db", &[db], &fd(&|v| dot(&dtau, &taus(&x, &w, v[0])), &[b]))?;
         check("τ(x) dx", &dx, &fd(&|v| dot(&dtau, &taus(v, &w, b)), &x))?;
 
-        let w0 = rng.vals(d_out * d_in);
-        let dy = rng.vals(t * d_out);
+        let w0 = rng.values_f64(d_out * d_in, 1.0);
+        let dy = rng.values_f64(t * d_out, 1.0);
         let base = |x: &[f64]| -> Vec<f64> {
             (0..t * d_out)
                 .map(|k| dot(&x[(k / d_out) * d_in..(k / d_out + 1) * d_in], &w0[(k % d_out) * d_in..(k % d_out + 1) * d_in]))

@@ -5,25 +5,8 @@
 //! (checked on a domain × expert table of mean routing weights).
 
 use molora::cpu::backward::{lora_backward, lora_forward, router_backward, softmax_backward};
+use molora::testing::Rng;
 use molora::LoraShape;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        // Box-Muller.
-        let (u, v) = (self.next().max(1e-12), self.next());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-    fn vals(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n).map(|_| self.normal() * scale).collect()
-    }
-}
 
 struct Adam {
     m: Vec<f64>,
@@ -67,14 +50,14 @@ fn each_domain_learns_its_own_expert() {
     let (domains, per, d_in, d_out, r) = (3usize, 48usize, 8usize, 6usize, 2usize);
     let e = domains;
     let t = domains * per;
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut rng = Rng::new(0x5eed_1234_abcd_0001);
 
     // Data: domain d's inputs cluster around its own mean; its target adds a rank-2 map Δ_d.
-    let means: Vec<Vec<f64>> = (0..domains).map(|_| rng.vals(d_in, 1.5)).collect();
+    let means: Vec<Vec<f64>> = (0..domains).map(|_| rng.normals(d_in, 1.5)).collect();
     let deltas: Vec<Vec<f64>> = (0..domains)
         .map(|_| {
-            let u = rng.vals(d_out * r, 0.8);
-            let v = rng.vals(r * d_in, 0.8);
+            let u = rng.normals(d_out * r, 0.8);
+            let v = rng.normals(r * d_in, 0.8);
             (0..d_out * d_in)
                 .map(|k| {
                     (0..r)
@@ -105,9 +88,9 @@ fn each_domain_learns_its_own_expert() {
 
     // Model: LoRA init (A random, B = 0), router random and small.
     let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
-    let mut a = rng.vals(shape.a_len(), 0.3);
+    let mut a = rng.normals(shape.a_len(), 0.3);
     let mut b = vec![0.0; shape.b_len()];
-    let mut wg = rng.vals(e * d_in, 0.01);
+    let mut wg = rng.normals(e * d_in, 0.01);
     let (mut oa, mut ob, mut og) = (Adam::new(a.len()), Adam::new(b.len()), Adam::new(wg.len()));
     let ids: Vec<i32> = (0..t).flat_map(|_| 0..e as i32).collect();
     let scale = 1.0;

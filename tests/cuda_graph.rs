@@ -12,19 +12,11 @@ mod gpu {
         dispatch, expand_experts, gating, router_logits, shrink_experts, Device, DeviceGate,
         DevicePlan,
     };
-    use molora::testing::{compare, gpu_or_skip, Tolerance};
+    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
     use molora::{DType, LoraShape};
 
     fn vals(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                bf16::from_f32(((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale)
-            })
-            .collect()
+        Rng::new(seed).values(n, scale)
     }
 
     #[test]

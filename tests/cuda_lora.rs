@@ -11,24 +11,9 @@ mod gpu {
         shrink_segments, CudaElement, DenseGatedWorkspace, Device, DevicePlan, DeviceSegments,
         DENSE_GATED_MAX_COLUMNS,
     };
-    use molora::testing::{compare, gpu_or_skip, Tolerance};
+    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
     use molora::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
     use proptest::prelude::*;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> f64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn vals<T: Element>(&mut self, n: usize, scale: f32) -> Vec<T> {
-            (0..n)
-                .map(|_| T::from_f32((self.next() as f32 * 2.0 - 1.0) * scale))
-                .collect()
-        }
-    }
 
     /// Uploads with one element of padding (the driver cannot allocate zero bytes).
     fn up<T: DeviceRepr + Default + Clone>(dev: &Device, v: &[T]) -> CudaSlice<T> {
@@ -90,17 +75,17 @@ mod gpu {
         let mut ids = Vec::with_capacity(n);
         let mut w = Vec::with_capacity(n);
         for _ in 0..n {
-            if rng.next() < c.empty {
+            if rng.uniform() < c.empty {
                 ids.push(-1);
                 w.push(f32::NAN); // an empty slot's weight must not matter
             } else {
-                let e = if rng.next() < c.skew {
+                let e = if rng.uniform() < c.skew {
                     0
                 } else {
-                    (rng.next() * c.e as f64) as i32 % c.e as i32
+                    (rng.uniform() * c.e as f64) as i32 % c.e as i32
                 };
                 ids.push(e);
-                w.push(rng.next() as f32);
+                w.push(rng.uniform() as f32);
             }
         }
         Routing::new(c.t, c.k_max, c.e, ids, w).expect("valid routing")
@@ -109,12 +94,12 @@ mod gpu {
     /// The expert-segment shrink + expand on the GPU equals the CPU's, and equals it bit for bit on
     /// the rows of tokens whose slots are all empty.
     fn experts_case<T: CudaElement>(dev: &Device, c: &Case) -> Result<(), String> {
-        let mut rng = Rng(c.seed | 1);
+        let mut rng = Rng::new(c.seed);
         let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).map_err(|e| e.to_string())?;
-        let x: Vec<T> = rng.vals(c.t * c.d_in, 1.0);
-        let a: Vec<T> = rng.vals(shape.a_len(), 0.3);
-        let b: Vec<T> = rng.vals(shape.b_len(), 0.3);
-        let y0: Vec<T> = rng.vals(c.t * c.d_out, 1.0);
+        let x: Vec<T> = rng.values(c.t * c.d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.3);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.3);
+        let y0: Vec<T> = rng.values(c.t * c.d_out, 1.0);
         let r = routing(c, &mut rng);
         let scale = 1.7f32;
 
@@ -199,13 +184,13 @@ mod gpu {
 
     /// SGMV shrink/expand and weight-space mixing against the CPU.
     fn segments_case<T: CudaElement>(dev: &Device, c: &Case) -> Result<(), String> {
-        let mut rng = Rng(c.seed ^ 0x5eed);
+        let mut rng = Rng::new(c.seed ^ 0x5eed);
         let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).map_err(|e| e.to_string())?;
         // Up to 5 sequences, some empty, one with no adapter.
         let mut lens = vec![];
         let mut left = c.t;
         while left > 0 && lens.len() < 4 {
-            let l = ((rng.next() * (left + 1) as f64) as usize).min(left);
+            let l = ((rng.uniform() * (left + 1) as f64) as usize).min(left);
             lens.push(l);
             left -= l;
         }
@@ -216,16 +201,16 @@ mod gpu {
                 if i == 1 {
                     -1
                 } else {
-                    (rng.next() * c.e as f64) as i32 % c.e as i32
+                    (rng.uniform() * c.e as f64) as i32 % c.e as i32
                 }
             })
             .collect();
         let asegs =
             AdapterSegments::new(segs.clone(), c.e, adapter_ids).map_err(|e| e.to_string())?;
-        let x: Vec<T> = rng.vals(c.t * c.d_in, 1.0);
-        let a: Vec<T> = rng.vals(shape.a_len(), 0.3);
-        let b: Vec<T> = rng.vals(shape.b_len(), 0.3);
-        let y0: Vec<T> = rng.vals(c.t * c.d_out, 1.0);
+        let x: Vec<T> = rng.values(c.t * c.d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.3);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.3);
+        let y0: Vec<T> = rng.values(c.t * c.d_out, 1.0);
         let h_want = cpu::shrink_segments(&x, &a, &shape, &asegs).map_err(|e| e.to_string())?;
         let mut y_want = y0.clone();
         cpu::expand_segments(&h_want, &b, &shape, &asegs, 0.5, &mut y_want)
@@ -266,7 +251,7 @@ mod gpu {
 
         // Weight-space mixing with these sequences.
         let s = lens.len();
-        let probs: Vec<f32> = (0..s * c.e).map(|_| rng.next() as f32).collect();
+        let probs: Vec<f32> = (0..s * c.e).map(|_| rng.uniform() as f32).collect();
         let seq = SeqRouting::new(segs, c.e, probs.clone()).map_err(|e| e.to_string())?;
         let (am_want, bm_want) =
             cpu::mix_experts(&a, &b, &shape, &seq).map_err(|e| e.to_string())?;
@@ -376,21 +361,9 @@ mod gpu_backward {
     use molora::cuda::{
         dispatch, lora_backward_experts, shrink_experts, DeviceLoraGrads, DevicePlan,
     };
-    use molora::testing::{compare, gpu_or_skip, Tolerance};
+    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
     use molora::{DType, LoraShape, Routing};
     use proptest::prelude::*;
-
-    fn vals(n: usize, seed: u64) -> Vec<bf16> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                bf16::from_f32((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-            })
-            .collect()
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
@@ -400,10 +373,11 @@ mod gpu_backward {
                                      d_in in 1usize..=70, d_out in 1usize..=70, seed in any::<u64>()) {
             let Some(dev) = gpu_or_skip("lora_backward_matches_cpu") else { return Ok(()) };
             let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
-            let x = vals(t * d_in, seed);
-            let a = vals(shape.a_len(), seed ^ 1);
-            let b = vals(shape.b_len(), seed ^ 2);
-            let dy = vals(t * d_out, seed ^ 3);
+            let mut rng = Rng::new(seed);
+            let x: Vec<bf16> = rng.values(t * d_in, 1.0);
+            let a: Vec<bf16> = rng.values(shape.a_len(), 1.0);
+            let b: Vec<bf16> = rng.values(shape.b_len(), 1.0);
+            let dy: Vec<bf16> = rng.values(t * d_out, 1.0);
             let ids: Vec<i32> = (0..t * k).map(|i| if i % 5 == 3 { -1 } else { ((i * 7 + seed as usize) % e) as i32 }).collect();
             let w: Vec<f32> = (0..t * k).map(|i| 0.25 + (i % 3) as f32 * 0.25).collect();
             let routing = Routing::new(t, k, e, ids.clone(), w.clone()).unwrap();

@@ -5,26 +5,18 @@
 mod gpu {
     use molora::cpu;
     use molora::cuda::{quant_matmul, quantize_int8, quantize_nf4, CudaElement, DeviceQuantWeight};
-    use molora::testing::{compare, gpu_or_skip, Tolerance};
+    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
     use molora::{DType, Element, Error};
     use proptest::prelude::*;
 
+    /// Values in [-1, 1) with every 37th zero, so some blocks / rows are all zero at small sizes.
     fn vals<T: Element>(n: usize, seed: u64) -> Vec<T> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|i| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                // Every 37th value is zero, so some blocks / rows can be all zero at small sizes.
-                let v = if i % 37 == 5 {
-                    0.0
-                } else {
-                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                };
-                T::from_f32(v)
-            })
-            .collect()
+        let mut v: Vec<T> = Rng::new(seed).values(n, 1.0);
+        v.iter_mut()
+            .skip(5)
+            .step_by(37)
+            .for_each(|x| *x = T::from_f32(0.0));
+        v
     }
 
     fn case<T: CudaElement>(rows: usize, cols: usize, t: usize, seed: u64) -> Result<(), String> {
