@@ -138,3 +138,174 @@ int molora_lora_backward_f32(const molora_lora_backward_args *a, molora_stream_t
 int molora_lora_backward_f16(const molora_lora_backward_args *a, molora_stream_t s) { return molora::launch_backward<__half>(a, s); }
 int molora_lora_backward_bf16(const molora_lora_backward_args *a, molora_stream_t s) { return molora::launch_backward<__nv_bfloat16>(a, s); }
 }
+
+// ---- gating and router backward ---------------------------------------------------------------
+
+namespace molora {
+namespace {
+
+constexpr int kGateBwdWarps = 4;
+
+__device__ __forceinline__ double warp_sum_double(double v) {
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+    return v;
+}
+
+__global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(molora_gating_backward_args a) {
+    extern __shared__ float smem[];  // [warps][2·E]: p, then dp
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    const int t = blockIdx.x * kGateBwdWarps + warp;
+    if (t >= a.num_tokens) return;
+    const int E = a.num_experts;
+    float *p = smem + warp * 2 * E;
+    float *dp = p + E;
+    const float *z = a.logits + static_cast<int64_t>(t) * E;
+    // p, exactly as the forward kernel computes it.
+    if (a.activation == MOLORA_ACTIVATION_SOFTMAX) {
+        float m = -INFINITY;
+        for (int e = lane; e < E; e += kWarp) m = fmaxf(m, z[e]);
+        m = warp_max(m);
+        float s = 0.0f;
+        for (int e = lane; e < E; e += kWarp) {
+            const float v = expf((z[e] - m) / a.temperature);
+            p[e] = v;
+            s += v;
+        }
+        s = warp_sum(s);
+        for (int e = lane; e < E; e += kWarp) p[e] = p[e] / s;
+    } else {
+        for (int e = lane; e < E; e += kWarp) p[e] = sigmoid(z[e] / a.temperature);
+    }
+    for (int e = lane; e < E; e += kWarp) dp[e] = 0.0f;
+    __syncwarp();
+
+    const int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k_max;
+    const float *dw = a.dw + static_cast<int64_t>(t) * a.k_max;
+    if (a.gate == MOLORA_GATE_DENSE || (a.gate == MOLORA_GATE_TOPK && !a.renormalize)) {
+        // Each expert appears at most once per token in these gates' outputs; a lane owns a slot.
+        for (int s = lane; s < a.k_max; s += kWarp)
+            if (ids[s] >= 0 && ids[s] < E) dp[ids[s]] += dw[s];
+    } else {
+        const bool thr = a.gate == MOLORA_GATE_THRESHOLD;
+        const double tau = thr ? static_cast<double>(a.taus ? a.taus[t] : a.tau) : 0.0;
+        double z_sum = 0.0;
+        int n = 0;
+        for (int s = lane; s < a.k_max; s += kWarp) {
+            const int e = ids[s];
+            if (e >= 0 && e < E) {
+                z_sum += static_cast<double>(p[e]) - tau;
+                ++n;
+            }
+        }
+        z_sum = warp_sum_double(z_sum);
+        n = static_cast<int>(warp_sum(static_cast<float>(n)));
+        const bool fallback = thr && n == 1 && static_cast<double>(p[ids[0] >= 0 ? ids[0] : 0]) < tau;
+        double wdw = 0.0;
+        if (z_sum > 0.0 && !fallback) {
+            for (int s = lane; s < a.k_max; s += kWarp) {
+                const int e = ids[s];
+                if (e >= 0 && e < E) wdw += (static_cast<double>(p[e]) - tau) / z_sum * dw[s];
+            }
+        }
+        wdw = warp_sum_double(wdw);
+        double dtau = 0.0;
+        if (z_sum > 0.0 && !fallback) {
+            for (int s = lane; s < a.k_max; s += kWarp) {
+                const int e = ids[s];
+                if (e >= 0 && e < E) {
+                    dp[e] += static_cast<float>((dw[s] - wdw) / z_sum);
+                    if (thr) {
+                        const double w = (static_cast<double>(p[e]) - tau) / z_sum;
+                        dtau += dw[s] * (n * w - 1.0) / z_sum;
+                    }
+                }
+            }
+        }
+        dtau = warp_sum_double(dtau);
+        if (thr && a.dtau && lane == 0) a.dtau[t] = static_cast<float>(dtau);
+    }
+    __syncwarp();
+    // dz from dp.
+    float *dz = a.dz + static_cast<int64_t>(t) * E;
+    if (a.activation == MOLORA_ACTIVATION_SOFTMAX) {
+        double dot = 0.0;
+        for (int e = lane; e < E; e += kWarp) dot += static_cast<double>(p[e]) * dp[e];
+        dot = warp_sum_double(dot);
+        for (int e = lane; e < E; e += kWarp) dz[e] = static_cast<float>(p[e] * (dp[e] - dot) / a.temperature);
+    } else {
+        for (int e = lane; e < E; e += kWarp) dz[e] = dp[e] * p[e] * (1.0f - p[e]) / a.temperature;
+    }
+}
+
+constexpr int kRouterThreads = 256;
+
+// dW_g and db: one thread per (e, i) (i = d_in is db), tokens in order.
+template <typename T>
+__global__ void __launch_bounds__(kRouterThreads) router_dw_kernel(molora_router_backward_args a) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kRouterThreads + threadIdx.x;
+    const int64_t cols = static_cast<int64_t>(a.d_in) + 1;
+    if (idx >= cols * a.num_experts) return;
+    const int e = static_cast<int>(idx / cols), i = static_cast<int>(idx % cols);
+    const T *x = static_cast<const T *>(a.x);
+    float acc = 0.0f;
+    for (int t = 0; t < a.num_tokens; ++t) {
+        const float g = a.dz[static_cast<int64_t>(t) * a.num_experts + e];
+        acc = i < a.d_in ? fmaf(g, to_f32(x[static_cast<int64_t>(t) * a.d_in + i]), acc) : acc + g;
+    }
+    if (i < a.d_in) a.dw_g[static_cast<int64_t>(e) * a.d_in + i] = acc;
+    else a.db[e] = acc;
+}
+
+// dx: one thread per (t, i), experts in order.
+template <typename T>
+__global__ void __launch_bounds__(kRouterThreads) router_dx_kernel(molora_router_backward_args a) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kRouterThreads + threadIdx.x;
+    if (idx >= static_cast<int64_t>(a.num_tokens) * a.d_in) return;
+    const int64_t t = idx / a.d_in;
+    const int i = static_cast<int>(idx % a.d_in);
+    const T *w = static_cast<const T *>(a.w_g);
+    float acc = 0.0f;
+    for (int e = 0; e < a.num_experts; ++e)
+        acc = fmaf(a.dz[t * a.num_experts + e], to_f32(w[static_cast<int64_t>(e) * a.d_in + i]), acc);
+    a.dx[idx] = acc;
+}
+
+template <typename T>
+int launch_router_backward(const molora_router_backward_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_router_backward_args a = *args;
+    if (a.num_tokens < 0 || a.d_in < 1 || a.num_experts < 1) return static_cast<int>(cudaErrorInvalidValue);
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    const int64_t n_dw = (static_cast<int64_t>(a.d_in) + 1) * a.num_experts;
+    router_dw_kernel<T><<<static_cast<unsigned>((n_dw + kRouterThreads - 1) / kRouterThreads), kRouterThreads, 0, s>>>(a);
+    int err = last_launch_error();
+    if (err || !a.dx || a.num_tokens == 0) return err;
+    const int64_t n_dx = static_cast<int64_t>(a.num_tokens) * a.d_in;
+    router_dx_kernel<T><<<static_cast<unsigned>((n_dx + kRouterThreads - 1) / kRouterThreads), kRouterThreads, 0, s>>>(a);
+    return last_launch_error();
+}
+
+}  // namespace
+}  // namespace molora
+
+extern "C" int molora_gating_backward_f32(const molora_gating_backward_args *args, molora_stream_t stream) {
+    using namespace molora;
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_gating_backward_args a = *args;
+    if (a.num_tokens < 0 || a.num_experts < 1 || a.num_experts > MOLORA_GATING_MAX_EXPERTS || a.k_max < 1 ||
+        !(a.temperature > 0.0f) ||
+        (a.gate != MOLORA_GATE_TOPK && a.gate != MOLORA_GATE_THRESHOLD && a.gate != MOLORA_GATE_DENSE))
+        return static_cast<int>(cudaErrorInvalidValue);
+    if (a.num_tokens == 0) return 0;
+    const size_t smem = sizeof(float) * 2 * kGateBwdWarps * a.num_experts;
+    gating_backward_kernel<<<(a.num_tokens + kGateBwdWarps - 1) / kGateBwdWarps, kGateBwdWarps * kWarp, smem,
+                             reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    return last_launch_error();
+}
+
+extern "C" {
+int molora_router_backward_f32(const molora_router_backward_args *a, molora_stream_t s) { return molora::launch_router_backward<float>(a, s); }
+int molora_router_backward_f16(const molora_router_backward_args *a, molora_stream_t s) { return molora::launch_router_backward<__half>(a, s); }
+int molora_router_backward_bf16(const molora_router_backward_args *a, molora_stream_t s) { return molora::launch_router_backward<__nv_bfloat16>(a, s); }
+}

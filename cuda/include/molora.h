@@ -362,6 +362,57 @@ int molora_lora_backward_f32(const molora_lora_backward_args *args, molora_strea
 int molora_lora_backward_f16(const molora_lora_backward_args *args, molora_stream_t stream);
 int molora_lora_backward_bf16(const molora_lora_backward_args *args, molora_stream_t stream);
 
+/*
+ * Gating backward (top-k, threshold with per-token or scalar tau, dense; no hierarchical combination),
+ * one warp per token: p is recomputed from the logits (as the forward computed it), then
+ *   dp from dw:  top-k renormalised  dp_i = (dw_i − Σ_j w_j·dw_j)/Σ_kept p;  not renormalised dp_i = dw_i;
+ *                threshold  dp_i = (dw_i − Σ_j w_j·dw_j)/Z,  dtau = Σ_i dw_i·(n·w_i − 1)/Z
+ *                (Z = Σ_kept (p − tau), n kept; the arg-max fallback and Z = 0 give no gradient);
+ *                dense  dp = dw
+ *   dz from dp:  softmax  p·(dp − ⟨dp, p⟩)/temperature;  sigmoid  dp·p·(1 − p)/temperature
+ * ids / weights are the forward's [T, k_max]; dz [T, E] f32; dtau [T] f32 (threshold only, may be NULL).
+ * Sums in double, as on the CPU reference (src/cpu/backward.rs).
+ */
+typedef struct molora_gating_backward_args {
+    const float *logits;
+    const int32_t *ids;
+    const float *dw;
+    float *dz;
+    float *dtau;
+    const float *taus;
+    float tau;
+    int32_t num_tokens;
+    int32_t num_experts;
+    int32_t k_max;
+    int32_t activation;
+    float temperature;
+    int32_t gate;
+    int32_t renormalize;
+} molora_gating_backward_args;
+
+int molora_gating_backward_f32(const molora_gating_backward_args *args, molora_stream_t stream);
+
+/*
+ * Router backward, deterministic: with logits = x·W_gᵀ + b and dz [T, E] f32:
+ *   dW_g[e, i] = Σ_t dz[t, e]·x[t, i]   db[e] = Σ_t dz[t, e]   dx[t, i] = Σ_e dz[t, e]·W_g[e, i]
+ * (tokens summed in order; f32 outputs; dx is written, not accumulated, and may be NULL).
+ */
+typedef struct molora_router_backward_args {
+    const void *x;
+    const void *w_g;
+    const float *dz;
+    float *dw_g;
+    float *db;
+    float *dx;
+    int32_t num_tokens;
+    int32_t d_in;
+    int32_t num_experts;
+} molora_router_backward_args;
+
+int molora_router_backward_f32(const molora_router_backward_args *args, molora_stream_t stream);
+int molora_router_backward_f16(const molora_router_backward_args *args, molora_stream_t stream);
+int molora_router_backward_bf16(const molora_router_backward_args *args, molora_stream_t stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

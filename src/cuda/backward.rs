@@ -181,3 +181,176 @@ pub fn lora_backward_experts<T: CudaElement>(
     let code = unsafe { T::LORA_BACKWARD(&args, dev.raw_stream()) };
     check_launch(OP, code)
 }
+
+/// Gating backward on the GPU, the counterpart of [`crate::cpu::backward::gate_backward`] followed by
+/// [`crate::cpu::backward::softmax_backward`] / [`crate::cpu::backward::sigmoid_backward`]: from the
+/// forward's logits `[T, E]`, its routing `ids` `[T, k_max]` and `dw = ∂L/∂w` `[T, k_max]`, writes
+/// `dz = ∂L/∂logits` `[T, E]` and, for a threshold gate, `dτ` `[T]`. The hierarchical combination
+/// has no GPU backward yet ([`Error::Unsupported`]); its CPU backward exists.
+#[allow(clippy::too_many_arguments)]
+pub fn gating_backward(
+    dev: &Device,
+    logits: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    num_experts: usize,
+    act: crate::cpu::Activation,
+    temperature: f32,
+    gate: &super::DeviceGate<'_>,
+    ids: &impl DevicePtr<i32>,
+    dw: &impl DevicePtr<f32>,
+    dz: &mut impl DevicePtrMut<f32>,
+    dtau: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    use super::DeviceGate;
+    const OP: &str = "gating_backward";
+    crate::cpu::gating::check_temperature(temperature)?;
+    if num_experts == 0 || num_experts > super::MAX_GATING_EXPERTS {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!("{num_experts} experts (1..={})", super::MAX_GATING_EXPERTS),
+        });
+    }
+    let k_max = gate.k_max(num_experts);
+    if let DeviceGate::TopK { k, .. } = gate {
+        crate::cpu::gating::check_k(*k, num_experts)?;
+    }
+    let n_logits = num_tokens
+        .checked_mul(num_experts)
+        .filter(|&n| n <= i32::MAX as usize)
+        .ok_or(Error::InvalidDim {
+            what: "num_tokens * num_experts",
+            value: num_tokens.saturating_mul(num_experts),
+            reason: "must fit in an i32",
+        })?;
+    check_len("logits [T, E]", n_logits, logits.len())?;
+    check_len("dz [T, E]", n_logits, dz.len())?;
+    check_len("routing ids [T, k_max]", num_tokens * k_max, ids.len())?;
+    check_len("dw [T, k_max]", num_tokens * k_max, dw.len())?;
+    if let DeviceGate::ThresholdPerToken(t) = gate {
+        check_len("taus [T]", num_tokens, t.len())?;
+    }
+    if let Some(d) = &dtau {
+        check_len("dtau [T]", num_tokens, d.len())?;
+    }
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (l_ptr, _g0) = logits.device_ptr(stream);
+    let (ids_ptr, _g1) = ids.device_ptr(stream);
+    let (dw_ptr, _g2) = dw.device_ptr(stream);
+    let (dz_ptr, _g3) = dz.device_ptr_mut(stream);
+    let dtau_ptr = dtau.map(|d| d.device_ptr_mut(stream));
+    let taus = match gate {
+        DeviceGate::ThresholdPerToken(v) => Some(v.device_ptr(stream)),
+        _ => None,
+    };
+    let (kind, renormalize, tau) = match gate {
+        DeviceGate::TopK { renormalize, .. } => (ffi::MOLORA_GATE_TOPK, *renormalize, 0.0),
+        DeviceGate::Threshold(tau) => (ffi::MOLORA_GATE_THRESHOLD, false, *tau),
+        DeviceGate::ThresholdPerToken(_) => (ffi::MOLORA_GATE_THRESHOLD, false, 0.0),
+        DeviceGate::Dense => (ffi::MOLORA_GATE_DENSE, false, 0.0),
+    };
+    let args = ffi::molora_gating_backward_args {
+        logits: l_ptr as *const f32,
+        ids: ids_ptr as *const i32,
+        dw: dw_ptr as *const f32,
+        dz: dz_ptr as *mut f32,
+        dtau: dtau_ptr
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |d| d.0 as *mut f32),
+        taus: taus
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t.0 as *const f32),
+        tau,
+        num_tokens: num_tokens as i32,
+        num_experts: num_experts as i32,
+        k_max: k_max as i32,
+        activation: match act {
+            crate::cpu::Activation::Softmax => ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
+            crate::cpu::Activation::Sigmoid => ffi::MOLORA_ACTIVATION_SIGMOID as i32,
+        },
+        temperature,
+        gate: kind as i32,
+        renormalize: renormalize as i32,
+    };
+    // SAFETY: logits and dz hold T·E, ids and dw T·k_max, taus and dtau T elements (checked); E is
+    // within the kernel's shared-memory limit; the guards order every buffer on `stream`.
+    let code = unsafe { ffi::molora_gating_backward_f32(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// Router backward on the GPU, deterministic (tokens summed in order): `dW_g = dzᵀ·x` `[E, d_in]`,
+/// `db = Σ_t dz` `[E]`, and when given `dx = dz·W_g` `[T, d_in]` (written, not accumulated), all
+/// f32. The counterpart of [`crate::cpu::backward::router_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn router_backward<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    num_tokens: usize,
+    d_in: usize,
+    w_g: &impl DevicePtr<T>,
+    num_experts: usize,
+    dz: &impl DevicePtr<f32>,
+    dw_g: &mut impl DevicePtrMut<f32>,
+    db: &mut impl DevicePtrMut<f32>,
+    dx: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    const OP: &str = "router_backward";
+    if d_in == 0 || num_experts == 0 {
+        return Err(Error::InvalidDim {
+            what: if d_in == 0 { "d_in" } else { "num_experts" },
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
+    let fits = |what: &'static str, a: usize, b: usize| -> Result<usize> {
+        a.checked_mul(b)
+            .filter(|&n| n <= i32::MAX as usize)
+            .ok_or(Error::InvalidDim {
+                what,
+                value: a.saturating_mul(b),
+                reason: "must fit in an i32",
+            })
+    };
+    check_len("x [T, d_in]", fits("T * d_in", num_tokens, d_in)?, x.len())?;
+    check_len(
+        "router W_g [E, d_in]",
+        fits("E * d_in", num_experts, d_in)?,
+        w_g.len(),
+    )?;
+    check_len(
+        "dz [T, E]",
+        fits("T * E", num_tokens, num_experts)?,
+        dz.len(),
+    )?;
+    check_len("dW_g [E, d_in]", num_experts * d_in, dw_g.len())?;
+    check_len("db [E]", num_experts, db.len())?;
+    if let Some(d) = &dx {
+        check_len("dx [T, d_in]", num_tokens * d_in, d.len())?;
+    }
+    let stream = dev.stream();
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (w_ptr, _g1) = w_g.device_ptr(stream);
+    let (dz_ptr, _g2) = dz.device_ptr(stream);
+    let (dwg_ptr, _g3) = dw_g.device_ptr_mut(stream);
+    let (db_ptr, _g4) = db.device_ptr_mut(stream);
+    let dx_ptr = dx.map(|d| d.device_ptr_mut(stream));
+    let args = ffi::molora_router_backward_args {
+        x: x_ptr as *const _,
+        w_g: w_ptr as *const _,
+        dz: dz_ptr as *const f32,
+        dw_g: dwg_ptr as *mut f32,
+        db: db_ptr as *mut f32,
+        dx: dx_ptr
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |d| d.0 as *mut f32),
+        num_tokens: num_tokens as i32,
+        d_in: d_in as i32,
+        num_experts: num_experts as i32,
+    };
+    // SAFETY: every buffer has the length checked above and all products fit an i32; the guards
+    // order them on `stream`.
+    let code = unsafe { T::ROUTER_BACKWARD(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}

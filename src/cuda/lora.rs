@@ -34,6 +34,8 @@ pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
     const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args>;
     #[doc(hidden)]
     const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args>;
+    #[doc(hidden)]
+    const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args>;
 }
 
 impl CudaElement for f32 {
@@ -45,6 +47,8 @@ impl CudaElement for f32 {
     const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_f32;
     const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_f32;
     const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_f32;
+    const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
+        ffi::molora_router_backward_f32;
 }
 impl CudaElement for f16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f16;
@@ -55,6 +59,8 @@ impl CudaElement for f16 {
     const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_f16;
     const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_f16;
     const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_f16;
+    const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
+        ffi::molora_router_backward_f16;
 }
 impl CudaElement for bf16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_bf16;
@@ -65,6 +71,8 @@ impl CudaElement for bf16 {
     const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_bf16;
     const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_bf16;
     const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_bf16;
+    const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
+        ffi::molora_router_backward_bf16;
 }
 
 /// Sequence segments with one adapter each, in device memory (from a validated [`AdapterSegments`]).

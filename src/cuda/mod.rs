@@ -24,7 +24,7 @@ mod lora;
 mod quant;
 
 #[cfg(feature = "cuda")]
-pub use backward::{lora_backward_experts, DeviceLoraGrads};
+pub use backward::{gating_backward, lora_backward_experts, router_backward, DeviceLoraGrads};
 /// The cudarc version molora's CUDA ops take buffers of.
 #[cfg(feature = "cuda")]
 pub use cudarc;
