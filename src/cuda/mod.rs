@@ -17,6 +17,8 @@ mod dispatch;
 #[cfg(feature = "cuda")]
 pub mod ffi;
 #[cfg(feature = "cuda")]
+mod forward;
+#[cfg(feature = "cuda")]
 mod gating;
 #[cfg(feature = "cuda")]
 mod lora;
@@ -32,6 +34,8 @@ pub use cudarc;
 pub use device::{device_available, Device};
 #[cfg(feature = "cuda")]
 pub use dispatch::{dispatch, DevicePlan, MAX_DISPATCH_EXPERTS};
+#[cfg(feature = "cuda")]
+pub use forward::{DeviceRouter, MoleLoraForward};
 #[cfg(feature = "cuda")]
 pub use gating::{
     gating, router_logits, top_k_gating, DeviceGate, DeviceSeqRouting, MAX_GATING_EXPERTS,
