@@ -9,6 +9,7 @@ use molora::cpu::quant::{
     NF4_TABLE,
 };
 use molora::half::{bf16, f16};
+use molora::testing::Rng;
 use molora::testing::{compare, Tolerance};
 use molora::{DType, Element, Error};
 use proptest::prelude::*;
@@ -16,30 +17,20 @@ use proptest::prelude::*;
 // ---------------------------------------------------------------------------------------------
 // Deterministic data from a proptest-chosen seed.
 
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-    fn next_u64(&mut self) -> u64 {
-        // SplitMix64.
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
+/// The crate's test generator with the helpers these tests use.
+trait RngExt {
     /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
+    fn unit(&mut self) -> f32;
     /// Uniform in [-1, 1).
+    fn sym(&mut self) -> f32;
+}
+
+impl RngExt for Rng {
+    fn unit(&mut self) -> f32 {
+        (self.uniform() as f32).min(1.0 - f32::EPSILON / 2.0)
+    }
     fn sym(&mut self) -> f32 {
         2.0 * self.unit() - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
     }
 }
 
