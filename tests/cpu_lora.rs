@@ -6,6 +6,7 @@
 
 use half::{bf16, f16};
 use molora::cpu::{self, BaseWeight, DenseBase, Experts};
+use molora::testing::Rng;
 use molora::testing::{compare, Tolerance};
 use molora::{
     AdapterSegments, DType, Element, Error, LoraShape, Routing, Segments, SeqRouting, MAX_RANK,
@@ -13,27 +14,6 @@ use molora::{
 use proptest::prelude::*;
 
 /// xorshift64: the tensors of a case come from its seed, so a failing case replays exactly.
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() * n as f64) as usize).min(n.saturating_sub(1))
-    }
-    fn vals<T: Element>(&mut self, n: usize, scale: f32) -> Vec<T> {
-        (0..n)
-            .map(|_| T::from_f32((self.next() as f32 * 2.0 - 1.0) * scale))
-            .collect()
-    }
-}
-
 fn f32s<T: Element>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
@@ -102,16 +82,16 @@ fn routing(c: &Case, rng: &mut Rng) -> Routing {
     let mut ids = Vec::with_capacity(n);
     let mut w = Vec::with_capacity(n);
     for _ in 0..n {
-        if rng.next() < c.empty {
+        if rng.uniform() < c.empty {
             ids.push(-1);
             w.push([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3.0e38][rng.below(4)]);
         } else {
-            ids.push(if rng.next() < c.skew {
+            ids.push(if rng.uniform() < c.skew {
                 0
             } else {
                 rng.below(c.e) as i32
             });
-            w.push(rng.next() as f32 * 2.0 - 0.5);
+            w.push(rng.uniform() as f32 * 2.0 - 0.5);
         }
     }
     Routing::new(c.t, c.k_max, c.e, ids, w).expect("valid routing")
@@ -277,10 +257,10 @@ fn dispatch_invariants(r: &Routing) -> Result<(), TestCaseError> {
 fn grouped_lora<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     let mut rng = Rng::new(c.seed);
     let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).unwrap();
-    let x: Vec<T> = rng.vals(c.t * c.d_in, 1.0);
-    let a: Vec<T> = rng.vals(shape.a_len(), 0.4);
-    let b: Vec<T> = rng.vals(shape.b_len(), 0.4);
-    let y0: Vec<T> = rng.vals(c.t * c.d_out, 1.0);
+    let x: Vec<T> = rng.values(c.t * c.d_in, 1.0);
+    let a: Vec<T> = rng.values(shape.a_len(), 0.4);
+    let b: Vec<T> = rng.values(shape.b_len(), 0.4);
+    let y0: Vec<T> = rng.values(c.t * c.d_out, 1.0);
     let r = routing(c, &mut rng);
     let scale = 1.25f32;
     dispatch_invariants(&r)?;
@@ -361,8 +341,8 @@ fn grouped_lora<T: Element>(c: &Case) -> Result<(), TestCaseError> {
 
     // The whole layer equals base + LoRA delta, rounded once; base and delta match f64 loops;
     // the delta is linear in the scale.
-    let w0: Vec<T> = rng.vals(c.d_out * c.d_in, 0.3);
-    let bias: Vec<T> = rng.vals(c.d_out, 0.3);
+    let w0: Vec<T> = rng.values(c.d_out * c.d_in, 0.3);
+    let bias: Vec<T> = rng.values(c.d_out, 0.3);
     let base = DenseBase {
         weight: &w0,
         bias: Some(&bias),
@@ -411,10 +391,10 @@ fn grouped_lora<T: Element>(c: &Case) -> Result<(), TestCaseError> {
 fn segments_and_mixing<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     let mut rng = Rng::new(c.seed ^ 0xabcdef);
     let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).unwrap();
-    let x: Vec<T> = rng.vals(c.t * c.d_in, 1.0);
-    let a: Vec<T> = rng.vals(shape.a_len(), 0.4);
-    let b: Vec<T> = rng.vals(shape.b_len(), 0.4);
-    let y0: Vec<T> = rng.vals(c.t * c.d_out, 1.0);
+    let x: Vec<T> = rng.values(c.t * c.d_in, 1.0);
+    let a: Vec<T> = rng.values(shape.a_len(), 0.4);
+    let b: Vec<T> = rng.values(shape.b_len(), 0.4);
+    let y0: Vec<T> = rng.values(c.t * c.d_out, 1.0);
     // Five segments, some possibly empty; segment 1 has no adapter.
     let mut lens = vec![];
     let mut left = c.t;
@@ -460,7 +440,7 @@ fn segments_and_mixing<T: Element>(c: &Case) -> Result<(), TestCaseError> {
 
     // Weight-space mixing equals building Ā, B̄ explicitly; one-hot p picks the expert exactly.
     let s = lens.len();
-    let mut probs: Vec<f32> = (0..s * c.e).map(|_| rng.next() as f32).collect();
+    let mut probs: Vec<f32> = (0..s * c.e).map(|_| rng.uniform() as f32).collect();
     let onehot = rng.below(c.e);
     for (e, p) in probs.iter_mut().take(c.e).enumerate() {
         *p = if e == onehot { 1.0 } else { 0.0 };
@@ -506,7 +486,7 @@ fn segments_and_mixing<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     );
 
     // The weight-space layer with general p equals an f64 loop over the explicit mixtures.
-    let w0: Vec<T> = rng.vals(c.d_out * c.d_in, 0.3);
+    let w0: Vec<T> = rng.values(c.d_out * c.d_in, 0.3);
     let base: BaseWeight<T> = DenseBase {
         weight: &w0,
         bias: None,
