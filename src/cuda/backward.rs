@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
-use super::device::{check_launch, Device};
+use super::device::{activation_code, check_launch, checked_i32, Device};
 use super::dispatch::DevicePlan;
 use super::ffi;
 use super::lora::CudaElement;
@@ -29,14 +29,7 @@ pub struct DeviceLoraGrads {
 
 impl DeviceLoraGrads {
     pub fn new(dev: &Device, num_tokens: usize, k_max: usize, shape: &LoraShape) -> Result<Self> {
-        let slots = num_tokens
-            .checked_mul(k_max)
-            .filter(|&n| n <= i32::MAX as usize)
-            .ok_or(Error::InvalidDim {
-                what: "num_tokens * k_max",
-                value: num_tokens.saturating_mul(k_max),
-                reason: "must fit in an i32",
-            })?;
+        let slots = checked_i32("num_tokens * k_max", num_tokens, k_max)?;
         Ok(DeviceLoraGrads {
             num_tokens,
             k_max,
@@ -214,14 +207,7 @@ pub fn gating_backward(
     if let DeviceGate::TopK { k, .. } = gate {
         crate::cpu::gating::check_k(*k, num_experts)?;
     }
-    let n_logits = num_tokens
-        .checked_mul(num_experts)
-        .filter(|&n| n <= i32::MAX as usize)
-        .ok_or(Error::InvalidDim {
-            what: "num_tokens * num_experts",
-            value: num_tokens.saturating_mul(num_experts),
-            reason: "must fit in an i32",
-        })?;
+    let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
     check_len("logits [T, E]", n_logits, logits.len())?;
     check_len("dz [T, E]", n_logits, dz.len())?;
     check_len("routing ids [T, k_max]", num_tokens * k_max, ids.len())?;
@@ -266,10 +252,7 @@ pub fn gating_backward(
         num_tokens: num_tokens as i32,
         num_experts: num_experts as i32,
         k_max: k_max as i32,
-        activation: match act {
-            crate::cpu::Activation::Softmax => ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
-            crate::cpu::Activation::Sigmoid => ffi::MOLORA_ACTIVATION_SIGMOID as i32,
-        },
+        activation: activation_code(act),
         temperature,
         gate: kind as i32,
         renormalize: renormalize as i32,
@@ -304,24 +287,19 @@ pub fn router_backward<T: CudaElement>(
             reason: "must be at least 1",
         });
     }
-    let fits = |what: &'static str, a: usize, b: usize| -> Result<usize> {
-        a.checked_mul(b)
-            .filter(|&n| n <= i32::MAX as usize)
-            .ok_or(Error::InvalidDim {
-                what,
-                value: a.saturating_mul(b),
-                reason: "must fit in an i32",
-            })
-    };
-    check_len("x [T, d_in]", fits("T * d_in", num_tokens, d_in)?, x.len())?;
+    check_len(
+        "x [T, d_in]",
+        checked_i32("T * d_in", num_tokens, d_in)?,
+        x.len(),
+    )?;
     check_len(
         "router W_g [E, d_in]",
-        fits("E * d_in", num_experts, d_in)?,
+        checked_i32("E * d_in", num_experts, d_in)?,
         w_g.len(),
     )?;
     check_len(
         "dz [T, E]",
-        fits("T * E", num_tokens, num_experts)?,
+        checked_i32("T * E", num_tokens, num_experts)?,
         dz.len(),
     )?;
     check_len("dW_g [E, d_in]", num_experts * d_in, dw_g.len())?;

@@ -96,6 +96,26 @@ impl Device {
     }
 }
 
+/// `a·b` when it fits an `i32` (every index on the device is an i32), else [`Error::InvalidDim`]
+/// naming the product.
+pub(crate) fn checked_i32(what: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .filter(|&n| n <= i32::MAX as usize)
+        .ok_or(Error::InvalidDim {
+            what,
+            value: a.saturating_mul(b),
+            reason: "must fit in an i32",
+        })
+}
+
+/// The C ABI's code of a router activation.
+pub(crate) fn activation_code(act: crate::cpu::Activation) -> i32 {
+    match act {
+        crate::cpu::Activation::Softmax => super::ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
+        crate::cpu::Activation::Sigmoid => super::ffi::MOLORA_ACTIVATION_SIGMOID as i32,
+    }
+}
+
 /// Maps a launcher's return code (a `cudaError_t`) to a result.
 pub(crate) fn check_launch(op: &'static str, code: i32) -> Result<()> {
     if code == 0 {

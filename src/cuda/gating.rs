@@ -6,7 +6,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
-use super::device::{check_launch, Device};
+use super::device::{activation_code, check_launch, checked_i32, Device};
 use super::ffi;
 use super::lora::CudaElement;
 use crate::cpu::gating::{check_combine, check_k, check_spec, check_temperature};
@@ -110,16 +110,6 @@ fn check_experts(op: &'static str, num_experts: usize) -> Result<()> {
     Ok(())
 }
 
-fn checked_i32(what: &'static str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b)
-        .filter(|&n| n <= i32::MAX as usize)
-        .ok_or(Error::InvalidDim {
-            what,
-            value: a.saturating_mul(b),
-            reason: "must fit in an i32",
-        })
-}
-
 /// Fused gating from router logits `[T, E]`: activation with temperature, optional hierarchical
 /// combination with a per-sequence global posterior, and the gate; writes `ids`/`weights`
 /// `[T, k_max]` (`k_max` = [`DeviceGate::k_max`]). Asynchronous on `dev`'s stream.
@@ -193,10 +183,7 @@ pub fn gating(
         weights: w_ptr as *mut f32,
         num_tokens: num_tokens as i32,
         num_experts: num_experts as i32,
-        activation: match act {
-            Activation::Softmax => ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
-            Activation::Sigmoid => ffi::MOLORA_ACTIVATION_SIGMOID as i32,
-        },
+        activation: activation_code(act),
         temperature,
         combine: combine as i32,
         lambda,
@@ -283,10 +270,7 @@ pub fn top_k_gating(
         num_tokens: num_tokens as i32,
         num_experts: num_experts as i32,
         k: k as i32,
-        activation: match act {
-            Activation::Softmax => ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
-            Activation::Sigmoid => ffi::MOLORA_ACTIVATION_SIGMOID as i32,
-        },
+        activation: activation_code(act),
         temperature,
         renormalize: i32::from(renormalize),
     };
