@@ -14,8 +14,10 @@ set -euo pipefail
 ensure_libclang() {
   # No `grep -q`: under pipefail an early exit of grep can fail the pipeline with SIGPIPE.
   if ldconfig -p 2>/dev/null | grep 'libclang[-.0-9]*\.so' >/dev/null; then return 0; fi
-  if compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null; then return 0; fi
-  if [ -n "${LIBCLANG_PATH:-}" ] && compgen -G "$LIBCLANG_PATH/libclang*.so*" >/dev/null; then return 0; fi
+  # libclang.so or libclang-N.so, not libclang-cpp.so (the C++ API, which bindgen cannot load).
+  if compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null; then return 0; fi
+  if compgen -G '/usr/lib/llvm-*/lib/libclang-[0-9]*.so*' >/dev/null; then return 0; fi
+  if [ -n "${LIBCLANG_PATH:-}" ] && compgen -G "$LIBCLANG_PATH/libclang[.-]*so*" >/dev/null; then return 0; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "cuda-toolkit.sh: installing libclang-dev for bindgen" >&2
     if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev) >&2; then
