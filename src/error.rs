@@ -114,6 +114,23 @@ pub enum Error {
     /// An error reported by the CUDA driver API (through cudarc).
     #[error("CUDA driver error: {0}")]
     Driver(String),
+
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+
+    /// A weight file (safetensors, PEFT adapter, config) does not fit what was asked of it: a missing
+    /// or unexpected key, a shape that does not match, a config field out of range.
+    #[error("{source_name}: {key}: {detail}")]
+    Weights {
+        source_name: String,
+        key: String,
+        detail: String,
+    },
+
+    /// An error raised inside candle (feature `candle`), as text.
+    #[error("candle: {0}")]
+    Candle(String),
 }
 
 impl Error {

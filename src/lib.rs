@@ -33,11 +33,15 @@
 //! # Ok::<(), molora::Error>(())
 //! ```
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 pub mod cuda;
 pub mod dispatch;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "candle")]
+pub mod model;
 pub mod routing;
 pub mod shape;
 pub mod testing;

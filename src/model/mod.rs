@@ -1,0 +1,4 @@
+//! Model assembly on candle (feature `candle`): [`MoleLinear`](linear::MoleLinear), the HDMoLE model
+//! and its demo, and weights in safetensors (our expert files and PEFT LoRA adapters).
+
+pub mod weights;

@@ -1,0 +1,1 @@
+//! Weights on disk: safetensors files of experts and routers, PEFT LoRA adapters.
