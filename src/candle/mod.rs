@@ -14,3 +14,5 @@ impl From<Error> for candle_core::Error {
         candle_core::Error::Msg(e.to_string())
     }
 }
+
+pub mod ops;

@@ -1,0 +1,506 @@
+//! The MoLE operations as candle custom ops, with their backward wired into candle's autograd.
+//!
+//! Each op's `cpu_fwd` runs the crate's CPU path ([`crate::cpu`]) on the tensor's storage, and its
+//! `bwd` runs the CPU backward ([`crate::cpu::backward`]); a candle model that calls these functions
+//! trains through them with `loss.backward()`. The functions take and return candle tensors:
+//!
+//! | function | computes | gradients to |
+//! |---|---|---|
+//! | [`top_k_gate`] | dense `w` `[T, E]` of [`cpu::top_k`] | `p` |
+//! | [`threshold_gate`] | dense `w` `[T, E]` of [`cpu::threshold_gate`] | `p`, `τ` |
+//! | [`mole_lora`] | `Δy = s·Σ_e w_te·(x_t·A_eᵀ)·B_eᵀ` | `x`, `A`, `B`, `w` |
+//! | [`quant_linear`] | `y = x·deq(W)ᵀ` for an NF4/int8 `W` | `x` (the weight is frozen) |
+//!
+//! The gates return the routing as a dense `[T, E]` matrix (zero for experts a token does not use),
+//! which is what the rest of a candle model multiplies with; selection is not differentiated, as in
+//! [`cpu::backward::gate_backward`].
+//!
+//! Device: these ops run where candle's CPU backend runs. On a candle CUDA tensor they return
+//! candle's "no cuda implementation" error; the CUDA kernels are reached through [`crate::cuda`].
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+use crate::cpu::{self, backward, Experts, Int8Weight, Nf4Weight};
+use crate::error::{Error, Result};
+use crate::{Element, LoraShape, Routing};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// A frozen quantised weight `[d_out, d_in]` for [`quant_linear`].
+#[derive(Debug, Clone)]
+pub enum QuantWeight {
+    /// 4-bit NormalFloat, block 64 ([`cpu::quantize_nf4`]).
+    Nf4(Nf4Weight),
+    /// int8 per output channel ([`cpu::quantize_int8`]).
+    Int8(Int8Weight),
+}
+
+impl QuantWeight {
+    /// Rows (`d_out`).
+    pub fn rows(&self) -> usize {
+        match self {
+            QuantWeight::Nf4(w) => w.rows(),
+            QuantWeight::Int8(w) => w.rows(),
+        }
+    }
+
+    /// Columns (`d_in`).
+    pub fn cols(&self) -> usize {
+        match self {
+            QuantWeight::Nf4(w) => w.cols(),
+            QuantWeight::Int8(w) => w.cols(),
+        }
+    }
+
+    /// Bytes the packed weight and its scales take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            QuantWeight::Nf4(w) => w.bytes(),
+            QuantWeight::Int8(w) => w.bytes(),
+        }
+    }
+
+    /// The dequantised weight, f32 `[d_out, d_in]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            QuantWeight::Nf4(w) => w.dequantize(),
+            QuantWeight::Int8(w) => w.dequantize(),
+        }
+    }
+
+    /// Short name of the format (`"nf4"`, `"int8"`).
+    pub fn format(&self) -> &'static str {
+        match self {
+            QuantWeight::Nf4(_) => "nf4",
+            QuantWeight::Int8(_) => "int8",
+        }
+    }
+}
+
+fn msg(e: Error) -> candle_core::Error {
+    e.into()
+}
+
+/// The contiguous slice of a CPU storage, or an error naming the input.
+fn slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> CResult<&'a [T]> {
+    let v = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => Err(candle_core::Error::Msg(format!(
+            "{what}: the molora ops need a contiguous tensor (call .contiguous() first)"
+        ))),
+    }
+}
+
+/// `(rows, cols)` of a rank-2 layout.
+fn dims2(l: &Layout, what: &str) -> CResult<(usize, usize)> {
+    match l.dims() {
+        [r, c] => Ok((*r, *c)),
+        d => Err(candle_core::Error::Msg(format!(
+            "{what}: expected a rank-2 tensor, got shape {d:?}"
+        ))),
+    }
+}
+
+/// A tensor's values as an f32 host vector (any float dtype, any layout).
+fn host_f32(t: &Tensor) -> CResult<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Expands a sparse routing to a dense `[T, E]` matrix.
+fn dense_weights(r: &Routing) -> Vec<f32> {
+    let e = r.num_experts();
+    let mut out = vec![0.0f32; r.num_tokens() * e];
+    for t in 0..r.num_tokens() {
+        for s in 0..r.k_max() {
+            let id = r.id(t, s);
+            if id >= 0 {
+                out[t * e + id as usize] += r.weight(t, s);
+            }
+        }
+    }
+    out
+}
+
+/// `dw` `[T, k_max]` for the slots of `r`, read from a dense gradient `[T, E]`.
+fn gather_slots(r: &Routing, dense: &[f32]) -> Vec<f32> {
+    let e = r.num_experts();
+    let k = r.k_max();
+    let mut out = vec![0.0f32; r.num_tokens() * k];
+    for t in 0..r.num_tokens() {
+        for s in 0..k {
+            let id = r.id(t, s);
+            if id >= 0 {
+                out[t * k + s] = dense[t * e + id as usize];
+            }
+        }
+    }
+    out
+}
+
+fn check_f32(t: &Tensor, what: &'static str) -> Result<()> {
+    if t.dtype() == DType::F32 {
+        Ok(())
+    } else {
+        Err(Error::Unsupported {
+            op: what,
+            what: format!(
+                "dtype {:?} (router probabilities and gate weights are f32)",
+                t.dtype()
+            ),
+        })
+    }
+}
+
+fn check_rank2(t: &Tensor, what: &'static str) -> Result<(usize, usize)> {
+    match t.dims() {
+        [r, c] => Ok((*r, *c)),
+        d => Err(Error::Unsupported {
+            op: what,
+            what: format!("shape {d:?} (expected a rank-2 tensor)"),
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Top-k gate
+
+struct TopKGate {
+    k: usize,
+    renormalize: bool,
+}
+
+impl TopKGate {
+    fn routing(&self, p: &[f32], t: usize, e: usize) -> Result<Routing> {
+        cpu::top_k(p, t, e, self.k, self.renormalize)
+    }
+}
+
+impl CustomOp1 for TopKGate {
+    fn name(&self) -> &'static str {
+        "molora-top-k-gate"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (t, e) = dims2(l, "probs")?;
+        let p = slice::<f32>(s, l, "probs")?;
+        let r = self.routing(p, t, e).map_err(msg)?;
+        Ok((CpuStorage::F32(dense_weights(&r)), Shape::from((t, e))))
+    }
+
+    fn bwd(&self, p: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let (t, e) = p.dims2()?;
+        let pv = host_f32(p)?;
+        let r = self.routing(&pv, t, e).map_err(msg)?;
+        let dw = gather_slots(&r, &host_f32(grad)?);
+        let (dp, _) =
+            backward::gate_backward(&pv, e, r.ids(), r.k_max(), None, self.renormalize, &dw)
+                .map_err(msg)?;
+        Ok(Some(Tensor::from_vec(dp, (t, e), p.device())?))
+    }
+}
+
+/// Top-k gate over router probabilities `p` (f32 `[T, E]`), as [`cpu::top_k`]: the `k` largest
+/// probabilities of each row kept (ties to the lower id), renormalised to sum 1 when asked. Returns
+/// the dense weights `w` `[T, E]`. Backward: `dp` through the kept (renormalised) weights.
+pub fn top_k_gate(p: &Tensor, k: usize, renormalize: bool) -> Result<Tensor> {
+    check_f32(p, "top_k_gate")?;
+    let (_, e) = check_rank2(p, "top_k_gate")?;
+    cpu::gating::check_k(k, e)?;
+    Ok(p.contiguous()?.apply_op1(TopKGate { k, renormalize })?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threshold gate
+
+struct ThresholdGate;
+
+impl CustomOp2 for ThresholdGate {
+    fn name(&self) -> &'static str {
+        "molora-threshold-gate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (t, e) = dims2(l1, "probs")?;
+        let p = slice::<f32>(s1, l1, "probs")?;
+        let tau = slice::<f32>(s2, l2, "tau")?;
+        let r = cpu::threshold_gate(p, t, e, tau).map_err(msg)?;
+        Ok((CpuStorage::F32(dense_weights(&r)), Shape::from((t, e))))
+    }
+
+    fn bwd(
+        &self,
+        p: &Tensor,
+        tau: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (t, e) = p.dims2()?;
+        let pv = host_f32(p)?;
+        let tv = host_f32(tau)?;
+        let r = cpu::threshold_gate(&pv, t, e, &tv).map_err(msg)?;
+        let dw = gather_slots(&r, &host_f32(grad)?);
+        let (dp, dtau) = backward::gate_backward(&pv, e, r.ids(), r.k_max(), Some(&tv), true, &dw)
+            .map_err(msg)?;
+        Ok((
+            Some(Tensor::from_vec(dp, (t, e), p.device())?),
+            Some(Tensor::from_vec(dtau, t, p.device())?),
+        ))
+    }
+}
+
+/// HDMoLE's dynamic-threshold gate over router probabilities `p` (f32 `[T, E]`) and per-token
+/// thresholds `tau` (f32 `[T]`), as [`cpu::threshold_gate`]: experts with `p ≥ τ` kept with
+/// weights `(p − τ)/Σ(p − τ)`, the arg-max when none passes. Returns the dense weights `[T, E]`.
+/// Backward: `dp` and `dτ` (so a learned `τ = σ(θ)/E` built with candle ops gets its `dθ`).
+pub fn threshold_gate(p: &Tensor, tau: &Tensor) -> Result<Tensor> {
+    check_f32(p, "threshold_gate")?;
+    check_f32(tau, "threshold_gate")?;
+    let (t, _) = check_rank2(p, "threshold_gate")?;
+    crate::error::check_len("tau [T]", t, tau.elem_count())?;
+    let tau = tau.flatten_all()?.contiguous()?;
+    Ok(p.contiguous()?.apply_op2(&tau, ThresholdGate)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The LoRA part
+
+struct MoleLora {
+    shape: LoraShape,
+    scale: f32,
+}
+
+impl MoleLora {
+    fn forward<T: Element + candle_core::WithDType>(
+        &self,
+        x: &[T],
+        ab: &[T],
+        w: &[f32],
+        t: usize,
+    ) -> Result<Vec<T>> {
+        let (a, b) = ab.split_at(self.shape.a_len());
+        let experts = Experts::new(a, b, self.shape, self.scale)?;
+        let routing = sparse_routing(w, t, self.shape.num_experts)?;
+        let delta = cpu::lora_delta(x, t, &experts, &routing)?;
+        Ok(delta.into_iter().map(T::from_f32).collect())
+    }
+}
+
+/// The routing of a dense weight matrix: per token the experts with `w ≠ 0`, ascending ids, in
+/// `k_max` = the most any token uses (at least 1) slots.
+fn sparse_routing(w: &[f32], t: usize, e: usize) -> Result<Routing> {
+    let k_max = w
+        .chunks_exact(e)
+        .map(|row| row.iter().filter(|&&v| v != 0.0).count())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut ids = Vec::with_capacity(t * k_max);
+    let mut weights = Vec::with_capacity(t * k_max);
+    for row in w.chunks_exact(e) {
+        let mut n = 0;
+        for (ex, &v) in row.iter().enumerate() {
+            if v != 0.0 {
+                ids.push(ex as i32);
+                weights.push(v);
+                n += 1;
+            }
+        }
+        ids.extend(std::iter::repeat_n(-1, k_max - n));
+        weights.extend(std::iter::repeat_n(0.0, k_max - n));
+    }
+    Routing::new(t, k_max, e, ids, weights)
+}
+
+impl CustomOp3 for MoleLora {
+    fn name(&self) -> &'static str {
+        "molora-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (t, _) = dims2(l1, "x")?;
+        let w = slice::<f32>(s3, l3, "w")?;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(
+                self.forward(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w, t)
+                    .map_err(msg)?,
+            ),
+            CpuStorage::F16(_) => CpuStorage::F16(
+                self.forward::<f16>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w, t)
+                    .map_err(msg)?,
+            ),
+            CpuStorage::BF16(_) => CpuStorage::BF16(
+                self.forward::<bf16>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w, t)
+                    .map_err(msg)?,
+            ),
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "molora-lora: dtype {:?} is not supported (f32, f16, bf16)",
+                    other.dtype()
+                )))
+            }
+        };
+        Ok((out, Shape::from((t, self.shape.d_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ab: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (t, _) = x.dims2()?;
+        let e = self.shape.num_experts;
+        let xv = host_f32(x)?;
+        let abv = host_f32(ab)?;
+        let (a, b) = abv.split_at(self.shape.a_len());
+        // Every expert of every token, so that dw is exact for weights that are 0 too.
+        let ids: Vec<i32> = (0..t).flat_map(|_| 0..e as i32).collect();
+        let g = backward::lora_backward(
+            &xv,
+            a,
+            b,
+            &self.shape,
+            &ids,
+            &host_f32(w)?,
+            e,
+            self.scale,
+            &host_f32(grad)?,
+        )
+        .map_err(msg)?;
+        let mut dab = g.da;
+        dab.extend_from_slice(&g.db);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(g.dx, x.shape(), dev)?.to_dtype(x.dtype())?),
+            Some(Tensor::from_vec(dab, ab.shape(), dev)?.to_dtype(ab.dtype())?),
+            Some(Tensor::from_vec(g.dw, (t, e), dev)?),
+        ))
+    }
+}
+
+/// The LoRA part of a MoLE layer: `Δy_t = s·Σ_e w_te·(x_t·A_eᵀ)·B_eᵀ` for `x` `[T, d_in]`, experts
+/// `a` `[E, r, d_in]` and `b` `[E, d_out, r]` (x, a, b of one dtype: f32, f16 or bf16) and dense gate
+/// weights `w` (f32 `[T, E]`, zero for unused experts). The forward is [`cpu::lora_delta`] over the
+/// non-zero weights (f32 accumulation, one rounding at the output); the backward is
+/// [`backward::lora_backward`] over every `(t, e)`, so `dw` is exact also where `w = 0` (the gates
+/// then drop it: selection is not differentiated). Memory: nothing `[T, E, d]`-sized is built.
+pub fn mole_lora(x: &Tensor, a: &Tensor, b: &Tensor, w: &Tensor, scale: f32) -> Result<Tensor> {
+    let (t, d_in) = check_rank2(x, "mole_lora")?;
+    check_f32(w, "mole_lora")?;
+    let (e, r, a_in) = a.dims3()?;
+    let (b_e, d_out, b_r) = b.dims3()?;
+    crate::error::check_len("A d_in (A [E, r, d_in] vs x [T, d_in])", d_in, a_in)?;
+    crate::error::check_len("B experts (B [E, d_out, r] vs A)", e, b_e)?;
+    crate::error::check_len("B rank (B [E, d_out, r] vs A)", r, b_r)?;
+    crate::error::check_len("w [T, E]", t * e, w.elem_count())?;
+    for (what, dt) in [("A", a.dtype()), ("B", b.dtype())] {
+        if dt != x.dtype() {
+            return Err(Error::Unsupported {
+                op: "mole_lora",
+                what: format!("{what} has dtype {dt:?} but x has {:?}", x.dtype()),
+            });
+        }
+    }
+    if !scale.is_finite() {
+        return Err(Error::InvalidParameter {
+            what: "scale",
+            value: scale,
+            reason: "must be finite",
+        });
+    }
+    let shape = LoraShape::new(e, r, d_in, d_out)?;
+    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let w = w.reshape((t, e))?.contiguous()?;
+    Ok(x.contiguous()?
+        .apply_op3(&ab, &w, MoleLora { shape, scale })?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantised base
+
+struct QuantLinear {
+    weight: Arc<QuantWeight>,
+}
+
+impl QuantLinear {
+    fn forward<T: Element + candle_core::WithDType>(&self, x: &[T], t: usize) -> Result<Vec<T>> {
+        let y = match &*self.weight {
+            QuantWeight::Nf4(w) => cpu::nf4_matmul(x, t, w, None)?,
+            QuantWeight::Int8(w) => cpu::int8_matmul(x, t, w, None)?,
+        };
+        Ok(y.into_iter().map(T::from_f32).collect())
+    }
+}
+
+impl CustomOp1 for QuantLinear {
+    fn name(&self) -> &'static str {
+        "molora-quant-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (t, _) = dims2(l, "x")?;
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward(slice(s, l, "x")?, t).map_err(msg)?),
+            CpuStorage::F16(_) => {
+                CpuStorage::F16(self.forward::<f16>(slice(s, l, "x")?, t).map_err(msg)?)
+            }
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(self.forward::<bf16>(slice(s, l, "x")?, t).map_err(msg)?)
+            }
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "molora-quant-linear: dtype {:?} is not supported (f32, f16, bf16)",
+                    other.dtype()
+                )))
+            }
+        };
+        Ok((out, Shape::from((t, self.weight.rows()))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        // dx = dy·deq(W), the dequantised weight built for this call only.
+        let deq = Tensor::from_vec(
+            self.weight.dequantize(),
+            (self.weight.rows(), self.weight.cols()),
+            x.device(),
+        )?;
+        let dx = grad.to_dtype(DType::F32)?.matmul(&deq)?;
+        Ok(Some(dx.to_dtype(x.dtype())?))
+    }
+}
+
+/// A frozen quantised linear layer without bias: `y = x·deq(W)ᵀ` (`x` `[T, d_in]`, f32/f16/bf16),
+/// forward by [`cpu::nf4_matmul`] / [`cpu::int8_matmul`] on the packed weight; backward gives `dx =
+/// dy·deq(W)` (the weight is frozen, so it gets no gradient).
+pub fn quant_linear(x: &Tensor, weight: &Arc<QuantWeight>) -> Result<Tensor> {
+    let (_, d_in) = check_rank2(x, "quant_linear")?;
+    crate::error::check_len("x columns (quantised weight d_in)", weight.cols(), d_in)?;
+    Ok(x.contiguous()?.apply_op1(QuantLinear {
+        weight: Arc::clone(weight),
+    })?)
+}
