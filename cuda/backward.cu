@@ -153,15 +153,16 @@ __device__ __forceinline__ double warp_sum_double(double v) {
 }
 
 __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(molora_gating_backward_args a) {
-    extern __shared__ float smem[];  // [warps][2·E]: p, then dp
+    extern __shared__ float smem[];  // [warps][3·E]: l (local probabilities), p (combined), dp
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     const int t = blockIdx.x * kGateBwdWarps + warp;
     if (t >= a.num_tokens) return;
     const int E = a.num_experts;
-    float *p = smem + warp * 2 * E;
+    float *l = smem + warp * 3 * E;
+    float *p = l + E;
     float *dp = p + E;
     const float *z = a.logits + static_cast<int64_t>(t) * E;
-    // p, exactly as the forward kernel computes it.
+    // l, exactly as the forward kernel computes it.
     if (a.activation == MOLORA_ACTIVATION_SOFTMAX) {
         float m = -INFINITY;
         for (int e = lane; e < E; e += kWarp) m = fmaxf(m, z[e]);
@@ -169,17 +170,37 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
         float s = 0.0f;
         for (int e = lane; e < E; e += kWarp) {
             const float v = expf((z[e] - m) / a.temperature);
-            p[e] = v;
+            l[e] = v;
             s += v;
         }
         s = warp_sum(s);
-        for (int e = lane; e < E; e += kWarp) p[e] = p[e] / s;
+        for (int e = lane; e < E; e += kWarp) l[e] = l[e] / s;
     } else {
-        for (int e = lane; e < E; e += kWarp) p[e] = sigmoid(z[e] / a.temperature);
+        for (int e = lane; e < E; e += kWarp) l[e] = sigmoid(z[e] / a.temperature);
+    }
+    __syncwarp();
+    // p = combine(l, g), exactly as the forward kernel combines them.
+    const float *g = nullptr;
+    double prod_sum = 0.0;
+    if (a.combine != MOLORA_COMBINE_NONE) {
+        const int seg = find_run(a.seq_offsets, a.num_seqs, t);
+        g = a.global_probs + static_cast<int64_t>(seg) * E;
+    }
+    if (a.combine == MOLORA_COMBINE_MIX) {
+        for (int e = lane; e < E; e += kWarp) p[e] = a.lambda * g[e] + (1.0f - a.lambda) * l[e];
+    } else if (a.combine == MOLORA_COMBINE_PRODUCT) {
+        for (int e = lane; e < E; e += kWarp) prod_sum += static_cast<double>(g[e]) * static_cast<double>(l[e]);
+        prod_sum = warp_sum_double(prod_sum);
+        for (int e = lane; e < E; e += kWarp)
+            p[e] = prod_sum > 0.0 ? static_cast<float>(static_cast<double>(g[e]) * static_cast<double>(l[e]) / prod_sum)
+                                  : l[e];
+    } else {
+        for (int e = lane; e < E; e += kWarp) p[e] = l[e];
     }
     for (int e = lane; e < E; e += kWarp) dp[e] = 0.0f;
     __syncwarp();
 
+    // dp from dw, through the gate.
     const int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k_max;
     const float *dw = a.dw + static_cast<int64_t>(t) * a.k_max;
     if (a.gate == MOLORA_GATE_DENSE || (a.gate == MOLORA_GATE_TOPK && !a.renormalize)) {
@@ -200,7 +221,7 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
         }
         z_sum = warp_sum_double(z_sum);
         n = static_cast<int>(warp_sum(static_cast<float>(n)));
-        const bool fallback = thr && n == 1 && static_cast<double>(p[ids[0] >= 0 ? ids[0] : 0]) < tau;
+        const bool fallback = thr && n == 1 && static_cast<double>(p[ids[0] >= 0 && ids[0] < E ? ids[0] : 0]) < tau;
         double wdw = 0.0;
         if (z_sum > 0.0 && !fallback) {
             for (int s = lane; s < a.k_max; s += kWarp) {
@@ -226,16 +247,57 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
         if (thr && a.dtau && lane == 0) a.dtau[t] = static_cast<float>(dtau);
     }
     __syncwarp();
-    // dz from dp.
+
+    // dl from dp, through the combination (in place: dp becomes dl).
+    if (a.combine == MOLORA_COMBINE_MIX) {
+        double dlam = 0.0;
+        for (int e = lane; e < E; e += kWarp) {
+            dlam += static_cast<double>(dp[e]) * (static_cast<double>(g[e]) - static_cast<double>(l[e]));
+            dp[e] = (1.0f - a.lambda) * dp[e];
+        }
+        dlam = warp_sum_double(dlam);
+        if (a.dlambda_tokens && lane == 0) a.dlambda_tokens[t] = static_cast<float>(dlam);
+    } else if (a.combine == MOLORA_COMBINE_PRODUCT) {
+        if (prod_sum > 0.0) {
+            double dot = 0.0;
+            for (int e = lane; e < E; e += kWarp) dot += static_cast<double>(dp[e]) * static_cast<double>(p[e]);
+            dot = warp_sum_double(dot);
+            __syncwarp();
+            for (int e = lane; e < E; e += kWarp)
+                dp[e] = static_cast<float>((static_cast<double>(dp[e]) - dot) / prod_sum * static_cast<double>(g[e]));
+        }
+        if (a.dlambda_tokens && lane == 0) a.dlambda_tokens[t] = 0.0f;
+    } else if (a.dlambda_tokens && lane == 0) {
+        a.dlambda_tokens[t] = 0.0f;
+    }
+    __syncwarp();
+
+    // dz from dl, through the activation (at l).
     float *dz = a.dz + static_cast<int64_t>(t) * E;
     if (a.activation == MOLORA_ACTIVATION_SOFTMAX) {
         double dot = 0.0;
-        for (int e = lane; e < E; e += kWarp) dot += static_cast<double>(p[e]) * dp[e];
+        for (int e = lane; e < E; e += kWarp) dot += static_cast<double>(l[e]) * dp[e];
         dot = warp_sum_double(dot);
-        for (int e = lane; e < E; e += kWarp) dz[e] = static_cast<float>(p[e] * (dp[e] - dot) / a.temperature);
+        for (int e = lane; e < E; e += kWarp) dz[e] = static_cast<float>(l[e] * (dp[e] - dot) / a.temperature);
     } else {
-        for (int e = lane; e < E; e += kWarp) dz[e] = dp[e] * p[e] * (1.0f - p[e]) / a.temperature;
+        for (int e = lane; e < E; e += kWarp) dz[e] = dp[e] * l[e] * (1.0f - l[e]) / a.temperature;
     }
+}
+
+// Σ_t v[t] into out[0], one block: each thread sums a strided run in order, then a fixed tree.
+// The order depends on n only, so the result is deterministic.
+constexpr int kSumThreads = 256;
+__global__ void __launch_bounds__(kSumThreads) ordered_sum_kernel(const float *v, int n, float *out) {
+    __shared__ double part[kSumThreads];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < n; i += kSumThreads) acc += static_cast<double>(v[i]);
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = kSumThreads / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = static_cast<float>(part[0]);
 }
 
 constexpr int kRouterThreads = 256;
@@ -293,19 +355,105 @@ extern "C" int molora_gating_backward_f32(const molora_gating_backward_args *arg
     using namespace molora;
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
     const molora_gating_backward_args a = *args;
+    const bool combine_ok =
+        a.combine == MOLORA_COMBINE_NONE ||
+        ((a.combine == MOLORA_COMBINE_MIX || a.combine == MOLORA_COMBINE_PRODUCT) && a.global_probs && a.seq_offsets &&
+         a.num_seqs >= 1 && (a.combine != MOLORA_COMBINE_MIX || (a.lambda >= 0.0f && a.lambda <= 1.0f)));
     if (a.num_tokens < 0 || a.num_experts < 1 || a.num_experts > MOLORA_GATING_MAX_EXPERTS || a.k_max < 1 ||
-        !(a.temperature > 0.0f) ||
+        !(a.temperature > 0.0f) || !combine_ok || (a.dlambda && !a.dlambda_tokens) ||
         (a.gate != MOLORA_GATE_TOPK && a.gate != MOLORA_GATE_THRESHOLD && a.gate != MOLORA_GATE_DENSE))
         return static_cast<int>(cudaErrorInvalidValue);
-    if (a.num_tokens == 0) return 0;
-    const size_t smem = sizeof(float) * 2 * kGateBwdWarps * a.num_experts;
-    gating_backward_kernel<<<(a.num_tokens + kGateBwdWarps - 1) / kGateBwdWarps, kGateBwdWarps * kWarp, smem,
-                             reinterpret_cast<cudaStream_t>(stream)>>>(a);
-    return last_launch_error();
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (a.num_tokens > 0) {
+        const size_t smem = sizeof(float) * 3 * kGateBwdWarps * a.num_experts;
+        gating_backward_kernel<<<(a.num_tokens + kGateBwdWarps - 1) / kGateBwdWarps, kGateBwdWarps * kWarp, smem, s>>>(a);
+        const int err = last_launch_error();
+        if (err) return err;
+    }
+    if (a.dlambda) {
+        // T = 0 gives dλ = 0 (the kernel reads nothing).
+        ordered_sum_kernel<<<1, kSumThreads, 0, s>>>(a.dlambda_tokens, a.num_tokens, a.dlambda);
+        return last_launch_error();
+    }
+    return 0;
 }
 
 extern "C" {
 int molora_router_backward_f32(const molora_router_backward_args *a, molora_stream_t s) { return molora::launch_router_backward<float>(a, s); }
 int molora_router_backward_f16(const molora_router_backward_args *a, molora_stream_t s) { return molora::launch_router_backward<__half>(a, s); }
 int molora_router_backward_bf16(const molora_router_backward_args *a, molora_stream_t s) { return molora::launch_router_backward<__nv_bfloat16>(a, s); }
+}
+
+// ---- weight-space mixing backward (SAML) --------------------------------------------------------
+
+namespace molora {
+namespace {
+
+constexpr int kMixBwdThreads = 256;
+
+// dW[e, i] = Σ_s p[s, e]·dmix[s, i], sequences in order; one thread per (e, i), expert blockIdx.y.
+__global__ void __launch_bounds__(kMixBwdThreads)
+    mix_bwd_grad_kernel(const float *probs, const float *dmix, float *dw, int num_experts, int num_seqs, int64_t per) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * kMixBwdThreads + threadIdx.x;
+    const int e = blockIdx.y;
+    if (i >= per) return;
+    float acc = 0.0f;
+    for (int s = 0; s < num_seqs; ++s)
+        acc = fmaf(probs[static_cast<int64_t>(s) * num_experts + e], dmix[static_cast<int64_t>(s) * per + i], acc);
+    dw[static_cast<int64_t>(e) * per + i] = acc;
+}
+
+// dp[s, e] = ⟨dĀ_s, A_e⟩ + ⟨dB̄_s, B_e⟩: one block per (e = blockIdx.x, s = blockIdx.y); each thread
+// sums a strided run in order, then a fixed tree (deterministic).
+template <typename T>
+__global__ void __launch_bounds__(kMixBwdThreads) mix_bwd_dp_kernel(molora_mix_backward_args a) {
+    __shared__ float part[kMixBwdThreads];
+    const int e = blockIdx.x, s = blockIdx.y;
+    const T *A = static_cast<const T *>(a.a) + static_cast<int64_t>(e) * a.per_a;
+    const T *B = static_cast<const T *>(a.b) + static_cast<int64_t>(e) * a.per_b;
+    const float *dA = a.da_mixed + static_cast<int64_t>(s) * a.per_a;
+    const float *dB = a.db_mixed + static_cast<int64_t>(s) * a.per_b;
+    float acc = 0.0f;
+    for (int64_t i = threadIdx.x; i < a.per_a; i += kMixBwdThreads) acc = fmaf(to_f32(A[i]), dA[i], acc);
+    for (int64_t i = threadIdx.x; i < a.per_b; i += kMixBwdThreads) acc = fmaf(to_f32(B[i]), dB[i], acc);
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = kMixBwdThreads / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) a.dp[static_cast<int64_t>(s) * a.num_experts + e] = part[0];
+}
+
+template <typename T>
+int launch_mix_backward(const molora_mix_backward_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_mix_backward_args a = *args;
+    if (a.num_experts < 1 || a.num_experts > 65535 || a.num_seqs < 0 || a.num_seqs > 65535 || a.per_a < 1 ||
+        a.per_b < 1)
+        return static_cast<int>(cudaErrorInvalidValue);
+    const int64_t bx_a = (a.per_a + kMixBwdThreads - 1) / kMixBwdThreads;
+    const int64_t bx_b = (a.per_b + kMixBwdThreads - 1) / kMixBwdThreads;
+    if (bx_a > 0x7fffffff || bx_b > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    // dA and dB are written whole, zero when there are no sequences.
+    mix_bwd_grad_kernel<<<dim3(static_cast<unsigned>(bx_a), a.num_experts), kMixBwdThreads, 0, s>>>(
+        a.probs, a.da_mixed, a.da, a.num_experts, a.num_seqs, a.per_a);
+    int err = last_launch_error();
+    if (err) return err;
+    mix_bwd_grad_kernel<<<dim3(static_cast<unsigned>(bx_b), a.num_experts), kMixBwdThreads, 0, s>>>(
+        a.probs, a.db_mixed, a.db, a.num_experts, a.num_seqs, a.per_b);
+    err = last_launch_error();
+    if (err || a.num_seqs == 0) return err;
+    mix_bwd_dp_kernel<T><<<dim3(a.num_experts, a.num_seqs), kMixBwdThreads, 0, s>>>(a);
+    return last_launch_error();
+}
+
+}  // namespace
+}  // namespace molora
+
+extern "C" {
+int molora_mix_backward_f32(const molora_mix_backward_args *a, molora_stream_t s) { return molora::launch_mix_backward<float>(a, s); }
+int molora_mix_backward_f16(const molora_mix_backward_args *a, molora_stream_t s) { return molora::launch_mix_backward<__half>(a, s); }
+int molora_mix_backward_bf16(const molora_mix_backward_args *a, molora_stream_t s) { return molora::launch_mix_backward<__nv_bfloat16>(a, s); }
 }

@@ -144,3 +144,74 @@ extern "C" int molora_dispatch(const molora_dispatch_args *args, molora_stream_t
     dispatch_scatter<<<chunks, kChunk, sizeof(int) * kChunkWarps * a.num_experts, s>>>(a);
     return last_launch_error();
 }
+
+// ---- gather into sorted order, and scatter-combine back into token order -------------------------
+
+namespace molora {
+namespace {
+
+constexpr int kRowThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) gather_rows_kernel(molora_gather_rows_args a) {
+    const int p = blockIdx.x;
+    if (p >= a.expert_offsets[a.num_experts]) return;
+    const int64_t src = a.sorted_slots[p] / a.k_max;
+    const T *x = static_cast<const T *>(a.x) + src * a.d;
+    T *out = static_cast<T *>(a.out) + static_cast<int64_t>(p) * a.d;
+    for (int i = threadIdx.x; i < a.d; i += kRowThreads) out[i] = x[i];
+}
+
+template <typename T, typename R>
+__global__ void __launch_bounds__(kRowThreads) scatter_combine_kernel(molora_scatter_combine_args a) {
+    const int t = blockIdx.x;
+    const R *rows = static_cast<const R *>(a.rows);
+    T *y = static_cast<T *>(a.y) + static_cast<int64_t>(t) * a.d;
+    const int64_t base = static_cast<int64_t>(t) * a.k_max;
+    for (int o = threadIdx.x; o < a.d; o += kRowThreads) {
+        float acc = 0.0f;
+        bool any = false;
+        for (int s = 0; s < a.k_max; ++s) {
+            const int e = a.ids[base + s];
+            const int pos = a.slot_to_sorted[base + s];
+            if (e < 0 || e >= a.num_experts || pos < 0) continue;
+            any = true;
+            acc = fmaf(a.weights[base + s], to_f32(rows[static_cast<int64_t>(pos) * a.d + o]), acc);
+        }
+        if (any) y[o] = from_f32<T>(to_f32(y[o]) + a.scale * acc);
+    }
+}
+
+template <typename T>
+int launch_gather_rows(const molora_gather_rows_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_gather_rows_args a = *args;
+    if (a.num_slots < 0 || a.k_max < 1 || a.num_experts < 1 || a.d < 1) return static_cast<int>(cudaErrorInvalidValue);
+    if (a.num_slots == 0) return 0;
+    gather_rows_kernel<T><<<a.num_slots, kRowThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    return last_launch_error();
+}
+
+template <typename T>
+int launch_scatter_combine(const molora_scatter_combine_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_scatter_combine_args a = *args;
+    if (a.num_tokens < 0 || a.k_max < 1 || a.num_experts < 1 || a.d < 1) return static_cast<int>(cudaErrorInvalidValue);
+    if (a.num_tokens == 0) return 0;
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (a.rows_f32) scatter_combine_kernel<T, float><<<a.num_tokens, kRowThreads, 0, s>>>(a);
+    else scatter_combine_kernel<T, T><<<a.num_tokens, kRowThreads, 0, s>>>(a);
+    return last_launch_error();
+}
+
+}  // namespace
+}  // namespace molora
+
+extern "C" {
+int molora_gather_rows_f32(const molora_gather_rows_args *a, molora_stream_t s) { return molora::launch_gather_rows<float>(a, s); }
+int molora_gather_rows_f16(const molora_gather_rows_args *a, molora_stream_t s) { return molora::launch_gather_rows<__half>(a, s); }
+int molora_gather_rows_bf16(const molora_gather_rows_args *a, molora_stream_t s) { return molora::launch_gather_rows<__nv_bfloat16>(a, s); }
+int molora_scatter_combine_f32(const molora_scatter_combine_args *a, molora_stream_t s) { return molora::launch_scatter_combine<float>(a, s); }
+int molora_scatter_combine_f16(const molora_scatter_combine_args *a, molora_stream_t s) { return molora::launch_scatter_combine<__half>(a, s); }
+int molora_scatter_combine_bf16(const molora_scatter_combine_args *a, molora_stream_t s) { return molora::launch_scatter_combine<__nv_bfloat16>(a, s); }
+}

@@ -1,12 +1,18 @@
 //! Gating and router backward on the GPU against the CPU backward (f32), for top-k (renormalised
-//! or not), dense and threshold gates with softmax or sigmoid routers.
+//! or not), dense and threshold gates with softmax or sigmoid routers; the same through HDMoLE's
+//! hierarchical combination (λ-mix with dλ, product-and-renormalise including rows whose product is
+//! zero); and SAML's weight-space mixing backward (dA, dB, dp) for every dtype.
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use molora::cpu::{self, backward, Activation, Gate, ThresholdSpec};
-    use molora::cuda::{gating, gating_backward, router_backward, DeviceGate};
+    use half::{bf16, f16};
+    use molora::cpu::{self, backward, Activation, Gate, HierarchicalCombine, ThresholdSpec};
+    use molora::cuda::{
+        gating, gating_backward, gating_backward_hierarchical, mix_backward, router_backward,
+        CudaElement, Device, DeviceGate, DeviceSeqRouting, DlambdaOut,
+    };
     use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
-    use molora::DType;
+    use molora::{DType, LoraShape, Segments, SeqRouting};
     use proptest::prelude::*;
 
     proptest! {
@@ -80,5 +86,347 @@ mod gpu {
                 }
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn hierarchical_gating_backward_matches_cpu(t in 1usize..160, e in 1usize..=40, kf in 0.0f64..1.0,
+                                                    nseq in 1usize..=5, seed in any::<u64>(),
+                                                    sigmoid in any::<bool>(), which in 0usize..4,
+                                                    product in any::<bool>(), lambda in 0.0f32..=1.0,
+                                                    zero_seq in any::<bool>()) {
+            let Some(dev) = gpu_or_skip("hierarchical_gating_backward_matches_cpu") else { return Ok(()) };
+            let s = |err: molora::Error| err.to_string();
+            let mut rng = Rng::new(seed);
+            let k = 1 + ((e - 1) as f64 * kf) as usize;
+            let act = if sigmoid { Activation::Sigmoid } else { Activation::Softmax };
+            let temp = 0.8f32;
+            let logits: Vec<f32> = rng.values(t * e, 3.0);
+            // Sequence lengths summing to T (some may be empty); the global posterior of each is
+            // positive, except that with `zero_seq` the first is all zero (the product falls back to l).
+            let mut lens = vec![0usize; nseq];
+            for _ in 0..t {
+                lens[rng.below(nseq)] += 1;
+            }
+            let mut g: Vec<f32> = (0..nseq * e).map(|_| 0.05 + rng.uniform() as f32).collect();
+            for row in g.chunks_mut(e) {
+                let sum: f32 = row.iter().sum();
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
+            if zero_seq {
+                g[..e].iter_mut().for_each(|v| *v = 0.0);
+            }
+            let seqs = SeqRouting::new(Segments::from_lengths(&lens).map_err(s).unwrap(), e, g.clone()).map_err(s).unwrap();
+            let combine = if product { HierarchicalCombine::Product } else { HierarchicalCombine::Mix { lambda } };
+            let gate = match which {
+                0 => Gate::TopK { k, renormalize: true },
+                1 => Gate::TopK { k, renormalize: false },
+                2 => Gate::Dense,
+                _ => Gate::Threshold(ThresholdSpec::Learned { theta: 0.3 }),
+            };
+            let dgate = DeviceGate::from_gate(&gate, e).map_err(s).unwrap();
+            let k_max = dgate.k_max(e);
+            let dseq = DeviceSeqRouting::new(&dev, &seqs).unwrap();
+            let dl = dev.upload(&logits).unwrap();
+            let mut ids = dev.zeros::<i32>(t * k_max).unwrap();
+            let mut w = dev.zeros::<f32>(t * k_max).unwrap();
+            gating(&dev, &dl, t, e, act, temp, Some((&dseq, combine)), &dgate, &mut ids, &mut w).unwrap();
+            let ids_h = dev.download(&ids).unwrap();
+            let dw: Vec<f32> = rng.values(t * k_max, 1.0);
+            let ddw = dev.upload(&dw).unwrap();
+            let mut dz = dev.zeros::<f32>(t * e).unwrap();
+            let mut dtau = dev.zeros::<f32>(t).unwrap();
+            let mut dlam_tok = dev.zeros::<f32>(t).unwrap();
+            let mut dlam = dev.upload(&[f32::NAN]).unwrap();
+            gating_backward_hierarchical(&dev, &dl, t, e, act, temp, (&dseq, combine), &dgate, &ids, &ddw,
+                &mut dz, Some(&mut dtau), Some(DlambdaOut { per_token: &mut dlam_tok, total: &mut dlam })).unwrap();
+
+            // The CPU chain: activation → combination → gate, and back.
+            let l = cpu::activate(&logits, t, e, act, temp).unwrap();
+            let p = cpu::hierarchical(&l, t, e, &seqs, combine).unwrap();
+            let (taus, renorm) = match &gate {
+                Gate::Threshold(spec) => (Some(cpu::threshold_values::<f32>(spec, None, t, 1, e).unwrap()), true),
+                Gate::TopK { renormalize, .. } => (None, *renormalize),
+                Gate::Dense => (None, false),
+            };
+            let (dp, dtau_want) = backward::gate_backward(&p, e, &ids_h, k_max, taus.as_deref(), renorm, &dw).unwrap();
+            let g_tok: Vec<f32> = (0..nseq).flat_map(|q| std::iter::repeat_n(seqs.probs_of(q).to_vec(), lens[q])).flatten().collect();
+            let (dl_want, dlam_tok_want) = match combine {
+                HierarchicalCombine::Mix { lambda } => {
+                    let dl = backward::mix_combine_backward(&g_tok, &l, lambda, &dp).unwrap().0;
+                    // dλ of each token on its own (the CPU returns the sum over the rows it is given).
+                    let per_tok: Vec<f32> = (0..t)
+                        .map(|i| {
+                            let r = i * e..(i + 1) * e;
+                            backward::mix_combine_backward(&g_tok[r.clone()], &l[r.clone()], lambda, &dp[r]).unwrap().1
+                        })
+                        .collect();
+                    (dl, per_tok)
+                }
+                HierarchicalCombine::Product => (backward::product_combine_backward(&g_tok, &l, e, &dp).unwrap(), vec![0.0; t]),
+            };
+            let dz_want = match act {
+                Activation::Softmax => backward::softmax_backward(&l, &dl_want, e, temp).unwrap(),
+                Activation::Sigmoid => backward::sigmoid_backward(&l, &dl_want, temp).unwrap(),
+            };
+            let tol = Tolerance::for_dtype(DType::F32).scaled(10.0);
+            if let Err(m) = compare("dz", &dev.download(&dz).unwrap(), &dz_want, tol) {
+                prop_assert!(false, "{:?} {:?}: {}", gate, combine, m);
+            }
+            if taus.is_some() {
+                if let Err(m) = compare("dτ", &dev.download(&dtau).unwrap(), &dtau_want, tol) {
+                    prop_assert!(false, "{:?}: {}", combine, m);
+                }
+            }
+            let got_tok = dev.download(&dlam_tok).unwrap();
+            if let Err(m) = compare("dλ per token", &got_tok, &dlam_tok_want, tol) {
+                prop_assert!(false, "{:?} {:?}: {}", gate, combine, m);
+            }
+            // The total is the ordered sum of the per-token values (formed in f64 on the device).
+            let sum = got_tok.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+            if let Err(m) = compare("dλ", &dev.download(&dlam).unwrap(), &[sum], Tolerance::for_dtype(DType::F32)) {
+                prop_assert!(false, "{:?} {:?}: {}", gate, combine, m);
+            }
+        }
+    }
+
+    /// SAML mixing backward of one random case in element type `T` against the CPU, per sequence.
+    fn check_mix_backward<T: CudaElement>(
+        dev: &Device,
+        shape: &LoraShape,
+        nseq: usize,
+        seed: u64,
+    ) -> Result<(), String> {
+        let s = |err: molora::Error| err.to_string();
+        let mut rng = Rng::new(seed);
+        let (e, per_a, per_b) = (
+            shape.num_experts,
+            shape.rank * shape.d_in,
+            shape.d_out * shape.rank,
+        );
+        let a: Vec<T> = rng.values(shape.a_len(), 1.0);
+        let b: Vec<T> = rng.values(shape.b_len(), 1.0);
+        let p: Vec<f32> = rng.values(nseq * e, 1.0);
+        let dam: Vec<f32> = rng.values(nseq * per_a, 1.0);
+        let dbm: Vec<f32> = rng.values(nseq * per_b, 1.0);
+        let a32: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+        let b32: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+        let mut da_want = vec![0.0f32; shape.a_len()];
+        let mut db_want = vec![0.0f32; shape.b_len()];
+        let mut dp_want = Vec::with_capacity(nseq * e);
+        for q in 0..nseq {
+            let (da, db, dp) = backward::mix_backward(
+                &a32,
+                &b32,
+                shape,
+                &p[q * e..(q + 1) * e],
+                &dam[q * per_a..(q + 1) * per_a],
+                &dbm[q * per_b..(q + 1) * per_b],
+            )
+            .map_err(s)?;
+            da_want.iter_mut().zip(&da).for_each(|(acc, v)| *acc += v);
+            db_want.iter_mut().zip(&db).for_each(|(acc, v)| *acc += v);
+            dp_want.extend(dp);
+        }
+        // Every upload carries a spare element (S may be 0; the driver cannot allocate zero bytes).
+        let up = |v: &[f32]| {
+            let mut v = v.to_vec();
+            v.push(0.0);
+            dev.upload(&v)
+        };
+        let (da_, db_) = (dev.upload(&a).map_err(s)?, dev.upload(&b).map_err(s)?);
+        let (p_, dam_, dbm_) = (
+            up(&p).map_err(s)?,
+            up(&dam).map_err(s)?,
+            up(&dbm).map_err(s)?,
+        );
+        // Outputs start as NaN: every element must be written.
+        let mut da = dev.upload(&vec![f32::NAN; shape.a_len()]).map_err(s)?;
+        let mut db = dev.upload(&vec![f32::NAN; shape.b_len()]).map_err(s)?;
+        let mut dp = up(&vec![f32::NAN; nseq * e]).map_err(s)?;
+        mix_backward(
+            dev,
+            &da_,
+            &db_,
+            shape,
+            &p_.slice(0..nseq * e),
+            nseq,
+            &dam_.slice(0..nseq * per_a),
+            &dbm_.slice(0..nseq * per_b),
+            &mut da,
+            &mut db,
+            &mut dp.slice_mut(0..nseq * e),
+        )
+        .map_err(s)?;
+        let tol = Tolerance::for_dtype(DType::F32);
+        compare(
+            "dA",
+            &dev.download(&da).map_err(s)?,
+            &da_want,
+            tol.scaled((nseq.max(1) as f32).sqrt()),
+        )?;
+        compare(
+            "dB",
+            &dev.download(&db).map_err(s)?,
+            &db_want,
+            tol.scaled((nseq.max(1) as f32).sqrt()),
+        )?;
+        let got_dp = dev.download(&dp).map_err(s)?;
+        compare(
+            "dp",
+            &got_dp[..nseq * e],
+            &dp_want,
+            tol.scaled(((per_a + per_b) as f32).sqrt()),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn mix_backward_matches_cpu(e in 1usize..=10, r in 1usize..=8, d_in in 1usize..=300, d_out in 1usize..=300,
+                                    nseq in 0usize..=5, seed in any::<u64>(), dtype in 0usize..3) {
+            let Some(dev) = gpu_or_skip("mix_backward_matches_cpu") else { return Ok(()) };
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            let res = match dtype {
+                0 => check_mix_backward::<f32>(&dev, &shape, nseq, seed),
+                1 => check_mix_backward::<f16>(&dev, &shape, nseq, seed),
+                _ => check_mix_backward::<bf16>(&dev, &shape, nseq, seed),
+            };
+            if let Err(m) = res {
+                prop_assert!(false, "{:?}, S = {}: {}", shape, nseq, m);
+            }
+        }
+    }
+
+    #[test]
+    fn hierarchical_backward_rejects_bad_input() {
+        let Some(dev) = gpu_or_skip("hierarchical_backward_rejects_bad_input") else {
+            return;
+        };
+        let (t, e) = (4usize, 3usize);
+        let seqs = SeqRouting::new(
+            Segments::from_lengths(&[2, 1]).unwrap(),
+            e,
+            vec![0.3; 2 * e],
+        )
+        .unwrap();
+        let dseq = DeviceSeqRouting::new(&dev, &seqs).unwrap();
+        let logits = dev.zeros::<f32>(t * e).unwrap();
+        let ids = dev.zeros::<i32>(t * e).unwrap();
+        let dw = dev.zeros::<f32>(t * e).unwrap();
+        let mut dz = dev.zeros::<f32>(t * e).unwrap();
+        // The segments cover 3 rows, not 4.
+        let err = gating_backward_hierarchical(
+            &dev,
+            &logits,
+            t,
+            e,
+            Activation::Softmax,
+            1.0,
+            (&dseq, HierarchicalCombine::Product),
+            &DeviceGate::Dense,
+            &ids,
+            &dw,
+            &mut dz,
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                molora::Error::LengthMismatch {
+                    what: "global posterior segment rows",
+                    expected: 4,
+                    got: 3
+                }
+            ),
+            "{err}"
+        );
+        let seqs = SeqRouting::new(
+            Segments::from_lengths(&[2, 2]).unwrap(),
+            e,
+            vec![0.3; 2 * e],
+        )
+        .unwrap();
+        let dseq = DeviceSeqRouting::new(&dev, &seqs).unwrap();
+        let err = gating_backward_hierarchical(
+            &dev,
+            &logits,
+            t,
+            e,
+            Activation::Softmax,
+            1.0,
+            (&dseq, HierarchicalCombine::Mix { lambda: 1.5 }),
+            &DeviceGate::Dense,
+            &ids,
+            &dw,
+            &mut dz,
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, molora::Error::InvalidParameter { .. }),
+            "{err}"
+        );
+        let mut tok = dev.zeros::<f32>(t - 1).unwrap();
+        let mut total = dev.zeros::<f32>(1).unwrap();
+        let err = gating_backward_hierarchical(
+            &dev,
+            &logits,
+            t,
+            e,
+            Activation::Softmax,
+            1.0,
+            (&dseq, HierarchicalCombine::Mix { lambda: 0.5 }),
+            &DeviceGate::Dense,
+            &ids,
+            &dw,
+            &mut dz,
+            None,
+            Some(DlambdaOut {
+                per_token: &mut tok,
+                total: &mut total,
+            }),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                molora::Error::LengthMismatch {
+                    expected: 4,
+                    got: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Mixing backward: dp of the wrong length.
+        let shape = LoraShape::new(2, 1, 3, 3).unwrap();
+        let a = dev.zeros::<f32>(shape.a_len()).unwrap();
+        let b = dev.zeros::<f32>(shape.b_len()).unwrap();
+        let p = dev.zeros::<f32>(2).unwrap();
+        let dam = dev.zeros::<f32>(3).unwrap();
+        let dbm = dev.zeros::<f32>(3).unwrap();
+        let mut da = dev.zeros::<f32>(shape.a_len()).unwrap();
+        let mut db = dev.zeros::<f32>(shape.b_len()).unwrap();
+        let mut dp = dev.zeros::<f32>(3).unwrap();
+        let err = mix_backward(
+            &dev, &a, &b, &shape, &p, 1, &dam, &dbm, &mut da, &mut db, &mut dp,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                molora::Error::LengthMismatch {
+                    what: "dp [S, E]",
+                    expected: 2,
+                    got: 3
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -184,6 +184,55 @@ int64_t molora_dispatch_workspace_len(int32_t num_slots, int32_t num_experts);
 int molora_dispatch(const molora_dispatch_args *args, molora_stream_t stream);
 
 /*
+ * Gather into the plan's sorted order (the CPU reference is molora::cpu::gather_rows):
+ *   out[p, :] = x[sorted_slots[p] / k_max, :]     for p < P = expert_offsets[num_experts]
+ * x [num_tokens, d] and out [num_slots, d] of the launcher's element type (a plain copy); rows of out
+ * at or past P are not written. One block per row p < num_slots (blocks past P exit), so the grid
+ * depends on num_slots only. num_slots = num_tokens·k_max; num_slots·d < 2^31.
+ */
+typedef struct molora_gather_rows_args {
+    const void *x;
+    void *out;
+    const int32_t *expert_offsets;
+    const int32_t *sorted_slots;
+    int32_t num_slots;
+    int32_t k_max;
+    int32_t num_experts;
+    int32_t d;
+} molora_gather_rows_args;
+
+int molora_gather_rows_f32(const molora_gather_rows_args *args, molora_stream_t stream);
+int molora_gather_rows_f16(const molora_gather_rows_args *args, molora_stream_t stream);
+int molora_gather_rows_bf16(const molora_gather_rows_args *args, molora_stream_t stream);
+
+/*
+ * Scatter-combine of per-pair rows back into token order, deterministic (the CPU reference is
+ * molora::cpu::scatter_combine):
+ *   y[t, o] = round(y[t, o] + scale · Σ_{s valid} weights[t, s] · rows[slot_to_sorted[t·k_max + s], o])
+ * A slot is valid when its id is in [0, num_experts) and slot_to_sorted >= 0; slots are summed in
+ * slot order in f32; a token with no valid slot keeps its row bit for bit. rows [num_slots, d] is f32
+ * when rows_f32 != 0, else of the launcher's element type; y [num_tokens, d] of the launcher's type.
+ * One block per token; the grid depends on num_tokens only.
+ */
+typedef struct molora_scatter_combine_args {
+    const void *rows;
+    int32_t rows_f32;
+    const int32_t *ids;
+    const float *weights;
+    const int32_t *slot_to_sorted;
+    void *y;
+    float scale;
+    int32_t num_tokens;
+    int32_t k_max;
+    int32_t num_experts;
+    int32_t d;
+} molora_scatter_combine_args;
+
+int molora_scatter_combine_f32(const molora_scatter_combine_args *args, molora_stream_t stream);
+int molora_scatter_combine_f16(const molora_scatter_combine_args *args, molora_stream_t stream);
+int molora_scatter_combine_bf16(const molora_scatter_combine_args *args, molora_stream_t stream);
+
+/*
  * Grouped LoRA shrink, over row runs (experts after dispatch, or sequence segments):
  *
  *   h[p, j] = Σ_i x[src(p), i] · A[w(run(p)), j, i]      (f32 out, f32 accumulation in i order)
@@ -363,15 +412,23 @@ int molora_lora_backward_f16(const molora_lora_backward_args *args, molora_strea
 int molora_lora_backward_bf16(const molora_lora_backward_args *args, molora_stream_t stream);
 
 /*
- * Gating backward (top-k, threshold with per-token or scalar tau, dense; no hierarchical combination),
- * one warp per token: p is recomputed from the logits (as the forward computed it), then
+ * Gating backward (top-k, threshold with per-token or scalar tau, dense; with or without the
+ * hierarchical combination), one warp per token: the local probabilities l are recomputed from the
+ * logits and combined into p exactly as the forward computed them, then
  *   dp from dw:  top-k renormalised  dp_i = (dw_i − Σ_j w_j·dw_j)/Σ_kept p;  not renormalised dp_i = dw_i;
  *                threshold  dp_i = (dw_i − Σ_j w_j·dw_j)/Z,  dtau = Σ_i dw_i·(n·w_i − 1)/Z
  *                (Z = Σ_kept (p − tau), n kept; the arg-max fallback and Z = 0 give no gradient);
  *                dense  dp = dw
- *   dz from dp:  softmax  p·(dp − ⟨dp, p⟩)/temperature;  sigmoid  dp·p·(1 − p)/temperature
+ *   dl from dp:  no combination  dl = dp;
+ *                λ-mix (p = λ·g + (1 − λ)·l)  dl = (1 − λ)·dp,  dλ_t = Σ_e dp_e·(g_e − l_e);
+ *                product (p = g ⊙ l / Σ(g ⊙ l))  dl = g ⊙ (dp − ⟨dp, p⟩)/Σ(g ⊙ l), or dl = dp where
+ *                that sum is 0 (the forward kept l)
+ *   dz from dl:  softmax  l·(dl − ⟨dl, l⟩)/temperature;  sigmoid  dl·l·(1 − l)/temperature
  * ids / weights are the forward's [T, k_max]; dz [T, E] f32; dtau [T] f32 (threshold only, may be NULL).
- * Sums in double, as on the CPU reference (src/cpu/backward.rs).
+ * With combine != NONE, global_probs [num_seqs, E] and seq_offsets [num_seqs + 1] are the forward's
+ * (as in molora_gating_args); dlambda_tokens [T] f32 receives dλ_t (λ-mix only, may be NULL), and
+ * dlambda [1] f32 (may be NULL; needs dlambda_tokens) Σ_t dλ_t, summed by one block in a fixed order
+ * (deterministic). Sums in double, as on the CPU reference (src/cpu/backward.rs).
  */
 typedef struct molora_gating_backward_args {
     const float *logits;
@@ -388,6 +445,13 @@ typedef struct molora_gating_backward_args {
     float temperature;
     int32_t gate;
     int32_t renormalize;
+    int32_t combine; /* molora_combine */
+    float lambda;
+    const float *global_probs;
+    const int32_t *seq_offsets;
+    int32_t num_seqs;
+    float *dlambda_tokens;
+    float *dlambda;
 } molora_gating_backward_args;
 
 int molora_gating_backward_f32(const molora_gating_backward_args *args, molora_stream_t stream);
@@ -412,6 +476,36 @@ typedef struct molora_router_backward_args {
 int molora_router_backward_f32(const molora_router_backward_args *args, molora_stream_t stream);
 int molora_router_backward_f16(const molora_router_backward_args *args, molora_stream_t stream);
 int molora_router_backward_bf16(const molora_router_backward_args *args, molora_stream_t stream);
+
+/*
+ * Backward of SAML's weight-space mixing (molora_mix), deterministic. With Ā_s = Σ_e p[s, e]·A_e,
+ * B̄_s = Σ_e p[s, e]·B_e and the gradients dĀ [S, per_a], dB̄ [S, per_b] (f32):
+ *   dA[e, i] = Σ_s p[s, e]·dĀ[s, i]      dB[e, i] = Σ_s p[s, e]·dB̄[s, i]      (sequences in order)
+ *   dp[s, e] = ⟨dĀ_s, A_e⟩ + ⟨dB̄_s, B_e⟩                                         (one block per (s, e),
+ *              a fixed-order tree over its threads' partial sums)
+ * A [E, per_a] and B [E, per_b] of the launcher's element type; dA [E, per_a], dB [E, per_b],
+ * dp [S, E] f32, written (not accumulated). per_a = rank·d_in, per_b = d_out·rank. The CPU reference
+ * is molora::cpu::backward::mix_backward, per sequence (its dA_e, dB_e summed over the sequences).
+ * num_seqs == 0 writes dA = dB = 0. E, num_seqs <= 65535.
+ */
+typedef struct molora_mix_backward_args {
+    const void *a;
+    const void *b;
+    const float *probs;
+    const float *da_mixed;
+    const float *db_mixed;
+    float *da;
+    float *db;
+    float *dp;
+    int32_t num_experts;
+    int32_t num_seqs;
+    int64_t per_a;
+    int64_t per_b;
+} molora_mix_backward_args;
+
+int molora_mix_backward_f32(const molora_mix_backward_args *args, molora_stream_t stream);
+int molora_mix_backward_f16(const molora_mix_backward_args *args, molora_stream_t stream);
+int molora_mix_backward_bf16(const molora_mix_backward_args *args, molora_stream_t stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -59,6 +59,13 @@ impl DeviceLoraGrads {
         self.dw.slice(0..self.num_tokens * self.k_max)
     }
 
+    /// Bytes of device memory these buffers hold (gradients and the `u` workspace), allocated once
+    /// by [`DeviceLoraGrads::new`]; [`lora_backward_experts`] allocates nothing per call.
+    pub fn device_bytes(&self) -> usize {
+        std::mem::size_of::<f32>()
+            * (self.da.len() + self.db.len() + self.dx.len() + self.dw.len() + self.u.len())
+    }
+
     /// Copies the gradients to the host (waits for the stream).
     pub fn to_host(&self, dev: &Device) -> Result<LoraGrads<f32>> {
         let take = |s: &CudaSlice<f32>, n: usize| -> Result<Vec<f32>> {
@@ -178,8 +185,8 @@ pub fn lora_backward_experts<T: CudaElement>(
 /// Gating backward on the GPU, the counterpart of [`crate::cpu::backward::gate_backward`] followed by
 /// [`crate::cpu::backward::softmax_backward`] / [`crate::cpu::backward::sigmoid_backward`]: from the
 /// forward's logits `[T, E]`, its routing `ids` `[T, k_max]` and `dw = ∂L/∂w` `[T, k_max]`, writes
-/// `dz = ∂L/∂logits` `[T, E]` and, for a threshold gate, `dτ` `[T]`. The hierarchical combination
-/// has no GPU backward yet ([`Error::Unsupported`]); its CPU backward exists.
+/// `dz = ∂L/∂logits` `[T, E]` and, for a threshold gate, `dτ` `[T]`. For a forward with a
+/// hierarchical combination use [`gating_backward_hierarchical`].
 #[allow(clippy::too_many_arguments)]
 pub fn gating_backward(
     dev: &Device,
@@ -194,7 +201,96 @@ pub fn gating_backward(
     dz: &mut impl DevicePtrMut<f32>,
     dtau: Option<&mut CudaSlice<f32>>,
 ) -> Result<()> {
+    gating_backward_impl(
+        dev,
+        logits,
+        num_tokens,
+        num_experts,
+        act,
+        temperature,
+        None,
+        gate,
+        ids,
+        dw,
+        dz,
+        dtau,
+        None,
+    )
+}
+
+/// Where [`gating_backward_hierarchical`] writes `dλ` of a λ-mix: `per_token` `[T]` receives each
+/// token's `dλ_t = Σ_e dp_te·(g_se − l_te)`, `total` `[1]` their sum `Σ_t dλ_t`, formed by one block
+/// in a fixed order (deterministic).
+#[derive(Debug)]
+pub struct DlambdaOut<'a> {
+    pub per_token: &'a mut CudaSlice<f32>,
+    pub total: &'a mut CudaSlice<f32>,
+}
+
+/// Gating backward through a hierarchical combination (HDMoLE) on the GPU: as [`gating_backward`]
+/// for a forward run by [`super::gating`] with `Some(hierarchy)`. The local probabilities `l` are
+/// recomputed from the logits and combined with the sequence's global posterior `g` exactly as the
+/// forward did; `dp` of the combined `p` (through the gate) goes through the combination to `dl`, and
+/// `dz` is the activation's backward at `l`:
+///
+/// * λ-mix `p = λ·g + (1 − λ)·l`: `dl = (1 − λ)·dp`, and `dλ = Σ_t Σ_e dp_te·(g_se − l_te)` into
+///   `dlambda` when given (the counterpart of [`crate::cpu::backward::mix_combine_backward`]);
+/// * product `p = g ⊙ l / Σ(g ⊙ l)`: `dl = g ⊙ (dp − ⟨dp, p⟩)/Σ(g ⊙ l)`, or `dl = dp` for a row
+///   whose sum is 0 (the counterpart of [`crate::cpu::backward::product_combine_backward`]); a
+///   `dlambda` given here receives zeros.
+///
+/// The global posterior is a constant (a frozen classifier's output): it gets no gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn gating_backward_hierarchical(
+    dev: &Device,
+    logits: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    num_experts: usize,
+    act: crate::cpu::Activation,
+    temperature: f32,
+    hierarchy: (&super::DeviceSeqRouting, crate::cpu::HierarchicalCombine),
+    gate: &super::DeviceGate<'_>,
+    ids: &impl DevicePtr<i32>,
+    dw: &impl DevicePtr<f32>,
+    dz: &mut impl DevicePtrMut<f32>,
+    dtau: Option<&mut CudaSlice<f32>>,
+    dlambda: Option<DlambdaOut<'_>>,
+) -> Result<()> {
+    gating_backward_impl(
+        dev,
+        logits,
+        num_tokens,
+        num_experts,
+        act,
+        temperature,
+        Some(hierarchy),
+        gate,
+        ids,
+        dw,
+        dz,
+        dtau,
+        dlambda,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gating_backward_impl(
+    dev: &Device,
+    logits: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    num_experts: usize,
+    act: crate::cpu::Activation,
+    temperature: f32,
+    hierarchy: Option<(&super::DeviceSeqRouting, crate::cpu::HierarchicalCombine)>,
+    gate: &super::DeviceGate<'_>,
+    ids: &impl DevicePtr<i32>,
+    dw: &impl DevicePtr<f32>,
+    dz: &mut impl DevicePtrMut<f32>,
+    dtau: Option<&mut CudaSlice<f32>>,
+    dlambda: Option<DlambdaOut<'_>>,
+) -> Result<()> {
     use super::DeviceGate;
+    use crate::cpu::HierarchicalCombine;
     const OP: &str = "gating_backward";
     crate::cpu::gating::check_temperature(temperature)?;
     if num_experts == 0 || num_experts > super::MAX_GATING_EXPERTS {
@@ -207,6 +303,11 @@ pub fn gating_backward(
     if let DeviceGate::TopK { k, .. } = gate {
         crate::cpu::gating::check_k(*k, num_experts)?;
     }
+    if let Some((g, combine)) = &hierarchy {
+        crate::cpu::gating::check_combine(*combine)?;
+        check_len("global posterior experts", num_experts, g.num_experts)?;
+        check_len("global posterior segment rows", num_tokens, g.num_rows)?;
+    }
     let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
     check_len("logits [T, E]", n_logits, logits.len())?;
     check_len("dz [T, E]", n_logits, dz.len())?;
@@ -218,7 +319,11 @@ pub fn gating_backward(
     if let Some(d) = &dtau {
         check_len("dtau [T]", num_tokens, d.len())?;
     }
-    if num_tokens == 0 {
+    if let Some(d) = &dlambda {
+        check_len("dλ per token [T]", num_tokens, d.per_token.len())?;
+        check_len("dλ total [1]", 1, d.total.len())?;
+    }
+    if num_tokens == 0 && dlambda.is_none() {
         return Ok(());
     }
     let stream = dev.stream();
@@ -231,6 +336,22 @@ pub fn gating_backward(
         DeviceGate::ThresholdPerToken(v) => Some(v.device_ptr(stream)),
         _ => None,
     };
+    let hier = hierarchy.map(|(g, _)| {
+        let (o, go) = g.offsets.device_ptr(stream);
+        let (p, gp) = g.probs.device_ptr(stream);
+        (o, p, g.num_seqs, [go, gp])
+    });
+    let (combine, lambda) = match hierarchy.map(|h| h.1) {
+        None => (ffi::MOLORA_COMBINE_NONE, 0.0),
+        Some(HierarchicalCombine::Mix { lambda }) => (ffi::MOLORA_COMBINE_MIX, lambda),
+        Some(HierarchicalCombine::Product) => (ffi::MOLORA_COMBINE_PRODUCT, 0.0),
+    };
+    let dl = dlambda.map(|d| {
+        (
+            d.per_token.device_ptr_mut(stream),
+            d.total.device_ptr_mut(stream),
+        )
+    });
     let (kind, renormalize, tau) = match gate {
         DeviceGate::TopK { renormalize, .. } => (ffi::MOLORA_GATE_TOPK, *renormalize, 0.0),
         DeviceGate::Threshold(tau) => (ffi::MOLORA_GATE_THRESHOLD, false, *tau),
@@ -256,10 +377,99 @@ pub fn gating_backward(
         temperature,
         gate: kind as i32,
         renormalize: renormalize as i32,
+        combine: combine as i32,
+        lambda,
+        global_probs: hier
+            .as_ref()
+            .map_or(std::ptr::null(), |h| h.1 as *const f32),
+        seq_offsets: hier
+            .as_ref()
+            .map_or(std::ptr::null(), |h| h.0 as *const i32),
+        num_seqs: hier.as_ref().map_or(0, |h| h.2 as i32),
+        dlambda_tokens: dl
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |d| d.0 .0 as *mut f32),
+        dlambda: dl
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |d| d.1 .0 as *mut f32),
     };
-    // SAFETY: logits and dz hold T·E, ids and dw T·k_max, taus and dtau T elements (checked); E is
-    // within the kernel's shared-memory limit; the guards order every buffer on `stream`.
+    // SAFETY: logits and dz hold T·E, ids and dw T·k_max, taus, dtau and dλ per token T elements,
+    // the dλ total 1 (checked); E is within the kernel's shared-memory limit; the global posterior was
+    // uploaded whole from a validated SeqRouting of E experts whose segments cover exactly T rows, so
+    // every token finds its sequence; λ is in [0, 1] (check_combine). The guards order every buffer
+    // on `stream`.
     let code = unsafe { ffi::molora_gating_backward_f32(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// Backward of SAML's weight-space mixing ([`super::mix_experts`]) on the GPU, deterministic: with
+/// `Ā_s = Σ_e p_se·A_e`, `B̄_s = Σ_e p_se·B_e` and the gradients `dĀ` `[S, r, d_in]`, `dB̄`
+/// `[S, d_out, r]` (f32), writes `dA_e = Σ_s p_se·dĀ_s` `[E, r, d_in]`, `dB_e = Σ_s p_se·dB̄_s`
+/// `[E, d_out, r]` (sequences in order) and `dp_se = ⟨dĀ_s, A_e⟩ + ⟨dB̄_s, B_e⟩` `[S, E]` (a
+/// fixed-order reduction per `(s, e)`), all f32. The counterpart of
+/// [`crate::cpu::backward::mix_backward`] applied per sequence, its `dA`, `dB` summed over sequences.
+#[allow(clippy::too_many_arguments)]
+pub fn mix_backward<T: CudaElement>(
+    dev: &Device,
+    a: &impl DevicePtr<T>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    probs: &impl DevicePtr<f32>,
+    num_seqs: usize,
+    d_a_mixed: &impl DevicePtr<f32>,
+    d_b_mixed: &impl DevicePtr<f32>,
+    da: &mut impl DevicePtrMut<f32>,
+    db: &mut impl DevicePtrMut<f32>,
+    dp: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    const OP: &str = "mix_backward";
+    let e = shape.num_experts;
+    let per_a = shape.rank * shape.d_in;
+    let per_b = shape.d_out * shape.rank;
+    if num_seqs > 65535 || e > 65535 {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!(
+                "{num_seqs} sequences / {e} experts (the mixing backward grid takes up to 65535 each)"
+            ),
+        });
+    }
+    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
+    check_len("probs [S, E]", num_seqs * e, probs.len())?;
+    check_len("dĀ [S, r, d_in]", num_seqs * per_a, d_a_mixed.len())?;
+    check_len("dB̄ [S, d_out, r]", num_seqs * per_b, d_b_mixed.len())?;
+    check_len("dA [E, r, d_in]", shape.a_len(), da.len())?;
+    check_len("dB [E, d_out, r]", shape.b_len(), db.len())?;
+    check_len("dp [S, E]", num_seqs * e, dp.len())?;
+    let stream = dev.stream();
+    let (a_ptr, _g0) = a.device_ptr(stream);
+    let (b_ptr, _g1) = b.device_ptr(stream);
+    let (p_ptr, _g2) = probs.device_ptr(stream);
+    let (dam_ptr, _g3) = d_a_mixed.device_ptr(stream);
+    let (dbm_ptr, _g4) = d_b_mixed.device_ptr(stream);
+    let (da_ptr, _g5) = da.device_ptr_mut(stream);
+    let (db_ptr, _g6) = db.device_ptr_mut(stream);
+    let (dp_ptr, _g7) = dp.device_ptr_mut(stream);
+    let args = ffi::molora_mix_backward_args {
+        a: a_ptr as *const _,
+        b: b_ptr as *const _,
+        probs: p_ptr as *const f32,
+        da_mixed: dam_ptr as *const f32,
+        db_mixed: dbm_ptr as *const f32,
+        da: da_ptr as *mut f32,
+        db: db_ptr as *mut f32,
+        dp: dp_ptr as *mut f32,
+        num_experts: e as i32,
+        num_seqs: num_seqs as i32,
+        per_a: per_a as i64,
+        per_b: per_b as i64,
+    };
+    // SAFETY: A, dA hold E·r·d_in, B, dB E·d_out·r, probs and dp S·E, dĀ S·r·d_in and dB̄ S·d_out·r
+    // elements (checked); E and S are at most 65535 (grid limits, checked); per_a, per_b >= 1
+    // (LoraShape). With S = 0 the kernels write dA = dB = 0 and read no sequence. The guards order
+    // every buffer on `stream`.
+    let code = unsafe { T::MIX_BACKWARD(&args, dev.raw_stream()) };
     check_launch(OP, code)
 }
 

@@ -4,10 +4,11 @@
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
-use super::device::{check_launch, Device};
+use super::device::{check_launch, checked_i32, Device};
 use super::ffi;
+use super::lora::CudaElement;
 use crate::error::check_len;
-use crate::{DispatchPlan, Error, Result};
+use crate::{DType, DispatchPlan, Error, Result};
 
 /// Largest number of experts the dispatch kernels handle.
 pub const MAX_DISPATCH_EXPERTS: usize = ffi::MOLORA_DISPATCH_MAX_EXPERTS as usize;
@@ -144,4 +145,135 @@ pub fn dispatch(dev: &Device, ids: &impl DevicePtr<i32>, plan: &mut DevicePlan) 
     // The guards keep every buffer alive and ordered on `stream` until the launches are enqueued.
     let code = unsafe { ffi::molora_dispatch(&args, dev.raw_stream()) };
     check_launch("dispatch", code)
+}
+
+/// Gathers input rows into the plan's sorted order: `out[p, :] = x[sorted_slots[p] / k_max, :]` for
+/// every pair `p < P`; rows of `out` at or past `P` are not written. `x` `[T, d]`, `out`
+/// `[T·k_max, d]` (room for every slot, since `P` is only known on the device). The GPU counterpart
+/// of [`crate::cpu::gather_rows`]; asynchronous.
+pub fn gather_rows<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    d: usize,
+    plan: &DevicePlan,
+    out: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    if d == 0 {
+        return Err(Error::InvalidDim {
+            what: "d",
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
+    let slots = plan.num_slots();
+    check_len(
+        "x [T, d]",
+        checked_i32("T * d", plan.num_tokens, d)?,
+        x.len(),
+    )?;
+    check_len(
+        "gathered rows [T * k_max, d]",
+        checked_i32("T * k_max * d", slots, d)?,
+        out.len(),
+    )?;
+    if slots == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (out_ptr, _g1) = out.device_ptr_mut(stream);
+    let (off_ptr, sorted_ptr, _g2) = plan.offsets_and_sorted(stream);
+    let args = ffi::molora_gather_rows_args {
+        x: x_ptr as *const _,
+        out: out_ptr as *mut _,
+        expert_offsets: off_ptr as *const i32,
+        sorted_slots: sorted_ptr as *const i32,
+        num_slots: slots as i32,
+        k_max: plan.k_max as i32,
+        num_experts: plan.num_experts as i32,
+        d: d as i32,
+    };
+    // SAFETY: x holds T·d and out T·k_max·d elements (checked, both fit an i32); the plan was
+    // allocated for this T and k_max, so its first P sorted slots index slots < T·k_max, whose
+    // token (slot / k_max) is < T. The guards order every buffer on `stream`.
+    let code = unsafe { T::GATHER_ROWS(&args, dev.raw_stream()) };
+    check_launch("gather_rows", code)
+}
+
+/// Scatter-combine of per-pair rows back into token order, deterministic:
+/// `y[t, :] = round(y[t, :] + scale·Σ_s w_ts·rows[slot_to_sorted[t·k_max + s], :])` over the valid
+/// slots in slot order, in f32; tokens with no valid slot keep their row bit for bit. `rows`
+/// `[T·k_max, d]` (sorted order) is f32 or of `y`'s element type; `ids`/`weights` are the routing
+/// the plan was built from. The GPU counterpart of [`crate::cpu::scatter_combine`]; asynchronous.
+#[allow(clippy::too_many_arguments)]
+pub fn scatter_combine<T: CudaElement, R: CudaElement>(
+    dev: &Device,
+    rows: &impl DevicePtr<R>,
+    d: usize,
+    plan: &DevicePlan,
+    ids: &impl DevicePtr<i32>,
+    weights: &impl DevicePtr<f32>,
+    scale: f32,
+    y: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    const OP: &str = "scatter_combine";
+    crate::cpu::dispatch::check_scale(scale)?;
+    if R::DTYPE != DType::F32 && R::DTYPE != T::DTYPE {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!(
+                "rows of {:?} into y of {:?} (rows must be f32 or y's element type)",
+                R::DTYPE,
+                T::DTYPE
+            ),
+        });
+    }
+    if d == 0 {
+        return Err(Error::InvalidDim {
+            what: "d",
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
+    let slots = plan.num_slots();
+    check_len(
+        "rows [T * k_max, d]",
+        checked_i32("T * k_max * d", slots, d)?,
+        rows.len(),
+    )?;
+    check_len("routing ids [T, k_max]", slots, ids.len())?;
+    check_len("routing weights [T, k_max]", slots, weights.len())?;
+    check_len(
+        "y [T, d]",
+        checked_i32("T * d", plan.num_tokens, d)?,
+        y.len(),
+    )?;
+    if plan.num_tokens == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (rows_ptr, _g0) = rows.device_ptr(stream);
+    let (ids_ptr, _g1) = ids.device_ptr(stream);
+    let (w_ptr, _g2) = weights.device_ptr(stream);
+    let (y_ptr, _g3) = y.device_ptr_mut(stream);
+    let (inv_ptr, _g4) = plan.inverse(stream);
+    let args = ffi::molora_scatter_combine_args {
+        rows: rows_ptr as *const _,
+        rows_f32: (R::DTYPE == DType::F32) as i32,
+        ids: ids_ptr as *const i32,
+        weights: w_ptr as *const f32,
+        slot_to_sorted: inv_ptr as *const i32,
+        y: y_ptr as *mut _,
+        scale,
+        num_tokens: plan.num_tokens as i32,
+        k_max: plan.k_max as i32,
+        num_experts: plan.num_experts as i32,
+        d: d as i32,
+    };
+    // SAFETY: rows hold T·k_max·d, ids/weights T·k_max and y T·d elements (checked, all fit an i32);
+    // rows are read as f32 exactly when R is f32, else R is T (checked). The plan's inverse holds
+    // T·k_max positions, each -1 or < T·k_max; the kernel skips ids outside [0, E). The guards order
+    // every buffer on `stream`.
+    let code = unsafe { T::SCATTER_COMBINE(&args, dev.raw_stream()) };
+    check_launch(OP, code)
 }

@@ -20,11 +20,11 @@ pub const MAX_GATING_EXPERTS: usize = ffi::MOLORA_GATING_MAX_EXPERTS as usize;
 /// A per-sequence global posterior in device memory (from a validated [`SeqRouting`]).
 #[derive(Debug)]
 pub struct DeviceSeqRouting {
-    num_rows: usize,
-    num_seqs: usize,
-    num_experts: usize,
-    offsets: CudaSlice<i32>,
-    probs: CudaSlice<f32>,
+    pub(crate) num_rows: usize,
+    pub(crate) num_seqs: usize,
+    pub(crate) num_experts: usize,
+    pub(crate) offsets: CudaSlice<i32>,
+    pub(crate) probs: CudaSlice<f32>,
 }
 
 impl DeviceSeqRouting {

@@ -36,6 +36,12 @@ pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
     const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args>;
     #[doc(hidden)]
     const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args>;
+    #[doc(hidden)]
+    const MIX_BACKWARD: Launcher<ffi::molora_mix_backward_args>;
+    #[doc(hidden)]
+    const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args>;
+    #[doc(hidden)]
+    const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args>;
 }
 
 impl CudaElement for f32 {
@@ -49,6 +55,10 @@ impl CudaElement for f32 {
     const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_f32;
     const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
         ffi::molora_router_backward_f32;
+    const MIX_BACKWARD: Launcher<ffi::molora_mix_backward_args> = ffi::molora_mix_backward_f32;
+    const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_f32;
+    const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
+        ffi::molora_scatter_combine_f32;
 }
 impl CudaElement for f16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f16;
@@ -61,6 +71,10 @@ impl CudaElement for f16 {
     const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_f16;
     const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
         ffi::molora_router_backward_f16;
+    const MIX_BACKWARD: Launcher<ffi::molora_mix_backward_args> = ffi::molora_mix_backward_f16;
+    const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_f16;
+    const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
+        ffi::molora_scatter_combine_f16;
 }
 impl CudaElement for bf16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_bf16;
@@ -73,6 +87,10 @@ impl CudaElement for bf16 {
     const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_bf16;
     const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
         ffi::molora_router_backward_bf16;
+    const MIX_BACKWARD: Launcher<ffi::molora_mix_backward_args> = ffi::molora_mix_backward_bf16;
+    const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_bf16;
+    const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
+        ffi::molora_scatter_combine_bf16;
 }
 
 /// Sequence segments with one adapter each, in device memory (from a validated [`AdapterSegments`]).

@@ -26,14 +26,17 @@ mod lora;
 mod quant;
 
 #[cfg(feature = "cuda")]
-pub use backward::{gating_backward, lora_backward_experts, router_backward, DeviceLoraGrads};
+pub use backward::{
+    gating_backward, gating_backward_hierarchical, lora_backward_experts, mix_backward,
+    router_backward, DeviceLoraGrads, DlambdaOut,
+};
 /// The cudarc version molora's CUDA ops take buffers of.
 #[cfg(feature = "cuda")]
 pub use cudarc;
 #[cfg(feature = "cuda")]
 pub use device::{device_available, Device};
 #[cfg(feature = "cuda")]
-pub use dispatch::{dispatch, DevicePlan, MAX_DISPATCH_EXPERTS};
+pub use dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan, MAX_DISPATCH_EXPERTS};
 #[cfg(feature = "cuda")]
 pub use forward::{DeviceRouter, MoleLoraForward};
 #[cfg(feature = "cuda")]
