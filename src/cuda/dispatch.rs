@@ -97,6 +97,19 @@ impl DevicePlan {
         self.slot_to_sorted.device_ptr(stream)
     }
 
+    /// Copies `expert_offsets` `[E + 1]` into `host` (waits for the stream): the host sync that a
+    /// caller looping over experts on the host needs (molora's own ops never do this).
+    pub fn expert_offsets_to_host(&self, dev: &Device, host: &mut [i32]) -> Result<()> {
+        check_len(
+            "host expert offsets [E + 1]",
+            self.num_experts + 1,
+            host.len(),
+        )?;
+        dev.stream()
+            .memcpy_dtoh(&self.expert_offsets.slice(0..self.num_experts + 1), host)
+            .map_err(|e| Error::Driver(e.to_string()))
+    }
+
     /// Copies the plan to the host (waits for the stream): the same [`DispatchPlan`] the CPU builds.
     pub fn to_host(&self, dev: &Device) -> Result<DispatchPlan> {
         let mut offsets = dev.download(&self.expert_offsets)?;

@@ -11,6 +11,8 @@
 #[cfg(feature = "cuda")]
 mod backward;
 #[cfg(feature = "cuda")]
+pub mod bench;
+#[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
 mod dispatch;

@@ -1,0 +1,700 @@
+//! GPU benchmark of the LoRA part of a MoLE layer (everything but the base GEMM), as a Markdown table,
+//! for a CLI or an example to print: [`run`] with [`BenchOptions`].
+//!
+//! Per shape, timed with CUDA events in the same run (mean over the iterations, after warm-up):
+//!
+//! * **ours**: router logits → gating → the LoRA path [`LoraPath::for_shape`] picks (the segmented
+//!   path, dispatch + grouped shrink/expand, and the dense-gated path are both timed); for SAML
+//!   routing, weight-space mixing + the segmented (SGMV) shrink/expand;
+//! * **GB/s** and the fraction of the **memory floor** (DESIGN.md):
+//!   `(T·d_in + 2·T·d_out + E·r·(d_in + d_out))·bytes / bandwidth`;
+//! * **baseline (a)**, the same layer composed from cuBLAS calls through cudarc, as a framework user
+//!   writes it today: the same routing (router logits, gating, dispatch), the expert sizes read back to
+//!   the host (one host sync), one gather of the rows into expert order, then per expert with tokens a
+//!   cuBLAS GEMM `X_e·A_eᵀ` (shrink) and a cuBLAS GEMM `H_e·B_eᵀ` (expand), and one weighted
+//!   scatter-combine into `y`. The gather and scatter are hoisted out of the expert loop (one launch
+//!   each instead of one per expert), which makes this baseline faster, not slower, than the
+//!   per-expert version; for SAML routing, cuBLAS mixing (`Ā = p·A_all` as one GEMM per sequence
+//!   stack) and per-sequence GEMMs;
+//! * **baseline (b)**, the dense all-experts cuBLAS version: `H = X·A_allᵀ` (`[T, E·r]`), then
+//!   `Y += H·B_allᵀ`, two GEMMs; the gate weights are left out, so it is a lower bound of that
+//!   baseline;
+//! * the **base GEMM** `X·W0ᵀ` for scale (a whole layer is base + LoRA part);
+//! * with [`BenchOptions::backward`], **our backward** of the LoRA part (gating backward + router
+//!   backward + grouped LoRA backward on the segmented plan; for SAML the mixed adapters' backward +
+//!   the mixing backward), its ratio to our forward, and the device memory it works in. The backward
+//!   allocates nothing per call: its buffers are allocated once per shape (the column gives their size).
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::{bf16, f16};
+
+use super::backward::{gating_backward, lora_backward_experts, mix_backward, router_backward};
+use super::device::Device;
+use super::dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan};
+use super::gating::{gating, router_logits, DeviceGate};
+use super::lora::{
+    expand_experts, expand_segments, lora_dense_gated, mix_experts, shrink_experts,
+    shrink_segments, CudaElement, DenseGatedWorkspace, DeviceSegments, LoraPath,
+    DENSE_GATED_MAX_COLUMNS,
+};
+use super::DeviceLoraGrads;
+use crate::cpu::{Activation, Gate, ThresholdSpec};
+use crate::testing::Rng;
+use crate::{AdapterSegments, DType, Error, LoraShape, Result, Segments};
+
+/// How the tokens of a [`BenchCase`] are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchRouting {
+    /// Softmax router, top-k renormalised.
+    TopK,
+    /// Softmax router, HDMoLE's learned threshold at `θ = 0` (`τ = σ(0)/E`); `k_max = E`.
+    Threshold,
+    /// SAML: one mixing vector per sequence of `seq_len` tokens (the last may be shorter),
+    /// weight-space mixing, then the segmented LoRA.
+    PerSequence { seq_len: usize },
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchCase {
+    pub tokens: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub experts: usize,
+    pub rank: usize,
+    /// Slots per token of a top-k routing (ignored by the other routings).
+    pub k: usize,
+    pub routing: BenchRouting,
+}
+
+impl BenchCase {
+    pub const fn new(
+        tokens: usize,
+        d_in: usize,
+        d_out: usize,
+        experts: usize,
+        rank: usize,
+        k: usize,
+        routing: BenchRouting,
+    ) -> Self {
+        BenchCase {
+            tokens,
+            d_in,
+            d_out,
+            experts,
+            rank,
+            k,
+            routing,
+        }
+    }
+}
+
+/// The shapes of the CUDA-kernel issue: `T ∈ {1, 16, 256, 4096, 16384}` at 4096→4096, E 8, r 16,
+/// k 2; (4096, 1280→1280, E 4, r 8, k 1); (4096, 1280→5120, E 4, r 32, k 2); (8192, 3584→3584, E 8,
+/// r 64, k 2); (4096, 4096→4096, E 32, r 16, k 4); threshold and SAML (sequences of 256) routing on
+/// the first shape at T = 4096.
+pub fn issue_cases() -> Vec<BenchCase> {
+    use BenchRouting::*;
+    let mut cases: Vec<BenchCase> = [1, 16, 256, 4096, 16384]
+        .iter()
+        .map(|&t| BenchCase::new(t, 4096, 4096, 8, 16, 2, TopK))
+        .collect();
+    cases.extend([
+        BenchCase::new(4096, 1280, 1280, 4, 8, 1, TopK),
+        BenchCase::new(4096, 1280, 5120, 4, 32, 2, TopK),
+        BenchCase::new(8192, 3584, 3584, 8, 64, 2, TopK),
+        BenchCase::new(4096, 4096, 4096, 32, 16, 4, TopK),
+        BenchCase::new(4096, 4096, 4096, 8, 16, 2, Threshold),
+        BenchCase::new(4096, 4096, 4096, 8, 16, 2, PerSequence { seq_len: 256 }),
+    ]);
+    cases
+}
+
+/// What [`run`] measures.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Element type of `x`, `y` and the experts (f32, f16 or bf16).
+    pub dtype: DType,
+    pub cases: Vec<BenchCase>,
+    /// Timed iterations per measurement for `T < 4096`; a fifth of them (at least 1) from 4096 on.
+    pub iters: usize,
+    /// Copy bandwidth of the GPU for the memory floor, in GB/s (3000 for an H100's HBM3).
+    pub bandwidth_gbps: f64,
+    /// Also time our backward of the LoRA part.
+    pub backward: bool,
+    /// CUDA device ordinal.
+    pub device: usize,
+}
+
+impl BenchOptions {
+    /// The issue's shapes ([`issue_cases`]) in `dtype`, 100 iterations, 3000 GB/s, with backward.
+    pub fn new(dtype: DType) -> Self {
+        BenchOptions {
+            dtype,
+            cases: issue_cases(),
+            iters: 100,
+            bandwidth_gbps: 3000.0,
+            backward: true,
+            device: 0,
+        }
+    }
+}
+
+/// Runs the benchmark on device `opts.device` and returns the Markdown table (a title line, the
+/// header and one row per case).
+///
+/// Errors: an empty case list, `iters == 0` or a non-positive bandwidth ([`Error::InvalidParameter`]
+/// / [`Error::InvalidDim`]); a case whose shape an op refuses (its error, e.g. more than 65535
+/// tokens for the backward); device, driver and cuBLAS failures ([`Error::NoDevice`],
+/// [`Error::Driver`], [`Error::Cuda`]).
+pub fn run(opts: &BenchOptions) -> Result<String> {
+    if opts.cases.is_empty() || opts.iters == 0 {
+        return Err(Error::InvalidDim {
+            what: if opts.iters == 0 {
+                "iters"
+            } else {
+                "number of cases"
+            },
+            value: 0,
+            reason: "the benchmark needs at least one case and one iteration",
+        });
+    }
+    if !(opts.bandwidth_gbps.is_finite() && opts.bandwidth_gbps > 0.0) {
+        return Err(Error::InvalidParameter {
+            what: "bandwidth_gbps",
+            value: opts.bandwidth_gbps as f32,
+            reason: "must be finite and > 0",
+        });
+    }
+    let dev = Device::new(opts.device)?;
+    let blas = CudaBlas::new(dev.stream().clone()).map_err(blas_err)?;
+    let mut out = format!(
+        "LoRA part of a MoLE layer, {:?}, memory floor at {} GB/s; times in µs (CUDA events, mean of {} \
+         iterations, {} from T = 4096); ours = the path LoraPath::for_shape picks (seg = segmented, \
+         dg = dense-gated); (a) = cuBLAS per-expert loop, (b) = dense all-experts cuBLAS\n\n",
+        opts.dtype,
+        opts.bandwidth_gbps,
+        opts.iters,
+        opts.iters.div_ceil(5),
+    );
+    out.push_str(
+        "| T | d_in→d_out | E | r | routing | segmented | dense-gated | ours | GB/s | floor | ours / floor \
+         | (a) cuBLAS loop | (a) / ours | (b) dense cuBLAS | (b) / ours | base GEMM | backward | bwd / fwd \
+         | bwd buffers MiB |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for case in &opts.cases {
+        let row = match opts.dtype {
+            DType::F32 => bench_case::<f32>(&dev, &blas, case, opts)?,
+            DType::F16 => bench_case::<f16>(&dev, &blas, case, opts)?,
+            DType::BF16 => bench_case::<bf16>(&dev, &blas, case, opts)?,
+        };
+        out.push_str(&row);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn drv(e: cudarc::driver::DriverError) -> Error {
+    Error::Driver(e.to_string())
+}
+
+fn blas_err(e: cudarc::cublas::result::CublasError) -> Error {
+    Error::Driver(format!("cuBLAS: {e}"))
+}
+
+/// Mean time of `f` in microseconds over `iters` runs after 3 warm-up runs, by CUDA events.
+fn time_us(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let ctx = dev.context();
+    let start = ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(drv)?;
+    let end = ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(drv)?;
+    start.record(dev.stream()).map_err(drv)?;
+    for _ in 0..iters {
+        f()?;
+    }
+    end.record(dev.stream()).map_err(drv)?;
+    end.synchronize().map_err(drv)?;
+    Ok(start.elapsed_ms(&end).map_err(drv)? as f64 * 1000.0 / iters as f64)
+}
+
+/// Row-major `C[M, N] = A[M, K]·B[N, K]ᵀ + beta·C` through column-major cuBLAS (`Cᵀ = B·Aᵀ`).
+/// `M`, `N`, `K` >= 1.
+#[allow(clippy::too_many_arguments)]
+fn gemm_abt<T: CudaElement>(
+    blas: &CudaBlas,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &impl DevicePtr<T>,
+    b: &impl DevicePtr<T>,
+    c: &mut impl DevicePtrMut<T>,
+    beta: f32,
+) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    crate::error::check_len("GEMM A [M, K]", m * k, a.len())?;
+    crate::error::check_len("GEMM B [N, K]", n * k, b.len())?;
+    crate::error::check_len("GEMM C [M, N]", m * n, c.len())?;
+    let dim = |what: &'static str, v: usize| {
+        i32::try_from(v).map_err(|_| Error::InvalidDim {
+            what,
+            value: v,
+            reason: "must fit in an i32 (cuBLAS)",
+        })
+    };
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: dim("GEMM N", n)?,
+        n: dim("GEMM M", m)?,
+        k: dim("GEMM K", k)?,
+        alpha: T::from_f32(1.0),
+        lda: dim("GEMM K", k)?,
+        ldb: dim("GEMM K", k)?,
+        beta: T::from_f32(beta),
+        ldc: dim("GEMM N", n)?,
+    };
+    // SAFETY: column-major Cᵀ [N, M] = B [K, N]ᵀ · Aᵀ [K, M] with lda = ldb = K and ldc = N reads
+    // N·K elements of b, M·K of a and writes M·N of c, the lengths checked above.
+    unsafe { blas.gemm(cfg, b, a, c) }.map_err(blas_err)
+}
+
+struct Row {
+    seg: Option<f64>,
+    dense_gated: Option<f64>,
+    ours: f64,
+    ours_path: &'static str,
+    base_a: f64,
+    base_b: Option<f64>,
+    base_gemm: f64,
+    bwd: Option<(f64, usize)>,
+}
+
+fn bench_case<T: CudaElement>(
+    dev: &Device,
+    blas: &CudaBlas,
+    case: &BenchCase,
+    opts: &BenchOptions,
+) -> Result<String>
+where
+    CudaBlas: Gemm<T>,
+{
+    let BenchCase {
+        tokens: t,
+        d_in,
+        d_out,
+        experts: e,
+        rank: r,
+        k,
+        routing,
+    } = *case;
+    if t == 0 {
+        return Err(Error::InvalidDim {
+            what: "bench tokens",
+            value: 0,
+            reason: "a benchmark case needs at least one token",
+        });
+    }
+    let shape = LoraShape::new(e, r, d_in, d_out)?;
+    let iters = if t >= 4096 {
+        opts.iters.div_ceil(5)
+    } else {
+        opts.iters
+    };
+    let values = |n: usize, seed: u64, scale: f32| -> Vec<T> { Rng::new(seed).values(n, scale) };
+    let x = dev.upload(&values(t * d_in, 1, 1.0))?;
+    let a = dev.upload(&values(shape.a_len(), 2, 0.02))?;
+    let b = dev.upload(&values(shape.b_len(), 3, 0.02))?;
+    let mut y = dev.upload(&values(t * d_out, 5, 1.0))?;
+    let scale = 2.0f32;
+
+    let row = match routing {
+        BenchRouting::PerSequence { seq_len } => bench_saml(
+            dev, blas, &shape, t, seq_len, iters, &x, &a, &b, &mut y, opts,
+        )?,
+        BenchRouting::TopK | BenchRouting::Threshold => {
+            let gate = match routing {
+                BenchRouting::Threshold => DeviceGate::from_gate(
+                    &Gate::Threshold(ThresholdSpec::Learned { theta: 0.0 }),
+                    e,
+                )?,
+                _ => DeviceGate::TopK {
+                    k,
+                    renormalize: true,
+                },
+            };
+            let k_max = gate.k_max(e);
+            let w_g = dev.upload(&values(e * d_in, 4, 0.02))?;
+            let mut logits = dev.zeros::<f32>(t * e)?;
+            let mut ids = dev.zeros::<i32>(t * k_max)?;
+            let mut w = dev.zeros::<f32>(t * k_max)?;
+            let mut plan = DevicePlan::new(dev, t, k_max, e)?;
+            let mut h = dev.zeros::<f32>(t * k_max * r)?;
+            let act = Activation::Softmax;
+            let route = |logits: &mut CudaSlice<f32>,
+                         ids: &mut CudaSlice<i32>,
+                         w: &mut CudaSlice<f32>|
+             -> Result<()> {
+                router_logits(dev, &x, t, d_in, &w_g, None, e, logits, None)?;
+                gating(dev, logits, t, e, act, 1.0, None, &gate, ids, w)
+            };
+
+            let seg = time_us(dev, iters, || {
+                route(&mut logits, &mut ids, &mut w)?;
+                dispatch(dev, &ids, &mut plan)?;
+                shrink_experts(dev, &x, &a, &shape, &plan, &mut h)?;
+                expand_experts(dev, &h, &b, &shape, &plan, &ids, &w, scale, &mut y)
+            })?;
+            let dense_gated = if e * r <= DENSE_GATED_MAX_COLUMNS {
+                let mut ws = DenseGatedWorkspace::new(dev, t, &shape)?;
+                Some(time_us(dev, iters, || {
+                    route(&mut logits, &mut ids, &mut w)?;
+                    lora_dense_gated(
+                        dev, &x, &a, &b, &shape, &ids, &w, k_max, scale, &mut ws, &mut y,
+                    )
+                })?)
+            } else {
+                None
+            };
+            let (ours, ours_path) = match (LoraPath::for_shape(&shape), dense_gated) {
+                (LoraPath::DenseGated, Some(us)) => (us, "dg"),
+                _ => (seg, "seg"),
+            };
+
+            // Baseline (a): the same routing, one host sync for the expert sizes, one gather, per
+            // expert two cuBLAS GEMMs, one scatter-combine.
+            let slots = t * k_max;
+            let mut xs = dev.zeros::<T>(slots * d_in)?;
+            let mut hs = dev.zeros::<T>(slots * r)?;
+            let mut ys = dev.zeros::<T>(slots * d_out)?;
+            let mut offsets = vec![0i32; e + 1];
+            let base_a = time_us(dev, iters, || {
+                route(&mut logits, &mut ids, &mut w)?;
+                dispatch(dev, &ids, &mut plan)?;
+                plan.expert_offsets_to_host(dev, &mut offsets)?;
+                gather_rows(dev, &x, d_in, &plan, &mut xs)?;
+                for ex in 0..e {
+                    let (lo, hi) = (offsets[ex].max(0) as usize, offsets[ex + 1].max(0) as usize);
+                    if hi <= lo || hi > slots {
+                        continue;
+                    }
+                    let n = hi - lo;
+                    gemm_abt(
+                        blas,
+                        n,
+                        r,
+                        d_in,
+                        &xs.slice(lo * d_in..hi * d_in),
+                        &a.slice(ex * r * d_in..(ex + 1) * r * d_in),
+                        &mut hs.slice_mut(lo * r..hi * r),
+                        0.0,
+                    )?;
+                    gemm_abt(
+                        blas,
+                        n,
+                        d_out,
+                        r,
+                        &hs.slice(lo * r..hi * r),
+                        &b.slice(ex * d_out * r..(ex + 1) * d_out * r),
+                        &mut ys.slice_mut(lo * d_out..hi * d_out),
+                        0.0,
+                    )?;
+                }
+                scatter_combine(dev, &ys, d_out, &plan, &ids, &w, scale, &mut y)
+            })?;
+            drop((xs, hs, ys));
+
+            let bwd = if opts.backward {
+                // The forward's routing, plan and sorted shrink, as a training step keeps them.
+                route(&mut logits, &mut ids, &mut w)?;
+                dispatch(dev, &ids, &mut plan)?;
+                shrink_experts(dev, &x, &a, &shape, &plan, &mut h)?;
+                let dy = dev.upload(&values(t * d_out, 9, 1.0))?;
+                let mut grads = DeviceLoraGrads::new(dev, t, k_max, &shape)?;
+                let mut dz = dev.zeros::<f32>(t * e)?;
+                let mut dtau = dev.zeros::<f32>(t)?;
+                let mut dw_g = dev.zeros::<f32>(e * d_in)?;
+                let mut db_g = dev.zeros::<f32>(e)?;
+                let mut dx_router = dev.zeros::<f32>(t * d_in)?;
+                let bytes = grads.device_bytes()
+                    + std::mem::size_of::<f32>() * (t * e + t + e * d_in + e + t * d_in);
+                let us = time_us(dev, iters, || {
+                    lora_backward_experts(
+                        dev, &x, &a, &b, &shape, &plan, &ids, &w, &h, &dy, scale, &mut grads,
+                    )?;
+                    gating_backward(
+                        dev,
+                        &logits,
+                        t,
+                        e,
+                        act,
+                        1.0,
+                        &gate,
+                        &ids,
+                        &grads.dw(),
+                        &mut dz,
+                        Some(&mut dtau),
+                    )?;
+                    router_backward(
+                        dev,
+                        &x,
+                        t,
+                        d_in,
+                        &w_g,
+                        e,
+                        &dz,
+                        &mut dw_g,
+                        &mut db_g,
+                        Some(&mut dx_router),
+                    )
+                })?;
+                Some((us, bytes))
+            } else {
+                None
+            };
+            let base_b = Some(dense_baseline(dev, blas, &shape, t, iters, &x, &mut y)?);
+            Row {
+                seg: Some(seg),
+                dense_gated,
+                ours,
+                ours_path,
+                base_a,
+                base_b,
+                base_gemm: 0.0,
+                bwd,
+            }
+        }
+    };
+
+    let w0 = dev.upload(&values(d_out * d_in, 8, 0.02))?;
+    let mut y0 = dev.zeros::<T>(t * d_out)?;
+    let base_gemm = time_us(dev, iters, || {
+        gemm_abt(blas, t, d_out, d_in, &x, &w0, &mut y0, 0.0)
+    })?;
+    let row = Row { base_gemm, ..row };
+
+    let elt = std::mem::size_of::<T>() as f64;
+    let bytes = (t * d_in + 2 * t * d_out + e * r * (d_in + d_out)) as f64 * elt;
+    let floor_us = bytes / (opts.bandwidth_gbps * 1e9) * 1e6;
+    let routing_name = match routing {
+        BenchRouting::TopK => format!("top-{k}"),
+        BenchRouting::Threshold => "threshold σ(0)/E".into(),
+        BenchRouting::PerSequence { seq_len } => {
+            format!("SAML, {} seqs", t.div_ceil(seq_len.clamp(1, t)))
+        }
+    };
+    let opt = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.1}"));
+    let (bwd, bwd_ratio, bwd_mib) = match row.bwd {
+        Some((us, b)) => (
+            format!("{us:.1}"),
+            format!("{:.2}×", us / row.ours),
+            format!("{:.1}", b as f64 / (1 << 20) as f64),
+        ),
+        None => ("—".into(), "—".into(), "—".into()),
+    };
+    let (b_us, b_ratio) = match row.base_b {
+        Some(us) => (format!("{us:.1}"), format!("{:.2}×", us / row.ours)),
+        None => ("—".into(), "—".into()),
+    };
+    Ok(format!(
+        "| {t} | {d_in}→{d_out} | {e} | {r} | {routing_name} | {} | {} | {:.1} ({}) | {:.0} | {floor_us:.1} | {:.2}× | {:.1} | {:.2}× | {b_us} | {b_ratio} | {:.1} | {bwd} | {bwd_ratio} | {bwd_mib} |",
+        opt(row.seg),
+        opt(row.dense_gated),
+        row.ours,
+        row.ours_path,
+        bytes / (row.ours * 1e-6) / 1e9,
+        row.ours / floor_us,
+        row.base_a,
+        row.base_a / row.ours,
+        row.base_gemm,
+    ))
+}
+
+/// Baseline (b): `H = X·A_allᵀ` `[T, E·r]`, `Y += H·B_allᵀ` (`B_all` `[d_out, E·r]`), two GEMMs.
+#[allow(clippy::too_many_arguments)]
+fn dense_baseline<T: CudaElement>(
+    dev: &Device,
+    blas: &CudaBlas,
+    shape: &LoraShape,
+    t: usize,
+    iters: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> Result<f64>
+where
+    CudaBlas: Gemm<T>,
+{
+    let (er, d_in, d_out) = (shape.num_experts * shape.rank, shape.d_in, shape.d_out);
+    let a_all = dev.upload(&Rng::new(6).values::<T>(er * d_in, 0.02))?;
+    let b_all = dev.upload(&Rng::new(7).values::<T>(d_out * er, 0.02))?;
+    let mut h_all = dev.zeros::<T>(t * er)?;
+    time_us(dev, iters, || {
+        gemm_abt(blas, t, er, d_in, x, &a_all, &mut h_all, 0.0)?;
+        gemm_abt(blas, t, d_out, er, &h_all, &b_all, y, 1.0)
+    })
+}
+
+/// SAML routing: ours = mixing + SGMV shrink/expand; baseline (a) = mixing as one cuBLAS GEMM per
+/// stack (`[S, E]·[E, r·d_in]`) + per-sequence cuBLAS GEMMs; no baseline (b).
+#[allow(clippy::too_many_arguments)]
+fn bench_saml<T: CudaElement>(
+    dev: &Device,
+    blas: &CudaBlas,
+    shape: &LoraShape,
+    t: usize,
+    seq_len: usize,
+    iters: usize,
+    x: &CudaSlice<T>,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    opts: &BenchOptions,
+) -> Result<Row>
+where
+    CudaBlas: Gemm<T>,
+{
+    let (e, r, d_in, d_out) = (shape.num_experts, shape.rank, shape.d_in, shape.d_out);
+    let seq_len = seq_len.clamp(1, t);
+    let lens: Vec<usize> = (0..t.div_ceil(seq_len))
+        .map(|i| seq_len.min(t - i * seq_len))
+        .collect();
+    let nseq = lens.len();
+    let segs = DeviceSegments::new(
+        dev,
+        &AdapterSegments::identity(Segments::from_lengths(&lens)?)?,
+    )?;
+    let mixed = LoraShape::new(nseq, r, d_in, d_out)?;
+    let probs_host: Vec<f32> = Rng::new(10)
+        .values::<f32>(nseq * e, 1.0)
+        .iter()
+        .map(|v| v.abs() + 0.01)
+        .collect();
+    let probs = dev.upload(&probs_host)?;
+    let mut am = dev.zeros::<T>(mixed.a_len())?;
+    let mut bm = dev.zeros::<T>(mixed.b_len())?;
+    let mut hs = dev.zeros::<f32>(t * r)?;
+    let scale = 2.0f32;
+    let ours = time_us(dev, iters, || {
+        mix_experts(dev, a, b, shape, &probs, nseq, &mut am, &mut bm)?;
+        shrink_segments(dev, x, &am, &mixed, &segs, &mut hs)?;
+        expand_segments(dev, &hs, &bm, &mixed, &segs, scale, y)
+    })?;
+
+    // Baseline (a): Ā = P·A_all as a GEMM ([S, E]·[E, r·d_in]: C = P·(A_allᵀ)ᵀ needs A_all as
+    // [r·d_in, E], so the stacks are transposed once outside the timing), then per sequence
+    // H_s = X_s·Ā_sᵀ and Y_s += s·H_s·B̄_sᵀ (the scale folded into P).
+    let p_t: Vec<T> = probs_host.iter().map(|&v| T::from_f32(v * scale)).collect();
+    let p_one: Vec<T> = probs_host.iter().map(|&v| T::from_f32(v)).collect();
+    let (a_host, b_host) = (dev.download(a)?, dev.download(b)?);
+    let transpose = |w: &[T], per: usize| -> Vec<T> {
+        let mut out = vec![T::from_f32(0.0); w.len()];
+        for ex in 0..e {
+            for i in 0..per {
+                out[i * e + ex] = w[ex * per + i];
+            }
+        }
+        out
+    };
+    let a_t = dev.upload(&transpose(&a_host, r * d_in))?;
+    let b_t = dev.upload(&transpose(&b_host, d_out * r))?;
+    let p_a = dev.upload(&p_one)?;
+    let p_b = dev.upload(&p_t)?;
+    let mut am_c = dev.zeros::<T>(mixed.a_len())?;
+    let mut bm_c = dev.zeros::<T>(mixed.b_len())?;
+    let mut h_c = dev.zeros::<T>(t * r)?;
+    let base_a = time_us(dev, iters, || {
+        gemm_abt(blas, nseq, r * d_in, e, &p_a, &a_t, &mut am_c, 0.0)?;
+        gemm_abt(blas, nseq, d_out * r, e, &p_b, &b_t, &mut bm_c, 0.0)?;
+        let mut lo = 0usize;
+        for (s, &n) in lens.iter().enumerate() {
+            let hi = lo + n;
+            gemm_abt(
+                blas,
+                n,
+                r,
+                d_in,
+                &x.slice(lo * d_in..hi * d_in),
+                &am_c.slice(s * r * d_in..(s + 1) * r * d_in),
+                &mut h_c.slice_mut(lo * r..hi * r),
+                0.0,
+            )?;
+            gemm_abt(
+                blas,
+                n,
+                d_out,
+                r,
+                &h_c.slice(lo * r..hi * r),
+                &bm_c.slice(s * d_out * r..(s + 1) * d_out * r),
+                &mut y.slice_mut(lo * d_out..hi * d_out),
+                1.0,
+            )?;
+            lo = hi;
+        }
+        Ok(())
+    })?;
+
+    let bwd = if opts.backward {
+        // The mixed adapters' backward on a plan with one slot per token holding its sequence: the
+        // stable sort by sequence keeps token order (sequences are contiguous and in order), so
+        // the SGMV shrink `hs` is already in the plan's sorted order.
+        let ids_host: Vec<i32> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| std::iter::repeat_n(s as i32, n))
+            .collect();
+        let ids = dev.upload(&ids_host)?;
+        let ones = dev.upload(&vec![1.0f32; t])?;
+        let mut plan = DevicePlan::new(dev, t, 1, nseq)?;
+        dispatch(dev, &ids, &mut plan)?;
+        mix_experts(dev, a, b, shape, &probs, nseq, &mut am, &mut bm)?;
+        shrink_segments(dev, x, &am, &mixed, &segs, &mut hs)?;
+        let dy = dev.upload(&Rng::new(9).values::<T>(t * d_out, 1.0))?;
+        let mut grads = DeviceLoraGrads::new(dev, t, 1, &mixed)?;
+        let mut da = dev.zeros::<f32>(shape.a_len())?;
+        let mut db = dev.zeros::<f32>(shape.b_len())?;
+        let mut dp = dev.zeros::<f32>(nseq * e)?;
+        let bytes = grads.device_bytes()
+            + std::mem::size_of::<f32>() * (shape.a_len() + shape.b_len() + nseq * e);
+        let us = time_us(dev, iters, || {
+            lora_backward_experts(
+                dev, x, &am, &bm, &mixed, &plan, &ids, &ones, &hs, &dy, scale, &mut grads,
+            )?;
+            mix_backward(
+                dev,
+                a,
+                b,
+                shape,
+                &probs,
+                nseq,
+                &grads.da(),
+                &grads.db(),
+                &mut da,
+                &mut db,
+                &mut dp,
+            )
+        })?;
+        Some((us, bytes))
+    } else {
+        None
+    };
+    Ok(Row {
+        seg: Some(ours),
+        dense_gated: None,
+        ours,
+        ours_path: "seg",
+        base_a,
+        base_b: None,
+        base_gemm: 0.0,
+        bwd,
+    })
+}

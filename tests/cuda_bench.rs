@@ -1,0 +1,74 @@
+//! The GPU benchmark's library entry point: bad options are refused before any device work, and on a
+//! GPU a run over small odd shapes (every routing, every dtype, with backward) completes and gives one
+//! table row per case with every column filled.
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use molora::cuda::bench::{run, BenchCase, BenchOptions, BenchRouting};
+    use molora::testing::gpu_or_skip;
+    use molora::{DType, Error};
+
+    #[test]
+    fn bench_rejects_bad_options() {
+        let mut opts = BenchOptions::new(DType::BF16);
+        opts.iters = 0;
+        assert!(matches!(
+            run(&opts),
+            Err(Error::InvalidDim { what: "iters", .. })
+        ));
+        let mut opts = BenchOptions::new(DType::BF16);
+        opts.cases.clear();
+        assert!(matches!(run(&opts), Err(Error::InvalidDim { .. })));
+        let mut opts = BenchOptions::new(DType::BF16);
+        opts.bandwidth_gbps = 0.0;
+        assert!(matches!(
+            run(&opts),
+            Err(Error::InvalidParameter {
+                what: "bandwidth_gbps",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bench_runs_small_cases() {
+        let Some(_dev) = gpu_or_skip("bench_runs_small_cases") else {
+            return;
+        };
+        use BenchRouting::*;
+        let cases = vec![
+            BenchCase::new(1, 33, 17, 3, 5, 2, TopK),
+            BenchCase::new(131, 65, 130, 4, 8, 1, TopK),
+            BenchCase::new(70, 64, 64, 40, 16, 3, TopK), // E·r = 640: segmented only
+            BenchCase::new(97, 48, 80, 5, 4, 2, Threshold),
+            BenchCase::new(300, 40, 56, 3, 2, 1, PerSequence { seq_len: 64 }),
+        ];
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let opts = BenchOptions {
+                cases: cases.clone(),
+                iters: 2,
+                ..BenchOptions::new(dtype)
+            };
+            let table = run(&opts).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+            let rows: Vec<&str> = table
+                .lines()
+                .filter(|l| l.starts_with("| ") && !l.starts_with("| T "))
+                .collect();
+            assert_eq!(rows.len(), cases.len(), "{dtype:?}:\n{table}");
+            for (row, case) in rows.iter().zip(&cases) {
+                let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+                assert_eq!(cols.len(), 19, "{dtype:?}: {row}");
+                assert_eq!(cols[0], case.tokens.to_string(), "{row}");
+                // Our time, baseline (a), the base GEMM and the backward are always measured.
+                for i in [7, 11, 15, 16] {
+                    let v: f64 = cols[i]
+                        .split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| panic!("{dtype:?}: column {i} of {row}"));
+                    assert!(v.is_finite() && v > 0.0, "{dtype:?}: column {i} of {row}");
+                }
+            }
+        }
+    }
+}
