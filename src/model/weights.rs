@@ -332,7 +332,7 @@ impl PeftConfig {
             if t.as_str() != Some("LORA") {
                 return Err(f.err(
                     "peft_type",
-                    format!("expected \"LORA\", got {t}: only LoRA adapters can be imported"),
+                    format!("peft_type = {t} is not supported: expected \"LORA\", only LoRA adapters can be imported"),
                 ));
             }
         }
