@@ -367,6 +367,29 @@ fn unsupported_peft_options_are_named() {
         good_tensors(&mut rng),
     ));
     assert_eq!(key, "lora_alpha");
+    // Two alpha_pattern suffixes with different values for one module: PEFT's choice depends on order.
+    let config = CONFIG.replace(
+        r#""bias": "none""#,
+        r#""alpha_pattern": {"q_proj": 4, "layers.0.q_proj": 16}"#,
+    );
+    let (key, detail) = weights_error(&write_adapter(
+        "alpha-ambiguous",
+        &config,
+        good_tensors(&mut rng),
+    ));
+    assert_eq!(key, "alpha_pattern");
+    assert!(detail.contains("model.layers.0.q_proj"), "{detail}");
+    // The full name settles it.
+    let config = CONFIG.replace(
+        r#""bias": "none""#,
+        r#""alpha_pattern": {"q_proj": 4, "^model.layers.0.q_proj": 16}"#,
+    );
+    let adapter = load_peft_adapter(
+        &write_adapter("alpha-full", &config, good_tensors(&mut rng)),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(adapter.modules["model.layers.0.q_proj"].scale, 4.0);
     // fan_in_fan_out is accepted: PEFT stores A and B in the same layout either way.
     let config = CONFIG.replace(r#""bias": "none""#, r#""fan_in_fan_out": true"#);
     let adapter = load_peft_adapter(

@@ -102,16 +102,18 @@ pub struct PeftConfig {
     /// transposed), so the imported [`LoraPair`]s are unaffected; a caller that loads the *base* weights
     /// of such a model must transpose them to `[d_out, d_in]`.
     pub fan_in_fan_out: bool,
-    /// Per-module ranks: a key matches a module as in [`target_modules`](Self::target_modules)
-    /// (exact name first, else the longest matching suffix). Keys must be plain names: regular
-    /// expressions are rejected when reading.
+    /// Per-module ranks. A key matches a module as in [`target_modules`](Self::target_modules) (the
+    /// module's name or a name suffix), or, written `^name` (PEFT's documented anchored form), only the
+    /// module of exactly that name. The key naming the module in full wins, else the longest matching
+    /// suffix. Other regular expressions are rejected when reading.
     pub rank_pattern: BTreeMap<String, usize>,
     /// Per-module `lora_alpha`, matched like [`rank_pattern`](Self::rank_pattern).
     pub alpha_pattern: BTreeMap<String, f32>,
 }
 
 /// Characters that make a PEFT pattern key a regular expression rather than a plain module name.
-/// (`.` is allowed: it separates name components and a literal `.` matches it.)
+/// (`.` is allowed: it separates name components and a literal `.` matches it; a leading `^` and a
+/// trailing `$` are anchors, see [`pattern_core`].)
 const REGEX_METACHARACTERS: &[char] = &[
     '\\', '^', '$', '*', '+', '?', '{', '}', '[', ']', '(', ')', '|',
 ];
@@ -129,42 +131,66 @@ fn name_matches(module: &str, target: &str) -> bool {
             && module.as_bytes()[module.len() - target.len() - 1] == b'.')
 }
 
-/// The pattern entry for `module`: the exact key if present, else the longest key that matches it as a
-/// name suffix.
+/// A pattern key without its anchors, and whether it was anchored at the start. PEFT matches a key `k`
+/// with the regular expression `(.*\.)?(k)$`, so `^name` matches only the module `name` itself and a
+/// trailing `$` changes nothing. `None` for an empty key or one with any other regular-expression syntax.
+fn pattern_core(key: &str) -> Option<(&str, bool)> {
+    let (core, anchored) = match key.strip_prefix('^') {
+        Some(rest) => (rest, true),
+        None => (key, false),
+    };
+    let core = core.strip_suffix('$').unwrap_or(core);
+    (!core.is_empty() && !core.contains(REGEX_METACHARACTERS)).then_some((core, anchored))
+}
+
+/// How well pattern `key` matches `module`: `None` when it does not; otherwise (names the module in
+/// full, length of the name part), so that larger is more specific.
+fn pattern_match(module: &str, key: &str) -> Option<(bool, usize)> {
+    let (core, anchored) = pattern_core(key)?;
+    let hit = if anchored {
+        module == core
+    } else {
+        name_matches(module, core)
+    };
+    hit.then_some((module == core, core.len()))
+}
+
+/// The pattern entry for `module`: the most specific matching key (the full name, else the longest
+/// matching suffix).
 fn pattern_lookup<'a, V>(
     patterns: &'a BTreeMap<String, V>,
     module: &str,
 ) -> Option<(&'a str, &'a V)> {
-    if let Some((k, v)) = patterns.get_key_value(module) {
-        return Some((k.as_str(), v));
-    }
     patterns
         .iter()
-        .filter(|(k, _)| name_matches(module, k))
-        .max_by_key(|(k, _)| k.len())
-        .map(|(k, v)| (k.as_str(), v))
+        .filter_map(|(k, v)| pattern_match(module, k).map(|m| (m, k, v)))
+        .max_by_key(|(m, _, _)| *m)
+        .map(|(_, k, v)| (k.as_str(), v))
 }
 
-/// When `module` has no exact pattern key but several suffix keys with different values match it, the
-/// value PEFT picks depends on the keys' order in the JSON file (lost here), so the choice is ambiguous.
-/// Returns the conflicting keys and values, if any.
+/// When no key names `module` in full but several suffix keys with different values match it (or
+/// several full-name keys disagree), the value PEFT picks depends on the keys' order in the JSON file
+/// (lost here), so the choice is ambiguous. Returns the conflicting keys and values, if any.
 fn pattern_conflict<V: PartialEq + std::fmt::Display>(
     patterns: &BTreeMap<String, V>,
     module: &str,
 ) -> Option<String> {
-    if patterns.contains_key(module) {
-        return None;
-    }
-    let matching: Vec<(&String, &V)> = patterns
+    let matching: Vec<(bool, &String, &V)> = patterns
         .iter()
-        .filter(|(k, _)| name_matches(module, k))
+        .filter_map(|(k, v)| pattern_match(module, k).map(|(full, _)| (full, k, v)))
         .collect();
-    let first = matching.first()?.1;
-    if matching.iter().all(|(_, v)| *v == first) {
+    let any_full = matching.iter().any(|(full, _, _)| *full);
+    let candidates: Vec<(&String, &V)> = matching
+        .into_iter()
+        .filter(|(full, _, _)| *full || !any_full)
+        .map(|(_, k, v)| (k, v))
+        .collect();
+    let first = candidates.first()?.1;
+    if candidates.iter().all(|(_, v)| *v == first) {
         return None;
     }
     Some(
-        matching
+        candidates
             .iter()
             .map(|(k, v)| format!("{k:?}: {v}"))
             .collect::<Vec<_>>()
@@ -261,12 +287,13 @@ impl Fields<'_> {
         };
         let mut out = BTreeMap::new();
         for (name, value) in map {
-            if name.is_empty() || name.contains(REGEX_METACHARACTERS) {
+            if pattern_core(name).is_none() {
                 return Err(self.err(
                     &format!("{key}.{name}"),
                     "pattern keys must be plain module names or name suffixes \
-                     (e.g. \"q_proj\" or \"model.layers.0.self_attn.q_proj\"); \
-                     regular expressions are not supported",
+                     (e.g. \"q_proj\" or \"model.layers.0.self_attn.q_proj\"), optionally \
+                     anchored as \"^model.layers.0.self_attn.q_proj\"; other regular expressions \
+                     are not supported",
                 ));
             }
             out.insert(name.clone(), parse(&format!("{key}.{name}"), value)?);
@@ -410,7 +437,7 @@ impl PeftConfig {
             ));
         }
         for (k, &r) in &self.rank_pattern {
-            if r == 0 || k.is_empty() || k.contains(REGEX_METACHARACTERS) {
+            if r == 0 || pattern_core(k).is_none() {
                 return Err(err(
                     &format!("rank_pattern.{k}"),
                     format!("expected a plain module name and a positive rank, got {k:?}: {r}"),
@@ -418,7 +445,7 @@ impl PeftConfig {
             }
         }
         for (k, &a) in &self.alpha_pattern {
-            if !a.is_finite() || k.is_empty() || k.contains(REGEX_METACHARACTERS) {
+            if !a.is_finite() || pattern_core(k).is_none() {
                 return Err(err(
                     &format!("alpha_pattern.{k}"),
                     format!("expected a plain module name and a finite alpha, got {k:?}: {a}"),
@@ -898,26 +925,17 @@ pub fn load_peft_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
                 ),
             ));
         }
-        for (field, conflict) in [
-            (
-                "rank_pattern",
-                pattern_conflict(&config.rank_pattern, module),
-            ),
-            (
+        // (An ambiguous `rank_pattern` needs no check: the rank PEFT picked is the tensors' rank,
+        // which was just compared with ours.)
+        if let Some(keys) = pattern_conflict(&config.alpha_pattern, module) {
+            return Err(weights_err(
+                &config_source,
                 "alpha_pattern",
-                pattern_conflict(&config.alpha_pattern, module),
-            ),
-        ] {
-            if let Some(keys) = conflict {
-                return Err(weights_err(
-                    &config_source,
-                    field,
-                    format!(
-                        "several keys with different values match module {module} ({keys}); \
-                         use its full name as the key"
-                    ),
-                ));
-            }
+                format!(
+                    "several keys with different values match module {module} ({keys}), and which \
+                     one PEFT applies depends on their order; use the module's full name as the key"
+                ),
+            ));
         }
         let pair = LoraPair {
             a,
@@ -979,6 +997,16 @@ pub fn save_peft_adapter(
                 format!(
                     "not named by target_modules {:?}: PEFT would not load this module's weights",
                     config.target_modules
+                ),
+            ));
+        }
+        if let Some(keys) = pattern_conflict(&config.alpha_pattern, module) {
+            return Err(weights_err(
+                &source,
+                module,
+                format!(
+                    "several alpha_pattern keys with different values match this module ({keys}), and \
+                     which one PEFT applies depends on their order; use the module's full name as the key"
                 ),
             ));
         }
@@ -1604,6 +1632,27 @@ mod tests {
         assert!(pattern_conflict(&p, "x.layers.1.q_proj").is_some());
         assert!(pattern_conflict(&p, "model.layers.1.q_proj").is_none());
         assert!(pattern_conflict(&p, "model.layers.0.q_proj").is_none());
+    }
+
+    #[test]
+    fn anchored_pattern_keys_match_the_full_name_only() {
+        let p = BTreeMap::from([
+            ("^model.layers.0.q_proj".to_string(), 16usize),
+            ("q_proj$".to_string(), 2),
+        ]);
+        assert_eq!(
+            pattern_lookup(&p, "model.layers.0.q_proj").map(|x| *x.1),
+            Some(16)
+        );
+        assert_eq!(
+            pattern_lookup(&p, "x.model.layers.0.q_proj").map(|x| *x.1),
+            Some(2)
+        );
+        assert!(pattern_conflict(&p, "model.layers.0.q_proj").is_none());
+        let c = PeftConfig::from_json(r#"{"rank_pattern": {"^a.q": 2}}"#, "t").unwrap();
+        assert_eq!((c.rank_for("a.q"), c.rank_for("b.a.q")), (2, 8));
+        assert!(PeftConfig::from_json(r#"{"rank_pattern": {"a^b": 2}}"#, "t").is_err());
+        assert!(PeftConfig::from_json(r#"{"alpha_pattern": {"": 2}}"#, "t").is_err());
     }
 
     #[test]
