@@ -457,3 +457,168 @@ int molora_mix_backward_f32(const molora_mix_backward_args *a, molora_stream_t s
 int molora_mix_backward_f16(const molora_mix_backward_args *a, molora_stream_t s) { return molora::launch_mix_backward<__half>(a, s); }
 int molora_mix_backward_bf16(const molora_mix_backward_args *a, molora_stream_t s) { return molora::launch_mix_backward<__nv_bfloat16>(a, s); }
 }
+
+// ---- backward of the dense-gated path -------------------------------------------------------------
+
+namespace molora {
+namespace {
+
+constexpr int kDgThreads = 256;
+constexpr int kDgCols = MOLORA_DENSE_GATED_MAX_COLUMNS;
+constexpr int kDgColsPerThread = kDgCols / kDgThreads;  // 2
+constexpr int kDgChunk = 512;                            // dy values staged per pass
+
+// One block per token: U[t, :] (every column), gate[t, :] and dw[t, :].
+template <typename T>
+__global__ void __launch_bounds__(kDgThreads) dg_token_kernel(molora_lora_backward_dense_args a) {
+    __shared__ float dys[kDgChunk];
+    __shared__ float us[kDgCols];
+    const int t = blockIdx.x;
+    const int C = a.num_experts * a.rank;
+    const T *dy = static_cast<const T *>(a.dy) + static_cast<int64_t>(t) * a.d_out;
+    const T *B = static_cast<const T *>(a.b);
+    float acc[kDgColsPerThread];
+#pragma unroll
+    for (int q = 0; q < kDgColsPerThread; ++q) acc[q] = 0.0f;
+    for (int o0 = 0; o0 < a.d_out; o0 += kDgChunk) {
+        const int n = min(kDgChunk, a.d_out - o0);
+        for (int o = threadIdx.x; o < n; o += kDgThreads) dys[o] = to_f32(dy[o0 + o]);
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < kDgColsPerThread; ++q) {
+            const int c = threadIdx.x + q * kDgThreads;
+            if (c < C) {
+                const int e = c / a.rank, j = c % a.rank;
+                const T *bc = B + (static_cast<int64_t>(e) * a.d_out + o0) * a.rank + j;
+                float v = acc[q];
+                for (int o = 0; o < n; ++o) v = fmaf(dys[o], to_f32(bc[static_cast<int64_t>(o) * a.rank]), v);
+                acc[q] = v;
+            }
+        }
+        __syncthreads();
+    }
+    float *u = a.u + static_cast<int64_t>(t) * C;
+#pragma unroll
+    for (int q = 0; q < kDgColsPerThread; ++q) {
+        const int c = threadIdx.x + q * kDgThreads;
+        if (c < C) {
+            u[c] = acc[q];
+            us[c] = acc[q];
+        }
+    }
+    __syncthreads();
+    const int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k_max;
+    const float *w = a.weights + static_cast<int64_t>(t) * a.k_max;
+    for (int e = threadIdx.x; e < a.num_experts; e += kDgThreads) {
+        float g = 0.0f;
+        for (int s = 0; s < a.k_max; ++s)
+            if (ids[s] == e) g += w[s];
+        a.gate[static_cast<int64_t>(t) * a.num_experts + e] = g;
+    }
+    const float *h = a.h + static_cast<int64_t>(t) * C;
+    for (int s = threadIdx.x; s < a.k_max; s += kDgThreads) {
+        const int e = ids[s];
+        float d = 0.0f;
+        if (e >= 0 && e < a.num_experts) {
+            for (int j = 0; j < a.rank; ++j) d = fmaf(h[e * a.rank + j], us[e * a.rank + j], d);
+            d *= a.scale;
+        }
+        a.dw[static_cast<int64_t>(t) * a.k_max + s] = d;
+    }
+}
+
+// dB[e, o, j]: one thread per element, tokens in order.
+template <typename T>
+__global__ void __launch_bounds__(kDgThreads) dg_db_kernel(molora_lora_backward_dense_args a) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kDgThreads + threadIdx.x;
+    const int64_t per = static_cast<int64_t>(a.d_out) * a.rank;
+    if (idx >= per * a.num_experts) return;
+    const int e = static_cast<int>(idx / per);
+    const int o = static_cast<int>((idx % per) / a.rank), j = static_cast<int>(idx % a.rank);
+    const int C = a.num_experts * a.rank;
+    const T *dy = static_cast<const T *>(a.dy);
+    float acc = 0.0f;
+    for (int t = 0; t < a.num_tokens; ++t) {
+        const float g = a.gate[static_cast<int64_t>(t) * a.num_experts + e];
+        if (g == 0.0f) continue;
+        acc = fmaf(g * to_f32(dy[static_cast<int64_t>(t) * a.d_out + o]), a.h[static_cast<int64_t>(t) * C + e * a.rank + j], acc);
+    }
+    a.db[idx] = a.scale * acc;
+}
+
+// dA[e, j, i]: one thread per element, tokens in order.
+template <typename T>
+__global__ void __launch_bounds__(kDgThreads) dg_da_kernel(molora_lora_backward_dense_args a) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kDgThreads + threadIdx.x;
+    const int64_t per = static_cast<int64_t>(a.rank) * a.d_in;
+    if (idx >= per * a.num_experts) return;
+    const int e = static_cast<int>(idx / per);
+    const int c = static_cast<int>(idx / a.d_in);  // e·rank + j
+    const int i = static_cast<int>(idx % a.d_in);
+    const int C = a.num_experts * a.rank;
+    const T *x = static_cast<const T *>(a.x);
+    float acc = 0.0f;
+    for (int t = 0; t < a.num_tokens; ++t) {
+        const float g = a.gate[static_cast<int64_t>(t) * a.num_experts + e];
+        if (g == 0.0f) continue;
+        acc = fmaf(g * a.u[static_cast<int64_t>(t) * C + c], to_f32(x[static_cast<int64_t>(t) * a.d_in + i]), acc);
+    }
+    a.da[idx] = a.scale * acc;
+}
+
+// dx[t, i]: one thread per element, experts in order.
+template <typename T>
+__global__ void __launch_bounds__(kDgThreads) dg_dx_kernel(molora_lora_backward_dense_args a) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kDgThreads + threadIdx.x;
+    if (idx >= static_cast<int64_t>(a.num_tokens) * a.d_in) return;
+    const int64_t t = idx / a.d_in;
+    const int i = static_cast<int>(idx % a.d_in);
+    const int C = a.num_experts * a.rank;
+    const T *A = static_cast<const T *>(a.a);
+    const float *u = a.u + t * C;
+    float acc = 0.0f;
+    for (int e = 0; e < a.num_experts; ++e) {
+        const float g = a.gate[t * a.num_experts + e];
+        if (g == 0.0f) continue;
+        float d = 0.0f;
+        for (int j = 0; j < a.rank; ++j)
+            d = fmaf(u[e * a.rank + j], to_f32(A[static_cast<int64_t>(e * a.rank + j) * a.d_in + i]), d);
+        acc = fmaf(g, d, acc);
+    }
+    a.dx[idx] = a.scale * acc;
+}
+
+template <typename T>
+int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_lora_backward_dense_args a = *args;
+    if (a.num_tokens < 0 || a.k_max < 1 || a.num_experts < 1 || a.rank < 1 || a.d_in < 1 || a.d_out < 1 ||
+        static_cast<int64_t>(a.num_experts) * a.rank > kDgCols)
+        return static_cast<int>(cudaErrorInvalidValue);
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (a.num_tokens > 0) {
+        dg_token_kernel<T><<<a.num_tokens, kDgThreads, 0, s>>>(a);
+        const int err = last_launch_error();
+        if (err) return err;
+    }
+    const int64_t n_db = static_cast<int64_t>(a.num_experts) * a.d_out * a.rank;
+    const int64_t n_da = static_cast<int64_t>(a.num_experts) * a.rank * a.d_in;
+    const int64_t n_dx = static_cast<int64_t>(a.num_tokens) * a.d_in;
+    dg_db_kernel<T><<<static_cast<unsigned>((n_db + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s>>>(a);
+    int err = last_launch_error();
+    if (err) return err;
+    dg_da_kernel<T><<<static_cast<unsigned>((n_da + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s>>>(a);
+    err = last_launch_error();
+    if (err || n_dx == 0) return err;
+    dg_dx_kernel<T><<<static_cast<unsigned>((n_dx + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s>>>(a);
+    return last_launch_error();
+}
+
+}  // namespace
+}  // namespace molora
+
+extern "C" {
+int molora_lora_backward_dense_f32(const molora_lora_backward_dense_args *a, molora_stream_t s) { return molora::launch_backward_dense<float>(a, s); }
+int molora_lora_backward_dense_f16(const molora_lora_backward_dense_args *a, molora_stream_t s) { return molora::launch_backward_dense<__half>(a, s); }
+int molora_lora_backward_dense_bf16(const molora_lora_backward_dense_args *a, molora_stream_t s) { return molora::launch_backward_dense<__nv_bfloat16>(a, s); }
+}

@@ -356,14 +356,184 @@ mod gpu {
 /// The GPU LoRA backward against the CPU backward (in f32 on the same inputs).
 #[cfg(feature = "cuda")]
 mod gpu_backward {
-    use half::bf16;
+    use half::{bf16, f16};
     use molora::cpu::{self, backward};
     use molora::cuda::{
-        dispatch, lora_backward_experts, shrink_experts, DeviceLoraGrads, DevicePlan,
+        dispatch, lora_backward_dense_gated, lora_backward_experts, lora_dense_gated,
+        shrink_experts, CudaElement, DenseGatedWorkspace, Device, DeviceLoraGrads, DevicePlan,
     };
     use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
     use molora::{DType, LoraShape, Routing};
     use proptest::prelude::*;
+
+    /// The dense-gated forward then its backward on the GPU, against the CPU backward, for one case
+    /// in element type `T`. Slot 3 of every 5 is empty with a NaN weight; with `dup`, the last slot
+    /// of each token repeats its first expert (duplicates add up).
+    #[allow(clippy::too_many_arguments)]
+    fn check_dense_gated_backward<T: CudaElement>(
+        dev: &Device,
+        t: usize,
+        k: usize,
+        shape: &LoraShape,
+        seed: u64,
+        dup: bool,
+    ) -> Result<(), String> {
+        let s = |e: molora::Error| e.to_string();
+        let (e, r, d_in, d_out) = (shape.num_experts, shape.rank, shape.d_in, shape.d_out);
+        let mut rng = Rng::new(seed);
+        let x: Vec<T> = rng.values(t * d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 1.0);
+        let b: Vec<T> = rng.values(shape.b_len(), 1.0);
+        let dy: Vec<T> = rng.values(t * d_out, 1.0);
+        let mut ids: Vec<i32> = (0..t * k)
+            .map(|i| if i % 5 == 3 { -1 } else { rng.below(e) as i32 })
+            .collect();
+        if dup && k > 1 {
+            for tok in 0..t {
+                ids[tok * k + k - 1] = ids[tok * k];
+            }
+        }
+        let w: Vec<f32> = ids
+            .iter()
+            .map(|&id| {
+                if id < 0 {
+                    f32::NAN
+                } else {
+                    0.25 + rng.uniform() as f32
+                }
+            })
+            .collect();
+        let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let w_cpu: Vec<f32> = w
+            .iter()
+            .map(|&v| if v.is_nan() { 0.0 } else { v })
+            .collect();
+        let want = backward::lora_backward(
+            &f(&x),
+            &f(&a),
+            &f(&b),
+            shape,
+            &ids,
+            &w_cpu,
+            k,
+            1.5f32,
+            &f(&dy),
+        )
+        .map_err(s)?;
+        // Uploads carry a spare element (T may be 0).
+        let up = |v: &[T]| {
+            let mut v = v.to_vec();
+            v.push(T::from_f32(0.0));
+            dev.upload(&v)
+        };
+        let (dx_, da, db, ddy) = (
+            up(&x).map_err(s)?,
+            dev.upload(&a).map_err(s)?,
+            dev.upload(&b).map_err(s)?,
+            up(&dy).map_err(s)?,
+        );
+        let mut ids_p = ids.clone();
+        ids_p.push(-1);
+        let mut w_p = w.clone();
+        w_p.push(0.0);
+        let (dids, dw) = (dev.upload(&ids_p).map_err(s)?, dev.upload(&w_p).map_err(s)?);
+        let mut ws = DenseGatedWorkspace::new(dev, t, shape).map_err(s)?;
+        let mut y = up(&vec![T::from_f32(0.0); t * d_out]).map_err(s)?;
+        let (xv, dyv, idv, wv) = (
+            dx_.slice(0..t * d_in),
+            ddy.slice(0..t * d_out),
+            dids.slice(0..t * k),
+            dw.slice(0..t * k),
+        );
+        lora_dense_gated(
+            dev,
+            &xv,
+            &da,
+            &db,
+            shape,
+            &idv,
+            &wv,
+            k,
+            1.5,
+            &mut ws,
+            &mut y.slice_mut(0..t * d_out),
+        )
+        .map_err(s)?;
+        let mut grads = DeviceLoraGrads::new_dense_gated(dev, t, k, shape).map_err(s)?;
+        lora_backward_dense_gated(
+            dev, &xv, &da, &db, shape, &idv, &wv, k, &ws, &dyv, 1.5, &mut grads,
+        )
+        .map_err(s)?;
+        let got = grads.to_host(dev).map_err(s)?;
+        let tol = Tolerance::for_dtype(DType::F32)
+            .scaled((t.max(d_in).max(d_out).max(r) as f32).sqrt() * 4.0);
+        for (what, g, w) in [
+            ("dA", &got.da, &want.da),
+            ("dB", &got.db, &want.db),
+            ("dx", &got.dx, &want.dx),
+            ("dw", &got.dw, &want.dw),
+        ] {
+            compare(what, g, w, tol)?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn lora_backward_dense_gated_matches_cpu(t in prop_oneof![Just(0usize), Just(1), Just(7), 1usize..150], k in 1usize..=4,
+                                                 e in 1usize..=32, r in prop_oneof![1usize..=8, Just(16), Just(32)],
+                                                 d_in in 1usize..=70, d_out in prop_oneof![1usize..=70, Just(513), Just(1100)],
+                                                 seed in any::<u64>(), dup in any::<bool>(), dtype in 0usize..3) {
+            prop_assume!(e * r <= molora::cuda::DENSE_GATED_MAX_COLUMNS);
+            let Some(dev) = gpu_or_skip("lora_backward_dense_gated_matches_cpu") else { return Ok(()) };
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            let res = match dtype {
+                0 => check_dense_gated_backward::<f32>(&dev, t, k, &shape, seed, dup),
+                1 => check_dense_gated_backward::<f16>(&dev, t, k, &shape, seed, dup),
+                _ => check_dense_gated_backward::<bf16>(&dev, t, k, &shape, seed, dup),
+            };
+            if let Err(m) = res {
+                prop_assert!(false, "T = {}, k = {}, {:?}: {}", t, k, shape, m);
+            }
+        }
+    }
+
+    #[test]
+    fn dense_gated_backward_rejects_segmented_buffers() {
+        let Some(dev) = gpu_or_skip("dense_gated_backward_rejects_segmented_buffers") else {
+            return;
+        };
+        let shape = LoraShape::new(2, 2, 3, 3).unwrap();
+        let (t, k) = (2usize, 1usize);
+        let x = dev.zeros::<f32>(t * 3).unwrap();
+        let a = dev.zeros::<f32>(shape.a_len()).unwrap();
+        let b = dev.zeros::<f32>(shape.b_len()).unwrap();
+        let ids = dev.upload(&[0i32, 1]).unwrap();
+        let w = dev.upload(&[1.0f32, 1.0]).unwrap();
+        let ws = DenseGatedWorkspace::new(&dev, t, &shape).unwrap();
+        let dy = dev.zeros::<f32>(t * 3).unwrap();
+        let mut grads = DeviceLoraGrads::new(&dev, t, k, &shape).unwrap();
+        let err = lora_backward_dense_gated(
+            &dev, &x, &a, &b, &shape, &ids, &w, k, &ws, &dy, 1.0, &mut grads,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                molora::Error::Unsupported {
+                    op: "lora_backward_dense_gated",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let big = LoraShape::new(33, 16, 3, 3).unwrap();
+        assert!(matches!(
+            DeviceLoraGrads::new_dense_gated(&dev, t, k, &big),
+            Err(molora::Error::Unsupported { .. })
+        ));
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]

@@ -412,6 +412,53 @@ int molora_lora_backward_f16(const molora_lora_backward_args *args, molora_strea
 int molora_lora_backward_bf16(const molora_lora_backward_args *args, molora_stream_t stream);
 
 /*
+ * Backward of the dense-gated LoRA path (one shrink over all experts into H [T, C], C = E·rank, expert
+ * e's column j at e·rank + j; then molora_lora_expand with h_dense = 1), without dispatch and
+ * deterministic (every output summed by one thread in a fixed order, no float atomics). With
+ * G[t, e] = Σ_{s: ids[t,s] = e} weights[t, s] (slots in order; ids outside [0, E) skipped):
+ *
+ *   U[t, c]   = Σ_o dy[t, o]·B[e, o, j]                      (c = e·rank + j; workspace u [T, C])
+ *   gate[t,e] = G[t, e]                                       (workspace gate [T, E])
+ *   dw[t, s]  = scale·Σ_j H[t, e·rank + j]·U[t, e·rank + j]   (0 for empty slots)
+ *   dB[e,o,j] = scale·Σ_t G[t, e]·dy[t, o]·H[t, e·rank + j]   (tokens in order)
+ *   dA[e,j,i] = scale·Σ_t G[t, e]·U[t, e·rank + j]·x[t, i]
+ *   dx[t, i]  = scale·Σ_e G[t, e]·Σ_j U[t, e·rank + j]·A[e, j, i]
+ *
+ * the same gradients as molora_lora_backward (a token's slots of one expert summed first). Gradients
+ * f32: dA [E, rank, d_in], dB [E, d_out, rank], dx [T, d_in], dw [T, k_max]; x, A, B, dy of the
+ * launcher's element type. C <= MOLORA_DENSE_GATED_MAX_COLUMNS, else cudaErrorInvalidValue. The grids
+ * depend on the shapes only; T = 0 writes dA = dB = 0.
+ */
+#define MOLORA_DENSE_GATED_MAX_COLUMNS 512
+
+typedef struct molora_lora_backward_dense_args {
+    const void *x;
+    const void *a;
+    const void *b;
+    const void *dy;
+    const float *h;
+    const int32_t *ids;
+    const float *weights;
+    float *u;
+    float *gate;
+    float *da;
+    float *db;
+    float *dx;
+    float *dw;
+    float scale;
+    int32_t num_tokens;
+    int32_t k_max;
+    int32_t num_experts;
+    int32_t rank;
+    int32_t d_in;
+    int32_t d_out;
+} molora_lora_backward_dense_args;
+
+int molora_lora_backward_dense_f32(const molora_lora_backward_dense_args *args, molora_stream_t stream);
+int molora_lora_backward_dense_f16(const molora_lora_backward_dense_args *args, molora_stream_t stream);
+int molora_lora_backward_dense_bf16(const molora_lora_backward_dense_args *args, molora_stream_t stream);
+
+/*
  * Gating backward (top-k, threshold with per-token or scalar tau, dense; with or without the
  * hierarchical combination), one warp per token: the local probabilities l are recomputed from the
  * logits and combined into p exactly as the forward computed them, then

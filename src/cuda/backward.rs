@@ -13,12 +13,16 @@ use crate::error::check_len;
 use crate::{Error, LoraShape, Result};
 
 /// Device buffers of the LoRA gradients (f32) for `T` tokens, `k_max` slots and a [`LoraShape`],
-/// plus the `u = dy·B` workspace `[T·k_max, r]`. Allocate once per shape and reuse.
+/// plus the `u = dy·B` workspace: `[T·k_max, r]` for the segmented backward
+/// ([`DeviceLoraGrads::new`]), or `[T, E·r]` and the per-token gate `[T, E]` as well for the
+/// dense-gated backward ([`DeviceLoraGrads::new_dense_gated`], which serves both). Allocate once per
+/// shape and reuse; the backward ops allocate nothing.
 #[derive(Debug)]
 pub struct DeviceLoraGrads {
     num_tokens: usize,
     k_max: usize,
     shape: LoraShape,
+    dense_gated: bool,
     // Each buffer holds one element more than it needs: the driver cannot allocate zero bytes.
     da: CudaSlice<f32>,
     db: CudaSlice<f32>,
@@ -34,11 +38,51 @@ impl DeviceLoraGrads {
             num_tokens,
             k_max,
             shape: *shape,
+            dense_gated: false,
             da: dev.zeros(shape.a_len() + 1)?,
             db: dev.zeros(shape.b_len() + 1)?,
             dx: dev.zeros(num_tokens * shape.d_in + 1)?,
             dw: dev.zeros(slots + 1)?,
             u: dev.zeros(slots * shape.rank + 1)?,
+        })
+    }
+
+    /// Buffers for [`lora_backward_dense_gated`] (and [`lora_backward_experts`]): the workspace holds
+    /// `U` `[T, E·r]` and the per-token expert gate `[T, E]`. `E·r` must be at most
+    /// [`super::DENSE_GATED_MAX_COLUMNS`].
+    pub fn new_dense_gated(
+        dev: &Device,
+        num_tokens: usize,
+        k_max: usize,
+        shape: &LoraShape,
+    ) -> Result<Self> {
+        let columns = shape.num_experts * shape.rank;
+        if columns > super::DENSE_GATED_MAX_COLUMNS {
+            return Err(Error::Unsupported {
+                op: "lora_backward_dense_gated",
+                what: format!(
+                    "E·r = {columns} (the dense-gated path takes up to {}; use the segmented path)",
+                    super::DENSE_GATED_MAX_COLUMNS
+                ),
+            });
+        }
+        let slots = checked_i32("num_tokens * k_max", num_tokens, k_max)?;
+        checked_i32("num_tokens * d_in", num_tokens, shape.d_in)?;
+        let dense = checked_i32(
+            "num_tokens * (E·r + E)",
+            num_tokens,
+            columns + shape.num_experts,
+        )?;
+        Ok(DeviceLoraGrads {
+            num_tokens,
+            k_max,
+            shape: *shape,
+            dense_gated: true,
+            da: dev.zeros(shape.a_len() + 1)?,
+            db: dev.zeros(shape.b_len() + 1)?,
+            dx: dev.zeros(num_tokens * shape.d_in + 1)?,
+            dw: dev.zeros(slots + 1)?,
+            u: dev.zeros(dense.max(slots * shape.rank) + 1)?,
         })
     }
 
@@ -179,6 +223,99 @@ pub fn lora_backward_experts<T: CudaElement>(
     // (its sorted slots index the routing, its positions index h and u); the gradient buffers were
     // allocated for this T, k_max and shape. Grid dimensions were checked against 65535.
     let code = unsafe { T::LORA_BACKWARD(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// Gradients of the dense-gated LoRA forward ([`super::lora_dense_gated`]) given `dy` `[T, d_out]`,
+/// without dispatch: from the forward's all-experts shrink `H` `[T, E·r]` (held by `ws` after the
+/// forward ran) and its routing `ids`/`weights` `[T, k_max]`, writes `dA`, `dB`, `dx` (through the
+/// experts) and `dw` into `grads` (made by [`DeviceLoraGrads::new_dense_gated`]). The same
+/// gradients as [`crate::cpu::backward::lora_backward`]; deterministic (each output summed by one
+/// thread in a fixed order), asynchronous. Memory: the `[T, E·r]` intermediates `H` (the forward's)
+/// and `U = dy·B_all` are kept, never `[T, E, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_dense_gated<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    a: &impl DevicePtr<T>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    ids: &impl DevicePtr<i32>,
+    weights: &impl DevicePtr<f32>,
+    k_max: usize,
+    ws: &super::DenseGatedWorkspace,
+    dy: &impl DevicePtr<T>,
+    scale: f32,
+    grads: &mut DeviceLoraGrads,
+) -> Result<()> {
+    const OP: &str = "lora_backward_dense_gated";
+    check_scale(scale)?;
+    let t = ws.num_tokens;
+    let columns = shape.num_experts * shape.rank;
+    check_len("workspace columns (E * r)", columns, ws.columns)?;
+    check_len("gradient buffers: tokens", t, grads.num_tokens)?;
+    check_len("gradient buffers: k_max", k_max, grads.k_max)?;
+    if grads.shape != *shape || !grads.dense_gated {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!(
+                "gradient buffers made for {:?}{}, called with {shape:?} (use DeviceLoraGrads::new_dense_gated)",
+                grads.shape,
+                if grads.dense_gated { "" } else { " by DeviceLoraGrads::new" }
+            ),
+        });
+    }
+    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
+    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
+    check_len("routing ids [T, k_max]", t * k_max, ids.len())?;
+    check_len("routing weights [T, k_max]", t * k_max, weights.len())?;
+    check_len("dy [T, d_out]", t * shape.d_out, dy.len())?;
+    checked_i32("T * d_out", t, shape.d_out)?;
+    let stream = dev.stream();
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (a_ptr, _g1) = a.device_ptr(stream);
+    let (b_ptr, _g2) = b.device_ptr(stream);
+    let (dy_ptr, _g3) = dy.device_ptr(stream);
+    let (h_ptr, _g4) = ws.h.device_ptr(stream);
+    let (ids_ptr, _g5) = ids.device_ptr(stream);
+    let (w_ptr, _g6) = weights.device_ptr(stream);
+    let (u_ptr, _g7) = grads.u.device_ptr_mut(stream);
+    let (da_ptr, _g8) = grads.da.device_ptr_mut(stream);
+    let (db_ptr, _g9) = grads.db.device_ptr_mut(stream);
+    let (dx_ptr, _g10) = grads.dx.device_ptr_mut(stream);
+    let (dw_ptr, _g11) = grads.dw.device_ptr_mut(stream);
+    let u_ptr = u_ptr as *mut f32;
+    let args = ffi::molora_lora_backward_dense_args {
+        x: x_ptr as *const _,
+        a: a_ptr as *const _,
+        b: b_ptr as *const _,
+        dy: dy_ptr as *const _,
+        h: h_ptr as *const f32,
+        ids: ids_ptr as *const i32,
+        weights: w_ptr as *const f32,
+        u: u_ptr,
+        // The gate [T, E] follows U [T, E·r] in the workspace; wrapping_add keeps this safe code.
+        gate: u_ptr.wrapping_add(t * columns),
+        da: da_ptr as *mut f32,
+        db: db_ptr as *mut f32,
+        dx: dx_ptr as *mut f32,
+        dw: dw_ptr as *mut f32,
+        scale,
+        num_tokens: t as i32,
+        k_max: k_max as i32,
+        num_experts: shape.num_experts as i32,
+        rank: shape.rank as i32,
+        d_in: shape.d_in as i32,
+        d_out: shape.d_out as i32,
+    };
+    // SAFETY: x holds T·d_in, A E·r·d_in, B E·d_out·r, dy T·d_out, ids/weights T·k_max elements
+    // (checked); the workspace's H holds T·E·r floats (made for this T and E·r, checked); the
+    // gradient buffers were made by new_dense_gated for this T, k_max and shape, so u holds
+    // T·(E·r + E) floats (U, then the gate at offset T·E·r) and dA, dB, dx, dw their sizes. E·r is
+    // at most DENSE_GATED_MAX_COLUMNS (checked when the buffers were made). The kernels skip ids
+    // outside [0, E). The guards order every buffer on `stream`.
+    let code = unsafe { T::LORA_BACKWARD_DENSE(&args, dev.raw_stream()) };
     check_launch(OP, code)
 }
 

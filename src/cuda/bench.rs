@@ -20,8 +20,9 @@
 //!   `Y += H·B_allᵀ`, two GEMMs; the gate weights are left out, so it is a lower bound of that
 //!   baseline;
 //! * the **base GEMM** `X·W0ᵀ` for scale (a whole layer is base + LoRA part);
-//! * with [`BenchOptions::backward`], **our backward** of the LoRA part (gating backward + router
-//!   backward + grouped LoRA backward on the segmented plan; for SAML the mixed adapters' backward +
+//! * with [`BenchOptions::backward`], **our backward** of the LoRA part on the path of "ours"
+//!   (grouped LoRA backward on the segmented plan, or the dense-gated backward; then the gating and
+//!   router backward; for SAML the mixed adapters' backward and
 //!   the mixing backward), its ratio to our forward, and the device memory it works in. The backward
 //!   allocates nothing per call: its buffers are allocated once per shape (the column gives their size).
 
@@ -30,7 +31,10 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 
-use super::backward::{gating_backward, lora_backward_experts, mix_backward, router_backward};
+use super::backward::{
+    gating_backward, lora_backward_dense_gated, lora_backward_experts, mix_backward,
+    router_backward,
+};
 use super::device::Device;
 use super::dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan};
 use super::gating::{gating, router_logits, DeviceGate};
@@ -355,13 +359,15 @@ where
                 shrink_experts(dev, &x, &a, &shape, &plan, &mut h)?;
                 expand_experts(dev, &h, &b, &shape, &plan, &ids, &w, scale, &mut y)
             })?;
-            let dense_gated = if e * r <= DENSE_GATED_MAX_COLUMNS {
-                let mut ws = DenseGatedWorkspace::new(dev, t, &shape)?;
+            let mut ws = if e * r <= DENSE_GATED_MAX_COLUMNS {
+                Some(DenseGatedWorkspace::new(dev, t, &shape)?)
+            } else {
+                None
+            };
+            let dense_gated = if let Some(ws) = ws.as_mut() {
                 Some(time_us(dev, iters, || {
                     route(&mut logits, &mut ids, &mut w)?;
-                    lora_dense_gated(
-                        dev, &x, &a, &b, &shape, &ids, &w, k_max, scale, &mut ws, &mut y,
-                    )
+                    lora_dense_gated(dev, &x, &a, &b, &shape, &ids, &w, k_max, scale, ws, &mut y)
                 })?)
             } else {
                 None
@@ -415,12 +421,27 @@ where
             drop((xs, hs, ys));
 
             let bwd = if opts.backward {
-                // The forward's routing, plan and sorted shrink, as a training step keeps them.
+                // The forward's routing and intermediates on our path (the plan and the sorted
+                // shrink, or the all-experts shrink), as a training step keeps them.
                 route(&mut logits, &mut ids, &mut w)?;
                 dispatch(dev, &ids, &mut plan)?;
                 shrink_experts(dev, &x, &a, &shape, &plan, &mut h)?;
+                let dense_ws = match ws.as_mut() {
+                    Some(ws) if ours_path == "dg" => {
+                        let mut y_tmp = dev.zeros::<T>(t * d_out)?;
+                        lora_dense_gated(
+                            dev, &x, &a, &b, &shape, &ids, &w, k_max, scale, ws, &mut y_tmp,
+                        )?;
+                        Some(&*ws)
+                    }
+                    _ => None,
+                };
                 let dy = dev.upload(&values(t * d_out, 9, 1.0))?;
-                let mut grads = DeviceLoraGrads::new(dev, t, k_max, &shape)?;
+                let mut grads = if dense_ws.is_some() {
+                    DeviceLoraGrads::new_dense_gated(dev, t, k_max, &shape)?
+                } else {
+                    DeviceLoraGrads::new(dev, t, k_max, &shape)?
+                };
                 let mut dz = dev.zeros::<f32>(t * e)?;
                 let mut dtau = dev.zeros::<f32>(t)?;
                 let mut dw_g = dev.zeros::<f32>(e * d_in)?;
@@ -429,9 +450,14 @@ where
                 let bytes = grads.device_bytes()
                     + std::mem::size_of::<f32>() * (t * e + t + e * d_in + e + t * d_in);
                 let us = time_us(dev, iters, || {
-                    lora_backward_experts(
-                        dev, &x, &a, &b, &shape, &plan, &ids, &w, &h, &dy, scale, &mut grads,
-                    )?;
+                    match dense_ws {
+                        Some(ws) => lora_backward_dense_gated(
+                            dev, &x, &a, &b, &shape, &ids, &w, k_max, ws, &dy, scale, &mut grads,
+                        )?,
+                        None => lora_backward_experts(
+                            dev, &x, &a, &b, &shape, &plan, &ids, &w, &h, &dy, scale, &mut grads,
+                        )?,
+                    }
                     gating_backward(
                         dev,
                         &logits,

@@ -42,6 +42,8 @@ pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
     const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args>;
     #[doc(hidden)]
     const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args>;
+    #[doc(hidden)]
+    const LORA_BACKWARD_DENSE: Launcher<ffi::molora_lora_backward_dense_args>;
 }
 
 impl CudaElement for f32 {
@@ -59,6 +61,8 @@ impl CudaElement for f32 {
     const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_f32;
     const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
         ffi::molora_scatter_combine_f32;
+    const LORA_BACKWARD_DENSE: Launcher<ffi::molora_lora_backward_dense_args> =
+        ffi::molora_lora_backward_dense_f32;
 }
 impl CudaElement for f16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f16;
@@ -75,6 +79,8 @@ impl CudaElement for f16 {
     const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_f16;
     const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
         ffi::molora_scatter_combine_f16;
+    const LORA_BACKWARD_DENSE: Launcher<ffi::molora_lora_backward_dense_args> =
+        ffi::molora_lora_backward_dense_f16;
 }
 impl CudaElement for bf16 {
     const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_bf16;
@@ -91,6 +97,8 @@ impl CudaElement for bf16 {
     const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_bf16;
     const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
         ffi::molora_scatter_combine_bf16;
+    const LORA_BACKWARD_DENSE: Launcher<ffi::molora_lora_backward_dense_args> =
+        ffi::molora_lora_backward_dense_bf16;
 }
 
 /// Sequence segments with one adapter each, in device memory (from a validated [`AdapterSegments`]).
@@ -437,9 +445,9 @@ impl LoraPath {
 /// one-run offsets `[0, T]`. Allocate once per shape; [`lora_dense_gated`] allocates nothing.
 #[derive(Debug)]
 pub struct DenseGatedWorkspace {
-    num_tokens: usize,
-    columns: usize,
-    h: CudaSlice<f32>,
+    pub(crate) num_tokens: usize,
+    pub(crate) columns: usize,
+    pub(crate) h: CudaSlice<f32>,
     offsets: CudaSlice<i32>,
 }
 

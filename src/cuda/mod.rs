@@ -29,8 +29,8 @@ mod quant;
 
 #[cfg(feature = "cuda")]
 pub use backward::{
-    gating_backward, gating_backward_hierarchical, lora_backward_experts, mix_backward,
-    router_backward, DeviceLoraGrads, DlambdaOut,
+    gating_backward, gating_backward_hierarchical, lora_backward_dense_gated,
+    lora_backward_experts, mix_backward, router_backward, DeviceLoraGrads, DlambdaOut,
 };
 /// The cudarc version molora's CUDA ops take buffers of.
 #[cfg(feature = "cuda")]
