@@ -334,11 +334,11 @@ impl PeftConfig {
     /// naming the field: text that is not a JSON object; `peft_type` other than `"LORA"`; a field of the
     /// wrong type or out of range (`r` and `rank_pattern` values must be positive integers, `lora_alpha`
     /// finite, `lora_dropout` in `[0, 1]`); a regular expression as a `rank_pattern`/`alpha_pattern`
-    /// key; and every option that changes what the weights mean but is not implemented: `use_dora`,
-    /// `lora_bias`, `bias` other than `"none"`, `modules_to_save`, `layer_replication`,
-    /// `trainable_token_indices`, `target_parameters`, `alora_invocation_tokens`, `use_qalora`,
-    /// `use_bdlora`, `arrow_config`, `kasa_config`, `monteclora_config`, `velora_config`, and an
-    /// `init_lora_weights` (PiSSA, OLoRA, CorDA, LoftQ, ...) that also rewrites the base weights.
+    /// key (other than PEFT's anchored `^name`); and every option that changes what the weights mean
+    /// but is not implemented: `use_dora`, `lora_bias`, `bias` other than `"none"`, `modules_to_save`,
+    /// `layer_replication`, `trainable_token_indices`, `target_parameters`, `alora_invocation_tokens`,
+    /// `use_qalora`, `use_bdlora`, `arrow_config`, `kasa_config`, `monteclora_config`, `velora_config`,
+    /// and an `init_lora_weights` (PiSSA, OLoRA, CorDA, LoftQ, ...) that also rewrites the base weights.
     pub fn from_json(text: &str, source_name: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| weights_err(source_name, "(json)", format!("not valid JSON: {e}")))?;
