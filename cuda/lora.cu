@@ -5,6 +5,8 @@
 // The grids depend on the shapes only (never on the routing), so a forward can be captured in a CUDA
 // graph; blocks past the routing's number of rows exit early.
 
+#include <mma.h>
+
 #include "common.cuh"
 
 namespace molora {
@@ -18,7 +20,21 @@ constexpr int kShrinkThreads = 256;
 constexpr int kColsPerThread = kShrinkRank * kShrinkRows / kShrinkThreads;  // 8
 constexpr int kColGroups = kShrinkRank / kColsPerThread;                     // 8 threads per row
 
+// Elements per 16-byte load.
+template <typename T> constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
+
+// Loads kVecElems<T> elements from a 16-byte aligned address and widens them to f32.
 template <typename T>
+__device__ __forceinline__ void load_vec(const T *p, float *out) {
+    const uint4 raw = *reinterpret_cast<const uint4 *>(p);
+    const T *v = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+    for (int q = 0; q < kVecElems<T>; ++q) out[q] = to_f32(v[q]);
+}
+
+// kVec: tiles are loaded with 16-byte loads (d_in a multiple of kVecElems<T>, x and A 16-byte aligned:
+// every row then starts aligned and a vector never straddles the end of a row).
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(molora_lora_shrink_args a) {
     __shared__ float xs[kShrinkRows][kShrinkK + 1];
     __shared__ float as[kShrinkRank][kShrinkK + 1];
@@ -56,20 +72,45 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(molora_lora
 #pragma unroll
             for (int c = 0; c < kColsPerThread; ++c) acc[c] = 0.0f;
             for (int k0 = 0; k0 < a.d_in; k0 += kShrinkK) {
-                for (int idx = tid; idx < kShrinkRows * kShrinkK; idx += kShrinkThreads) {
-                    const int rr = idx / kShrinkK, kk = idx % kShrinkK;
-                    const int p = p0 + rr;
-                    float v = 0.0f;
-                    if (p >= q0 && p < q1 && k0 + kk < a.d_in)
-                        v = to_f32(x[src_row[rr] * a.d_in + k0 + kk]);
-                    xs[rr][kk] = v;
-                }
-                for (int idx = tid; idx < kShrinkRank * kShrinkK; idx += kShrinkThreads) {
-                    const int jj = idx / kShrinkK, kk = idx % kShrinkK;
-                    const int j = r0 + jj;
-                    as[jj][kk] = (j < a.rank && k0 + kk < a.d_in)
-                                     ? to_f32(A[static_cast<int64_t>(j) * a.d_in + k0 + kk])
-                                     : 0.0f;
+                if constexpr (kVec) {
+                    constexpr int V = kVecElems<T>;
+                    constexpr int kPerRow = kShrinkK / V;
+                    for (int idx = tid; idx < kShrinkRows * kPerRow; idx += kShrinkThreads) {
+                        const int rr = idx / kPerRow, kk = (idx % kPerRow) * V;
+                        const int p = p0 + rr;
+                        float v[V];
+#pragma unroll
+                        for (int q = 0; q < V; ++q) v[q] = 0.0f;
+                        if (p >= q0 && p < q1 && k0 + kk < a.d_in) load_vec(x + src_row[rr] * a.d_in + k0 + kk, v);
+#pragma unroll
+                        for (int q = 0; q < V; ++q) xs[rr][kk + q] = v[q];
+                    }
+                    for (int idx = tid; idx < kShrinkRank * kPerRow; idx += kShrinkThreads) {
+                        const int jj = idx / kPerRow, kk = (idx % kPerRow) * V;
+                        const int j = r0 + jj;
+                        float v[V];
+#pragma unroll
+                        for (int q = 0; q < V; ++q) v[q] = 0.0f;
+                        if (j < a.rank && k0 + kk < a.d_in) load_vec(A + static_cast<int64_t>(j) * a.d_in + k0 + kk, v);
+#pragma unroll
+                        for (int q = 0; q < V; ++q) as[jj][kk + q] = v[q];
+                    }
+                } else {
+                    for (int idx = tid; idx < kShrinkRows * kShrinkK; idx += kShrinkThreads) {
+                        const int rr = idx / kShrinkK, kk = idx % kShrinkK;
+                        const int p = p0 + rr;
+                        float v = 0.0f;
+                        if (p >= q0 && p < q1 && k0 + kk < a.d_in)
+                            v = to_f32(x[src_row[rr] * a.d_in + k0 + kk]);
+                        xs[rr][kk] = v;
+                    }
+                    for (int idx = tid; idx < kShrinkRank * kShrinkK; idx += kShrinkThreads) {
+                        const int jj = idx / kShrinkK, kk = idx % kShrinkK;
+                        const int j = r0 + jj;
+                        as[jj][kk] = (j < a.rank && k0 + kk < a.d_in)
+                                         ? to_f32(A[static_cast<int64_t>(j) * a.d_in + k0 + kk])
+                                         : 0.0f;
+                    }
                 }
                 __syncthreads();
                 const int kmax = min(kShrinkK, a.d_in - k0);
@@ -92,11 +133,113 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(molora_lora
     }
 }
 
+// ---- shrink on tensor cores (f16 / bf16): wmma 16×16×16, f32 accumulation -------------------------
+// The same tiling and run handling as the plain shrink: a block owns 32 rows and passes over the rank
+// in 64-column tiles; x and A chunks of 32 along d_in are staged in shared memory in the element type
+// (zero-padded past d_in, the rank and the run's rows), each of the 8 warps owns one 16×16 tile of
+// the 32×64 output, and the f32 accumulators go through shared memory to the valid rows / columns.
+constexpr int kTcPad = 8;     // row padding of the staged tiles (ldm a multiple of 8 elements)
+constexpr int kTcOutPad = 4;  // row padding of the f32 output tile (ldm a multiple of 4)
+
+template <typename T>
+__global__ void __launch_bounds__(kShrinkThreads) lora_shrink_tc_kernel(molora_lora_shrink_args a) {
+    using namespace nvcuda;
+    // 32-byte alignment of every fragment pointer: rows are 40 elements (80 bytes) apart and
+    // fragments start at rows 0/16 and columns 0/16, i.e. at multiples of 1280 + 32 bytes.
+    __shared__ __align__(32) T xs[kShrinkRows][kShrinkK + kTcPad];
+    __shared__ __align__(32) T as[kShrinkRank][kShrinkK + kTcPad];
+    __shared__ __align__(32) float outs[kShrinkRows][kShrinkRank + kTcOutPad];
+    __shared__ int64_t src_row[kShrinkRows];
+    const int total = a.run_offsets[a.num_runs];
+    const int p0 = blockIdx.x * kShrinkRows;
+    if (p0 >= total) return;
+    const int p_end = min(p0 + kShrinkRows, total);
+    const T *x = static_cast<const T *>(a.x);
+    const T zero = from_f32<T>(0.0f);
+    const int tid = threadIdx.x;
+    const int warp = tid / kWarp;
+    const int wm = warp / 4, wn = warp % 4;  // this warp's 16×16 tile: rows 16·wm, columns 16·wn
+
+    if (tid < kShrinkRows) {
+        const int p = p0 + tid;
+        int64_t src = -1;
+        if (p < p_end) src = a.row_src ? static_cast<int64_t>(a.row_src[p] / a.src_div) : p;
+        src_row[tid] = src;
+    }
+    __syncthreads();
+
+    for (int run = find_run(a.run_offsets, a.num_runs, p0); run < a.num_runs && a.run_offsets[run] < p_end; ++run) {
+        const int q0 = max(p0, a.run_offsets[run]);
+        const int q1 = min(p_end, a.run_offsets[run + 1]);
+        if (q0 >= q1) continue;  // block-uniform
+        const int w = a.run_weight ? a.run_weight[run] : run;
+        if (w < 0 || w >= a.num_weights) {
+            for (int idx = tid; idx < (q1 - q0) * a.rank; idx += kShrinkThreads)
+                a.h[static_cast<int64_t>(q0) * a.rank + idx] = 0.0f;
+            continue;
+        }
+        const T *A = static_cast<const T *>(a.a) + static_cast<int64_t>(w) * a.rank * a.d_in;
+        for (int r0 = 0; r0 < a.rank; r0 += kShrinkRank) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int k0 = 0; k0 < a.d_in; k0 += kShrinkK) {
+                for (int idx = tid; idx < kShrinkRows * kShrinkK; idx += kShrinkThreads) {
+                    const int rr = idx / kShrinkK, kk = idx % kShrinkK;
+                    const int p = p0 + rr;
+                    xs[rr][kk] = (p >= q0 && p < q1 && k0 + kk < a.d_in) ? x[src_row[rr] * a.d_in + k0 + kk] : zero;
+                }
+                for (int idx = tid; idx < kShrinkRank * kShrinkK; idx += kShrinkThreads) {
+                    const int jj = idx / kShrinkK, kk = idx % kShrinkK;
+                    const int j = r0 + jj;
+                    as[jj][kk] = (j < a.rank && k0 + kk < a.d_in) ? A[static_cast<int64_t>(j) * a.d_in + k0 + kk] : zero;
+                }
+                __syncthreads();
+#pragma unroll
+                for (int kk = 0; kk < kShrinkK; kk += 16) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                    wmma::load_matrix_sync(fa, &xs[16 * wm][kk], kShrinkK + kTcPad);
+                    // as[j][k] read as the K×N operand in column-major order: element (k, j) at j·ldm + k.
+                    wmma::load_matrix_sync(fb, &as[16 * wn][kk], kShrinkK + kTcPad);
+                    wmma::mma_sync(acc, fa, fb, acc);
+                }
+                __syncthreads();
+            }
+            wmma::store_matrix_sync(&outs[16 * wm][16 * wn], acc, kShrinkRank + kTcOutPad, wmma::mem_row_major);
+            __syncthreads();
+            for (int idx = tid; idx < kShrinkRows * kShrinkRank; idx += kShrinkThreads) {
+                const int rr = idx / kShrinkRank, jj = idx % kShrinkRank;
+                const int p = p0 + rr, j = r0 + jj;
+                if (p >= q0 && p < q1 && j < a.rank) a.h[static_cast<int64_t>(p) * a.rank + j] = outs[rr][jj];
+            }
+            __syncthreads();
+        }
+    }
+}
+
 // ---- expand: y[t, o] += scale · Σ_s w · h[pos] · B[e, o, :] ------------------------------------
 constexpr int kExpandTokens = 16;
 constexpr int kExpandThreads = 256;  // one output column per thread
 
-template <typename T>
+// Σ_j h[j]·B[j] over the rank, j in order; kVec: B read with 16-byte loads (rank a multiple of
+// kVecElems<T>, B 16-byte aligned, so every row of B starts aligned). The same sum either way.
+template <typename T, bool kVec>
+__device__ __forceinline__ float dot_rank(const float *hr, const T *br, int rank, float d) {
+    if constexpr (kVec) {
+        constexpr int V = kVecElems<T>;
+        for (int j = 0; j < rank; j += V) {
+            float bv[V];
+            load_vec(br + j, bv);
+#pragma unroll
+            for (int q = 0; q < V; ++q) d = fmaf(hr[j + q], bv[q], d);
+        }
+    } else {
+        for (int j = 0; j < rank; ++j) d = fmaf(hr[j], to_f32(br[j]), d);
+    }
+    return d;
+}
+
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora_expand_args a) {
     const int o = blockIdx.x * kExpandThreads + threadIdx.x;
     const int t0 = blockIdx.y * kExpandTokens;
@@ -119,8 +262,7 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora
                 const float *hr = a.h_dense ? a.h + row * a.num_weights * a.rank + static_cast<int64_t>(e) * a.rank
                                             : a.h + row * a.rank;
                 const T *br = B + (static_cast<int64_t>(e) * a.d_out + o) * a.rank;
-                float d = 0.0f;
-                for (int j = 0; j < a.rank; ++j) d = fmaf(hr[j], to_f32(br[j]), d);
+                const float d = dot_rank<T, kVec>(hr, br, a.rank, 0.0f);
                 acc = fmaf(a.weights[slot], d, acc);
             }
         } else {
@@ -131,7 +273,7 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora
                 if (o < a.d_out) {
                     const float *hr = a.h + static_cast<int64_t>(t) * a.rank;
                     const T *br = B + (static_cast<int64_t>(w) * a.d_out + o) * a.rank;
-                    for (int j = 0; j < a.rank; ++j) acc = fmaf(hr[j], to_f32(br[j]), acc);
+                    acc = dot_rank<T, kVec>(hr, br, a.rank, acc);
                 }
             }
         }
@@ -163,9 +305,25 @@ int launch_shrink(const molora_lora_shrink_args *args, molora_stream_t stream) {
     const molora_lora_shrink_args a = *args;
     if (a.max_rows < 0 || a.num_runs < 1 || a.num_weights < 1 || a.rank < 1 || a.d_in < 1 || a.src_div < 1)
         return static_cast<int>(cudaErrorInvalidValue);
+    constexpr bool k16 = sizeof(T) == 2;
+    const bool aligned = a.d_in % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(a.a) % 16 == 0;
+    int path = a.path;
+    if (path == MOLORA_LORA_PATH_AUTO)
+        path = (k16 && a.rank >= 16) ? MOLORA_LORA_PATH_TENSOR : aligned ? MOLORA_LORA_PATH_VECTOR : MOLORA_LORA_PATH_PLAIN;
+    if ((path == MOLORA_LORA_PATH_VECTOR && !aligned) || (path == MOLORA_LORA_PATH_TENSOR && !k16) ||
+        path < MOLORA_LORA_PATH_PLAIN || path > MOLORA_LORA_PATH_TENSOR)
+        return static_cast<int>(cudaErrorInvalidValue);
     if (a.max_rows == 0) return 0;
     const int blocks = (a.max_rows + kShrinkRows - 1) / kShrinkRows;
-    lora_shrink_kernel<T><<<blocks, kShrinkThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (path == MOLORA_LORA_PATH_TENSOR) {
+        if constexpr (k16) lora_shrink_tc_kernel<T><<<blocks, kShrinkThreads, 0, s>>>(a);
+    } else if (path == MOLORA_LORA_PATH_VECTOR) {
+        lora_shrink_kernel<T, true><<<blocks, kShrinkThreads, 0, s>>>(a);
+    } else {
+        lora_shrink_kernel<T, false><<<blocks, kShrinkThreads, 0, s>>>(a);
+    }
     return last_launch_error();
 }
 
@@ -176,10 +334,17 @@ int launch_expand(const molora_lora_expand_args *args, molora_stream_t stream) {
     if (a.num_tokens < 0 || a.num_weights < 1 || a.rank < 1 || a.d_out < 1) return static_cast<int>(cudaErrorInvalidValue);
     if (a.ids ? (a.k_max < 1 || (!a.h_dense && !a.slot_to_sorted)) : a.num_segments < 1)
         return static_cast<int>(cudaErrorInvalidValue);
+    const bool aligned = a.rank % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(a.b) % 16 == 0;
+    int path = a.path;
+    if (path == MOLORA_LORA_PATH_AUTO) path = aligned ? MOLORA_LORA_PATH_VECTOR : MOLORA_LORA_PATH_PLAIN;
+    if ((path == MOLORA_LORA_PATH_VECTOR && !aligned) || (path != MOLORA_LORA_PATH_PLAIN && path != MOLORA_LORA_PATH_VECTOR))
+        return static_cast<int>(cudaErrorInvalidValue);
     if (a.num_tokens == 0) return 0;
     const dim3 grid((a.d_out + kExpandThreads - 1) / kExpandThreads, (a.num_tokens + kExpandTokens - 1) / kExpandTokens);
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-    lora_expand_kernel<T><<<grid, kExpandThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (path == MOLORA_LORA_PATH_VECTOR) lora_expand_kernel<T, true><<<grid, kExpandThreads, 0, s>>>(a);
+    else lora_expand_kernel<T, false><<<grid, kExpandThreads, 0, s>>>(a);
     return last_launch_error();
 }
 

@@ -7,9 +7,10 @@ mod gpu {
     use molora::cpu;
     use molora::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
     use molora::cuda::{
-        dispatch, expand_experts, expand_segments, lora_dense_gated, mix_experts, shrink_experts,
-        shrink_segments, CudaElement, DenseGatedWorkspace, Device, DevicePlan, DeviceSegments,
-        DENSE_GATED_MAX_COLUMNS,
+        dispatch, expand_experts, expand_experts_on, expand_segments, expand_segments_on,
+        lora_dense_gated, mix_experts, shrink_experts, shrink_experts_on, shrink_segments,
+        shrink_segments_on, CudaElement, DenseGatedWorkspace, Device, DevicePlan, DeviceSegments,
+        KernelPath, DENSE_GATED_MAX_COLUMNS,
     };
     use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
     use molora::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
@@ -282,6 +283,239 @@ mod gpu {
             &f32s(&bm_want),
             tol,
         )
+    }
+
+    /// Uploads `v` after `offset` padding elements, so its view starts `offset·sizeof(T)` bytes past
+    /// the (256-byte aligned) allocation: 0 keeps it 16-byte aligned, 1 misaligns it.
+    fn up_at<T: DeviceRepr + Default + Clone>(
+        dev: &Device,
+        v: &[T],
+        offset: usize,
+    ) -> CudaSlice<T> {
+        let mut p = vec![T::default(); offset];
+        p.extend_from_slice(v);
+        p.push(T::default());
+        dev.upload(&p).expect("upload")
+    }
+
+    /// Whether the call must be refused: the variant's element-type, shape or alignment condition.
+    fn refused<T: CudaElement>(
+        path: KernelPath,
+        shrink: bool,
+        dim: usize,
+        misaligned: bool,
+    ) -> bool {
+        match path {
+            KernelPath::Auto | KernelPath::Plain => false,
+            KernelPath::Vectorized => dim % (16 / std::mem::size_of::<T>()) != 0 || misaligned,
+            KernelPath::TensorCore => !shrink || T::DTYPE == molora::DType::F32,
+        }
+    }
+
+    /// Every kernel variant of the shrink and the expand (over expert segments and over sequence
+    /// segments) against the CPU reference, or refused with `Error::Unsupported` exactly when the
+    /// variant cannot take the call. With `misalign`, x, A and B start 1 element past an aligned
+    /// address.
+    fn paths_case<T: CudaElement>(dev: &Device, c: &Case, misalign: bool) -> Result<(), String> {
+        let s = |e: molora::Error| e.to_string();
+        let mut rng = Rng::new(c.seed ^ 0xa7);
+        let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).map_err(s)?;
+        let x: Vec<T> = rng.values(c.t * c.d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.3);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.3);
+        let y0: Vec<T> = rng.values(c.t * c.d_out, 1.0);
+        let r = routing(c, &mut rng);
+        let plan = cpu::dispatch(&r).map_err(s)?;
+        let h_want = cpu::shrink_experts(&x, &a, &shape, &plan).map_err(s)?;
+        let mut y_want = y0.clone();
+        cpu::expand_experts(&h_want, &b, &shape, &plan, &r, 1.3, &mut y_want).map_err(s)?;
+        let asegs = AdapterSegments::new(
+            Segments::from_lengths(&[c.t / 3, c.t - c.t / 3]).map_err(s)?,
+            c.e,
+            vec![(c.e - 1) as i32, 0],
+        )
+        .map_err(s)?;
+        let hs_want = cpu::shrink_segments(&x, &a, &shape, &asegs).map_err(s)?;
+        let mut ys_want = y0.clone();
+        cpu::expand_segments(&hs_want, &b, &shape, &asegs, 0.7, &mut ys_want).map_err(s)?;
+
+        let off = usize::from(misalign);
+        // An empty call reads no buffer, so only the element-type and shape conditions apply.
+        let misaligned = misalign && c.t > 0;
+        let (dx, da, db) = (
+            up_at(dev, &x, off),
+            up_at(dev, &a, off),
+            up_at(dev, &b, off),
+        );
+        let (xv, av, bv) = (
+            dx.slice(off..off + x.len()),
+            da.slice(off..off + a.len()),
+            db.slice(off..off + b.len()),
+        );
+        let slots = c.t * c.k_max;
+        let (dids, dw) = (up(dev, r.ids()), up(dev, r.weights()));
+        let mut dplan = DevicePlan::new(dev, c.t, c.k_max, c.e).map_err(s)?;
+        dispatch(dev, &dids.slice(0..slots), &mut dplan).map_err(s)?;
+        let dsegs = DeviceSegments::new(dev, &asegs).map_err(s)?;
+        let tol = Tolerance::for_dtype(T::DTYPE).scaled(((c.d_in.max(c.r)) as f32).sqrt());
+        let check = |what: &str, res: molora::Result<()>, refuse: bool| -> Result<bool, String> {
+            match (res, refuse) {
+                (Ok(()), false) => Ok(true),
+                (Err(molora::Error::Unsupported { .. }), true) => Ok(false),
+                (Ok(()), true) => Err(format!("{what}: ran a variant that must be refused")),
+                (Err(e), _) => Err(format!("{what}: {e}")),
+            }
+        };
+        for path in KernelPath::ALL {
+            let what = format!("{path:?}");
+            // Shrink over expert segments (h compared on the pairs) and over sequence segments.
+            let mut dh = up(dev, &vec![0.0f32; slots * c.r]);
+            let refuse = refused::<T>(path, true, c.d_in, misaligned);
+            if check(
+                &format!("shrink_experts {what}"),
+                shrink_experts_on(
+                    dev,
+                    &xv,
+                    &av,
+                    &shape,
+                    &dplan,
+                    &mut dh.slice_mut(0..slots * c.r),
+                    path,
+                ),
+                refuse,
+            )? {
+                compare(
+                    &format!("h ({what})"),
+                    &down(dev, &dh, plan.num_pairs() * c.r),
+                    &h_want,
+                    tol,
+                )?;
+            }
+            let mut dhs = up(dev, &vec![0.0f32; c.t * c.r]);
+            if check(
+                &format!("shrink_segments {what}"),
+                shrink_segments_on(
+                    dev,
+                    &xv,
+                    &av,
+                    &shape,
+                    &dsegs,
+                    &mut dhs.slice_mut(0..c.t * c.r),
+                    path,
+                ),
+                refuse,
+            )? {
+                compare(
+                    &format!("h segments ({what})"),
+                    &down(dev, &dhs, c.t * c.r),
+                    &hs_want,
+                    tol,
+                )?;
+            }
+            // Expand from the CPU's h, so each variant is checked on its own.
+            let refuse = refused::<T>(path, false, c.r, misaligned);
+            let mut h_full = h_want.clone();
+            h_full.resize(slots * c.r, f32::NAN); // rows past the pairs must not be read
+            let dh = up(dev, &h_full);
+            let mut dy = up(dev, &y0);
+            if check(
+                &format!("expand_experts {what}"),
+                expand_experts_on(
+                    dev,
+                    &dh.slice(0..slots * c.r),
+                    &bv,
+                    &shape,
+                    &dplan,
+                    &dids.slice(0..slots),
+                    &dw.slice(0..slots),
+                    1.3,
+                    &mut dy.slice_mut(0..y0.len()),
+                    path,
+                ),
+                refuse,
+            )? {
+                compare(
+                    &format!("y ({what})"),
+                    &f32s(&down(dev, &dy, y0.len())),
+                    &f32s(&y_want),
+                    tol,
+                )?;
+            }
+            let dhs = up(dev, &hs_want);
+            let mut dys = up(dev, &y0);
+            if check(
+                &format!("expand_segments {what}"),
+                expand_segments_on(
+                    dev,
+                    &dhs.slice(0..c.t * c.r),
+                    &bv,
+                    &shape,
+                    &dsegs,
+                    0.7,
+                    &mut dys.slice_mut(0..y0.len()),
+                    path,
+                ),
+                refuse,
+            )? {
+                compare(
+                    &format!("y segments ({what})"),
+                    &f32s(&down(dev, &dys, y0.len())),
+                    &f32s(&ys_want),
+                    tol,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn paths_cases() -> impl Strategy<Value = (Case, bool)> {
+        // d_in and r multiples of 8 (every dtype's vector width) as often as odd ones, so both the
+        // vectorised kernels and their refusal are covered; T with tails of the 32-row tiles.
+        (
+            case(),
+            prop_oneof![
+                Just(8usize),
+                Just(16),
+                Just(64),
+                Just(72),
+                Just(264),
+                1usize..=300
+            ],
+            prop_oneof![
+                Just(8usize),
+                Just(16),
+                Just(24),
+                Just(64),
+                Just(128),
+                Just(256),
+                1usize..=70
+            ],
+            any::<bool>(),
+        )
+            .prop_map(|(mut c, d_in, r, misalign)| {
+                c.d_in = d_in;
+                c.r = r;
+                c.e = c.e.min(8);
+                c.t = c.t.min(200);
+                (c, misalign)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn every_kernel_path_matches_cpu((c, misalign) in paths_cases()) {
+            let Some(dev) = gpu_or_skip("every_kernel_path_matches_cpu") else { return Ok(()) };
+            for (dtype, result) in [
+                ("f32", paths_case::<f32>(&dev, &c, misalign)),
+                ("f16", paths_case::<half::f16>(&dev, &c, misalign)),
+                ("bf16", paths_case::<half::bf16>(&dev, &c, misalign)),
+            ] {
+                if let Err(msg) = result {
+                    prop_assert!(false, "{dtype}, misaligned {misalign}: {msg} ({c:?})");
+                }
+            }
+        }
     }
 
     proptest! {

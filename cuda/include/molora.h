@@ -233,6 +233,28 @@ int molora_scatter_combine_f16(const molora_scatter_combine_args *args, molora_s
 int molora_scatter_combine_bf16(const molora_scatter_combine_args *args, molora_stream_t stream);
 
 /*
+ * Kernel variant of the LoRA shrink and expand (the `path` field of their argument structs). Every
+ * variant gives the same result within the f32 tolerance (the vectorised one bit for bit the plain
+ * one's); AUTO lets the launcher pick by element type, rank and alignment (a starting rule, to be
+ * tuned by measurement), the others force one for tests and benches:
+ *   PLAIN   scalar loads, any shape and alignment;
+ *   VECTOR  16-byte loads: shrink needs d_in a multiple of 16/sizeof(element) and x, A 16-byte
+ *           aligned; expand needs rank a multiple of 16/sizeof(element) and B 16-byte aligned;
+ *           otherwise cudaErrorInvalidValue (AUTO falls back to PLAIN instead);
+ *   TENSOR  shrink only, f16/bf16 only: warp-level mma (wmma 16×16×16) on 32-row × 64-rank tiles
+ *           staged in shared memory, f32 accumulation, any d_in / rank (zero-padded tails);
+ *           otherwise cudaErrorInvalidValue.
+ * AUTO: shrink TENSOR for f16/bf16 when rank >= 16, else VECTOR when aligned, else PLAIN;
+ *       expand VECTOR when aligned, else PLAIN.
+ */
+typedef enum molora_lora_path {
+    MOLORA_LORA_PATH_AUTO = 0,
+    MOLORA_LORA_PATH_PLAIN = 1,
+    MOLORA_LORA_PATH_VECTOR = 2,
+    MOLORA_LORA_PATH_TENSOR = 3
+} molora_lora_path;
+
+/*
  * Grouped LoRA shrink, over row runs (experts after dispatch, or sequence segments):
  *
  *   h[p, j] = Σ_i x[src(p), i] · A[w(run(p)), j, i]      (f32 out, f32 accumulation in i order)
@@ -259,6 +281,7 @@ typedef struct molora_lora_shrink_args {
     int32_t num_weights;
     int32_t rank;
     int32_t d_in;
+    int32_t path; /* molora_lora_path */
 } molora_lora_shrink_args;
 
 int molora_lora_shrink_f32(const molora_lora_shrink_args *args, molora_stream_t stream);
@@ -296,6 +319,7 @@ typedef struct molora_lora_expand_args {
     int32_t num_weights;
     int32_t rank;
     int32_t d_out;
+    int32_t path; /* molora_lora_path (no TENSOR variant) */
 } molora_lora_expand_args;
 
 int molora_lora_expand_f32(const molora_lora_expand_args *args, molora_stream_t stream);

@@ -12,7 +12,7 @@ use super::dispatch::DevicePlan;
 use super::ffi;
 use crate::cpu::dispatch::check_scale;
 use crate::error::check_len;
-use crate::{AdapterSegments, Element, Error, LoraShape, Result};
+use crate::{AdapterSegments, DType, Element, Error, LoraShape, Result};
 
 type Launcher<A> = unsafe extern "C" fn(*const A, ffi::molora_stream_t) -> c_int;
 
@@ -153,9 +153,103 @@ fn fits_i32(what: &'static str, n: usize) -> Result<i32> {
     })
 }
 
+/// Which kernel variant a LoRA shrink or expand runs (`molora_lora_path` in `cuda/include/molora.h`).
+/// All give the CPU reference's result within the per-dtype tolerance; the vectorised variant gives
+/// the plain one's bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelPath {
+    /// The launcher picks: for the shrink, tensor cores for f16/bf16 when `r >= 16`, else 16-byte
+    /// loads when aligned, else plain; for the expand, 16-byte loads when aligned, else plain (a
+    /// starting rule, to be tuned by measurement).
+    Auto,
+    /// Scalar loads: any shape and alignment.
+    Plain,
+    /// 16-byte loads: the shrink needs `d_in`, the expand `r`, a multiple of `16 / sizeof(T)`, and
+    /// the weights (and `x`) 16-byte aligned.
+    Vectorized,
+    /// Shrink only, f16/bf16 only: warp-level mma (wmma 16×16×16) with f32 accumulation, any shape.
+    TensorCore,
+}
+
+impl KernelPath {
+    /// Every variant, for tests and benches that cover them all.
+    pub const ALL: [KernelPath; 4] = [
+        KernelPath::Auto,
+        KernelPath::Plain,
+        KernelPath::Vectorized,
+        KernelPath::TensorCore,
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Shrink,
+    Expand,
+}
+
+/// The C code of `path`, or [`Error::Unsupported`] naming why this call cannot take it: `dim` is
+/// `d_in` (shrink) or `r` (expand), `ptrs` the device addresses that 16-byte loads read from.
+fn resolve_path<T: CudaElement>(
+    op: &'static str,
+    path: KernelPath,
+    kernel: Kernel,
+    dim: usize,
+    ptrs: &[u64],
+) -> Result<i32> {
+    let code = match path {
+        KernelPath::Auto => ffi::MOLORA_LORA_PATH_AUTO,
+        KernelPath::Plain => ffi::MOLORA_LORA_PATH_PLAIN,
+        KernelPath::Vectorized => {
+            let v = 16 / std::mem::size_of::<T>();
+            let what = if kernel == Kernel::Shrink {
+                "d_in"
+            } else {
+                "rank"
+            };
+            if dim % v != 0 {
+                return Err(Error::Unsupported {
+                    op,
+                    what: format!(
+                        "the vectorised kernel with {what} = {dim} (needs a multiple of {v} for {:?})",
+                        T::DTYPE
+                    ),
+                });
+            }
+            if let Some(p) = ptrs.iter().find(|&&p| p % 16 != 0) {
+                return Err(Error::Unsupported {
+                    op,
+                    what: format!(
+                        "the vectorised kernel with a buffer at device address {p:#x} (needs 16-byte alignment; offset {} bytes)",
+                        p % 16
+                    ),
+                });
+            }
+            ffi::MOLORA_LORA_PATH_VECTOR
+        }
+        KernelPath::TensorCore => {
+            if kernel == Kernel::Expand {
+                return Err(Error::Unsupported {
+                    op,
+                    what: "the tensor-core kernel (the expand has plain and vectorised variants)"
+                        .into(),
+                });
+            }
+            if T::DTYPE == DType::F32 {
+                return Err(Error::Unsupported {
+                    op,
+                    what: "the tensor-core kernel with f32 inputs (it takes f16 and bf16)".into(),
+                });
+            }
+            ffi::MOLORA_LORA_PATH_TENSOR
+        }
+    };
+    Ok(code as i32)
+}
+
 /// Grouped shrink over expert segments with the gather fused:
 /// `h[p, j] = Σ_i x[token(p), i]·A[e(p), j, i]`, `h` f32 `[T·k_max, r]` in the plan's sorted order
 /// (rows past the number of pairs are not written). GPU counterpart of [`crate::cpu::shrink_experts`].
+#[allow(clippy::too_many_arguments)]
 pub fn shrink_experts<T: CudaElement>(
     dev: &Device,
     x: &impl DevicePtr<T>,
@@ -163,6 +257,21 @@ pub fn shrink_experts<T: CudaElement>(
     shape: &LoraShape,
     plan: &DevicePlan,
     h: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    shrink_experts_on(dev, x, a, shape, plan, h, KernelPath::Auto)
+}
+
+/// [`shrink_experts`] on an explicit kernel variant ([`KernelPath`]); [`KernelPath::Auto`] is [`shrink_experts`].
+/// A variant the shape, alignment or element type cannot take is an [`Error::Unsupported`] naming it.
+#[allow(clippy::too_many_arguments)]
+pub fn shrink_experts_on<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    a: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    plan: &DevicePlan,
+    h: &mut impl DevicePtrMut<f32>,
+    path: KernelPath,
 ) -> Result<()> {
     const OP: &str = "shrink_experts";
     check_experts(OP, shape, plan.num_experts())?;
@@ -172,6 +281,8 @@ pub fn shrink_experts<T: CudaElement>(
     check_len("h [T * k_max, r]", slots * shape.rank, h.len())?;
     let max_rows = fits_i32("T * k_max", slots)?;
     fits_i32("T * k_max * r", slots * shape.rank)?;
+    // The element type and shape conditions of the variant, also when there is nothing to do.
+    resolve_path::<T>(OP, path, Kernel::Shrink, shape.d_in, &[])?;
     if slots == 0 {
         return Ok(());
     }
@@ -180,6 +291,7 @@ pub fn shrink_experts<T: CudaElement>(
     let (a_ptr, _g1) = a.device_ptr(stream);
     let (h_ptr, _g2) = h.device_ptr_mut(stream);
     let (off_ptr, sorted_ptr, _g3) = plan.offsets_and_sorted(stream);
+    let path = resolve_path::<T>(OP, path, Kernel::Shrink, shape.d_in, &[x_ptr, a_ptr])?;
     let args = ffi::molora_lora_shrink_args {
         x: x_ptr as *const _,
         a: a_ptr as *const _,
@@ -193,6 +305,7 @@ pub fn shrink_experts<T: CudaElement>(
         num_weights: shape.num_experts as i32,
         rank: shape.rank as i32,
         d_in: shape.d_in as i32,
+        path,
     };
     // SAFETY: x holds T·d_in, A E·r·d_in and h T·k_max·r elements (checked above); the plan was
     // allocated for this T, k_max and E, so its offsets hold E + 1 and its sorted slots T·k_max
@@ -218,6 +331,35 @@ pub fn expand_experts<T: CudaElement>(
     scale: f32,
     y: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
+    expand_experts_on(
+        dev,
+        h,
+        b,
+        shape,
+        plan,
+        ids,
+        weights,
+        scale,
+        y,
+        KernelPath::Auto,
+    )
+}
+
+/// [`expand_experts`] on an explicit kernel variant ([`KernelPath`]); [`KernelPath::Auto`] is [`expand_experts`].
+/// A variant the shape, alignment or element type cannot take is an [`Error::Unsupported`] naming it.
+#[allow(clippy::too_many_arguments)]
+pub fn expand_experts_on<T: CudaElement>(
+    dev: &Device,
+    h: &impl DevicePtr<f32>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    plan: &DevicePlan,
+    ids: &impl DevicePtr<i32>,
+    weights: &impl DevicePtr<f32>,
+    scale: f32,
+    y: &mut impl DevicePtrMut<T>,
+    path: KernelPath,
+) -> Result<()> {
     const OP: &str = "expand_experts";
     check_experts(OP, shape, plan.num_experts())?;
     check_scale(scale)?;
@@ -229,6 +371,8 @@ pub fn expand_experts<T: CudaElement>(
     check_len("routing weights [T, k_max]", slots, weights.len())?;
     check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
+    // The element type and shape conditions of the variant, also when there is nothing to do.
+    resolve_path::<T>(OP, path, Kernel::Expand, shape.rank, &[])?;
     if t == 0 {
         return Ok(());
     }
@@ -239,6 +383,7 @@ pub fn expand_experts<T: CudaElement>(
     let (w_ptr, _g3) = weights.device_ptr(stream);
     let (y_ptr, _g4) = y.device_ptr_mut(stream);
     let (inv_ptr, _g5) = plan.inverse(stream);
+    let path = resolve_path::<T>(OP, path, Kernel::Expand, shape.rank, &[b_ptr])?;
     let args = ffi::molora_lora_expand_args {
         h: h_ptr as *const f32,
         b: b_ptr as *const _,
@@ -256,6 +401,7 @@ pub fn expand_experts<T: CudaElement>(
         num_weights: shape.num_experts as i32,
         rank: shape.rank as i32,
         d_out: shape.d_out as i32,
+        path,
     };
     // SAFETY: lengths checked above (h T·k_max·r, B E·d_out·r, ids/weights T·k_max, y T·d_out); the
     // plan's inverse holds T·k_max positions, each -1 or < T·k_max (a row of h). The kernel skips
@@ -267,6 +413,7 @@ pub fn expand_experts<T: CudaElement>(
 /// Segmented (SGMV) shrink: `h[t, j] = Σ_i x[t, i]·A[adapter(seg(t)), j, i]`, zero rows for adapter
 /// `-1`. `shape.num_experts` is the number of adapters. GPU counterpart of
 /// [`crate::cpu::shrink_segments`].
+#[allow(clippy::too_many_arguments)]
 pub fn shrink_segments<T: CudaElement>(
     dev: &Device,
     x: &impl DevicePtr<T>,
@@ -275,6 +422,21 @@ pub fn shrink_segments<T: CudaElement>(
     segs: &DeviceSegments,
     h: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
+    shrink_segments_on(dev, x, a, shape, segs, h, KernelPath::Auto)
+}
+
+/// [`shrink_segments`] on an explicit kernel variant ([`KernelPath`]); [`KernelPath::Auto`] is [`shrink_segments`].
+/// A variant the shape, alignment or element type cannot take is an [`Error::Unsupported`] naming it.
+#[allow(clippy::too_many_arguments)]
+pub fn shrink_segments_on<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    a: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    segs: &DeviceSegments,
+    h: &mut impl DevicePtrMut<f32>,
+    path: KernelPath,
+) -> Result<()> {
     const OP: &str = "shrink_segments";
     check_experts(OP, shape, segs.num_adapters)?;
     let t = segs.num_rows;
@@ -282,6 +444,8 @@ pub fn shrink_segments<T: CudaElement>(
     check_len("A [N, r, d_in]", shape.a_len(), a.len())?;
     check_len("h [T, r]", t * shape.rank, h.len())?;
     fits_i32("T * r", t * shape.rank)?;
+    // The element type and shape conditions of the variant, also when there is nothing to do.
+    resolve_path::<T>(OP, path, Kernel::Shrink, shape.d_in, &[])?;
     if t == 0 {
         return Ok(());
     }
@@ -291,6 +455,7 @@ pub fn shrink_segments<T: CudaElement>(
     let (h_ptr, _g2) = h.device_ptr_mut(stream);
     let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
     let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
+    let path = resolve_path::<T>(OP, path, Kernel::Shrink, shape.d_in, &[x_ptr, a_ptr])?;
     let args = ffi::molora_lora_shrink_args {
         x: x_ptr as *const _,
         a: a_ptr as *const _,
@@ -304,6 +469,7 @@ pub fn shrink_segments<T: CudaElement>(
         num_weights: shape.num_experts as i32,
         rank: shape.rank as i32,
         d_in: shape.d_in as i32,
+        path,
     };
     // SAFETY: the segments were validated on the host (offsets from 0 non-decreasing to T, adapter
     // ids in [-1, N)) and uploaded whole; x, A and h have the lengths checked above; sizes fit an i32.
@@ -323,6 +489,22 @@ pub fn expand_segments<T: CudaElement>(
     scale: f32,
     y: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
+    expand_segments_on(dev, h, b, shape, segs, scale, y, KernelPath::Auto)
+}
+
+/// [`expand_segments`] on an explicit kernel variant ([`KernelPath`]); [`KernelPath::Auto`] is [`expand_segments`].
+/// A variant the shape, alignment or element type cannot take is an [`Error::Unsupported`] naming it.
+#[allow(clippy::too_many_arguments)]
+pub fn expand_segments_on<T: CudaElement>(
+    dev: &Device,
+    h: &impl DevicePtr<f32>,
+    b: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    segs: &DeviceSegments,
+    scale: f32,
+    y: &mut impl DevicePtrMut<T>,
+    path: KernelPath,
+) -> Result<()> {
     const OP: &str = "expand_segments";
     check_experts(OP, shape, segs.num_adapters)?;
     check_scale(scale)?;
@@ -331,6 +513,8 @@ pub fn expand_segments<T: CudaElement>(
     check_len("B [N, d_out, r]", shape.b_len(), b.len())?;
     check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
+    // The element type and shape conditions of the variant, also when there is nothing to do.
+    resolve_path::<T>(OP, path, Kernel::Expand, shape.rank, &[])?;
     if t == 0 {
         return Ok(());
     }
@@ -340,6 +524,7 @@ pub fn expand_segments<T: CudaElement>(
     let (y_ptr, _g2) = y.device_ptr_mut(stream);
     let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
     let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
+    let path = resolve_path::<T>(OP, path, Kernel::Expand, shape.rank, &[b_ptr])?;
     let args = ffi::molora_lora_expand_args {
         h: h_ptr as *const f32,
         b: b_ptr as *const _,
@@ -357,6 +542,7 @@ pub fn expand_segments<T: CudaElement>(
         num_weights: shape.num_experts as i32,
         rank: shape.rank as i32,
         d_out: shape.d_out as i32,
+        path,
     };
     // SAFETY: as for `shrink_segments`: validated segments uploaded whole, lengths checked above.
     let code = unsafe { T::EXPAND(&args, dev.raw_stream()) };
@@ -537,6 +723,7 @@ pub fn lora_dense_gated<T: CudaElement>(
         num_weights: 1,
         rank: ws.columns as i32,
         d_in: shape.d_in as i32,
+        path: ffi::MOLORA_LORA_PATH_AUTO as i32,
     };
     // SAFETY: x holds T·d_in and A E·r·d_in elements, read as one [E·r, d_in] weight; the workspace
     // holds T·E·r (+1) floats of h and the offsets [0, T], allocated for this T and E·r.
@@ -559,6 +746,7 @@ pub fn lora_dense_gated<T: CudaElement>(
         num_weights: shape.num_experts as i32,
         rank: shape.rank as i32,
         d_out: shape.d_out as i32,
+        path: ffi::MOLORA_LORA_PATH_AUTO as i32,
     };
     // SAFETY: h is [T, E·r] as written above; ids/weights hold T·k_max, B E·d_out·r and y T·d_out
     // elements (checked); the kernel skips ids outside [0, E).

@@ -47,8 +47,9 @@ pub use gating::{
 };
 #[cfg(feature = "cuda")]
 pub use lora::{
-    expand_experts, expand_segments, lora_dense_gated, mix_experts, shrink_experts,
-    shrink_segments, CudaElement, DenseGatedWorkspace, DeviceSegments, LoraPath,
+    expand_experts, expand_experts_on, expand_segments, expand_segments_on, lora_dense_gated,
+    mix_experts, shrink_experts, shrink_experts_on, shrink_segments, shrink_segments_on,
+    CudaElement, DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath,
     DENSE_GATED_MAX_COLUMNS,
 };
 #[cfg(feature = "cuda")]
