@@ -33,6 +33,7 @@
 //! # Ok::<(), molora::Error>(())
 //! ```
 
+pub mod bench;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod cpu;
