@@ -1,6 +1,6 @@
 // Quantised base weights: NF4 (block-wise absmax) and int8 (per output channel) quantisation that
-// reproduces the CPU reference bit for bit, and a dequantising matmul (GEMV-shaped: one warp per
-// output row and tile of 16 tokens).
+// reproduces the CPU reference bit for bit, and a dequantising matmul: GEMV-shaped (one warp per
+// output row and tile of 16 tokens) for few tokens, a shared-memory tiled GEMM for many.
 
 #include "common.cuh"
 
@@ -107,6 +107,78 @@ __global__ void __launch_bounds__(kMatWarps * kWarp) quant_matmul_kernel(molora_
     }
 }
 
+// Dequantised weight element (o, i), exactly as the GEMV kernel and the CPU reference form it.
+__device__ __forceinline__ float dequant(const molora_quant_matmul_args &a, int o, int i) {
+    const int64_t f = static_cast<int64_t>(o) * a.cols + i;
+    if (a.packed) {
+        const uint8_t byte = a.packed[f / 2];
+        return kNf4Table[(f % 2 == 0) ? (byte >> 4) : (byte & 0x0f)] * a.scales[f / MOLORA_NF4_BLOCK];
+    }
+    return static_cast<float>(a.q[f]) * a.scales[o];
+}
+
+constexpr int kGemmTok = 64;   // tokens per block
+constexpr int kGemmRows = 64;  // output rows per block
+constexpr int kGemmK = 32;     // columns per shared-memory chunk
+constexpr int kGemmThreads = 256;
+constexpr int kGemmPer = 4;    // tokens and rows per thread (16 × 16 threads × 4 × 4)
+
+// Tiled GEMM: y[t0.., o0..] for a 64 × 64 tile. Thread (ty, tx) owns tokens ty + 16·a and rows
+// tx + 16·b; each sums over i in order (chunk by chunk), in f32.
+template <typename T>
+__global__ void __launch_bounds__(kGemmThreads) quant_gemm_kernel(molora_quant_matmul_args a) {
+    __shared__ float xs[kGemmK][kGemmTok + 1];
+    __shared__ float ws[kGemmK][kGemmRows + 1];
+    const int o0 = blockIdx.x * kGemmRows;
+    const int t0 = blockIdx.y * kGemmTok;
+    const int tid = threadIdx.x;
+    const int ty = tid / 16, tx = tid % 16;
+    const T *x = static_cast<const T *>(a.x);
+    float acc[kGemmPer][kGemmPer];
+#pragma unroll
+    for (int p = 0; p < kGemmPer; ++p)
+#pragma unroll
+        for (int q = 0; q < kGemmPer; ++q) acc[p][q] = 0.0f;
+    for (int k0 = 0; k0 < a.cols; k0 += kGemmK) {
+        for (int idx = tid; idx < kGemmTok * kGemmK; idx += kGemmThreads) {
+            const int tt = idx / kGemmK, kk = idx % kGemmK;
+            const int t = t0 + tt, i = k0 + kk;
+            xs[kk][tt] = (t < a.num_tokens && i < a.cols) ? to_f32(x[static_cast<int64_t>(t) * a.cols + i]) : 0.0f;
+        }
+        for (int idx = tid; idx < kGemmRows * kGemmK; idx += kGemmThreads) {
+            const int rr = idx / kGemmK, kk = idx % kGemmK;
+            const int o = o0 + rr, i = k0 + kk;
+            ws[kk][rr] = (o < a.rows && i < a.cols) ? dequant(a, o, i) : 0.0f;
+        }
+        __syncthreads();
+        const int kmax = min(kGemmK, a.cols - k0);
+        for (int kk = 0; kk < kmax; ++kk) {
+            float xv[kGemmPer], wv[kGemmPer];
+#pragma unroll
+            for (int p = 0; p < kGemmPer; ++p) xv[p] = xs[kk][ty + 16 * p];
+#pragma unroll
+            for (int q = 0; q < kGemmPer; ++q) wv[q] = ws[kk][tx + 16 * q];
+#pragma unroll
+            for (int p = 0; p < kGemmPer; ++p)
+#pragma unroll
+                for (int q = 0; q < kGemmPer; ++q) acc[p][q] = fmaf(xv[p], wv[q], acc[p][q]);
+        }
+        __syncthreads();
+    }
+    const T *bias = static_cast<const T *>(a.bias);
+#pragma unroll
+    for (int q = 0; q < kGemmPer; ++q) {
+        const int o = o0 + tx + 16 * q;
+        if (o >= a.rows) continue;
+        const float b = bias ? to_f32(bias[o]) : 0.0f;
+#pragma unroll
+        for (int p = 0; p < kGemmPer; ++p) {
+            const int t = t0 + ty + 16 * p;
+            if (t < a.num_tokens) a.y[static_cast<int64_t>(t) * a.rows + o] = acc[p][q] + b;
+        }
+    }
+}
+
 template <typename T>
 int launch_quantize_nf4(const molora_quantize_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -134,10 +206,22 @@ int launch_quant_matmul(const molora_quant_matmul_args *args, molora_stream_t st
     const molora_quant_matmul_args a = *args;
     if (a.num_tokens < 0 || a.rows < 1 || a.cols < 1 || (!a.packed == !a.q) || !a.scales)
         return static_cast<int>(cudaErrorInvalidValue);
+    int kernel = a.kernel;
+    if (kernel == MOLORA_QUANT_KERNEL_AUTO)
+        kernel = a.num_tokens <= kMatTokens ? MOLORA_QUANT_KERNEL_GEMV : MOLORA_QUANT_KERNEL_GEMM;
+    if (kernel != MOLORA_QUANT_KERNEL_GEMV && kernel != MOLORA_QUANT_KERNEL_GEMM)
+        return static_cast<int>(cudaErrorInvalidValue);
     if (a.num_tokens == 0) return 0;
-    const dim3 grid((a.rows + kMatWarps - 1) / kMatWarps, (a.num_tokens + kMatTokens - 1) / kMatTokens);
-    if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-    quant_matmul_kernel<T><<<grid, kMatWarps * kWarp, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (kernel == MOLORA_QUANT_KERNEL_GEMM) {
+        const dim3 grid((a.rows + kGemmRows - 1) / kGemmRows, (a.num_tokens + kGemmTok - 1) / kGemmTok);
+        if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+        quant_gemm_kernel<T><<<grid, kGemmThreads, 0, s>>>(a);
+    } else {
+        const dim3 grid((a.rows + kMatWarps - 1) / kMatWarps, (a.num_tokens + kMatTokens - 1) / kMatTokens);
+        if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+        quant_matmul_kernel<T><<<grid, kMatWarps * kWarp, 0, s>>>(a);
+    }
     return last_launch_error();
 }
 

@@ -355,8 +355,14 @@ int molora_mix_bf16(const molora_mix_args *args, molora_stream_t stream);
  * int8: scale[o] = max_i |W[o, i]| / 127, q = clamp(roundf(w / scale), -127, 127) (0 for a zero row).
  * Non-finite weights cannot be rejected without a host sync; they give unspecified codes.
  *
- * Matmul (any T; one warp per output row and tile of 16 tokens, so best for T <= 16):
+ * Matmul, any T:
  *   y[t, o] = Σ_i x[t, i] · deq(W)[o, i] + bias[o]     (f32 out, f32 accumulation; bias may be NULL)
+ * in one of two kernels (the `kernel` field, molora_quant_kernel):
+ *   GEMV  one warp per output row and tile of 16 tokens (the weight read once per 16 tokens);
+ *         num_tokens <= 65535·16;
+ *   GEMM  64 tokens × 64 output rows per block, the weight dequantised into shared memory in chunks
+ *         of 32 columns and reused by all 64 tokens, 4 × 4 outputs per thread; num_tokens <= 65535·64;
+ *   AUTO  GEMV for num_tokens <= 16, else GEMM.
  */
 #define MOLORA_NF4_BLOCK 64
 
@@ -376,6 +382,12 @@ int molora_quantize_int8_f32(const molora_quantize_args *args, molora_stream_t s
 int molora_quantize_int8_f16(const molora_quantize_args *args, molora_stream_t stream);
 int molora_quantize_int8_bf16(const molora_quantize_args *args, molora_stream_t stream);
 
+typedef enum molora_quant_kernel {
+    MOLORA_QUANT_KERNEL_AUTO = 0,
+    MOLORA_QUANT_KERNEL_GEMV = 1,
+    MOLORA_QUANT_KERNEL_GEMM = 2
+} molora_quant_kernel;
+
 typedef struct molora_quant_matmul_args {
     const void *x;
     const uint8_t *packed; /* NF4, or NULL */
@@ -386,6 +398,7 @@ typedef struct molora_quant_matmul_args {
     int32_t num_tokens;
     int32_t rows;
     int32_t cols;
+    int32_t kernel; /* molora_quant_kernel */
 } molora_quant_matmul_args;
 
 int molora_quant_matmul_f32(const molora_quant_matmul_args *args, molora_stream_t stream);

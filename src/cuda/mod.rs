@@ -53,7 +53,9 @@ pub use lora::{
     DENSE_GATED_MAX_COLUMNS,
 };
 #[cfg(feature = "cuda")]
-pub use quant::{quant_matmul, quantize_int8, quantize_nf4, DeviceQuantWeight};
+pub use quant::{
+    quant_matmul, quant_matmul_on, quantize_int8, quantize_nf4, DeviceQuantWeight, QuantKernel,
+};
 
 #[cfg(not(feature = "cuda"))]
 mod disabled {

@@ -172,8 +172,22 @@ pub fn quantize_int8<T: CudaElement>(
     })
 }
 
-/// The quantised base matmul `y[t, o] = Σ_i x[t, i]·deq(W)[o, i] + bias[o]`, f32 `[T, rows]`.
-/// GPU counterpart of [`crate::cpu::nf4_matmul`] / [`crate::cpu::int8_matmul`].
+/// Which kernel [`quant_matmul_on`] runs (`molora_quant_kernel` in `cuda/include/molora.h`); both
+/// give the CPU reference's result within the f32 tolerance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKernel {
+    /// GEMV for `T <= 16`, else GEMM.
+    Auto,
+    /// One warp per output row and tile of 16 tokens; up to 65535·16 tokens.
+    Gemv,
+    /// 64 tokens × 64 output rows per block, the weight dequantised once per block into shared memory
+    /// and reused by its 64 tokens; up to 65535·64 tokens.
+    Gemm,
+}
+
+/// The quantised base matmul `y[t, o] = Σ_i x[t, i]·deq(W)[o, i] + bias[o]`, f32 `[T, rows]`, on
+/// the kernel [`QuantKernel::Auto`] picks. GPU counterpart of [`crate::cpu::nf4_matmul`] /
+/// [`crate::cpu::int8_matmul`].
 pub fn quant_matmul<T: CudaElement>(
     dev: &Device,
     x: &impl DevicePtr<T>,
@@ -182,16 +196,38 @@ pub fn quant_matmul<T: CudaElement>(
     bias: Option<&CudaView<'_, T>>,
     y: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
+    quant_matmul_on(dev, x, num_tokens, w, bias, y, QuantKernel::Auto)
+}
+
+/// [`quant_matmul`] on an explicit kernel ([`QuantKernel`]).
+pub fn quant_matmul_on<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    num_tokens: usize,
+    w: &DeviceQuantWeight,
+    bias: Option<&CudaView<'_, T>>,
+    y: &mut impl DevicePtrMut<f32>,
+    kernel: QuantKernel,
+) -> Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
     check_len("x [T, d_in]", num_tokens * cols, x.len())?;
     if let Some(b) = bias {
         check_len("bias [d_out]", rows, b.len())?;
     }
     check_len("y [T, d_out]", num_tokens * rows, y.len())?;
-    if num_tokens * rows.max(cols) > i32::MAX as usize || num_tokens.div_ceil(16) > 65535 {
+    let kernel = match kernel {
+        QuantKernel::Auto if num_tokens <= 16 => QuantKernel::Gemv,
+        QuantKernel::Auto => QuantKernel::Gemm,
+        k => k,
+    };
+    let (tile, code) = match kernel {
+        QuantKernel::Gemv => (16, ffi::MOLORA_QUANT_KERNEL_GEMV),
+        _ => (64, ffi::MOLORA_QUANT_KERNEL_GEMM),
+    };
+    if num_tokens * rows.max(cols) > i32::MAX as usize || num_tokens.div_ceil(tile) > 65535 {
         return Err(Error::Unsupported {
             op: "quant_matmul",
-            what: format!("{num_tokens} tokens of {cols} -> {rows} (indices must fit an i32, at most 65535·16 tokens)"),
+            what: format!("{num_tokens} tokens of {cols} -> {rows} on the {kernel:?} kernel (indices must fit an i32, at most 65535·{tile} tokens)"),
         });
     }
     if num_tokens == 0 {
@@ -223,6 +259,7 @@ pub fn quant_matmul<T: CudaElement>(
         num_tokens: num_tokens as i32,
         rows: rows as i32,
         cols: cols as i32,
+        kernel: code as i32,
     };
     // SAFETY: x holds T·cols, y T·rows, bias rows elements (checked); the weight's buffers were
     // allocated for rows·cols (codes) and its scales, exactly one of packed / q is set; all indices
