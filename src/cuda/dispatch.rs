@@ -107,7 +107,9 @@ impl DevicePlan {
         )?;
         dev.stream()
             .memcpy_dtoh(&self.expert_offsets.slice(0..self.num_experts + 1), host)
-            .map_err(|e| Error::Driver(e.to_string()))
+            .map_err(|e| Error::Driver(e.to_string()))?;
+        // An asynchronous copy into pageable memory need not have finished when it returns.
+        dev.synchronize()
     }
 
     /// Copies the plan to the host (waits for the stream): the same [`DispatchPlan`] the CPU builds.
