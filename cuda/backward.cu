@@ -9,6 +9,7 @@ namespace {
 
 constexpr int kBwdWarps = 8;
 constexpr int kBwdThreads = 256;
+constexpr int kUChunk = 16;  // rank entries of u a warp accumulates at once
 
 // One warp per sorted slot position p < T·k_max (positions past the number of pairs exit):
 // u[p, j] = Σ_o dy[t, o]·B[e, o, j], and dw of the slot.
@@ -25,13 +26,29 @@ __global__ void __launch_bounds__(kBwdWarps * kWarp) bwd_u_dw_kernel(molora_lora
     const T *B = static_cast<const T *>(a.b) + static_cast<int64_t>(e) * a.d_out * a.rank;
     const float *h = a.h + static_cast<int64_t>(p) * a.rank;
     float *u = a.u + static_cast<int64_t>(p) * a.rank;
+    // Lanes stride over o and read kUChunk consecutive rank entries of B's row o at a time (whole
+    // sectors instead of one element per row), then one fixed butterfly per entry.
     float dot = 0.0f;
-    for (int j = 0; j < a.rank; ++j) {
-        float s = 0.0f;
-        for (int o = lane; o < a.d_out; o += kWarp) s = fmaf(to_f32(dy[o]), to_f32(B[static_cast<int64_t>(o) * a.rank + j]), s);
-        s = warp_sum(s);
-        if (lane == 0) u[j] = s;
-        dot = fmaf(h[j], s, dot);
+    for (int j0 = 0; j0 < a.rank; j0 += kUChunk) {
+        const int nj = min(kUChunk, a.rank - j0);
+        float part[kUChunk];
+#pragma unroll
+        for (int q = 0; q < kUChunk; ++q) part[q] = 0.0f;
+        for (int o = lane; o < a.d_out; o += kWarp) {
+            const float d = to_f32(dy[o]);
+            const T *br = B + static_cast<int64_t>(o) * a.rank + j0;
+#pragma unroll
+            for (int q = 0; q < kUChunk; ++q)
+                if (q < nj) part[q] = fmaf(d, to_f32(br[q]), part[q]);
+        }
+#pragma unroll
+        for (int q = 0; q < kUChunk; ++q) {
+            const float s = warp_sum(part[q]);
+            if (q < nj) {
+                if (lane == 0) u[j0 + q] = s;
+                dot = fmaf(h[j0 + q], s, dot);
+            }
+        }
     }
     if (lane == 0) a.dw[slot] = a.scale * dot;
 }
