@@ -8,11 +8,12 @@ mod gpu {
     use half::{bf16, f16};
     use molora::cpu::{self, backward, Activation, Gate, HierarchicalCombine, ThresholdSpec};
     use molora::cuda::{
-        gating, gating_backward, gating_backward_hierarchical, mix_backward, router_backward,
-        CudaElement, Device, DeviceGate, DeviceSeqRouting, DlambdaOut,
+        dispatch, gating, gating_backward, gating_backward_hierarchical, lora_backward_experts,
+        mix_backward, mix_experts, router_backward, shrink_segments, CudaElement, Device,
+        DeviceGate, DeviceLoraGrads, DevicePlan, DeviceSegments, DeviceSeqRouting, DlambdaOut,
     };
     use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
-    use molora::{DType, LoraShape, Segments, SeqRouting};
+    use molora::{AdapterSegments, DType, LoraShape, Segments, SeqRouting};
     use proptest::prelude::*;
 
     proptest! {
@@ -428,5 +429,142 @@ mod gpu {
             ),
             "{err}"
         );
+    }
+
+    /// The whole SAML backward on the GPU, as the bench runs it: mix the experts per sequence, SGMV
+    /// shrink, the grouped LoRA backward of the mixed adapters on a plan with one slot per token
+    /// holding its sequence (whose sorted order is the token order, so the SGMV `h` is already
+    /// sorted), then the mixing backward; against the CPU chain (mix, LoRA backward, mixing backward
+    /// per sequence).
+    fn check_saml_chain<T: CudaElement>(
+        dev: &Device,
+        shape: &LoraShape,
+        lens: &[usize],
+        seed: u64,
+    ) -> Result<(), String> {
+        let s = |err: molora::Error| err.to_string();
+        let mut rng = Rng::new(seed);
+        let (e, r, d_in, d_out) = (shape.num_experts, shape.rank, shape.d_in, shape.d_out);
+        let t: usize = lens.iter().sum();
+        let nseq = lens.len();
+        let mixed = LoraShape::new(nseq, r, d_in, d_out).map_err(s)?;
+        let x: Vec<T> = rng.values(t * d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.5);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.5);
+        let dy: Vec<T> = rng.values(t * d_out, 1.0);
+        let p: Vec<f32> = (0..nseq * e).map(|_| rng.uniform() as f32).collect();
+        let segs = Segments::from_lengths(lens).map_err(s)?;
+        let seq = SeqRouting::new(segs.clone(), e, p.clone()).map_err(s)?;
+        let ids: Vec<i32> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(q, &n)| std::iter::repeat_n(q as i32, n))
+            .collect();
+        let ones = vec![1.0f32; t];
+
+        // CPU chain.
+        let (am, bm) = molora::cpu::mix_experts(&a, &b, shape, &seq).map_err(s)?;
+        let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let g = backward::lora_backward(
+            &f(&x),
+            &f(&am),
+            &f(&bm),
+            &mixed,
+            &ids,
+            &ones,
+            1,
+            0.75f32,
+            &f(&dy),
+        )
+        .map_err(s)?;
+        let (per_a, per_b) = (r * d_in, d_out * r);
+        let mut da_want = vec![0.0f32; shape.a_len()];
+        let mut db_want = vec![0.0f32; shape.b_len()];
+        let mut dp_want = Vec::new();
+        for q in 0..nseq {
+            let (da, db, dp) = backward::mix_backward(
+                &f(&a),
+                &f(&b),
+                shape,
+                &p[q * e..(q + 1) * e],
+                &g.da[q * per_a..(q + 1) * per_a],
+                &g.db[q * per_b..(q + 1) * per_b],
+            )
+            .map_err(s)?;
+            da_want.iter_mut().zip(&da).for_each(|(acc, v)| *acc += v);
+            db_want.iter_mut().zip(&db).for_each(|(acc, v)| *acc += v);
+            dp_want.extend(dp);
+        }
+
+        // GPU chain.
+        let (dx, da_, db_, ddy) = (
+            dev.upload(&x).map_err(s)?,
+            dev.upload(&a).map_err(s)?,
+            dev.upload(&b).map_err(s)?,
+            dev.upload(&dy).map_err(s)?,
+        );
+        let dp_ = dev.upload(&p).map_err(s)?;
+        let mut dam = dev.zeros::<T>(mixed.a_len()).map_err(s)?;
+        let mut dbm = dev.zeros::<T>(mixed.b_len()).map_err(s)?;
+        mix_experts(dev, &da_, &db_, shape, &dp_, nseq, &mut dam, &mut dbm).map_err(s)?;
+        let dsegs =
+            DeviceSegments::new(dev, &AdapterSegments::identity(segs).map_err(s)?).map_err(s)?;
+        let mut h = dev.zeros::<f32>(t * r).map_err(s)?;
+        shrink_segments(dev, &dx, &dam, &mixed, &dsegs, &mut h).map_err(s)?;
+        let dids = dev.upload(&ids).map_err(s)?;
+        let dones = dev.upload(&ones).map_err(s)?;
+        let mut plan = DevicePlan::new(dev, t, 1, nseq).map_err(s)?;
+        dispatch(dev, &dids, &mut plan).map_err(s)?;
+        let mut grads = DeviceLoraGrads::new(dev, t, 1, &mixed).map_err(s)?;
+        lora_backward_experts(
+            dev, &dx, &dam, &dbm, &mixed, &plan, &dids, &dones, &h, &ddy, 0.75, &mut grads,
+        )
+        .map_err(s)?;
+        let mut da = dev.zeros::<f32>(shape.a_len()).map_err(s)?;
+        let mut db = dev.zeros::<f32>(shape.b_len()).map_err(s)?;
+        let mut dp = dev.zeros::<f32>(nseq * e).map_err(s)?;
+        mix_backward(
+            dev,
+            &da_,
+            &db_,
+            shape,
+            &dp_,
+            nseq,
+            &grads.da(),
+            &grads.db(),
+            &mut da,
+            &mut db,
+            &mut dp,
+        )
+        .map_err(s)?;
+        let tol =
+            Tolerance::for_dtype(DType::F32).scaled((t.max(d_in).max(d_out) as f32).sqrt() * 4.0);
+        compare("dA", &dev.download(&da).map_err(s)?, &da_want, tol)?;
+        compare("dB", &dev.download(&db).map_err(s)?, &db_want, tol)?;
+        compare(
+            "dp",
+            &dev.download(&dp).map_err(s)?,
+            &dp_want,
+            tol.scaled(((per_a + per_b) as f32).sqrt()),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        #[test]
+        fn saml_backward_chain_matches_cpu(e in 1usize..=6, r in 1usize..=4, d_in in 1usize..=80, d_out in 1usize..=80,
+                                           lens in proptest::collection::vec(1usize..=40, 1..=4),
+                                           seed in any::<u64>(), dtype in 0usize..3) {
+            let Some(dev) = gpu_or_skip("saml_backward_chain_matches_cpu") else { return Ok(()) };
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            let res = match dtype {
+                0 => check_saml_chain::<f32>(&dev, &shape, &lens, seed),
+                1 => check_saml_chain::<f16>(&dev, &shape, &lens, seed),
+                _ => check_saml_chain::<bf16>(&dev, &shape, &lens, seed),
+            };
+            if let Err(m) = res {
+                prop_assert!(false, "{:?}, sequences {:?}: {}", shape, lens, m);
+            }
+        }
     }
 }
