@@ -1,6 +1,7 @@
 //! The GPU benchmark's library entry point: bad options are refused before any device work, and on a
 //! GPU a run over small odd shapes (every routing, every dtype, with backward) completes and gives one
-//! table row per case with every column filled.
+//! table row per case with every measured column filled, and one kernel-variant row per expert case
+//! (the tensor-core shrink timed exactly for f16 and bf16).
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -50,10 +51,16 @@ mod gpu {
                 ..BenchOptions::new(dtype)
             };
             let table = run(&opts).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
-            let rows: Vec<&str> = table
-                .lines()
-                .filter(|l| l.starts_with("| ") && !l.starts_with("| T "))
-                .collect();
+            // Title, main table, title of the kernel-variant table, that table.
+            let parts: Vec<&str> = table.split("\n\n").collect();
+            assert_eq!(parts.len(), 4, "{dtype:?}:\n{table}");
+            let rows_of = |part: &str| -> Vec<String> {
+                part.lines()
+                    .filter(|l| l.starts_with("| ") && !l.starts_with("| T "))
+                    .map(str::to_string)
+                    .collect()
+            };
+            let rows = rows_of(parts[1]);
             assert_eq!(rows.len(), cases.len(), "{dtype:?}:\n{table}");
             for (row, case) in rows.iter().zip(&cases) {
                 let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
@@ -68,6 +75,29 @@ mod gpu {
                         .unwrap_or_else(|| panic!("{dtype:?}: column {i} of {row}"));
                     assert!(v.is_finite() && v > 0.0, "{dtype:?}: column {i} of {row}");
                 }
+            }
+            // One variant row per case with experts (not SAML): plain shrink and expand always
+            // run, the tensor-core shrink exactly for f16 and bf16.
+            let variants = rows_of(parts[3]);
+            let expert_cases: Vec<&BenchCase> = cases
+                .iter()
+                .filter(|c| !matches!(c.routing, PerSequence { .. }))
+                .collect();
+            assert_eq!(variants.len(), expert_cases.len(), "{dtype:?}:\n{table}");
+            for row in &variants {
+                let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+                assert_eq!(cols.len(), 10, "{dtype:?}: {row}");
+                for i in [5, 8] {
+                    assert!(
+                        cols[i].parse::<f64>().is_ok_and(|v| v > 0.0),
+                        "{dtype:?}: column {i} of {row}"
+                    );
+                }
+                assert_eq!(
+                    cols[7] == "—",
+                    dtype == DType::F32,
+                    "{dtype:?}: tensor-core column of {row}"
+                );
             }
         }
     }

@@ -25,6 +25,9 @@
 //!   router backward; for SAML the mixed adapters' backward and
 //!   the mixing backward), its ratio to our forward, and the device memory it works in. The backward
 //!   allocates nothing per call: its buffers are allocated once per shape (the column gives their size).
+//!
+//! A second table times each kernel variant ([`KernelPath`]) of the grouped shrink and expand alone
+//! on the segmented plan, the measurements that the `Auto` rule is to be tuned by.
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
@@ -39,9 +42,9 @@ use super::device::Device;
 use super::dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan};
 use super::gating::{gating, router_logits, DeviceGate};
 use super::lora::{
-    expand_experts, expand_segments, lora_dense_gated, mix_experts, shrink_experts,
-    shrink_segments, CudaElement, DenseGatedWorkspace, DeviceSegments, LoraPath,
-    DENSE_GATED_MAX_COLUMNS,
+    expand_experts, expand_experts_on, expand_segments, lora_dense_gated, mix_experts,
+    shrink_experts, shrink_experts_on, shrink_segments, CudaElement, DenseGatedWorkspace,
+    DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
 use super::DeviceLoraGrads;
 use crate::cpu::{Activation, Gate, ThresholdSpec};
@@ -189,14 +192,28 @@ pub fn run(opts: &BenchOptions) -> Result<String> {
          | bwd buffers MiB |\n",
     );
     out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut variant_rows = Vec::new();
     for case in &opts.cases {
-        let row = match opts.dtype {
+        let (row, variants) = match opts.dtype {
             DType::F32 => bench_case::<f32>(&dev, &blas, case, opts)?,
             DType::F16 => bench_case::<f16>(&dev, &blas, case, opts)?,
             DType::BF16 => bench_case::<bf16>(&dev, &blas, case, opts)?,
         };
         out.push_str(&row);
         out.push('\n');
+        variant_rows.extend(variants);
+    }
+    if !variant_rows.is_empty() {
+        out.push_str(
+            "\nKernel variants of the grouped shrink and expand alone, on the segmented plan (µs; — where \
+             the variant cannot take the shape, alignment or dtype); KernelPath::Auto picks among them\n\n\
+             | T | d_in→d_out | E | r | routing | shrink plain | shrink vectorised | shrink tensor cores \
+             | expand plain | expand vectorised |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for row in variant_rows {
+            out.push_str(&row);
+            out.push('\n');
+        }
     }
     Ok(out)
 }
@@ -282,6 +299,8 @@ struct Row {
     base_b: Option<f64>,
     base_gemm: f64,
     bwd: Option<(f64, usize)>,
+    /// Shrink plain / vectorised / tensor cores, expand plain / vectorised (None where refused).
+    variants: Option<[Option<f64>; 5]>,
 }
 
 fn bench_case<T: CudaElement>(
@@ -289,7 +308,7 @@ fn bench_case<T: CudaElement>(
     blas: &CudaBlas,
     case: &BenchCase,
     opts: &BenchOptions,
-) -> Result<String>
+) -> Result<(String, Option<String>)>
 where
     CudaBlas: Gemm<T>,
 {
@@ -376,6 +395,33 @@ where
                 (LoraPath::DenseGated, Some(us)) => (us, "dg"),
                 _ => (seg, "seg"),
             };
+
+            // Each kernel variant of the grouped shrink and expand alone on this routing's plan.
+            route(&mut logits, &mut ids, &mut w)?;
+            dispatch(dev, &ids, &mut plan)?;
+            let mut variants = [None; 5];
+            for (slot, path) in [
+                (0, KernelPath::Plain),
+                (1, KernelPath::Vectorized),
+                (2, KernelPath::TensorCore),
+            ] {
+                variants[slot] = match shrink_experts_on(dev, &x, &a, &shape, &plan, &mut h, path) {
+                    Err(Error::Unsupported { .. }) => None,
+                    Err(e) => return Err(e),
+                    Ok(()) => Some(time_us(dev, iters, || {
+                        shrink_experts_on(dev, &x, &a, &shape, &plan, &mut h, path)
+                    })?),
+                };
+            }
+            for (slot, path) in [(3, KernelPath::Plain), (4, KernelPath::Vectorized)] {
+                let mut expand =
+                    || expand_experts_on(dev, &h, &b, &shape, &plan, &ids, &w, scale, &mut y, path);
+                variants[slot] = match expand() {
+                    Err(Error::Unsupported { .. }) => None,
+                    Err(e) => return Err(e),
+                    Ok(()) => Some(time_us(dev, iters, expand)?),
+                };
+            }
 
             // Baseline (a): the same routing, one host sync for the expert sizes, one gather, per
             // expert two cuBLAS GEMMs, one scatter-combine.
@@ -498,6 +544,7 @@ where
                 base_b,
                 base_gemm: 0.0,
                 bwd,
+                variants: Some(variants),
             }
         }
     };
@@ -532,7 +579,7 @@ where
         Some(us) => (format!("{us:.1}"), format!("{:.2}×", us / row.ours)),
         None => ("—".into(), "—".into()),
     };
-    Ok(format!(
+    let main = format!(
         "| {t} | {d_in}→{d_out} | {e} | {r} | {routing_name} | {} | {} | {:.1} ({}) | {:.0} | {floor_us:.1} | {:.2}× | {:.1} | {:.2}× | {b_us} | {b_ratio} | {:.1} | {bwd} | {bwd_ratio} | {bwd_mib} |",
         opt(row.seg),
         opt(row.dense_gated),
@@ -543,7 +590,15 @@ where
         row.base_a,
         row.base_a / row.ours,
         row.base_gemm,
-    ))
+    );
+    let variants = row.variants.map(|v| {
+        let cells: Vec<String> = v.iter().map(|&u| opt(u)).collect();
+        format!(
+            "| {t} | {d_in}→{d_out} | {e} | {r} | {routing_name} | {} |",
+            cells.join(" | ")
+        )
+    });
+    Ok((main, variants))
 }
 
 /// Baseline (b): `H = X·A_allᵀ` `[T, E·r]`, `Y += H·B_allᵀ` (`B_all` `[d_out, E·r]`), two GEMMs.
@@ -722,5 +777,6 @@ where
         base_b: None,
         base_gemm: 0.0,
         bwd,
+        variants: None,
     })
 }
