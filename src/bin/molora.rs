@@ -271,7 +271,17 @@ fn bench(args: &[String]) -> Result<(), Fail> {
 
 #[cfg(feature = "cuda")]
 fn gpu_table(quick: bool) -> Result<String, Fail> {
-    molora::cuda::bench::run(&molora::cuda::bench::BenchOptions::standard(quick)).map_err(failure)
+    use molora::cuda::bench::{run, BenchOptions};
+    let mut out = String::new();
+    for dtype in [molora::DType::BF16, molora::DType::F16] {
+        let mut opts = BenchOptions::new(dtype);
+        if quick {
+            opts.iters = 10;
+        }
+        out.push_str(&run(&opts).map_err(failure)?);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 #[cfg(not(feature = "cuda"))]

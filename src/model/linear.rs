@@ -720,7 +720,8 @@ impl MoleLinear {
                     detail: format!("shape {:?}, expected {:?}", t.dims(), v.as_tensor().dims()),
                 });
             }
-            v.set(&t.to_dtype(DType::F32)?)?;
+            // A copy: `set` refuses a source that shares the variable's storage.
+            v.set(&t.to_dtype(DType::F32)?.copy()?)?;
         }
         Ok(())
     }
