@@ -1,10 +1,12 @@
 //! The whole LoRA forward (`MoleLoraForward`) on both paths against the CPU reference: the routing
-//! equals `cpu::route` (up to f32 near-ties) and `y` equals `y0 + cpu::lora_delta` on that routing.
+//! equals `cpu::route` (up to f32 near-ties) and `y` equals `y0 + cpu::lora_delta` on that routing;
+//! and its backward on both paths against the CPU backward chain (LoRA part, gate, activation,
+//! router) on the routing the GPU chose.
 
 #[cfg(feature = "cuda")]
 mod gpu {
     use half::bf16;
-    use molora::cpu::{self, Activation, Gate, RouterWeights, ThresholdSpec};
+    use molora::cpu::{self, backward, Activation, Gate, RouterWeights, ThresholdSpec};
     use molora::cuda::{DeviceGate, DeviceRouter, LoraPath, MoleLoraForward};
     use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
     use molora::{DType, LoraShape, Routing};
@@ -59,6 +61,72 @@ mod gpu {
                 let tol = Tolerance::for_dtype(DType::BF16).scaled(2.0);
                 if let Err(m) = compare(&format!("{path:?}"), &got, &want, tol) {
                     prop_assert!(false, "{}", m);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        #[test]
+        fn forward_backward_paths_match_cpu(t in 1usize..120, e in 1usize..=12, r in 1usize..=16,
+                                            d_in in 1usize..=100, d_out in 1usize..=100, seed in any::<u64>(),
+                                            which in 0usize..3) {
+            let Some(dev) = gpu_or_skip("forward_backward_paths_match_cpu") else { return Ok(()) };
+            let mut rng = Rng::new(seed);
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            let x: Vec<f32> = rng.values(t * d_in, 1.0);
+            let a: Vec<f32> = rng.values(shape.a_len(), 0.2);
+            let b: Vec<f32> = rng.values(shape.b_len(), 0.2);
+            let w_g: Vec<f32> = rng.values(e * d_in, 0.3);
+            let dy: Vec<f32> = rng.values(t * d_out, 1.0);
+            let (gate, renorm) = match which {
+                0 => (Gate::Threshold(ThresholdSpec::Learned { theta: 0.0 }), true),
+                1 => (Gate::TopK { k: 2.min(e), renormalize: true }, true),
+                _ => (Gate::TopK { k: 2.min(e), renormalize: false }, false),
+            };
+            let dgate = DeviceGate::from_gate(&gate, e).unwrap();
+            let k_max = dgate.k_max(e);
+            let (dx, da, db, dwg, ddy) = (dev.upload(&x).unwrap(), dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&w_g).unwrap(), dev.upload(&dy).unwrap());
+            let router = DeviceRouter { w_g: dwg.slice(..), b_g: None, activation: Activation::Softmax, temperature: 1.3 };
+            let logits = cpu::router_logits(&x, t, d_in, &w_g, None, e).unwrap();
+            let p = cpu::activate(&logits, t, e, Activation::Softmax, 1.3).unwrap();
+            let taus = match &gate {
+                Gate::Threshold(spec) => Some(cpu::threshold_values::<f32>(spec, None, t, 1, e).unwrap()),
+                _ => None,
+            };
+            for path in [LoraPath::Segmented, LoraPath::DenseGated] {
+                if path == LoraPath::DenseGated && e * r > molora::cuda::DENSE_GATED_MAX_COLUMNS {
+                    continue;
+                }
+                let mut fwd = MoleLoraForward::new(&dev, t, &shape, k_max, path).unwrap();
+                let mut y = dev.zeros::<f32>(t * d_out).unwrap();
+                fwd.run(&dev, &dx, &router, &dgate, &da, &db, 2.0, &mut y).unwrap();
+                let mut grads = fwd.new_grads(&dev).unwrap();
+                fwd.backward(&dev, &dx, &router, &dgate, &da, &db, &ddy, 2.0, &mut grads).unwrap();
+                // The CPU chain on the routing the GPU chose.
+                let ids = dev.download(fwd.ids()).unwrap();
+                let w: Vec<f32> = dev.download(fwd.weights()).unwrap();
+                let lora = backward::lora_backward(&x, &a, &b, &shape, &ids, &w, k_max, 2.0f32, &dy).unwrap();
+                let (dp, dtau_want) = backward::gate_backward(&p, e, &ids, k_max, taus.as_deref(), renorm, &lora.dw).unwrap();
+                let dz_want = backward::softmax_backward(&p, &dp, e, 1.3).unwrap();
+                let (dwg_want, dbg_want, dxr_want) = backward::router_backward(&x, &w_g, &dz_want, d_in, e).unwrap();
+                let got = grads.lora().to_host(&dev).unwrap();
+                let tol = Tolerance::for_dtype(DType::F32).scaled((t.max(d_in).max(d_out) as f32).sqrt() * 4.0);
+                // dz and what follows from it pass through the gate's 1/Σ(p − τ): a wider bound.
+                let tol_gate = tol.scaled(10.0);
+                let down = |v: molora::cuda::cudarc::driver::CudaView<'_, f32>| dev.stream().clone_dtoh(&v).unwrap();
+                let dtau_got = down(grads.dtau());
+                let dtau_want = if taus.is_some() { dtau_want } else { vec![0.0; t] };
+                for (what, g, w, tl) in [
+                    ("dA", got.da, lora.da, tol), ("dB", got.db, lora.db, tol), ("dx (experts)", got.dx, lora.dx, tol),
+                    ("dw", got.dw, lora.dw, tol), ("dz", down(grads.dz()), dz_want, tol_gate),
+                    ("dτ", dtau_got, dtau_want, tol_gate), ("dW_g", down(grads.dw_g()), dwg_want, tol_gate),
+                    ("db_g", down(grads.db_g()), dbg_want, tol_gate), ("dx (router)", down(grads.dx_router()), dxr_want, tol_gate),
+                ] {
+                    if let Err(m) = compare(what, &g, &w, tl) {
+                        prop_assert!(false, "{:?} {:?}: {}", path, gate, m);
+                    }
                 }
             }
         }

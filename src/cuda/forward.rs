@@ -2,10 +2,15 @@
 //! gating → either dispatch + grouped shrink/expand ([`LoraPath::Segmented`]) or the dense-gated
 //! shrink/expand ([`LoraPath::DenseGated`]). Allocation happens once, in [`MoleLoraForward::new`];
 //! [`MoleLoraForward::run`] only enqueues kernels (no allocation, no host sync), so it can be
-//! captured in a CUDA graph.
+//! captured in a CUDA graph. [`MoleLoraForward::backward`] differentiates the last run into
+//! [`MoleLoraGrads`] (allocated once by [`MoleLoraForward::new_grads`]), on the same path.
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
+use super::backward::{
+    gating_backward, lora_backward_dense_gated, lora_backward_experts, router_backward,
+    DeviceLoraGrads,
+};
 use super::device::Device;
 use super::dispatch::{dispatch, DevicePlan};
 use super::gating::{gating, router_logits, DeviceGate};
@@ -166,5 +171,182 @@ impl MoleLoraForward {
                 y,
             ),
         }
+    }
+}
+
+/// Gradient buffers of [`MoleLoraForward::backward`] (f32, allocated once by
+/// [`MoleLoraForward::new_grads`]): the LoRA part's `dA`, `dB`, `dx` (through the experts) and `dw`,
+/// the router's `dz = ∂L/∂logits` `[T, E]`, `dτ` `[T]` (threshold gates), `dW_g` `[E, d_in]`,
+/// `db_g` `[E]` and `dx` through the router `[T, d_in]`. The input's whole gradient through the LoRA
+/// part is `lora().dx() + dx_router()` (plus `dy·W0` through the frozen base, the caller's).
+#[derive(Debug)]
+pub struct MoleLoraGrads {
+    lora: DeviceLoraGrads,
+    num_tokens: usize,
+    num_experts: usize,
+    d_in: usize,
+    // Exact sizes (T, E and d_in are at least 1).
+    dz: CudaSlice<f32>,
+    dtau: CudaSlice<f32>,
+    dw_g: CudaSlice<f32>,
+    db_g: CudaSlice<f32>,
+    dx_router: CudaSlice<f32>,
+}
+
+impl MoleLoraGrads {
+    /// `dA`, `dB`, `dx` through the experts and `dw`.
+    pub fn lora(&self) -> &DeviceLoraGrads {
+        &self.lora
+    }
+    /// `∂L/∂logits` `[T, E]`.
+    pub fn dz(&self) -> CudaView<'_, f32> {
+        self.dz.slice(..)
+    }
+    /// `∂L/∂τ_t` `[T]` of a threshold gate (zero for other gates); for a learned `τ = σ(θ)/E` the
+    /// caller forms `dθ = Σ_t dτ_t·σ'(θ)/E`.
+    pub fn dtau(&self) -> CudaView<'_, f32> {
+        self.dtau.slice(..)
+    }
+    /// `∂L/∂W_g` `[E, d_in]`.
+    pub fn dw_g(&self) -> CudaView<'_, f32> {
+        self.dw_g.slice(..)
+    }
+    /// `∂L/∂b_g` `[E]` (also when the router has no bias).
+    pub fn db_g(&self) -> CudaView<'_, f32> {
+        self.db_g.slice(..)
+    }
+    /// `∂L/∂x` through the router `[T, d_in]`.
+    pub fn dx_router(&self) -> CudaView<'_, f32> {
+        self.dx_router.slice(..)
+    }
+}
+
+impl MoleLoraForward {
+    /// Gradient buffers for [`backward`](Self::backward) on this workspace's shape and path.
+    pub fn new_grads(&self, dev: &Device) -> Result<MoleLoraGrads> {
+        let (t, e, d_in) = (self.num_tokens, self.shape.num_experts, self.shape.d_in);
+        let lora = match self.path {
+            Path::Segmented { .. } => DeviceLoraGrads::new(dev, t, self.k_max, &self.shape)?,
+            Path::DenseGated(_) => {
+                DeviceLoraGrads::new_dense_gated(dev, t, self.k_max, &self.shape)?
+            }
+        };
+        Ok(MoleLoraGrads {
+            lora,
+            num_tokens: t,
+            num_experts: e,
+            d_in,
+            dz: dev.zeros(t * e)?,
+            dtau: dev.zeros(t)?,
+            dw_g: dev.zeros(e * d_in)?,
+            db_g: dev.zeros(e)?,
+            dx_router: dev.zeros(t * d_in)?,
+        })
+    }
+
+    /// Gradients of the last [`run`](Self::run) given `dy = ∂L/∂y` `[T, d_out]`, with the same
+    /// `x`, `router`, `gate`, `A`, `B` and `scale`: the LoRA part on the run's path (its plan and
+    /// sorted shrink, or its all-experts shrink `[T, E·r]`, are what the forward kept: nothing
+    /// `[T, E, d]` is formed), then the gate and the activation back to the logits, then the router.
+    /// Deterministic, asynchronous, no allocation. The hierarchical combination is not part of this
+    /// forward; see [`super::gating_backward_hierarchical`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T: CudaElement>(
+        &self,
+        dev: &Device,
+        x: &impl DevicePtr<T>,
+        router: &DeviceRouter<'_, T>,
+        gate: &DeviceGate<'_>,
+        a: &impl DevicePtr<T>,
+        b: &impl DevicePtr<T>,
+        dy: &impl DevicePtr<T>,
+        scale: f32,
+        grads: &mut MoleLoraGrads,
+    ) -> Result<()> {
+        let (t, shape) = (self.num_tokens, self.shape);
+        let e = shape.num_experts;
+        if gate.k_max(e) != self.k_max {
+            return Err(Error::LengthMismatch {
+                what: "gate slots vs the workspace's k_max",
+                expected: self.k_max,
+                got: gate.k_max(e),
+            });
+        }
+        if grads.num_tokens != t || grads.num_experts != e || grads.d_in != shape.d_in {
+            return Err(Error::Unsupported {
+                op: "MoleLoraForward::backward",
+                what: format!(
+                    "gradient buffers for T = {}, E = {}, d_in = {}, workspace for T = {t}, E = {e}, d_in = {} (use new_grads)",
+                    grads.num_tokens, grads.num_experts, grads.d_in, shape.d_in
+                ),
+            });
+        }
+        match &self.path {
+            Path::Segmented { plan, h } => lora_backward_experts(
+                dev,
+                x,
+                a,
+                b,
+                &shape,
+                plan,
+                &self.ids,
+                &self.weights,
+                h,
+                dy,
+                scale,
+                &mut grads.lora,
+            )?,
+            Path::DenseGated(ws) => lora_backward_dense_gated(
+                dev,
+                x,
+                a,
+                b,
+                &shape,
+                &self.ids,
+                &self.weights,
+                self.k_max,
+                ws,
+                dy,
+                scale,
+                &mut grads.lora,
+            )?,
+        }
+        let threshold = matches!(
+            gate,
+            DeviceGate::Threshold(_) | DeviceGate::ThresholdPerToken(_)
+        );
+        let dtau = if threshold {
+            Some(&mut grads.dtau)
+        } else {
+            dev.stream()
+                .memset_zeros(&mut grads.dtau)
+                .map_err(|err| Error::Driver(err.to_string()))?;
+            None
+        };
+        gating_backward(
+            dev,
+            &self.logits,
+            t,
+            e,
+            router.activation,
+            router.temperature,
+            gate,
+            &self.ids,
+            &grads.lora.dw(),
+            &mut grads.dz,
+            dtau,
+        )?;
+        router_backward(
+            dev,
+            x,
+            t,
+            shape.d_in,
+            &router.w_g,
+            e,
+            &grads.dz,
+            &mut grads.dw_g,
+            &mut grads.db_g,
+            Some(&mut grads.dx_router),
+        )
     }
 }

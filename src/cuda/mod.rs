@@ -40,7 +40,7 @@ pub use device::{device_available, Device};
 #[cfg(feature = "cuda")]
 pub use dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan, MAX_DISPATCH_EXPERTS};
 #[cfg(feature = "cuda")]
-pub use forward::{DeviceRouter, MoleLoraForward};
+pub use forward::{DeviceRouter, MoleLoraForward, MoleLoraGrads};
 #[cfg(feature = "cuda")]
 pub use gating::{
     gating, router_logits, top_k_gating, DeviceGate, DeviceSeqRouting, MAX_GATING_EXPERTS,
