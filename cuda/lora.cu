@@ -222,24 +222,29 @@ constexpr int kExpandTokens = 16;
 constexpr int kExpandThreads = 256;  // one output column per thread
 
 // Σ_j h[j]·B[j] over the rank, j in order; kVec: B read with 16-byte loads (rank a multiple of
-// kVecElems<T>, B 16-byte aligned, so every row of B starts aligned). The same sum either way.
-template <typename T, bool kVec>
-__device__ __forceinline__ float dot_rank(const float *hr, const T *br, int rank, float d) {
+// kVecElems<T>, B 16-byte aligned, so every row of B starts aligned); kRank > 0: the rank known at
+// compile time (the fast paths for 8, 16, 32, 64 and 128, loops fully unrolled). The same sum in
+// every variant.
+template <typename T, bool kVec, int kRank>
+__device__ __forceinline__ float dot_rank(const float *hr, const T *br, int rank_arg, float d) {
+    const int rank = kRank > 0 ? kRank : rank_arg;
     if constexpr (kVec) {
         constexpr int V = kVecElems<T>;
-        for (int j = 0; j < rank; j += V) {
+#pragma unroll
+        for (int j = 0; j < (kRank > 0 ? kRank : rank); j += V) {
             float bv[V];
             load_vec(br + j, bv);
 #pragma unroll
             for (int q = 0; q < V; ++q) d = fmaf(hr[j + q], bv[q], d);
         }
     } else {
-        for (int j = 0; j < rank; ++j) d = fmaf(hr[j], to_f32(br[j]), d);
+#pragma unroll
+        for (int j = 0; j < (kRank > 0 ? kRank : rank); ++j) d = fmaf(hr[j], to_f32(br[j]), d);
     }
     return d;
 }
 
-template <typename T, bool kVec>
+template <typename T, bool kVec, int kRank>
 __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora_expand_args a) {
     const int o = blockIdx.x * kExpandThreads + threadIdx.x;
     const int t0 = blockIdx.y * kExpandTokens;
@@ -262,7 +267,7 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora
                 const float *hr = a.h_dense ? a.h + row * a.num_weights * a.rank + static_cast<int64_t>(e) * a.rank
                                             : a.h + row * a.rank;
                 const T *br = B + (static_cast<int64_t>(e) * a.d_out + o) * a.rank;
-                const float d = dot_rank<T, kVec>(hr, br, a.rank, 0.0f);
+                const float d = dot_rank<T, kVec, kRank>(hr, br, a.rank, 0.0f);
                 acc = fmaf(a.weights[slot], d, acc);
             }
         } else {
@@ -273,7 +278,7 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora
                 if (o < a.d_out) {
                     const float *hr = a.h + static_cast<int64_t>(t) * a.rank;
                     const T *br = B + (static_cast<int64_t>(w) * a.d_out + o) * a.rank;
-                    acc = dot_rank<T, kVec>(hr, br, a.rank, acc);
+                    acc = dot_rank<T, kVec, kRank>(hr, br, a.rank, acc);
                 }
             }
         }
@@ -343,8 +348,19 @@ int launch_expand(const molora_lora_expand_args *args, molora_stream_t stream) {
     const dim3 grid((a.d_out + kExpandThreads - 1) / kExpandThreads, (a.num_tokens + kExpandTokens - 1) / kExpandTokens);
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    if (path == MOLORA_LORA_PATH_VECTOR) lora_expand_kernel<T, true><<<grid, kExpandThreads, 0, s>>>(a);
-    else lora_expand_kernel<T, false><<<grid, kExpandThreads, 0, s>>>(a);
+    if (path == MOLORA_LORA_PATH_VECTOR) {
+        // Ranks 8..128 (all multiples of every vector width) get unrolled instances.
+        switch (a.rank) {
+            case 8: lora_expand_kernel<T, true, 8><<<grid, kExpandThreads, 0, s>>>(a); break;
+            case 16: lora_expand_kernel<T, true, 16><<<grid, kExpandThreads, 0, s>>>(a); break;
+            case 32: lora_expand_kernel<T, true, 32><<<grid, kExpandThreads, 0, s>>>(a); break;
+            case 64: lora_expand_kernel<T, true, 64><<<grid, kExpandThreads, 0, s>>>(a); break;
+            case 128: lora_expand_kernel<T, true, 128><<<grid, kExpandThreads, 0, s>>>(a); break;
+            default: lora_expand_kernel<T, true, 0><<<grid, kExpandThreads, 0, s>>>(a); break;
+        }
+    } else {
+        lora_expand_kernel<T, false, 0><<<grid, kExpandThreads, 0, s>>>(a);
+    }
     return last_launch_error();
 }
 

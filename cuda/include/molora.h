@@ -239,8 +239,9 @@ int molora_scatter_combine_bf16(const molora_scatter_combine_args *args, molora_
  * tuned by measurement), the others force one for tests and benches:
  *   PLAIN   scalar loads, any shape and alignment;
  *   VECTOR  16-byte loads: shrink needs d_in a multiple of 16/sizeof(element) and x, A 16-byte
- *           aligned; expand needs rank a multiple of 16/sizeof(element) and B 16-byte aligned;
- *           otherwise cudaErrorInvalidValue (AUTO falls back to PLAIN instead);
+ *           aligned; expand needs rank a multiple of 16/sizeof(element) and B 16-byte aligned
+ *           (ranks 8, 16, 32, 64 and 128 run fully unrolled instances); otherwise
+ *           cudaErrorInvalidValue (AUTO falls back to PLAIN instead);
  *   TENSOR  shrink only, f16/bf16 only: warp-level mma (wmma 16×16×16) on 32-row × 64-rank tiles
  *           staged in shared memory, f32 accumulation, any d_in / rank (zero-padded tails);
  *           otherwise cudaErrorInvalidValue.
