@@ -156,6 +156,8 @@ impl HdmoleDemoConfig {
                 });
             }
         }
+        AsrModel::resolve_targets(&self.targets)?;
+        crate::LoraShape::new(self.accents, self.rank, self.d_model, self.d_model)?;
         crate::cpu::gating::check_k(self.top_k, self.accents)
     }
 }
