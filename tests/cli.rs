@@ -66,8 +66,9 @@ fn bad_usage_is_an_error_on_stderr() {
             text(&out.stderr)
         );
         let err = text(&out.stderr);
+        let last = err.lines().last().unwrap_or("");
         assert!(
-            err.starts_with("error: ") && err.contains(needle),
+            last.starts_with("error: ") && last.contains(needle),
             "{args:?}: {err}"
         );
         assert!(text(&out.stdout).is_empty(), "{args:?} wrote to stdout");
