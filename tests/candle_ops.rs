@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use molora::candle::ops::{mole_lora, quant_linear, threshold_gate, top_k_gate, QuantWeight};
+use molora::candle::ops::{
+    mole_lora, quant_linear, threshold_gate, top_k_gate, weight_space_lora, QuantWeight,
+};
 use molora::testing::Rng;
 
 fn randn(rng: &mut Rng, dims: &[usize], scale: f32) -> Tensor {
@@ -265,4 +267,47 @@ fn bad_inputs_are_errors_naming_the_problem() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("F16"), "{e}");
+}
+
+#[test]
+fn weight_space_lora_matches_candle_autograd() {
+    let mut rng = Rng::new(29);
+    for &(s, l, d_in, d_out, e, r) in &[
+        (3usize, 5usize, 7usize, 6usize, 4usize, 2usize),
+        (1, 1, 3, 2, 1, 1),
+        (2, 4, 9, 5, 3, 1),
+    ] {
+        let x = Var::from_tensor(&randn(&mut rng, &[s, l, d_in], 1.0)).unwrap();
+        let a = Var::from_tensor(&randn(&mut rng, &[e, r, d_in], 0.5)).unwrap();
+        let b = Var::from_tensor(&randn(&mut rng, &[e, d_out, r], 0.5)).unwrap();
+        let logits = randn(&mut rng, &[s, e], 1.0);
+        let p = Var::from_tensor(&candle_nn::ops::softmax_last_dim(&logits).unwrap()).unwrap();
+        let scale = 4.0f32;
+        let ours = weight_space_lora(&x, &a, &b, &p, scale).unwrap();
+        // Ā = p·A, B̄ = p·B per sequence, then x·Āᵀ·B̄ᵀ as batched matmuls.
+        let am = p
+            .matmul(&a.reshape((e, r * d_in)).unwrap())
+            .unwrap()
+            .reshape((s, r, d_in))
+            .unwrap();
+        let bm = p
+            .matmul(&b.reshape((e, d_out * r)).unwrap())
+            .unwrap()
+            .reshape((s, d_out, r))
+            .unwrap();
+        let h = x.matmul(&am.transpose(1, 2).unwrap()).unwrap();
+        let reference = (h.matmul(&bm.transpose(1, 2).unwrap()).unwrap() * scale as f64).unwrap();
+        assert_close("weight-space forward", &ours, &reference, 1e-5, 1e-5);
+        let dy = randn(&mut rng, &[s, l, d_out], 1.0);
+        let go = (ours * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (reference * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("dx", &x), ("dA", &a), ("dB", &b), ("dp", &p)] {
+            assert_close(name, go.get(v).unwrap(), gr.get(v).unwrap(), 1e-4, 1e-4);
+        }
+    }
 }

@@ -504,3 +504,177 @@ pub fn quant_linear(x: &Tensor, weight: &Arc<QuantWeight>) -> Result<Tensor> {
         weight: Arc::clone(weight),
     })?)
 }
+
+// ---------------------------------------------------------------------------------------------
+// SAML: weight-space mixing per sequence, then the segmented LoRA
+
+struct WeightSpaceLora {
+    shape: LoraShape,
+    scale: f32,
+    seq_len: usize,
+}
+
+impl WeightSpaceLora {
+    fn routing(&self, p: &[f32], s: usize) -> Result<crate::SeqRouting> {
+        let segments = crate::Segments::from_lengths(&vec![self.seq_len; s])?;
+        crate::SeqRouting::new(segments, self.shape.num_experts, p.to_vec())
+    }
+
+    /// `y_t = s·(x_t·Ā_qᵀ)·B̄_qᵀ` with the mixture in f32 ([`cpu::mix_experts`]) applied by the
+    /// segmented (SGMV) shrink and expand, one segment per sequence.
+    fn forward_f32(&self, x: &[f32], ab: &[f32], p: &[f32], s: usize) -> Result<Vec<f32>> {
+        let (a, b) = ab.split_at(self.shape.a_len());
+        let routing = self.routing(p, s)?;
+        let (am, bm) = cpu::mix_experts(a, b, &self.shape, &routing)?;
+        let mixed = LoraShape::new(s.max(1), self.shape.rank, self.shape.d_in, self.shape.d_out)?;
+        let segs = crate::AdapterSegments::identity(routing.segments().clone())?;
+        let t = s * self.seq_len;
+        let mut y = vec![0.0f32; t * self.shape.d_out];
+        if t > 0 {
+            let h = cpu::shrink_segments(x, &am, &mixed, &segs)?;
+            cpu::expand_segments(&h, &bm, &mixed, &segs, self.scale, &mut y)?;
+        }
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for WeightSpaceLora {
+    fn name(&self) -> &'static str {
+        "molora-weight-space-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (s, _) = dims2(l3, "p")?;
+        let x = slice::<f32>(s1, l1, "x")?;
+        let ab = slice::<f32>(s2, l2, "experts")?;
+        let p = slice::<f32>(s3, l3, "p")?;
+        let y = self.forward_f32(x, ab, p, s).map_err(msg)?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((s * self.seq_len, self.shape.d_out)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ab: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (s, e) = p.dims2()?;
+        let xv = host_f32(x)?;
+        let abv = host_f32(ab)?;
+        let pv = host_f32(p)?;
+        let dy = host_f32(grad)?;
+        let (a, b) = abv.split_at(self.shape.a_len());
+        let routing = self.routing(&pv, s).map_err(msg)?;
+        let (am, bm) = cpu::mix_experts(a, b, &self.shape, &routing).map_err(msg)?;
+        let LoraShape {
+            rank: r,
+            d_in,
+            d_out,
+            ..
+        } = self.shape;
+        let one = LoraShape::new(1, r, d_in, d_out).map_err(msg)?;
+        let n = self.seq_len;
+        let mut dx = Vec::with_capacity(xv.len());
+        let mut da = vec![0.0f32; a.len()];
+        let mut db = vec![0.0f32; b.len()];
+        let mut dp = Vec::with_capacity(s * e);
+        for q in 0..s {
+            // The mixed adapter of sequence q as a single expert with weight 1.
+            let g = backward::lora_backward(
+                &xv[q * n * d_in..(q + 1) * n * d_in],
+                &am[q * r * d_in..(q + 1) * r * d_in],
+                &bm[q * d_out * r..(q + 1) * d_out * r],
+                &one,
+                &vec![0; n],
+                &vec![1.0; n],
+                1,
+                self.scale,
+                &dy[q * n * d_out..(q + 1) * n * d_out],
+            )
+            .map_err(msg)?;
+            dx.extend_from_slice(&g.dx);
+            let (dae, dbe, dpq) =
+                backward::mix_backward(a, b, &self.shape, &pv[q * e..(q + 1) * e], &g.da, &g.db)
+                    .map_err(msg)?;
+            for (acc, v) in da.iter_mut().zip(dae) {
+                *acc += v;
+            }
+            for (acc, v) in db.iter_mut().zip(dbe) {
+                *acc += v;
+            }
+            dp.extend(dpq);
+        }
+        da.extend_from_slice(&db);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(da, ab.shape(), dev)?),
+            Some(Tensor::from_vec(dp, (s, e), dev)?),
+        ))
+    }
+}
+
+/// SAML's weight-space mixture of LoRA experts: for `x` `[S, L, d_in]` (S sequences of L rows),
+/// experts `a` `[E, r, d_in]`, `b` `[E, d_out, r]` and one mixing vector per sequence `p` `[S, E]`
+/// (all f32): `y_{q,t} = s·(x_{q,t}·Ā_qᵀ)·B̄_qᵀ` with `Ā_q = Σ_e p_qe·A_e`, `B̄_q = Σ_e p_qe·B_e`
+/// (not `Σ_e p_qe·B_e·A_e`: the cross terms are part of the method). Forward: [`cpu::mix_experts`]
+/// then the segmented shrink/expand ([`cpu::shrink_segments`], [`cpu::expand_segments`]), one
+/// segment per sequence; backward: the single-adapter LoRA backward per sequence, then
+/// [`backward::mix_backward`] to `p`, `A_e`, `B_e`. Returns `[S, L, d_out]`.
+pub fn weight_space_lora(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    p: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    let (s, l, d_in) = x.dims3()?;
+    let (e, r, a_in) = a.dims3()?;
+    let (b_e, d_out, b_r) = b.dims3()?;
+    crate::error::check_len("A d_in (A [E, r, d_in] vs x [S, L, d_in])", d_in, a_in)?;
+    crate::error::check_len("B experts (B [E, d_out, r] vs A)", e, b_e)?;
+    crate::error::check_len("B rank (B [E, d_out, r] vs A)", r, b_r)?;
+    crate::error::check_len("p [S, E]", s * e, p.elem_count())?;
+    for (what, t) in [("x", x), ("A", a), ("B", b), ("p", p)] {
+        if t.dtype() != DType::F32 {
+            return Err(Error::Unsupported {
+                op: "weight_space_lora",
+                what: format!("{what} has dtype {:?} (this op takes f32)", t.dtype()),
+            });
+        }
+    }
+    if !scale.is_finite() {
+        return Err(Error::InvalidParameter {
+            what: "scale",
+            value: scale,
+            reason: "must be finite",
+        });
+    }
+    let shape = LoraShape::new(e, r, d_in, d_out)?;
+    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let x2 = x.reshape((s * l, d_in))?.contiguous()?;
+    let p = p.reshape((s, e))?.contiguous()?;
+    let y = x2.apply_op3(
+        &ab,
+        &p,
+        WeightSpaceLora {
+            shape,
+            scale,
+            seq_len: l,
+        },
+    )?;
+    Ok(y.reshape((s, l, d_out))?)
+}
