@@ -4,4 +4,5 @@
 pub mod demo;
 pub mod hdmole;
 pub mod linear;
+pub mod lorb;
 pub mod weights;
