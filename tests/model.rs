@@ -55,7 +55,16 @@ fn check_against_cpu(
     randomise_b(&mut layer, &mut rng);
     let xv: Vec<f32> = rng.values(t * d_in, 1.0);
     let x = Tensor::from_vec(xv.clone(), (t, d_in), &Device::Cpu).unwrap();
-    let (y, routed) = layer.forward(&x, &mut Ctx { global, rng: None }).unwrap();
+    let (y, routed) = layer
+        .forward(
+            &x,
+            &mut Ctx {
+                global,
+                rng: None,
+                seq_probs: None,
+            },
+        )
+        .unwrap();
 
     let w = saved(&layer);
     let w0 = host(&layer.weight().unwrap());
@@ -230,6 +239,7 @@ fn training_a_mole_layer_lowers_the_loss() {
         let mut ctx = Ctx {
             global: None,
             rng: Some(&mut rng),
+            seq_probs: None,
         };
         let (y, _) = layer.forward(&x, &mut ctx).unwrap();
         let loss = (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();
@@ -286,6 +296,7 @@ fn save_then_load_is_bit_exact() {
             &mut Ctx {
                 global: Some(&g),
                 rng: None,
+                seq_probs: None,
             },
         )
         .unwrap()
@@ -296,6 +307,7 @@ fn save_then_load_is_bit_exact() {
             &mut Ctx {
                 global: Some(&g),
                 rng: None,
+                seq_probs: None,
             },
         )
         .unwrap()
@@ -408,4 +420,21 @@ fn hdmole_demo_runs_end_to_end_and_beats_the_base_on_the_accents() {
     let inspected = molora::model::weights::inspect(&dir.join("hdmole.safetensors")).unwrap();
     assert!(inspected.contains("projector.0"), "{inspected}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn saml_demo_runs_end_to_end_and_adaptation_beats_the_quantised_model() {
+    use molora::model::saml_demo::{run_saml_demo, SamlDemoConfig};
+    let cfg = SamlDemoConfig::tiny();
+    let report = run_saml_demo(&cfg, &mut |_| {}).unwrap();
+    let table = report.to_markdown();
+    let overall = report.rows.last().unwrap();
+    assert_eq!(report.rows.len(), cfg.target_speakers + 1, "{table}");
+    assert!(
+        overall.quantised_saml < overall.quantised,
+        "SAML {:.1}% vs quantised {:.1}% token error\n{table}",
+        overall.quantised_saml,
+        overall.quantised
+    );
+    assert!(report.quant_bytes * 5 < report.fp_bytes, "{table}");
 }

@@ -15,6 +15,8 @@ Usage: molora <command> [options]
 Commands:
   demo hdmole     HDMoLE against full fine-tuning, one LoRA and top-k MoLE on a synthetic
                   multi-accent task; prints the results table
+  demo saml       SAML on an NF4-quantised Whisper-shaped model adapted per target speaker,
+                  against the full-precision and quantised models and one LoRA
   bench           the benchmark table (the CPU path here; --device cuda for the GPU kernels)
   inspect FILE    experts, ranks, shapes and routing config of a .safetensors file
                   (a molora expert file or a PEFT adapter_model.safetensors)
@@ -41,6 +43,22 @@ Options:
   --no-expert-init    do not initialise HDMoLE's experts from per-accent LoRAs
   --small             a small, fast configuration (the test suite's)
   --out DIR           write report.json and each method's adapters (<method>.safetensors)
+  --device cpu|cuda   where to train (default cpu)
+  -h, --help          this text
+";
+
+const SAML_HELP: &str = "\
+molora demo saml: pretrain a Whisper-shaped encoder-decoder on a pool of synthetic speakers, quantise
+it to NF4, train one rank-1 LoRA per training speaker, then adapt to each target speaker from 60 of
+its utterances with one LoRA and with SAML (experts from the speaker LoRAs, per-utterance routers,
+two Adam optimisers taking turns), and print the token error per target speaker and overall.
+
+Usage: molora demo saml [options]
+
+Options:
+  --seed N            data and initialisation seed (default 11)
+  --epochs N          adaptation epochs (default 10)
+  --small             the test suite's small configuration
   --device cpu|cuda   where to train (default cpu)
   -h, --help          this text
 ";
@@ -144,9 +162,10 @@ fn demo(args: &[String]) -> Result<(), Fail> {
             };
         }
         Some("hdmole") => {}
+        Some("saml") => return demo_saml(&args[1..]),
         Some(other) => {
             return Err(usage(format!(
-                "molora demo: unknown demo `{other}` (available: hdmole)"
+                "molora demo: unknown demo `{other}` (available: hdmole, saml)"
             )))
         }
     }
@@ -204,13 +223,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
         }
     }
     if dev == "cuda" {
-        return Err(failure(molora::Error::Unsupported {
-            op: "molora demo hdmole",
-            what: "--device cuda: the candle models run on candle's CPU backend in this build; \
-                   the CUDA kernels are reached through `molora bench --device cuda` and the \
-                   library's `cuda` module"
-                .into(),
-        }));
+        return Err(cuda_models_unsupported("molora demo hdmole"));
     }
     let mut progress = Progress {
         tty: std::io::stderr().is_terminal(),
@@ -235,6 +248,61 @@ fn demo(args: &[String]) -> Result<(), Fail> {
             dir.display()
         );
     }
+    Ok(())
+}
+
+fn cuda_models_unsupported(op: &'static str) -> Fail {
+    failure(molora::Error::Unsupported {
+        op,
+        what: "--device cuda: the candle models run on candle's CPU backend in this build; \
+               the CUDA kernels are reached through `molora bench --device cuda` and the \
+               library's `cuda` module"
+            .into(),
+    })
+}
+
+fn demo_saml(args: &[String]) -> Result<(), Fail> {
+    use molora::model::saml_demo::{run_saml_demo, SamlDemoConfig};
+    let mut cfg = SamlDemoConfig::default();
+    let (mut seed, mut epochs) = (None, None);
+    let mut dev = "cpu".to_string();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        match a {
+            "-h" | "--help" => {
+                print!("{SAML_HELP}");
+                return Ok(());
+            }
+            "--seed" => seed = Some(number::<u64>(value(args, &mut i, a)?, a)?),
+            "--epochs" => epochs = Some(number::<usize>(value(args, &mut i, a)?, a)?),
+            "--small" => cfg = SamlDemoConfig::tiny(),
+            "--device" => dev = device(value(args, &mut i, a)?)?,
+            other => {
+                return Err(usage(format!(
+                    "molora demo saml: unknown option `{other}` (see --help)"
+                )))
+            }
+        }
+        i += 1;
+    }
+    if let Some(s) = seed {
+        cfg.seed = s;
+    }
+    if let Some(e) = epochs {
+        cfg.epochs = e;
+    }
+    if dev == "cuda" {
+        return Err(cuda_models_unsupported("molora demo saml"));
+    }
+    let mut progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        count: 0,
+        start: Instant::now(),
+    };
+    let report = run_saml_demo(&cfg, &mut |s| progress.line(s)).map_err(failure)?;
+    progress.done();
+    println!("{}", report.to_markdown());
     Ok(())
 }
 

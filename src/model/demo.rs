@@ -178,15 +178,35 @@ impl Domains {
     /// Prototypes `N(0, I)` per token; accent `d`: `M_d = I + β·G_d/√d_feat` (`G` standard normal),
     /// `c_d ~ N(0, I)`.
     pub fn new(cfg: &HdmoleDemoConfig, rng: &mut Rng) -> Self {
-        let d = cfg.d_feat;
-        let protos = (0..cfg.vocab * d).map(|_| rng.normal() as f32).collect();
-        let mut maps = Vec::with_capacity(cfg.accents + 1);
+        Self::with_params(
+            cfg.d_feat,
+            cfg.vocab,
+            cfg.noise,
+            cfg.accents,
+            cfg.accent_strength,
+            rng,
+        )
+    }
+
+    /// `d_feat` features, `vocab` tokens, frame noise `σ`, and `count` distorted domains of strength
+    /// `β` after the general one.
+    pub fn with_params(
+        d_feat: usize,
+        vocab: usize,
+        noise: f32,
+        count: usize,
+        strength: f32,
+        rng: &mut Rng,
+    ) -> Self {
+        let d = d_feat;
+        let protos = (0..vocab * d).map(|_| rng.normal() as f32).collect();
+        let mut maps = Vec::with_capacity(count + 1);
         let identity: Vec<f32> = (0..d * d)
             .map(|i| f32::from(u8::from(i / d == i % d)))
             .collect();
         maps.push((identity.clone(), vec![0.0; d]));
-        let s = cfg.accent_strength / (d as f32).sqrt();
-        for _ in 0..cfg.accents {
+        let s = strength / (d as f32).sqrt();
+        for _ in 0..count {
             let m = identity
                 .iter()
                 .map(|&v| v + s * rng.normal() as f32)
@@ -196,8 +216,8 @@ impl Domains {
         }
         Domains {
             d_feat: d,
-            vocab: cfg.vocab,
-            noise: cfg.noise,
+            vocab,
+            noise,
             protos,
             maps,
         }

@@ -241,7 +241,11 @@ impl AsrModel {
     /// Logits `[B, L, V]` for frames `[B, L, d_feat]`; `rng` turns on training mode (dropout).
     pub fn forward(&self, frames: &Tensor, rng: Option<&mut Rng>) -> Result<AsrOutput> {
         let (b, l, _) = frames.dims3()?;
-        let mut ctx = Ctx { global: None, rng };
+        let mut ctx = Ctx {
+            global: None,
+            rng,
+            seq_probs: None,
+        };
         let (enc, mut routing) = self.encode(frames, &mut ctx)?;
         let global = if self.is_hierarchical() {
             Some(self.global_posterior(&enc)?)

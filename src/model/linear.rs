@@ -39,6 +39,10 @@ pub enum GateMode {
     Threshold(ThresholdMode),
     /// Every expert, weighted by its probability (soft routing).
     Dense,
+    /// SAML: the experts mixed in weight space, `Ā = Σ_e p_e·A_e`, `B̄ = Σ_e p_e·B_e`, with one
+    /// `p` per sequence given by the caller ([`Ctx::seq_probs`]); the layer has no router of its own.
+    /// The input must be `[S, L, d_in]`.
+    WeightSpace,
 }
 
 /// Where the threshold `τ` of [`GateMode::Threshold`] comes from.
@@ -158,6 +162,7 @@ impl MoleConfig {
                 "threshold(input-dependent)".into()
             }
             GateMode::Dense => "dense".into(),
+            GateMode::WeightSpace => "weight-space (per sequence)".into(),
         };
         match self.hierarchy {
             None => gate,
@@ -177,6 +182,8 @@ pub struct Ctx<'a> {
     pub global: Option<&'a Tensor>,
     /// Training mode: the generator for dropout. `None`: inference (no dropout).
     pub rng: Option<&'a mut Rng>,
+    /// One mixing vector per sequence, `[S, E]`, for [`GateMode::WeightSpace`] layers.
+    pub seq_probs: Option<&'a Tensor>,
 }
 
 /// The routing a forward pass used, for balance losses and routing tables.
@@ -294,6 +301,33 @@ impl MoleLinear {
         })
     }
 
+    /// A copy of the base alone (fresh parameters with the same values, the same quantised weight,
+    /// no experts, frozen), so several adaptations can start from one model.
+    pub fn base_copy(&self) -> Result<Self> {
+        Ok(MoleLinear {
+            name: self.name.clone(),
+            d_in: self.d_in,
+            d_out: self.d_out,
+            weight: var(self.weight.as_tensor().copy()?)?,
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| var(b.as_tensor().copy()?))
+                .transpose()?,
+            quant: self.quant.clone(),
+            train_base: false,
+            experts: None,
+        })
+    }
+
+    /// The quantisation format of the base, if it is quantised.
+    pub fn quant_format(&self) -> Option<QuantFormat> {
+        self.quant.as_ref().map(|q| match **q {
+            QuantWeight::Nf4(_) => QuantFormat::Nf4,
+            QuantWeight::Int8(_) => QuantFormat::Int8,
+        })
+    }
+
     /// The layer's name (the prefix of its keys in weight files).
     pub fn name(&self) -> &str {
         &self.name
@@ -360,7 +394,7 @@ impl MoleLinear {
         let bound = 1.0 / (d_in as f32).sqrt();
         let a = var(uniform(rng, &[e, r, d_in], bound, &dev)?)?;
         let b = var(Tensor::zeros((e, d_out, r), DType::F32, &dev)?)?;
-        let routed = cfg.gate != GateMode::Single;
+        let routed = !matches!(cfg.gate, GateMode::Single | GateMode::WeightSpace);
         let router_w = if routed {
             Some(var(uniform(rng, &[e, d_in], bound, &dev)?)?)
         } else {
@@ -542,7 +576,40 @@ impl MoleLinear {
             y = y.broadcast_add(&b)?;
         }
         let mut routed = None;
-        if let Some(ex) = &self.experts {
+        if let Some(ex) = self
+            .experts
+            .as_ref()
+            .filter(|e| e.cfg.gate == GateMode::WeightSpace)
+        {
+            let p = ctx.seq_probs.ok_or_else(|| Error::Unsupported {
+                op: "MoleLinear::forward",
+                what: format!(
+                    "layer {} mixes in weight space but no per-sequence probabilities were given",
+                    self.name
+                ),
+            })?;
+            let [s, l, _] = dims[..] else {
+                return Err(Error::Unsupported {
+                    op: "MoleLinear::forward",
+                    what: format!(
+                        "layer {}: weight-space mixing needs x [S, L, d_in], got {dims:?}",
+                        self.name
+                    ),
+                });
+            };
+            let xin = match ctx.rng.as_deref_mut() {
+                Some(rng) if ex.cfg.dropout > 0.0 => dropout(&x2, ex.cfg.dropout, rng)?,
+                _ => x2.clone(),
+            };
+            let delta = ops::weight_space_lora(
+                &xin.reshape((s, l, self.d_in))?,
+                ex.a.as_tensor(),
+                ex.b.as_tensor(),
+                p,
+                ex.cfg.scale(),
+            )?;
+            y = (y + delta.reshape((t, self.d_out))?)?;
+        } else if let Some(ex) = &self.experts {
             let (w, r) = self.route(ex, &x2, t, ctx)?;
             let xin = match ctx.rng.as_deref_mut() {
                 Some(rng) if ex.cfg.dropout > 0.0 => dropout(&x2, ex.cfg.dropout, rng)?,
@@ -604,7 +671,7 @@ impl MoleLinear {
             }
         };
         let weights = match ex.cfg.gate {
-            GateMode::Single | GateMode::Dense => probs.clone(),
+            GateMode::Single | GateMode::Dense | GateMode::WeightSpace => probs.clone(),
             GateMode::TopK { k, renormalize } => ops::top_k_gate(&probs, k, renormalize)?,
             GateMode::Threshold(mode) => {
                 let tau = match (mode, &ex.theta, &ex.tau_w, &ex.tau_b) {

@@ -5,4 +5,6 @@ pub mod demo;
 pub mod hdmole;
 pub mod linear;
 pub mod lorb;
+pub mod saml;
+pub mod saml_demo;
 pub mod weights;

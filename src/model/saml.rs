@@ -1,0 +1,519 @@
+//! SAML (PAPERS.md): a mixture of LoRA experts on a quantised, Whisper-shaped encoder-decoder,
+//! mixed per utterance in weight space and adapted to a speaker at test time.
+//!
+//! ```text
+//! frames [B, L, d_feat] ─ encoder.conv (kernel 3) ─ gelu (+pos)
+//!   ─ per layer: self_attn.{q,k,v,out}_proj (+res) ─ fc1 ─ gelu ─ fc2 (+res) ─► enc
+//! previous tokens ─ decoder.embed (+pos)
+//!   ─ per layer: causal self_attn (+res) ─ encoder_attn over enc (+res) ─ fc1 ─ gelu ─ fc2 (+res)
+//!   ─ decoder.head ─► logits [B, L, V]
+//! ```
+//!
+//! Every linear, conv and embedding weight is a [`MoleLinear`] and can be quantised to NF4 or int8
+//! ([`SamlModel::quantize`]). Experts sit on q, k, v and out of every attention module (encoder self,
+//! decoder self, cross), none on the FFN; they mix in weight space (`Ā = Σ p_e A_e`, `B̄ = Σ p_e B_e`)
+//! with one `p` per utterance and module, from a router per module kind (encoder self, decoder self,
+//! cross) shared across layers but run on each layer's own input: Conv1d (kernel 3) over the input,
+//! attention pooling over time, linear, `softmax(z / T)`; the cross-attention router pools the
+//! decoder states and the encoder output with the same conv and concatenates the two.
+//!
+//! Incremental decoding: the decoder routers pool over time, so with a key/value cache each new
+//! token changes the decoder-side `p` and with it the mixed adapter; cached keys and values computed
+//! under an earlier `p` then no longer match what a full recomputation gives. This model computes the
+//! whole (teacher-forced) sequence at once; a streaming decoder should either fix `p` after the
+//! encoder (cross router on the encoder output only) or recompute the cache when `p` changes.
+//!
+//! Attention is single-head; positions are sinusoidal.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::error::{Error, Result};
+use crate::model::linear::{Ctx, GateMode, MoleConfig, MoleLinear, QuantFormat};
+use crate::model::weights::LoraPair;
+use crate::testing::Rng;
+
+/// Sizes of a [`SamlModel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamlConfig {
+    /// Features per input frame.
+    pub d_feat: usize,
+    /// Model width.
+    pub d_model: usize,
+    /// FFN width.
+    pub d_ff: usize,
+    /// Output tokens (the decoder's input vocabulary has one more: the start token).
+    pub vocab: usize,
+    /// Encoder and decoder layers.
+    pub enc_layers: usize,
+    pub dec_layers: usize,
+    /// Longest sequence (for the positions).
+    pub max_len: usize,
+    /// Channels of the routers' conv.
+    pub router_channels: usize,
+}
+
+/// The three module kinds, each with its own router.
+const KINDS: [&str; 3] = ["encoder_self", "decoder_self", "cross"];
+
+/// A SAML router: conv (kernel 3) → attention pooling over time → linear → softmax(z/T).
+#[derive(Debug, Clone)]
+struct Router {
+    conv: MoleLinear,
+    att: MoleLinear,
+    out: MoleLinear,
+    temperature: f32,
+}
+
+/// `[B, L, d]` → `[B, L, 3d]`: each frame with its left and right neighbour (zero padded), the input
+/// of a kernel-3 convolution written as a linear layer.
+fn unfold3(x: &Tensor) -> Result<Tensor> {
+    let l = x.dims()[1];
+    let p = x.pad_with_zeros(1, 1, 1)?;
+    Ok(Tensor::cat(
+        &[p.narrow(1, 0, l)?, p.narrow(1, 1, l)?, p.narrow(1, 2, l)?],
+        2,
+    )?)
+}
+
+impl Router {
+    fn new(
+        name: &str,
+        d: usize,
+        c: usize,
+        inputs: usize,
+        e: usize,
+        rng: &mut Rng,
+        dev: &Device,
+    ) -> Result<Self> {
+        Ok(Router {
+            conv: MoleLinear::new(&format!("router.{name}.conv"), 3 * d, c, true, rng, dev)?,
+            att: MoleLinear::new(&format!("router.{name}.att"), c, 1, true, rng, dev)?,
+            out: MoleLinear::new(&format!("router.{name}.out"), inputs * c, e, true, rng, dev)?,
+            temperature: 1.0,
+        })
+    }
+
+    /// Attention-pooled conv features `[B, c]`.
+    fn pool(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self
+            .conv
+            .forward(&unfold3(x)?, &mut Ctx::default())?
+            .0
+            .gelu()?;
+        let a = self.att.forward(&h, &mut Ctx::default())?.0; // [B, L, 1]
+        let a = candle_nn::ops::softmax(&a, 1)?;
+        Ok(h.broadcast_mul(&a)?.sum(1)?)
+    }
+
+    /// `p` `[B, E]` for input `x` (and, for the cross router, the encoder output).
+    fn probs(&self, x: &Tensor, enc: Option<&Tensor>) -> Result<Tensor> {
+        let pooled = match enc {
+            Some(e) => Tensor::cat(&[self.pool(x)?, self.pool(e)?], 1)?,
+            None => self.pool(x)?,
+        };
+        let z = self.out.forward(&pooled, &mut Ctx::default())?.0;
+        Ok(candle_nn::ops::softmax_last_dim(
+            &(z / f64::from(self.temperature))?,
+        )?)
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        [&self.conv, &self.att, &self.out]
+            .iter()
+            .flat_map(|l| l.trainable_vars())
+            .collect()
+    }
+}
+
+/// The Whisper-shaped encoder-decoder; see the module docs.
+#[derive(Debug, Clone)]
+pub struct SamlModel {
+    cfg: SamlConfig,
+    layers: BTreeMap<String, MoleLinear>,
+    routers: Option<Vec<Router>>,
+    pos: Tensor,
+    device: Device,
+}
+
+fn sinusoids(len: usize, d: usize, dev: &Device) -> Result<Tensor> {
+    let mut v = Vec::with_capacity(len * d);
+    for p in 0..len {
+        for i in 0..d {
+            let f = (p as f32) / 10000f32.powf((2 * (i / 2)) as f32 / d as f32);
+            v.push(if i % 2 == 0 { f.sin() } else { f.cos() });
+        }
+    }
+    Ok(Tensor::from_vec(v, (len, d), dev)?)
+}
+
+fn rms(x: &Tensor) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?)
+}
+
+/// The attention projections of the model, which receive experts.
+fn attention_names(cfg: &SamlConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..cfg.enc_layers {
+        for p in ["q", "k", "v", "out"] {
+            out.push(format!("encoder.layers.{i}.self_attn.{p}_proj"));
+        }
+    }
+    for i in 0..cfg.dec_layers {
+        for m in ["self_attn", "encoder_attn"] {
+            for p in ["q", "k", "v", "out"] {
+                out.push(format!("decoder.layers.{i}.{m}.{p}_proj"));
+            }
+        }
+    }
+    out
+}
+
+impl SamlModel {
+    /// A model with random weights.
+    pub fn new(cfg: SamlConfig, rng: &mut Rng, dev: &Device) -> Result<Self> {
+        let d = cfg.d_model;
+        let mut shapes: Vec<(String, usize, usize)> =
+            vec![("encoder.conv".into(), 3 * cfg.d_feat, d)];
+        for i in 0..cfg.enc_layers {
+            shapes.push((format!("encoder.layers.{i}.fc1"), d, cfg.d_ff));
+            shapes.push((format!("encoder.layers.{i}.fc2"), cfg.d_ff, d));
+        }
+        shapes.push(("decoder.embed".into(), cfg.vocab + 1, d));
+        for i in 0..cfg.dec_layers {
+            shapes.push((format!("decoder.layers.{i}.fc1"), d, cfg.d_ff));
+            shapes.push((format!("decoder.layers.{i}.fc2"), cfg.d_ff, d));
+        }
+        shapes.push(("decoder.head".into(), d, cfg.vocab));
+        for n in attention_names(&cfg) {
+            shapes.push((n, d, d));
+        }
+        let mut layers = BTreeMap::new();
+        for (n, i, o) in shapes {
+            layers.insert(n.clone(), MoleLinear::new(&n, i, o, true, rng, dev)?);
+        }
+        Ok(SamlModel {
+            cfg,
+            layers,
+            routers: None,
+            pos: sinusoids(cfg.max_len, d, dev)?,
+            device: dev.clone(),
+        })
+    }
+
+    /// The sizes.
+    pub fn config(&self) -> &SamlConfig {
+        &self.cfg
+    }
+
+    fn layer(&self, name: &str) -> Result<&MoleLinear> {
+        self.layers.get(name).ok_or_else(|| Error::Unsupported {
+            op: "SamlModel",
+            what: format!("no layer named {name:?}"),
+        })
+    }
+
+    /// A deep copy of the base weights (no experts, no routers).
+    pub fn base_clone(&self) -> Result<Self> {
+        let mut layers = BTreeMap::new();
+        for (n, l) in &self.layers {
+            layers.insert(n.clone(), l.base_copy()?);
+        }
+        Ok(SamlModel {
+            cfg: self.cfg,
+            layers,
+            routers: None,
+            pos: self.pos.clone(),
+            device: self.device.clone(),
+        })
+    }
+
+    /// Quantises every weight (linear, conv, embedding) and freezes the base.
+    pub fn quantize(&mut self, format: QuantFormat) -> Result<()> {
+        for l in self.layers.values_mut() {
+            l.quantize(format)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of the base weights (packed weights, scales and biases).
+    pub fn base_bytes(&self) -> usize {
+        self.layers.values().map(|l| l.base_bytes()).sum()
+    }
+
+    /// Trains every base weight (pretraining) or freezes them.
+    pub fn set_train_base(&mut self, train: bool) {
+        for l in self.layers.values_mut() {
+            l.set_train_base(train);
+        }
+    }
+
+    /// Gives every attention projection a single LoRA adapter (rank `r`, `alpha`): the per-speaker
+    /// LoRAs the experts start from, and the one-LoRA baseline.
+    pub fn add_single_lora(&mut self, rank: usize, alpha: f32, rng: &mut Rng) -> Result<()> {
+        for n in attention_names(&self.cfg) {
+            if let Some(l) = self.layers.get_mut(&n) {
+                l.add_experts(MoleConfig::lora(rank, alpha), rng)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The single LoRA of every attention projection, by layer name.
+    pub fn lora_pairs(&self) -> Result<BTreeMap<String, LoraPair>> {
+        attention_names(&self.cfg)
+            .into_iter()
+            .map(|n| Ok((n.clone(), self.layer(&n)?.lora_pair()?)))
+            .collect()
+    }
+
+    /// SAML: `E = per_expert.len()` experts on every attention projection, initialised from one LoRA
+    /// per expert (e.g. per training speaker; all of rank `rank`), mixed in weight space by the three
+    /// routers (new, with temperature `temperature`).
+    pub fn add_saml_experts(
+        &mut self,
+        per_expert: &[BTreeMap<String, LoraPair>],
+        rank: usize,
+        alpha: f32,
+        temperature: f32,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        let e = per_expert.len();
+        let cfg = MoleConfig {
+            num_experts: e,
+            gate: GateMode::WeightSpace,
+            ..MoleConfig::lora(rank, alpha)
+        };
+        for n in attention_names(&self.cfg) {
+            let pairs = per_expert
+                .iter()
+                .map(|m| {
+                    m.get(&n).ok_or_else(|| Error::Weights {
+                        source_name: "per-expert LoRAs".into(),
+                        key: n.clone(),
+                        detail: "missing".into(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let l = self.layers.get_mut(&n).ok_or_else(|| Error::Unsupported {
+                op: "SamlModel",
+                what: format!("no layer named {n:?}"),
+            })?;
+            l.add_experts(cfg, rng)?;
+            l.init_experts_from(&pairs)?;
+        }
+        let (d, c) = (self.cfg.d_model, self.cfg.router_channels);
+        let mut routers = Vec::with_capacity(3);
+        for (i, k) in KINDS.iter().enumerate() {
+            let inputs = if i == 2 { 2 } else { 1 };
+            let mut r = Router::new(k, d, c, inputs, e, rng, &self.device)?;
+            r.temperature = temperature;
+            routers.push(r);
+        }
+        self.routers = Some(routers);
+        Ok(())
+    }
+
+    /// The routers' parameters (the SAML router optimiser's).
+    pub fn router_vars(&self) -> Vec<Var> {
+        self.routers
+            .iter()
+            .flatten()
+            .flat_map(|r| r.vars())
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Every trainable parameter of the layers (base weights when trained, else the adapters).
+    pub fn layer_vars(&self) -> Vec<Var> {
+        self.layers
+            .values()
+            .flat_map(|l| l.trainable_vars())
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Parameters of the base (every layer's weight and bias).
+    pub fn num_base_params(&self) -> usize {
+        self.layers
+            .values()
+            .map(|l| {
+                let (i, o) = l.dims();
+                i * o + l.bias().map_or(0, |b| b.elem_count())
+            })
+            .sum()
+    }
+
+    fn router(&self, kind: usize) -> Option<&Router> {
+        self.routers.as_ref().and_then(|r| r.get(kind))
+    }
+
+    /// Single-head attention with the four projections of `module` (`…self_attn` or
+    /// `…encoder_attn`); `p` the module's per-utterance mixture (SAML).
+    fn attention(
+        &self,
+        module: &str,
+        x: &Tensor,
+        kv: &Tensor,
+        causal: bool,
+        p: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut ctx = Ctx {
+            seq_probs: p,
+            ..Default::default()
+        };
+        let q = self
+            .layer(&format!("{module}.q_proj"))?
+            .forward(x, &mut ctx)?
+            .0;
+        let k = self
+            .layer(&format!("{module}.k_proj"))?
+            .forward(kv, &mut ctx)?
+            .0;
+        let v = self
+            .layer(&format!("{module}.v_proj"))?
+            .forward(kv, &mut ctx)?
+            .0;
+        let mut scores =
+            (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (self.cfg.d_model as f64).sqrt())?;
+        if causal {
+            let l = x.dims()[1];
+            let mask: Vec<f32> = (0..l * l)
+                .map(|i| {
+                    if i % l > i / l {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            scores = scores.broadcast_add(&Tensor::from_vec(mask, (l, l), x.device())?)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        Ok(self
+            .layer(&format!("{module}.out_proj"))?
+            .forward(&att, &mut ctx)?
+            .0)
+    }
+
+    fn ffn(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        let h = self
+            .layer(&format!("{prefix}.fc1"))?
+            .forward(x, &mut Ctx::default())?
+            .0
+            .gelu()?;
+        Ok(self
+            .layer(&format!("{prefix}.fc2"))?
+            .forward(&h, &mut Ctx::default())?
+            .0)
+    }
+
+    /// Teacher-forced logits `[B, L, V]` for frames `[B, L, d_feat]` and labels `[B, L]` (u32): the
+    /// decoder sees the start token and the labels shifted right.
+    pub fn forward(&self, frames: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = frames.dims3()?;
+        if l > self.cfg.max_len {
+            return Err(Error::InvalidDim {
+                what: "sequence length",
+                value: l,
+                reason: "longer than the model's max_len",
+            });
+        }
+        let pos = self.pos.narrow(0, 0, l)?;
+        let conv = self
+            .layer("encoder.conv")?
+            .forward(&unfold3(frames)?, &mut Ctx::default())?
+            .0;
+        let mut x = conv.gelu()?.broadcast_add(&pos)?;
+        for i in 0..self.cfg.enc_layers {
+            let n = rms(&x)?;
+            let p = self.router(0).map(|r| r.probs(&n, None)).transpose()?;
+            x = (&x
+                + self.attention(
+                    &format!("encoder.layers.{i}.self_attn"),
+                    &n,
+                    &n,
+                    false,
+                    p.as_ref(),
+                )?)?;
+            x = (&x + self.ffn(&format!("encoder.layers.{i}"), &rms(&x)?)?)?;
+        }
+        let enc = rms(&x)?;
+
+        // Start token (id V) then the labels shifted right, as one-hot rows for the embedding.
+        let lab: Vec<u32> = labels.flatten_all()?.to_vec1()?;
+        let v1 = self.cfg.vocab + 1;
+        let mut onehot = vec![0.0f32; b * l * v1];
+        for u in 0..b {
+            for t in 0..l {
+                let prev = if t == 0 {
+                    self.cfg.vocab
+                } else {
+                    lab[u * l + t - 1] as usize
+                };
+                onehot[(u * l + t) * v1 + prev.min(self.cfg.vocab)] = 1.0;
+            }
+        }
+        let onehot = Tensor::from_vec(onehot, (b, l, v1), frames.device())?;
+        let emb = self
+            .layer("decoder.embed")?
+            .forward(&onehot, &mut Ctx::default())?
+            .0;
+        let mut h = emb.broadcast_add(&pos)?;
+        for i in 0..self.cfg.dec_layers {
+            let n = rms(&h)?;
+            let p = self.router(1).map(|r| r.probs(&n, None)).transpose()?;
+            h = (&h
+                + self.attention(
+                    &format!("decoder.layers.{i}.self_attn"),
+                    &n,
+                    &n,
+                    true,
+                    p.as_ref(),
+                )?)?;
+            let n = rms(&h)?;
+            let p = self
+                .router(2)
+                .map(|r| r.probs(&n, Some(&enc)))
+                .transpose()?;
+            h = (&h
+                + self.attention(
+                    &format!("decoder.layers.{i}.encoder_attn"),
+                    &n,
+                    &enc,
+                    false,
+                    p.as_ref(),
+                )?)?;
+            h = (&h + self.ffn(&format!("decoder.layers.{i}"), &rms(&h)?)?)?;
+        }
+        Ok(self
+            .layer("decoder.head")?
+            .forward(&rms(&h)?, &mut Ctx::default())?
+            .0)
+    }
+
+    /// Token error (%) under teacher forcing.
+    pub fn token_error(&self, frames: &Tensor, labels: &Tensor) -> Result<f32> {
+        let pred = self
+            .forward(frames, labels)?
+            .argmax(D::Minus1)?
+            .to_dtype(DType::U32)?;
+        let wrong = pred
+            .ne(labels)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        Ok(100.0 * wrong)
+    }
+
+    /// Cross-entropy of the teacher-forced predictions.
+    pub fn loss(&self, frames: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(frames, labels)?;
+        Ok(candle_nn::loss::cross_entropy(
+            &logits.reshape(((), self.cfg.vocab))?,
+            &labels.flatten_all()?,
+        )?)
+    }
+}
