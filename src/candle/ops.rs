@@ -403,6 +403,29 @@ impl CustomOp3 for MoleLora {
     }
 }
 
+/// Checks experts `a` `[E, r, d_in]` and `b` `[E, d_out, r]` against the input width and the scale,
+/// and packs them into the one tensor the ops take (`A` then `B`, flattened), so one custom op
+/// carries both and candle's `cat` backward splits their gradients.
+fn expert_shape(a: &Tensor, b: &Tensor, d_in: usize, scale: f32) -> Result<(LoraShape, Tensor)> {
+    let (e, r, a_in) = a.dims3()?;
+    let (b_e, d_out, b_r) = b.dims3()?;
+    crate::error::check_len("A d_in (A [E, r, d_in] vs the input's d_in)", d_in, a_in)?;
+    crate::error::check_len("B experts (B [E, d_out, r] vs A)", e, b_e)?;
+    crate::error::check_len("B rank (B [E, d_out, r] vs A)", r, b_r)?;
+    if !scale.is_finite() {
+        return Err(Error::InvalidParameter {
+            what: "scale",
+            value: scale,
+            reason: "must be finite",
+        });
+    }
+    let shape = LoraShape::new(e, r, d_in, d_out)?;
+    Ok((
+        shape,
+        Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?,
+    ))
+}
+
 /// The LoRA part of a MoLE layer: `Δy_t = s·Σ_e w_te·(x_t·A_eᵀ)·B_eᵀ` for `x` `[T, d_in]`, experts
 /// `a` `[E, r, d_in]` and `b` `[E, d_out, r]` (x, a, b of one dtype: f32, f16 or bf16) and dense gate
 /// weights `w` (f32 `[T, E]`, zero for unused experts). The forward is [`cpu::lora_delta`] over the
@@ -412,12 +435,6 @@ impl CustomOp3 for MoleLora {
 pub fn mole_lora(x: &Tensor, a: &Tensor, b: &Tensor, w: &Tensor, scale: f32) -> Result<Tensor> {
     let (t, d_in) = check_rank2(x, "mole_lora")?;
     check_f32(w, "mole_lora")?;
-    let (e, r, a_in) = a.dims3()?;
-    let (b_e, d_out, b_r) = b.dims3()?;
-    crate::error::check_len("A d_in (A [E, r, d_in] vs x [T, d_in])", d_in, a_in)?;
-    crate::error::check_len("B experts (B [E, d_out, r] vs A)", e, b_e)?;
-    crate::error::check_len("B rank (B [E, d_out, r] vs A)", r, b_r)?;
-    crate::error::check_len("w [T, E]", t * e, w.elem_count())?;
     for (what, dt) in [("A", a.dtype()), ("B", b.dtype())] {
         if dt != x.dtype() {
             return Err(Error::Unsupported {
@@ -426,15 +443,9 @@ pub fn mole_lora(x: &Tensor, a: &Tensor, b: &Tensor, w: &Tensor, scale: f32) -> 
             });
         }
     }
-    if !scale.is_finite() {
-        return Err(Error::InvalidParameter {
-            what: "scale",
-            value: scale,
-            reason: "must be finite",
-        });
-    }
-    let shape = LoraShape::new(e, r, d_in, d_out)?;
-    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let (shape, ab) = expert_shape(a, b, d_in, scale)?;
+    let e = shape.num_experts;
+    crate::error::check_len("w [T, E]", t * e, w.elem_count())?;
     let w = w.reshape((t, e))?.contiguous()?;
     Ok(x.contiguous()?
         .apply_op3(&ab, &w, MoleLora { shape, scale })?)
@@ -642,12 +653,6 @@ pub fn weight_space_lora(
     scale: f32,
 ) -> Result<Tensor> {
     let (s, l, d_in) = x.dims3()?;
-    let (e, r, a_in) = a.dims3()?;
-    let (b_e, d_out, b_r) = b.dims3()?;
-    crate::error::check_len("A d_in (A [E, r, d_in] vs x [S, L, d_in])", d_in, a_in)?;
-    crate::error::check_len("B experts (B [E, d_out, r] vs A)", e, b_e)?;
-    crate::error::check_len("B rank (B [E, d_out, r] vs A)", r, b_r)?;
-    crate::error::check_len("p [S, E]", s * e, p.elem_count())?;
     for (what, t) in [("x", x), ("A", a), ("B", b), ("p", p)] {
         if t.dtype() != DType::F32 {
             return Err(Error::Unsupported {
@@ -656,15 +661,9 @@ pub fn weight_space_lora(
             });
         }
     }
-    if !scale.is_finite() {
-        return Err(Error::InvalidParameter {
-            what: "scale",
-            value: scale,
-            reason: "must be finite",
-        });
-    }
-    let shape = LoraShape::new(e, r, d_in, d_out)?;
-    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let (shape, ab) = expert_shape(a, b, d_in, scale)?;
+    let (e, d_out) = (shape.num_experts, shape.d_out);
+    crate::error::check_len("p [S, E]", s * e, p.elem_count())?;
     let x2 = x.reshape((s * l, d_in))?.contiguous()?;
     let p = p.reshape((s, e))?.contiguous()?;
     let y = x2.apply_op3(
