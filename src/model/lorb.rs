@@ -24,9 +24,9 @@
 //! [`mwed_loss`]) on `s`, optionally plus `λ·`[`correlation_loss`] on the batch's [CLS]
 //! embeddings.
 //!
-//! The demo ([`run_lorb_demo`]): a "language" whose sentences follow a word-successor table (each
-//! word may be followed by a few words only); a general domain and a target domain whose tables
-//! differ for a fraction of the words. A simulated first pass turns each reference sentence into an
+//! The demo ([`run_lorb_demo`]): a "language" of topics: every word belongs to one topic and a
+//! correct sentence draws all its words from one topic (no word twice in a row); a general domain
+//! and a target domain whose topic assignments differ for a fraction of the words. A simulated first pass turns each reference sentence into an
 //! N-best list of corrupted hypotheses (substitutions, mostly by an "acoustically" confusable word,
 //! insertions and deletions; the reference itself is in the list with a set probability) whose
 //! first-pass costs prefer fewer errors only weakly. Word errors per hypothesis are
@@ -580,9 +580,9 @@ pub struct LorbDemoConfig {
     pub seed: u64,
     /// Words in the language.
     pub words: usize,
-    /// Allowed successors of each word.
-    pub successors: usize,
-    /// Fraction of the words whose successor set differs in the target domain.
+    /// Topics the words are split into (a sentence uses one topic's words).
+    pub topics: usize,
+    /// Fraction of the words whose topic differs in the target domain.
     pub target_shift: f32,
     /// Sentence lengths, inclusive range.
     pub min_words: usize,
@@ -642,7 +642,7 @@ impl Default for LorbDemoConfig {
         LorbDemoConfig {
             seed: 11,
             words: 24,
-            successors: 3,
+            topics: 4,
             target_shift: 0.5,
             min_words: 6,
             max_words: 10,
@@ -652,14 +652,14 @@ impl Default for LorbDemoConfig {
             first_pass_margin: 1.0,
             first_pass_noise: 1.5,
             target_train_lists: 256,
-            test_lists: 400,
-            pretrain_steps: 600,
-            steps: 300,
-            batch: 16,
-            d_model: 48,
+            test_lists: 300,
+            pretrain_steps: 500,
+            steps: 250,
+            batch: 12,
+            d_model: 32,
             heads: 4,
             layers: 2,
-            d_ff: 96,
+            d_ff: 64,
             norm: NormKind::Layer,
             rank: 4,
             alpha: 8.0,
@@ -677,10 +677,10 @@ impl LorbDemoConfig {
     /// The smallest configuration that still shows the effect (the test suite's run, seconds).
     pub fn tiny() -> Self {
         LorbDemoConfig {
-            target_train_lists: 96,
-            test_lists: 120,
-            pretrain_steps: 250,
-            steps: 80,
+            target_train_lists: 128,
+            test_lists: 150,
+            pretrain_steps: 300,
+            steps: 150,
             batch: 8,
             d_model: 32,
             d_ff: 64,
@@ -691,7 +691,7 @@ impl LorbDemoConfig {
     fn check(&self) -> Result<()> {
         for (what, v) in [
             ("words", self.words),
-            ("successors", self.successors),
+            ("topics", self.topics),
             ("min_words", self.min_words),
             ("nbest", self.nbest),
             ("max_edits", self.max_edits),
@@ -708,10 +708,10 @@ impl LorbDemoConfig {
                 });
             }
         }
-        if self.successors > self.words {
+        if self.topics > self.words {
             return Err(Error::InvalidDim {
-                what: "successors",
-                value: self.successors,
+                what: "topics",
+                value: self.topics,
                 reason: "cannot exceed the number of words",
             });
         }
@@ -755,8 +755,8 @@ impl LorbDemoConfig {
 #[derive(Debug, Clone)]
 pub struct RescoringTask {
     cfg: LorbDemoConfig,
-    /// Per domain (0 general, 1 target), the allowed successors of each word (word indices).
-    successors: [Vec<Vec<usize>>; 2],
+    /// Per domain (0 general, 1 target), the words (indices) of each non-empty topic.
+    members: [Vec<Vec<usize>>; 2],
 }
 
 /// `k` distinct indices of `0..n` (k ≤ n).
@@ -771,36 +771,47 @@ fn distinct(rng: &mut Rng, n: usize, k: usize) -> Vec<usize> {
 }
 
 impl RescoringTask {
-    /// The general domain's successor table (`successors` random distinct words per word), and
-    /// the target domain's: the same, except for a random `target_shift` fraction of the words,
-    /// whose successors are drawn anew.
+    /// The general domain's topics (the words shuffled and dealt round-robin into `topics`
+    /// topics), and the target domain's: the same, except for a random `target_shift` fraction of
+    /// the words, each moved to a uniform other topic.
     pub fn new(cfg: &LorbDemoConfig, rng: &mut Rng) -> Result<Self> {
         cfg.check()?;
-        let w = cfg.words;
-        let general: Vec<Vec<usize>> = (0..w).map(|_| distinct(rng, w, cfg.successors)).collect();
+        let (w, k) = (cfg.words, cfg.topics);
+        let mut general = vec![0usize; w];
+        for (i, word) in distinct(rng, w, w).into_iter().enumerate() {
+            general[word] = i % k;
+        }
         let mut target = general.clone();
         let shifted = ((cfg.target_shift * w as f32).round() as usize).min(w);
         for word in distinct(rng, w, shifted) {
-            target[word] = distinct(rng, w, cfg.successors);
+            if k > 1 {
+                target[word] = (general[word] + 1 + rng.below(k - 1)) % k;
+            }
         }
+        let members = |topic_of: &[usize]| -> Vec<Vec<usize>> {
+            (0..k)
+                .map(|t| (0..w).filter(|&x| topic_of[x] == t).collect::<Vec<_>>())
+                .filter(|m| !m.is_empty())
+                .collect()
+        };
         Ok(RescoringTask {
             cfg: cfg.clone(),
-            successors: [general, target],
+            members: [members(&general), members(&target)],
         })
     }
 
-    /// A correct sentence of `domain` (0 general, 1 target): a uniform first word, then each next
-    /// word uniform among the previous word's allowed successors.
+    /// A correct sentence of `domain` (0 general, 1 target): a uniform topic, then words uniform
+    /// among the topic's words, never the same word twice in a row (unless the topic has one).
     pub fn sentence(&self, domain: usize, rng: &mut Rng) -> Vec<u32> {
-        let table = &self.successors[domain.min(1)];
+        let topics = &self.members[domain.min(1)];
+        let words = &topics[rng.below(topics.len())];
         let len = self.cfg.min_words + rng.below(self.cfg.max_words - self.cfg.min_words + 1);
-        let mut w = rng.below(self.cfg.words);
-        let mut out = Vec::with_capacity(len);
-        out.push(w as u32 + FIRST_WORD_ID);
-        for _ in 1..len {
-            let next = &table[w];
-            w = next[rng.below(next.len())];
-            out.push(w as u32 + FIRST_WORD_ID);
+        let mut out: Vec<u32> = Vec::with_capacity(len);
+        while out.len() < len {
+            let w = words[rng.below(words.len())] as u32 + FIRST_WORD_ID;
+            if words.len() == 1 || out.last() != Some(&w) {
+                out.push(w);
+            }
         }
         out
     }
@@ -1029,7 +1040,7 @@ impl LorbReport {
         let c = &self.config;
         serde_json::json!({
             "config": {
-                "seed": c.seed, "words": c.words, "successors": c.successors,
+                "seed": c.seed, "words": c.words, "topics": c.topics,
                 "target_shift": c.target_shift, "min_words": c.min_words, "max_words": c.max_words,
                 "nbest": c.nbest, "max_edits": c.max_edits, "ref_in_list": c.ref_in_list,
                 "first_pass_margin": c.first_pass_margin, "first_pass_noise": c.first_pass_noise,
