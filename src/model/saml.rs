@@ -57,18 +57,29 @@ pub struct SamlConfig {
 /// The three module kinds, each with its own router.
 const KINDS: [&str; 3] = ["encoder_self", "decoder_self", "cross"];
 
-/// A SAML router: conv (kernel 3) → attention pooling over time → linear → softmax(z/T).
+/// A SAML router: conv (kernel 3) → GELU → attention pooling over time → linear → softmax(z/T):
+///
+/// ```text
+/// h_t = gelu(conv·[x_{t-1}; x_t; x_{t+1}])       (zero padded; conv is [c, 3·d])
+/// a   = softmax_t(att·h_t)                       (attention pooling weights over time)
+/// z   = out·(Σ_t a_t·h_t)   (the cross router: out·[pool(dec); pool(enc)])
+/// p   = softmax(z / T)
+/// ```
 #[derive(Debug, Clone)]
-struct Router {
-    conv: MoleLinear,
-    att: MoleLinear,
-    out: MoleLinear,
-    temperature: f32,
+pub struct Router {
+    /// The kernel-3 conv as a linear layer over the unfolded input, `[c, 3·d]`.
+    pub conv: MoleLinear,
+    /// The attention-pooling scorer, `[1, c]`.
+    pub att: MoleLinear,
+    /// The output layer, `[E, c]` (`[E, 2c]` for the cross router).
+    pub out: MoleLinear,
+    /// `T`.
+    pub temperature: f32,
 }
 
 /// `[B, L, d]` → `[B, L, 3d]`: each frame with its left and right neighbour (zero padded), the input
 /// of a kernel-3 convolution written as a linear layer.
-fn unfold3(x: &Tensor) -> Result<Tensor> {
+pub fn unfold3(x: &Tensor) -> Result<Tensor> {
     let l = x.dims()[1];
     let p = x.pad_with_zeros(1, 1, 1)?;
     Ok(Tensor::cat(
@@ -78,7 +89,9 @@ fn unfold3(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Router {
-    fn new(
+    /// A router named `name` over inputs of width `d`, with `c` conv channels, `inputs` pooled
+    /// streams (1, or 2 for the cross router) and `E` outputs, randomly initialised.
+    pub fn new(
         name: &str,
         d: usize,
         c: usize,
@@ -107,8 +120,8 @@ impl Router {
         Ok(h.broadcast_mul(&a)?.sum(1)?)
     }
 
-    /// `p` `[B, E]` for input `x` (and, for the cross router, the encoder output).
-    fn probs(&self, x: &Tensor, enc: Option<&Tensor>) -> Result<Tensor> {
+    /// `p` `[B, E]` for input `x` `[B, L, d]` (and, for the cross router, the encoder output).
+    pub fn probs(&self, x: &Tensor, enc: Option<&Tensor>) -> Result<Tensor> {
         let pooled = match enc {
             Some(e) => Tensor::cat(&[self.pool(x)?, self.pool(e)?], 1)?,
             None => self.pool(x)?,
