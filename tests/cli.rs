@@ -22,6 +22,8 @@ fn help_on_every_command() {
         vec!["--help"],
         vec!["help"],
         vec!["demo", "hdmole", "--help"],
+        vec!["demo", "saml", "--help"],
+        vec!["demo", "lorb", "--help"],
         vec!["bench", "--help"],
         vec!["inspect", "--help"],
     ] {

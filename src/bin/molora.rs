@@ -17,6 +17,8 @@ Commands:
                   multi-accent task; prints the results table
   demo saml       SAML on an NF4-quantised Whisper-shaped model adapted per target speaker,
                   against the full-precision and quantised models and one LoRA
+  demo lorb       LoRB: a BERT-style N-best rescorer adapted with LoRA and MWER (+ L_cor),
+                  against the first pass and full fine-tuning
   bench           the benchmark table (the CPU path here; --device cuda for the GPU kernels)
   inspect FILE    experts, ranks, shapes and routing config of a .safetensors file
                   (a molora expert file or a PEFT adapter_model.safetensors)
@@ -58,6 +60,21 @@ Usage: molora demo saml [options]
 Options:
   --seed N            data and initialisation seed (default 11)
   --epochs N          adaptation epochs (default 10)
+  --small             the test suite's small configuration
+  --device cpu|cuda   where to train (default cpu)
+  -h, --help          this text
+";
+
+const LORB_HELP: &str = "\
+molora demo lorb: pretrain a small BERT-style rescorer on a general domain, then adapt it to a target
+domain's N-best lists with MWER (full fine-tuning, LoRA on q and v, LoRA + the correlation
+regulariser) and print the WER of the first pass and of each rescorer, trainable parameters and
+training time.
+
+Usage: molora demo lorb [options]
+
+Options:
+  --seed N            data and initialisation seed
   --small             the test suite's small configuration
   --device cpu|cuda   where to train (default cpu)
   -h, --help          this text
@@ -163,9 +180,10 @@ fn demo(args: &[String]) -> Result<(), Fail> {
         }
         Some("hdmole") => {}
         Some("saml") => return demo_saml(&args[1..]),
+        Some("lorb") => return demo_lorb(&args[1..]),
         Some(other) => {
             return Err(usage(format!(
-                "molora demo: unknown demo `{other}` (available: hdmole, saml)"
+                "molora demo: unknown demo `{other}` (available: hdmole, saml, lorb)"
             )))
         }
     }
@@ -301,6 +319,47 @@ fn demo_saml(args: &[String]) -> Result<(), Fail> {
         start: Instant::now(),
     };
     let report = run_saml_demo(&cfg, &mut |s| progress.line(s)).map_err(failure)?;
+    progress.done();
+    println!("{}", report.to_markdown());
+    Ok(())
+}
+
+fn demo_lorb(args: &[String]) -> Result<(), Fail> {
+    use molora::model::lorb::{run_lorb_demo, LorbDemoConfig};
+    let mut cfg = LorbDemoConfig::default();
+    let mut seed = None;
+    let mut dev = "cpu".to_string();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        match a {
+            "-h" | "--help" => {
+                print!("{LORB_HELP}");
+                return Ok(());
+            }
+            "--seed" => seed = Some(number::<u64>(value(args, &mut i, a)?, a)?),
+            "--small" => cfg = LorbDemoConfig::tiny(),
+            "--device" => dev = device(value(args, &mut i, a)?)?,
+            other => {
+                return Err(usage(format!(
+                    "molora demo lorb: unknown option `{other}` (see --help)"
+                )))
+            }
+        }
+        i += 1;
+    }
+    if let Some(s) = seed {
+        cfg.seed = s;
+    }
+    if dev == "cuda" {
+        return Err(cuda_models_unsupported("molora demo lorb"));
+    }
+    let mut progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        count: 0,
+        start: Instant::now(),
+    };
+    let report = run_lorb_demo(&cfg, &mut |s| progress.line(s)).map_err(failure)?;
     progress.done();
     println!("{}", report.to_markdown());
     Ok(())
