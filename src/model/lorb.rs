@@ -679,7 +679,7 @@ impl LorbDemoConfig {
         LorbDemoConfig {
             target_train_lists: 128,
             test_lists: 150,
-            pretrain_steps: 300,
+            pretrain_steps: 400,
             steps: 150,
             batch: 8,
             d_model: 32,
