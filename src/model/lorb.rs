@@ -21,7 +21,7 @@
 //! ```
 //!
 //! and the hypothesis with the lowest `s_i` is the output. Training uses [`mwer_loss`] (or
-//! [`mwed_loss`]) on `s`, optionally plus `λ·`[`correlation_loss`] on the batch's [CLS]
+//! [`mwed_loss`]) on `s`, optionally plus `λ·`[`correlation_loss`] on the batch's \[CLS\]
 //! embeddings.
 //!
 //! The demo ([`run_lorb_demo`]): a "language" of topics: every word belongs to one topic and a
@@ -45,7 +45,7 @@ use crate::testing::Rng;
 
 /// The padding token id (masked out of attention).
 pub const PAD_ID: u32 = 0;
-/// The [CLS] token id, the first token of every input.
+/// The \[CLS\] token id, the first token of every input.
 pub const CLS_ID: u32 = 1;
 /// The first word id: words are `FIRST_WORD_ID..FIRST_WORD_ID + words`.
 pub const FIRST_WORD_ID: u32 = 2;
@@ -62,9 +62,9 @@ pub enum NormKind {
 /// Sizes of a [`Rescorer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RescorerConfig {
-    /// Token ids `0..vocab` (pad, [CLS], words).
+    /// Token ids `0..vocab` (pad, \[CLS\], words).
     pub vocab: usize,
-    /// Longest input, [CLS] included (the number of position embeddings).
+    /// Longest input, \[CLS\] included (the number of position embeddings).
     pub max_len: usize,
     /// Model width.
     pub d_model: usize,
@@ -112,7 +112,7 @@ impl RescorerConfig {
 pub struct RescorerOutput {
     /// The rescorer's score `s^l` per input, `[B]` (a cost: lower is more plausible).
     pub scores: Tensor,
-    /// The pooled [CLS] embedding per input, `[B, d_model]` (what [`correlation_loss`] sees).
+    /// The pooled \[CLS\] embedding per input, `[B, d_model]` (what [`correlation_loss`] sees).
     pub cls: Tensor,
 }
 
@@ -512,7 +512,7 @@ pub fn mwed_loss(scores: &Tensor, errors: &Tensor, temperature: f64) -> Result<T
     Ok((q * log_p)?.sum(1)?.mean(0)?.neg()?)
 }
 
-/// The correlation regulariser `L_cor` of a batch of [CLS] embeddings `c` `[n, d]` (n ≥ 2): the
+/// The correlation regulariser `L_cor` of a batch of \[CLS\] embeddings `c` `[n, d]` (n ≥ 2): the
 /// squared Frobenius norm of the off-diagonal part of their correlation matrix,
 ///
 /// ```text
@@ -902,7 +902,7 @@ impl RescoringTask {
 }
 
 /// The rescorer's inputs for every hypothesis of `lists` (list by list): ids `[Σ N, L]` u32
-/// ([CLS], the words, padding to the longest), the first-pass costs and the word errors as f32
+/// (\[CLS\], the words, padding to the longest), the first-pass costs and the word errors as f32
 /// `[lists, N]`. Every list must have the same `N`.
 pub fn encode_lists(lists: &[NbestList], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
     let n = lists.first().map_or(0, |l| l.hyps.len());
@@ -1126,7 +1126,7 @@ fn pretrain(
 }
 
 /// Adapts `model`'s trainable parameters on the target-domain training lists with MWER on
-/// `s^a + β·s^l` (plus `λ·L_cor` on the batch's [CLS] embeddings when `lambda_cor > 0`).
+/// `s^a + β·s^l` (plus `λ·L_cor` on the batch's \[CLS\] embeddings when `lambda_cor > 0`).
 #[allow(clippy::too_many_arguments)]
 fn adapt(
     model: &Rescorer,
