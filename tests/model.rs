@@ -218,6 +218,7 @@ fn training_a_mole_layer_lowers_the_loss() {
     )
     .unwrap();
     let (y0, _) = layer.forward(&x, &mut Ctx::default()).unwrap();
+    let router_before = host(&saved(&layer)["l.router.weight"]);
     let target = (y0.detach() + shift.embedding(&dom).unwrap()).unwrap();
     let vars: Vec<Var> = layer.trainable_vars().into_iter().map(|(_, v)| v).collect();
     assert!(
@@ -249,6 +250,12 @@ fn training_a_mole_layer_lowers_the_loss() {
     }
     let first = first.unwrap();
     assert!(last < first / 10.0, "loss fell only from {first} to {last}");
+    // The router trained: its gradient flows back through the gate and the softmax.
+    let router_after = host(&saved(&layer)["l.router.weight"]);
+    assert_ne!(
+        router_before, router_after,
+        "the router received no gradient"
+    );
     // The threshold moved: it receives gradient through the gate.
     assert!((layer.threshold().unwrap().unwrap() - 0.25).abs() > 1e-4);
 }

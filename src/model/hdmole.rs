@@ -226,7 +226,7 @@ impl AsrModel {
         let (z, _) = self
             .layer("global_router")
             .forward(&pooled, &mut Ctx::default())?;
-        Ok(candle_nn::ops::softmax_last_dim(&z)?)
+        Ok(candle_nn::ops::softmax(&z, D::Minus1)?)
     }
 
     /// The global router's logits `[B, E]` (for training it as a classifier).
@@ -278,7 +278,7 @@ impl AsrModel {
         let v = run("decoder.v", &n, &mut ctx)?;
         let scores =
             (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (self.cfg.d_model as f64).sqrt())?;
-        let att = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let att = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
         let h = (&h + run("decoder.o", &att, &mut ctx)?)?;
         let n = rms_norm(&h)?;
         let f = run("decoder.up", &n, &mut ctx)?.gelu()?;

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::candle::ops::{self, QuantWeight};
 use crate::cpu;
@@ -641,7 +641,7 @@ impl MoleLinear {
         let logits = xf
             .matmul(&rw.as_tensor().t()?)?
             .broadcast_add(rb.as_tensor())?;
-        let local = candle_nn::ops::softmax_last_dim(&(logits / f64::from(ex.cfg.temperature))?)?;
+        let local = candle_nn::ops::softmax(&(logits / f64::from(ex.cfg.temperature))?, D::Minus1)?;
         let probs = match ex.cfg.hierarchy {
             None => local,
             Some(combine) => {

@@ -127,8 +127,9 @@ impl Router {
             None => self.pool(x)?,
         };
         let z = self.out.forward(&pooled, &mut Ctx::default())?.0;
-        Ok(candle_nn::ops::softmax_last_dim(
+        Ok(candle_nn::ops::softmax(
             &(z / f64::from(self.temperature))?,
+            D::Minus1,
         )?)
     }
 
@@ -404,7 +405,7 @@ impl SamlModel {
                 .collect();
             scores = scores.broadcast_add(&Tensor::from_vec(mask, (l, l), x.device())?)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let att = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
         Ok(self
             .layer(&format!("{module}.out_proj"))?
             .forward(&att, &mut ctx)?
