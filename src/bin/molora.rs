@@ -60,6 +60,8 @@ Usage: molora demo saml [options]
 Options:
   --seed N            data and initialisation seed (default 11)
   --epochs N          adaptation epochs (default 10)
+  --lr-router X       SAML router learning rate (default 1e-3, PAPERS.md)
+  --lr-experts X      SAML experts learning rate (default 3e-4, PAPERS.md)
   --small             the test suite's small configuration
   --device cpu|cuda   where to train (default cpu)
   -h, --help          this text
@@ -282,7 +284,7 @@ fn cuda_models_unsupported(op: &'static str) -> Fail {
 fn demo_saml(args: &[String]) -> Result<(), Fail> {
     use molora::model::saml_demo::{run_saml_demo, SamlDemoConfig};
     let mut cfg = SamlDemoConfig::default();
-    let (mut seed, mut epochs) = (None, None);
+    let (mut seed, mut epochs, mut lr_router, mut lr_experts) = (None, None, None, None);
     let mut dev = "cpu".to_string();
     let mut i = 0;
     while i < args.len() {
@@ -294,6 +296,8 @@ fn demo_saml(args: &[String]) -> Result<(), Fail> {
             }
             "--seed" => seed = Some(number::<u64>(value(args, &mut i, a)?, a)?),
             "--epochs" => epochs = Some(number::<usize>(value(args, &mut i, a)?, a)?),
+            "--lr-router" => lr_router = Some(number::<f64>(value(args, &mut i, a)?, a)?),
+            "--lr-experts" => lr_experts = Some(number::<f64>(value(args, &mut i, a)?, a)?),
             "--small" => cfg = SamlDemoConfig::tiny(),
             "--device" => dev = device(value(args, &mut i, a)?)?,
             other => {
@@ -309,6 +313,12 @@ fn demo_saml(args: &[String]) -> Result<(), Fail> {
     }
     if let Some(e) = epochs {
         cfg.epochs = e;
+    }
+    if let Some(v) = lr_router {
+        cfg.lr_router = v;
+    }
+    if let Some(v) = lr_experts {
+        cfg.lr_experts = v;
     }
     if dev == "cuda" {
         return Err(cuda_models_unsupported("molora demo saml"));
