@@ -151,6 +151,14 @@ struct Progress {
 }
 
 impl Progress {
+    fn new() -> Self {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            count: 0,
+            start: Instant::now(),
+        }
+    }
+
     fn line(&mut self, s: &str) {
         let elapsed = self.start.elapsed().as_secs_f32();
         let mut err = std::io::stderr().lock();
@@ -245,11 +253,7 @@ fn demo(args: &[String]) -> Result<(), Fail> {
     if dev == "cuda" {
         return Err(cuda_models_unsupported("molora demo hdmole"));
     }
-    let mut progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        count: 0,
-        start: Instant::now(),
-    };
+    let mut progress = Progress::new();
     eprintln!(
         "molora demo hdmole: seed {}, {} pretraining steps, {} steps per method, targets {}",
         cfg.seed,
@@ -323,11 +327,7 @@ fn demo_saml(args: &[String]) -> Result<(), Fail> {
     if dev == "cuda" {
         return Err(cuda_models_unsupported("molora demo saml"));
     }
-    let mut progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        count: 0,
-        start: Instant::now(),
-    };
+    let mut progress = Progress::new();
     let report = run_saml_demo(&cfg, &mut |s| progress.line(s)).map_err(failure)?;
     progress.done();
     println!("{}", report.to_markdown());
@@ -364,11 +364,7 @@ fn demo_lorb(args: &[String]) -> Result<(), Fail> {
     if dev == "cuda" {
         return Err(cuda_models_unsupported("molora demo lorb"));
     }
-    let mut progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        count: 0,
-        start: Instant::now(),
-    };
+    let mut progress = Progress::new();
     let report = run_lorb_demo(&cfg, &mut |s| progress.line(s)).map_err(failure)?;
     progress.done();
     println!("{}", report.to_markdown());

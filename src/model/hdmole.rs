@@ -313,16 +313,16 @@ impl AsrModel {
             .sum()
     }
 
-    /// A deep copy (fresh parameters with the same values), so several fine-tuning runs can start
-    /// from one pretrained model.
+    /// A deep copy of the base weights (fresh parameters with the same values, trainable; experts
+    /// are not copied), so several fine-tuning runs can start from one pretrained model.
     pub fn deep_clone(&self) -> Result<Self> {
         let layers = self
             .layers
             .iter()
             .map(|l| {
-                let w = l.weight()?.copy()?;
-                let b = l.bias().map(|b| b.copy()).transpose()?;
-                MoleLinear::from_weights(l.name(), &w, b.as_ref())
+                let mut c = l.base_copy()?;
+                c.set_train_base(true);
+                Ok(c)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AsrModel {
