@@ -1,6 +1,6 @@
 //! Build script. Without the `cuda` feature it does nothing (no nvcc, no libclang needed). With it:
-//! nvcc compiles every `cuda/*.cu` (`-O3`, SASS for sm_80 and sm_90, PTX for compute_90, cudart
-//! static) into the static library `molora_kernels` (device code linked in, so any host linker can use
+//! nvcc compiles every `cuda/*.cu` (`-O3`, SASS for sm_80 and sm_90 or the `MOLORA_CUDA_ARCHS`
+//! list, PTX for the highest, cudart static) into the static library `molora_kernels` (device code linked in, so any host linker can use
 //! it), and bindgen turns `cuda/include/molora.h` into the Rust FFI (`$OUT_DIR/molora_ffi.rs`), so the
 //! C ABI is declared once. nvcc is looked for in `$CUDA_HOME`, `$CUDA_PATH`, `$CUDA_ROOT`, `PATH`,
 //! `/usr/local/cuda` and `~/.cache/cuda-13.0` (where `scripts/cuda-toolkit.sh` puts it).
@@ -46,6 +46,34 @@ mod cuda {
         candidates.into_iter().find(|p| has_nvcc(p))
     }
 
+    /// `-gencode` flags: SASS for each architecture in `MOLORA_CUDA_ARCHS` (comma-separated compute
+    /// capabilities, default `80,90`) and PTX for the highest, so newer GPUs JIT the kernels.
+    /// `MOLORA_CUDA_ARCHS=90` builds for Hopper alone (smaller binaries).
+    fn gencode_flags() -> Vec<String> {
+        let list = std::env::var("MOLORA_CUDA_ARCHS").unwrap_or_else(|_| "80,90".to_string());
+        let mut archs: Vec<u32> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.trim_start_matches("sm_").parse().unwrap_or_else(|_| {
+                    panic!("molora: MOLORA_CUDA_ARCHS={list:?}: {a:?} is not a compute capability like 90")
+                })
+            })
+            .collect();
+        archs.sort_unstable();
+        archs.dedup();
+        let Some(&top) = archs.last() else {
+            panic!("molora: MOLORA_CUDA_ARCHS={list:?} names no architecture");
+        };
+        let mut flags: Vec<String> = archs
+            .iter()
+            .map(|a| format!("-gencode=arch=compute_{a},code=sm_{a}"))
+            .collect();
+        flags.push(format!("-gencode=arch=compute_{top},code=compute_{top}"));
+        flags
+    }
+
     pub fn build() {
         for var in [
             "CUDA_HOME",
@@ -55,6 +83,7 @@ mod cuda {
             "HOME",
             "XDG_CACHE_HOME",
             "MOLORA_NVCC_FLAGS",
+            "MOLORA_CUDA_ARCHS",
         ] {
             println!("cargo:rerun-if-env-changed={var}");
         }
@@ -106,6 +135,7 @@ mod cuda {
         // keeps source lines for compute-sanitizer and ncu at no run-time cost. MOLORA_NVCC_FLAGS
         // adds flags (e.g. `-G`).
         let extra = std::env::var("MOLORA_NVCC_FLAGS").unwrap_or_default();
+        let gencode = gencode_flags();
         let build_for = |source: &Path| {
             let mut b = cc::Build::new();
             b.cuda(true)
@@ -120,12 +150,13 @@ mod cuda {
                 .flag("--expt-relaxed-constexpr")
                 .flag("-Xcompiler")
                 .flag("-fPIC")
-                .flag("-gencode=arch=compute_80,code=sm_80")
-                .flag("-gencode=arch=compute_90,code=sm_90")
-                .flag("-gencode=arch=compute_90,code=compute_90")
                 .warnings(false)
                 .file(source);
-            for f in extra.split_whitespace() {
+            for f in gencode
+                .iter()
+                .map(String::as_str)
+                .chain(extra.split_whitespace())
+            {
                 b.flag(f);
             }
             b

@@ -1,5 +1,6 @@
 // Backward of the grouped LoRA part (expert segments), deterministic: u = dy·B per pair and dw, then
-// dB and dA as per-expert reductions over the expert's pairs in sorted order, then dx per token.
+// dB and dA as per-expert reductions over the expert's pairs (sorted order within 8 fixed slices, the
+// slices added in order), then dx per token.
 // Every output element is owned by one thread; no float atomics. Grids depend on shapes only.
 
 #include "common.cuh"
@@ -7,9 +8,145 @@
 namespace molora {
 namespace {
 
+// Reductions over tokens / pairs, deterministic and parallel: a block of 256 threads owns 32 outputs;
+// its 8 warps each sum one contiguous slice of the reduction range in order (loads of 4 steps in
+// flight), then the slices' partial sums are added in slice order. The same order on every run.
+constexpr int kRedOut = 32;
+constexpr int kRedSlices = 8;
+constexpr int kRedThreads = kRedOut * kRedSlices;
+
+// Σ over q in [begin, end) of step(q, acc) in the fixed slice order; every thread of the block must
+// call it (it synchronises); the total is returned to the threads of slice 0.
+template <typename F>
+__device__ __forceinline__ float sliced_sum(int begin, int end, F step) {
+    __shared__ float red[kRedSlices][kRedOut];
+    const int out = threadIdx.x % kRedOut, slice = threadIdx.x / kRedOut;
+    const int per = (end - begin + kRedSlices - 1) / kRedSlices;
+    const int q0 = begin + slice * per, q1 = min(end, q0 + per);
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int q = q0; q < q1; ++q) acc = step(q, acc);
+    red[slice][out] = acc;
+    __syncthreads();
+    float total = 0.0f;
+    if (slice == 0) {
+        total = red[0][out];
+#pragma unroll
+        for (int w = 1; w < kRedSlices; ++w) total += red[w][out];
+    }
+    return total;
+}
+
 constexpr int kBwdWarps = 8;
 constexpr int kBwdThreads = 256;
 constexpr int kUChunk = 16;  // rank entries of u a warp accumulates at once
+
+// Weight gradients as reductions over rows, register-tiled on CUDA cores, deterministic (each output
+// is summed by one thread over its rows in order):
+//   out[z·out_z + (m / rank)·out_e + (m % rank)·out_j + n·out_n]
+//       = scale · Σ_{q ∈ rows(z)} coef(q, m) · L[q·ldl + m] · R[src(q)·ldr + n]
+// Expert segments (q_offsets != NULL): z is the expert, rows(z) its pairs, src(q) = sorted_slots[q] /
+// k_max and coef(q, m) = weights[sorted_slots[q]]; dense-gated: z = 0, rows = [0, T), src(q) = q and
+// coef(q, m) = gate[q·E + m / rank]. dA takes L = u, R = x; dB takes L = h, R = dy.
+struct RowGemmArgs {
+    const float *l;
+    int64_t ldl;
+    const void *r;
+    int64_t ldr;
+    const int32_t *q_offsets;
+    int num_rows;
+    const int32_t *sorted_slots;
+    int k_max;
+    const float *weights;
+    const float *gate;
+    int num_experts;
+    int rank;
+    int m_count;
+    int n_count;
+    float *out;
+    int64_t out_z, out_e, out_j, out_n;
+    float scale;
+};
+
+constexpr int kRgThreads = 256;
+constexpr int kRgK = 16;  // rows staged per step
+
+template <typename T, int TM, int TN>
+__global__ void __launch_bounds__(kRgThreads) row_gemm_kernel(RowGemmArgs g) {
+    constexpr int MM = TM / 16, NB = TN / 16;  // outputs per thread: MM rows × NB columns
+    __shared__ float ls[kRgK][TM];
+    __shared__ float rs[kRgK][TN + 1];
+    const int z = blockIdx.z;
+    const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int q_begin = g.q_offsets ? g.q_offsets[z] : 0;
+    const int q_end = g.q_offsets ? g.q_offsets[z + 1] : g.num_rows;
+    const T *R = static_cast<const T *>(g.r);
+    float acc[MM][NB];
+#pragma unroll
+    for (int a = 0; a < MM; ++a)
+#pragma unroll
+        for (int b = 0; b < NB; ++b) acc[a][b] = 0.0f;
+    for (int q0 = q_begin; q0 < q_end; q0 += kRgK) {
+        for (int idx = threadIdx.x; idx < kRgK * TM; idx += kRgThreads) {
+            const int kk = idx / TM, mm = idx % TM, q = q0 + kk, m = m0 + mm;
+            float v = 0.0f;
+            if (q < q_end && m < g.m_count) {
+                const float c = g.q_offsets ? g.weights[g.sorted_slots[q]] : g.gate[static_cast<int64_t>(q) * g.num_experts + m / g.rank];
+                v = c * g.l[static_cast<int64_t>(q) * g.ldl + m];
+            }
+            ls[kk][mm] = v;
+        }
+        for (int idx = threadIdx.x; idx < kRgK * TN; idx += kRgThreads) {
+            const int kk = idx / TN, nn = idx % TN, q = q0 + kk, n = n0 + nn;
+            float v = 0.0f;
+            if (q < q_end && n < g.n_count) {
+                const int64_t src = g.q_offsets ? g.sorted_slots[q] / g.k_max : q;
+                v = to_f32(R[src * g.ldr + n]);
+            }
+            rs[kk][nn] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kRgK; ++kk) {
+            float lv[MM], rv[NB];
+#pragma unroll
+            for (int a = 0; a < MM; ++a) lv[a] = ls[kk][ty * MM + a];
+#pragma unroll
+            for (int b = 0; b < NB; ++b) rv[b] = rs[kk][tx + 16 * b];
+#pragma unroll
+            for (int a = 0; a < MM; ++a)
+#pragma unroll
+                for (int b = 0; b < NB; ++b) acc[a][b] = fmaf(lv[a], rv[b], acc[a][b]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int a = 0; a < MM; ++a) {
+        const int m = m0 + ty * MM + a;
+        if (m >= g.m_count) continue;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const int n = n0 + tx + 16 * b;
+            if (n < g.n_count)
+                g.out[z * g.out_z + (m / g.rank) * g.out_e + (m % g.rank) * g.out_j + n * g.out_n] = g.scale * acc[a][b];
+        }
+    }
+}
+
+// Launches row_gemm_kernel over `experts` grid slices: 16 × 128 tiles for M <= 16, else 64 × 64.
+template <typename T>
+int launch_row_gemm(const RowGemmArgs &g, int experts, cudaStream_t s) {
+    if (g.m_count <= 16) {
+        const dim3 grid((g.n_count + 127) / 128, 1, experts);
+        row_gemm_kernel<T, 16, 128><<<grid, kRgThreads, 0, s>>>(g);
+    } else {
+        const dim3 grid((g.n_count + 63) / 64, (g.m_count + 63) / 64, experts);
+        if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+        row_gemm_kernel<T, 64, 64><<<grid, kRgThreads, 0, s>>>(g);
+    }
+    return last_launch_error();
+}
 
 // One warp per sorted slot position p < T·k_max (positions past the number of pairs exit):
 // u[p, j] = Σ_o dy[t, o]·B[e, o, j], and dw of the slot.
@@ -34,6 +171,7 @@ __global__ void __launch_bounds__(kBwdWarps * kWarp) bwd_u_dw_kernel(molora_lora
         float part[kUChunk];
 #pragma unroll
         for (int q = 0; q < kUChunk; ++q) part[q] = 0.0f;
+#pragma unroll 4
         for (int o = lane; o < a.d_out; o += kWarp) {
             const float d = to_f32(dy[o]);
             const T *br = B + static_cast<int64_t>(o) * a.rank + j0;
@@ -60,40 +198,6 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dw_empty_kernel(molora_lora_b
     if (a.slot_to_sorted[slot] < 0) a.dw[slot] = 0.0f;
 }
 
-// dB[e, o, j]: one thread per (o, j) of expert blockIdx.y, summing the expert's pairs in order.
-template <typename T>
-__global__ void __launch_bounds__(kBwdThreads) bwd_db_kernel(molora_lora_backward_args a) {
-    const int e = blockIdx.y;
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x;
-    if (idx >= static_cast<int64_t>(a.d_out) * a.rank) return;
-    const int o = static_cast<int>(idx / a.rank), j = static_cast<int>(idx % a.rank);
-    const T *dy = static_cast<const T *>(a.dy);
-    float acc = 0.0f;
-    for (int p = a.expert_offsets[e]; p < a.expert_offsets[e + 1]; ++p) {
-        const int slot = a.sorted_slots[p];
-        const int t = slot / a.k_max;
-        acc = fmaf(a.weights[slot] * to_f32(dy[static_cast<int64_t>(t) * a.d_out + o]), a.h[static_cast<int64_t>(p) * a.rank + j], acc);
-    }
-    a.db[static_cast<int64_t>(e) * a.d_out * a.rank + idx] = a.scale * acc;
-}
-
-// dA[e, j, i]: one thread per (j, i) of expert blockIdx.y.
-template <typename T>
-__global__ void __launch_bounds__(kBwdThreads) bwd_da_kernel(molora_lora_backward_args a) {
-    const int e = blockIdx.y;
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x;
-    if (idx >= static_cast<int64_t>(a.rank) * a.d_in) return;
-    const int j = static_cast<int>(idx / a.d_in), i = static_cast<int>(idx % a.d_in);
-    const T *x = static_cast<const T *>(a.x);
-    float acc = 0.0f;
-    for (int p = a.expert_offsets[e]; p < a.expert_offsets[e + 1]; ++p) {
-        const int slot = a.sorted_slots[p];
-        const int t = slot / a.k_max;
-        acc = fmaf(a.weights[slot] * a.u[static_cast<int64_t>(p) * a.rank + j], to_f32(x[static_cast<int64_t>(t) * a.d_in + i]), acc);
-    }
-    a.da[static_cast<int64_t>(e) * a.rank * a.d_in + idx] = a.scale * acc;
-}
-
 // dx[t, i]: one thread per (t, i), slots in order.
 template <typename T>
 __global__ void __launch_bounds__(kBwdThreads) bwd_dx_kernel(molora_lora_backward_args a) {
@@ -110,6 +214,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dx_kernel(molora_lora_backwar
         const float *u = a.u + static_cast<int64_t>(p) * a.rank;
         const T *ae = A + static_cast<int64_t>(e) * a.rank * a.d_in;
         float d = 0.0f;
+#pragma unroll 8
         for (int j = 0; j < a.rank; ++j) d = fmaf(u[j], to_f32(ae[static_cast<int64_t>(j) * a.d_in + i]), d);
         acc = fmaf(a.weights[slot], d, acc);
     }
@@ -126,8 +231,6 @@ int launch_backward(const molora_lora_backward_args *args, molora_stream_t strea
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int64_t slots = static_cast<int64_t>(a.num_tokens) * a.k_max;
     // dA and dB are written whole (zero for experts without pairs), even when T = 0.
-    const unsigned gb = static_cast<unsigned>((static_cast<int64_t>(a.d_out) * a.rank + kBwdThreads - 1) / kBwdThreads);
-    const unsigned ga = static_cast<unsigned>((static_cast<int64_t>(a.rank) * a.d_in + kBwdThreads - 1) / kBwdThreads);
     if (slots > 0) {
         bwd_u_dw_kernel<T><<<static_cast<unsigned>((slots + kBwdWarps - 1) / kBwdWarps), kBwdWarps * kWarp, 0, s>>>(a);
         int err = last_launch_error();
@@ -136,11 +239,38 @@ int launch_backward(const molora_lora_backward_args *args, molora_stream_t strea
         err = last_launch_error();
         if (err) return err;
     }
-    bwd_db_kernel<T><<<dim3(gb, a.num_experts), kBwdThreads, 0, s>>>(a);
-    int err = last_launch_error();
+    RowGemmArgs g{};
+    g.q_offsets = a.expert_offsets;
+    g.sorted_slots = a.sorted_slots;
+    g.k_max = a.k_max;
+    g.weights = a.weights;
+    g.num_experts = a.num_experts;
+    g.rank = a.rank;
+    g.m_count = a.rank;
+    g.scale = a.scale;
+    // dB[e, o, j] = scale·Σ_p w·h[p, j]·dy[t(p), o]
+    g.l = a.h;
+    g.ldl = a.rank;
+    g.r = a.dy;
+    g.ldr = a.d_out;
+    g.n_count = a.d_out;
+    g.out = a.db;
+    g.out_z = static_cast<int64_t>(a.d_out) * a.rank;
+    g.out_e = 0;
+    g.out_j = 1;
+    g.out_n = a.rank;
+    int err = launch_row_gemm<T>(g, a.num_experts, s);
     if (err) return err;
-    bwd_da_kernel<T><<<dim3(ga, a.num_experts), kBwdThreads, 0, s>>>(a);
-    err = last_launch_error();
+    // dA[e, j, i] = scale·Σ_p w·u[p, j]·x[t(p), i]
+    g.l = a.u;
+    g.r = a.x;
+    g.ldr = a.d_in;
+    g.n_count = a.d_in;
+    g.out = a.da;
+    g.out_z = static_cast<int64_t>(a.rank) * a.d_in;
+    g.out_j = a.d_in;
+    g.out_n = 1;
+    err = launch_row_gemm<T>(g, a.num_experts, s);
     if (err || a.num_tokens == 0) return err;
     if (a.num_tokens > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
     bwd_dx_kernel<T><<<dim3((a.d_in + kBwdThreads - 1) / kBwdThreads, a.num_tokens), kBwdThreads, 0, s>>>(a);
@@ -321,17 +451,17 @@ constexpr int kRouterThreads = 256;
 
 // dW_g and db: one thread per (e, i) (i = d_in is db), tokens in order.
 template <typename T>
-__global__ void __launch_bounds__(kRouterThreads) router_dw_kernel(molora_router_backward_args a) {
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kRouterThreads + threadIdx.x;
+__global__ void __launch_bounds__(kRedThreads) router_dw_kernel(molora_router_backward_args a) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kRedOut + threadIdx.x % kRedOut;
     const int64_t cols = static_cast<int64_t>(a.d_in) + 1;
-    if (idx >= cols * a.num_experts) return;
-    const int e = static_cast<int>(idx / cols), i = static_cast<int>(idx % cols);
+    const bool valid = idx < cols * a.num_experts;
+    const int e = valid ? static_cast<int>(idx / cols) : 0, i = valid ? static_cast<int>(idx % cols) : 0;
     const T *x = static_cast<const T *>(a.x);
-    float acc = 0.0f;
-    for (int t = 0; t < a.num_tokens; ++t) {
+    const float acc = sliced_sum(0, valid ? a.num_tokens : 0, [&](int t, float acc) {
         const float g = a.dz[static_cast<int64_t>(t) * a.num_experts + e];
-        acc = i < a.d_in ? fmaf(g, to_f32(x[static_cast<int64_t>(t) * a.d_in + i]), acc) : acc + g;
-    }
+        return i < a.d_in ? fmaf(g, to_f32(x[static_cast<int64_t>(t) * a.d_in + i]), acc) : acc + g;
+    });
+    if (!valid || threadIdx.x >= kRedOut) return;
     if (i < a.d_in) a.dw_g[static_cast<int64_t>(e) * a.d_in + i] = acc;
     else a.db[e] = acc;
 }
@@ -357,7 +487,7 @@ int launch_router_backward(const molora_router_backward_args *args, molora_strea
     if (a.num_tokens < 0 || a.d_in < 1 || a.num_experts < 1) return static_cast<int>(cudaErrorInvalidValue);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int64_t n_dw = (static_cast<int64_t>(a.d_in) + 1) * a.num_experts;
-    router_dw_kernel<T><<<static_cast<unsigned>((n_dw + kRouterThreads - 1) / kRouterThreads), kRouterThreads, 0, s>>>(a);
+    router_dw_kernel<T><<<static_cast<unsigned>((n_dw + kRedOut - 1) / kRedOut), kRedThreads, 0, s>>>(a);
     int err = last_launch_error();
     if (err || !a.dx || a.num_tokens == 0) return err;
     const int64_t n_dx = static_cast<int64_t>(a.num_tokens) * a.d_in;
@@ -485,21 +615,29 @@ constexpr int kDgCols = MOLORA_DENSE_GATED_MAX_COLUMNS;
 constexpr int kDgColsPerThread = kDgCols / kDgThreads;  // 2
 constexpr int kDgChunk = 512;                            // dy values staged per pass
 
-// One block per token: U[t, :] (every column), gate[t, :] and dw[t, :].
+// One block per kDgTok tokens: U[t, :] (every column), gate[t, :] and dw[t, :]. Each B element read
+// serves the block's kDgTok tokens (the sums over o stay in order per token).
+constexpr int kDgTok = 8;
+
 template <typename T>
 __global__ void __launch_bounds__(kDgThreads) dg_token_kernel(molora_lora_backward_dense_args a) {
-    __shared__ float dys[kDgChunk];
-    __shared__ float us[kDgCols];
-    const int t = blockIdx.x;
+    __shared__ float dys[kDgTok][kDgChunk];
+    __shared__ float us[kDgTok][kDgCols];
+    const int t0 = blockIdx.x * kDgTok;
+    const int nt = min(kDgTok, a.num_tokens - t0);
     const int C = a.num_experts * a.rank;
-    const T *dy = static_cast<const T *>(a.dy) + static_cast<int64_t>(t) * a.d_out;
     const T *B = static_cast<const T *>(a.b);
-    float acc[kDgColsPerThread];
+    float acc[kDgTok][kDgColsPerThread];
 #pragma unroll
-    for (int q = 0; q < kDgColsPerThread; ++q) acc[q] = 0.0f;
+    for (int tt = 0; tt < kDgTok; ++tt)
+#pragma unroll
+        for (int q = 0; q < kDgColsPerThread; ++q) acc[tt][q] = 0.0f;
     for (int o0 = 0; o0 < a.d_out; o0 += kDgChunk) {
         const int n = min(kDgChunk, a.d_out - o0);
-        for (int o = threadIdx.x; o < n; o += kDgThreads) dys[o] = to_f32(dy[o0 + o]);
+        for (int idx = threadIdx.x; idx < kDgTok * n; idx += kDgThreads) {
+            const int tt = idx / n, o = idx % n;
+            dys[tt][o] = tt < nt ? to_f32(static_cast<const T *>(a.dy)[static_cast<int64_t>(t0 + tt) * a.d_out + o0 + o]) : 0.0f;
+        }
         __syncthreads();
 #pragma unroll
         for (int q = 0; q < kDgColsPerThread; ++q) {
@@ -507,80 +645,49 @@ __global__ void __launch_bounds__(kDgThreads) dg_token_kernel(molora_lora_backwa
             if (c < C) {
                 const int e = c / a.rank, j = c % a.rank;
                 const T *bc = B + (static_cast<int64_t>(e) * a.d_out + o0) * a.rank + j;
-                float v = acc[q];
-                for (int o = 0; o < n; ++o) v = fmaf(dys[o], to_f32(bc[static_cast<int64_t>(o) * a.rank]), v);
-                acc[q] = v;
+#pragma unroll 4
+                for (int o = 0; o < n; ++o) {
+                    const float b = to_f32(bc[static_cast<int64_t>(o) * a.rank]);
+#pragma unroll
+                    for (int tt = 0; tt < kDgTok; ++tt) acc[tt][q] = fmaf(dys[tt][o], b, acc[tt][q]);
+                }
             }
         }
         __syncthreads();
     }
-    float *u = a.u + static_cast<int64_t>(t) * C;
 #pragma unroll
     for (int q = 0; q < kDgColsPerThread; ++q) {
         const int c = threadIdx.x + q * kDgThreads;
         if (c < C) {
-            u[c] = acc[q];
-            us[c] = acc[q];
+#pragma unroll
+            for (int tt = 0; tt < kDgTok; ++tt) {
+                if (tt < nt) a.u[static_cast<int64_t>(t0 + tt) * C + c] = acc[tt][q];
+                us[tt][c] = acc[tt][q];
+            }
         }
     }
     __syncthreads();
-    const int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k_max;
-    const float *w = a.weights + static_cast<int64_t>(t) * a.k_max;
-    for (int e = threadIdx.x; e < a.num_experts; e += kDgThreads) {
-        float g = 0.0f;
-        for (int s = 0; s < a.k_max; ++s)
-            if (ids[s] == e) g += w[s];
-        a.gate[static_cast<int64_t>(t) * a.num_experts + e] = g;
-    }
-    const float *h = a.h + static_cast<int64_t>(t) * C;
-    for (int s = threadIdx.x; s < a.k_max; s += kDgThreads) {
-        const int e = ids[s];
-        float d = 0.0f;
-        if (e >= 0 && e < a.num_experts) {
-            for (int j = 0; j < a.rank; ++j) d = fmaf(h[e * a.rank + j], us[e * a.rank + j], d);
-            d *= a.scale;
+    for (int tt = 0; tt < nt; ++tt) {
+        const int t = t0 + tt;
+        const int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k_max;
+        const float *w = a.weights + static_cast<int64_t>(t) * a.k_max;
+        for (int e = threadIdx.x; e < a.num_experts; e += kDgThreads) {
+            float g = 0.0f;
+            for (int s = 0; s < a.k_max; ++s)
+                if (ids[s] == e) g += w[s];
+            a.gate[static_cast<int64_t>(t) * a.num_experts + e] = g;
         }
-        a.dw[static_cast<int64_t>(t) * a.k_max + s] = d;
+        const float *h = a.h + static_cast<int64_t>(t) * C;
+        for (int s = threadIdx.x; s < a.k_max; s += kDgThreads) {
+            const int e = ids[s];
+            float d = 0.0f;
+            if (e >= 0 && e < a.num_experts) {
+                for (int j = 0; j < a.rank; ++j) d = fmaf(h[e * a.rank + j], us[tt][e * a.rank + j], d);
+                d *= a.scale;
+            }
+            a.dw[static_cast<int64_t>(t) * a.k_max + s] = d;
+        }
     }
-}
-
-// dB[e, o, j]: one thread per element, tokens in order.
-template <typename T>
-__global__ void __launch_bounds__(kDgThreads) dg_db_kernel(molora_lora_backward_dense_args a) {
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kDgThreads + threadIdx.x;
-    const int64_t per = static_cast<int64_t>(a.d_out) * a.rank;
-    if (idx >= per * a.num_experts) return;
-    const int e = static_cast<int>(idx / per);
-    const int o = static_cast<int>((idx % per) / a.rank), j = static_cast<int>(idx % a.rank);
-    const int C = a.num_experts * a.rank;
-    const T *dy = static_cast<const T *>(a.dy);
-    float acc = 0.0f;
-    for (int t = 0; t < a.num_tokens; ++t) {
-        const float g = a.gate[static_cast<int64_t>(t) * a.num_experts + e];
-        if (g == 0.0f) continue;
-        acc = fmaf(g * to_f32(dy[static_cast<int64_t>(t) * a.d_out + o]), a.h[static_cast<int64_t>(t) * C + e * a.rank + j], acc);
-    }
-    a.db[idx] = a.scale * acc;
-}
-
-// dA[e, j, i]: one thread per element, tokens in order.
-template <typename T>
-__global__ void __launch_bounds__(kDgThreads) dg_da_kernel(molora_lora_backward_dense_args a) {
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kDgThreads + threadIdx.x;
-    const int64_t per = static_cast<int64_t>(a.rank) * a.d_in;
-    if (idx >= per * a.num_experts) return;
-    const int e = static_cast<int>(idx / per);
-    const int c = static_cast<int>(idx / a.d_in);  // e·rank + j
-    const int i = static_cast<int>(idx % a.d_in);
-    const int C = a.num_experts * a.rank;
-    const T *x = static_cast<const T *>(a.x);
-    float acc = 0.0f;
-    for (int t = 0; t < a.num_tokens; ++t) {
-        const float g = a.gate[static_cast<int64_t>(t) * a.num_experts + e];
-        if (g == 0.0f) continue;
-        acc = fmaf(g * a.u[static_cast<int64_t>(t) * C + c], to_f32(x[static_cast<int64_t>(t) * a.d_in + i]), acc);
-    }
-    a.da[idx] = a.scale * acc;
 }
 
 // dx[t, i]: one thread per element, experts in order.
@@ -614,18 +721,42 @@ int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_st
         return static_cast<int>(cudaErrorInvalidValue);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (a.num_tokens > 0) {
-        dg_token_kernel<T><<<a.num_tokens, kDgThreads, 0, s>>>(a);
+        dg_token_kernel<T><<<(a.num_tokens + kDgTok - 1) / kDgTok, kDgThreads, 0, s>>>(a);
         const int err = last_launch_error();
         if (err) return err;
     }
-    const int64_t n_db = static_cast<int64_t>(a.num_experts) * a.d_out * a.rank;
-    const int64_t n_da = static_cast<int64_t>(a.num_experts) * a.rank * a.d_in;
     const int64_t n_dx = static_cast<int64_t>(a.num_tokens) * a.d_in;
-    dg_db_kernel<T><<<static_cast<unsigned>((n_db + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s>>>(a);
-    int err = last_launch_error();
+    RowGemmArgs g{};
+    g.q_offsets = nullptr;
+    g.num_rows = a.num_tokens;
+    g.gate = a.gate;
+    g.num_experts = a.num_experts;
+    g.rank = a.rank;
+    g.m_count = a.num_experts * a.rank;
+    g.scale = a.scale;
+    // dB[e, o, j] = scale·Σ_t gate[t, e]·H[t, e·r + j]·dy[t, o]
+    g.l = a.h;
+    g.ldl = g.m_count;
+    g.r = a.dy;
+    g.ldr = a.d_out;
+    g.n_count = a.d_out;
+    g.out = a.db;
+    g.out_z = 0;
+    g.out_e = static_cast<int64_t>(a.d_out) * a.rank;
+    g.out_j = 1;
+    g.out_n = a.rank;
+    int err = launch_row_gemm<T>(g, 1, s);
     if (err) return err;
-    dg_da_kernel<T><<<static_cast<unsigned>((n_da + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s>>>(a);
-    err = last_launch_error();
+    // dA[e, j, i] = scale·Σ_t gate[t, e]·U[t, e·r + j]·x[t, i]
+    g.l = a.u;
+    g.r = a.x;
+    g.ldr = a.d_in;
+    g.n_count = a.d_in;
+    g.out = a.da;
+    g.out_e = static_cast<int64_t>(a.rank) * a.d_in;
+    g.out_j = a.d_in;
+    g.out_n = 1;
+    err = launch_row_gemm<T>(g, 1, s);
     if (err || n_dx == 0) return err;
     dg_dx_kernel<T><<<static_cast<unsigned>((n_dx + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s>>>(a);
     return last_launch_error();

@@ -174,18 +174,38 @@ __global__ void __launch_bounds__(kLogitWarps * kWarp) router_logits_kernel(molo
     for (int e = 0; e < a.num_experts; ++e) {
         const T *we = wg + static_cast<int64_t>(e) * a.d_in;
         float s = 0.0f;
+#pragma unroll 8
         for (int i = lane; i < a.d_in; i += kWarp) s = fmaf(to_f32(x[i]), to_f32(we[i]), s);
         s = warp_sum(s);
         if (lane == 0) a.logits[static_cast<int64_t>(t) * a.num_experts + e] = bg ? s + to_f32(bg[e]) : s;
     }
     if (a.taus) {
         float s = 0.0f;
+#pragma unroll 8
         for (int i = lane; i < a.d_in; i += kWarp) s = fmaf(a.w_tau[i], to_f32(x[i]), s);
         s = warp_sum(s);
         if (lane == 0) a.taus[t] = sigmoid(s + a.b_tau) / static_cast<float>(a.num_experts);
     }
 }
 
+template <typename T> int shrink_typed(const molora_lora_shrink_args *a, molora_stream_t s);
+template <> int shrink_typed<float>(const molora_lora_shrink_args *a, molora_stream_t s) { return molora_lora_shrink_f32(a, s); }
+template <> int shrink_typed<__half>(const molora_lora_shrink_args *a, molora_stream_t s) { return molora_lora_shrink_f16(a, s); }
+template <> int shrink_typed<__nv_bfloat16>(const molora_lora_shrink_args *a, molora_stream_t s) {
+    return molora_lora_shrink_bf16(a, s);
+}
+
+constexpr int kBiasThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kBiasThreads) add_bias_kernel(float *logits, const T *b, int64_t n, int num_experts) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * kBiasThreads + threadIdx.x;
+    if (i < n) logits[i] += to_f32(b[i % num_experts]);
+}
+
+// Without the input-dependent threshold the logits are the shrink x·W_gᵀ (one run, rank E) on the
+// LoRA kernels (row-parallel for few tokens, tiled / tensor cores for many), then the bias; with it,
+// the warp-per-token kernel computes both.
 template <typename T>
 int launch_router_logits(const molora_router_logits_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -193,8 +213,33 @@ int launch_router_logits(const molora_router_logits_args *args, molora_stream_t 
     if (a.num_tokens < 0 || a.d_in < 1 || a.num_experts < 1 || (a.taus && !a.w_tau))
         return static_cast<int>(cudaErrorInvalidValue);
     if (a.num_tokens == 0) return 0;
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (!a.taus) {
+        molora_lora_shrink_args sa{};
+        sa.x = a.x;
+        sa.a = a.w_g;
+        sa.h = a.logits;
+        sa.run_offsets = nullptr;
+        sa.run_weight = nullptr;
+        sa.row_src = nullptr;
+        sa.src_div = 1;
+        sa.max_rows = a.num_tokens;
+        sa.num_runs = 1;
+        sa.num_weights = 1;
+        sa.rank = a.num_experts;
+        sa.d_in = a.d_in;
+        sa.path = MOLORA_LORA_PATH_AUTO;
+        const int code = shrink_typed<T>(&sa, stream);
+        if (code != 0 || !a.b_g) return code;
+        const int64_t n = static_cast<int64_t>(a.num_tokens) * a.num_experts;
+        const int64_t blocks = (n + kBiasThreads - 1) / kBiasThreads;
+        if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
+        add_bias_kernel<T><<<static_cast<unsigned>(blocks), kBiasThreads, 0, s>>>(
+            a.logits, static_cast<const T *>(a.b_g), n, a.num_experts);
+        return last_launch_error();
+    }
     const int blocks = (a.num_tokens + kLogitWarps - 1) / kLogitWarps;
-    router_logits_kernel<T><<<blocks, kLogitWarps * kWarp, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    router_logits_kernel<T><<<blocks, kLogitWarps * kWarp, 0, s>>>(a);
     return last_launch_error();
 }
 

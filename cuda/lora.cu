@@ -3,7 +3,9 @@
 // is owned by one thread, slots summed in order), and SAML's weight-space mixing.
 //
 // The grids depend on the shapes only (never on the routing), so a forward can be captured in a CUDA
-// graph; blocks past the routing's number of rows exit early.
+// graph; blocks past the routing's number of rows exit early. Shrink variants: tiled on CUDA cores
+// (plain / 16-byte loads), tiled on tensor cores (pipelined with cp.async when aligned), and
+// row-parallel for few rows. Expand variants: plain / 16-byte loads of B, or B staged in shared memory.
 
 #include <mma.h>
 
@@ -13,6 +15,13 @@ namespace molora {
 namespace {
 
 // ---- shrink: h[p, j] = Σ_i x[src(p), i] · A[w, j, i] ------------------------------------------
+// Run boundaries: run_offsets, or one run [0, max_rows) when run_offsets is NULL (the router logits).
+__device__ __forceinline__ int run_start(const molora_lora_shrink_args &a, int q) {
+    return a.run_offsets ? a.run_offsets[q] : (q == 0 ? 0 : a.max_rows);
+}
+__device__ __forceinline__ int first_run(const molora_lora_shrink_args &a, int p) {
+    return a.run_offsets ? find_run(a.run_offsets, a.num_runs, p) : 0;
+}
 constexpr int kShrinkRows = 32;    // rows per block
 constexpr int kShrinkK = 32;       // d_in chunk staged in shared memory
 constexpr int kShrinkRank = 64;    // rank columns per pass
@@ -39,7 +48,7 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(molora_lora
     __shared__ float xs[kShrinkRows][kShrinkK + 1];
     __shared__ float as[kShrinkRank][kShrinkK + 1];
     __shared__ int64_t src_row[kShrinkRows];
-    const int total = a.run_offsets[a.num_runs];
+    const int total = run_start(a, a.num_runs);
     const int p0 = blockIdx.x * kShrinkRows;
     if (p0 >= total) return;
     const int p_end = min(p0 + kShrinkRows, total);
@@ -56,9 +65,9 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(molora_lora
     }
     __syncthreads();
 
-    for (int run = find_run(a.run_offsets, a.num_runs, p0); run < a.num_runs && a.run_offsets[run] < p_end; ++run) {
-        const int q0 = max(p0, a.run_offsets[run]);
-        const int q1 = min(p_end, a.run_offsets[run + 1]);
+    for (int run = first_run(a, p0); run < a.num_runs && run_start(a, run) < p_end; ++run) {
+        const int q0 = max(p0, run_start(a, run));
+        const int q1 = min(p_end, run_start(a, run + 1));
         if (q0 >= q1) continue;  // block-uniform
         const int w = a.run_weight ? a.run_weight[run] : run;
         if (w < 0 || w >= a.num_weights) {
@@ -150,7 +159,7 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_tc_kernel(molora_l
     __shared__ __align__(32) T as[kShrinkRank][kShrinkK + kTcPad];
     __shared__ __align__(32) float outs[kShrinkRows][kShrinkRank + kTcOutPad];
     __shared__ int64_t src_row[kShrinkRows];
-    const int total = a.run_offsets[a.num_runs];
+    const int total = run_start(a, a.num_runs);
     const int p0 = blockIdx.x * kShrinkRows;
     if (p0 >= total) return;
     const int p_end = min(p0 + kShrinkRows, total);
@@ -168,9 +177,9 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_tc_kernel(molora_l
     }
     __syncthreads();
 
-    for (int run = find_run(a.run_offsets, a.num_runs, p0); run < a.num_runs && a.run_offsets[run] < p_end; ++run) {
-        const int q0 = max(p0, a.run_offsets[run]);
-        const int q1 = min(p_end, a.run_offsets[run + 1]);
+    for (int run = first_run(a, p0); run < a.num_runs && run_start(a, run) < p_end; ++run) {
+        const int q0 = max(p0, run_start(a, run));
+        const int q1 = min(p_end, run_start(a, run + 1));
         if (q0 >= q1) continue;  // block-uniform
         const int w = a.run_weight ? a.run_weight[run] : run;
         if (w < 0 || w >= a.num_weights) {
@@ -214,6 +223,214 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_tc_kernel(molora_l
             }
             __syncthreads();
         }
+    }
+}
+
+// ---- shrink, row-parallel (few rows): a block per (row, 16 rank columns), a warp per 4 columns ----
+// Each warp strides over d_in (16-byte loads when aligned), keeps 4 partial dot products and reduces
+// them across the warp. No reuse of A between rows, so it serves the small-T shapes, where the tiled
+// kernels would leave most multiprocessors idle.
+constexpr int kRowsThreads = 128;
+constexpr int kRowsColsPerWarp = 4;
+constexpr int kRowsCols = kRowsColsPerWarp * (kRowsThreads / kWarp);  // 16 columns per block
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kRowsThreads) lora_shrink_rows_kernel(molora_lora_shrink_args a) {
+    const int total = run_start(a, a.num_runs);
+    const int p = blockIdx.x;
+    if (p >= total) return;
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    const int j0 = blockIdx.y * kRowsCols + warp * kRowsColsPerWarp;
+    if (j0 >= a.rank) return;  // warp-uniform
+    const int nc = min(kRowsColsPerWarp, a.rank - j0);
+    float *hp = a.h + static_cast<int64_t>(p) * a.rank + j0;
+    const int run = first_run(a, p);
+    const int w = a.run_weight ? a.run_weight[run] : run;
+    if (w < 0 || w >= a.num_weights) {
+        if (lane < nc) hp[lane] = 0.0f;
+        return;
+    }
+    const int64_t src = a.row_src ? static_cast<int64_t>(a.row_src[p] / a.src_div) : p;
+    const T *xr = static_cast<const T *>(a.x) + src * a.d_in;
+    const T *A = static_cast<const T *>(a.a) + (static_cast<int64_t>(w) * a.rank + j0) * a.d_in;
+    float acc[kRowsColsPerWarp];
+#pragma unroll
+    for (int c = 0; c < kRowsColsPerWarp; ++c) acc[c] = 0.0f;
+    if constexpr (kVec) {
+        constexpr int V = kVecElems<T>;
+#pragma unroll 4
+        for (int i = lane * V; i < a.d_in; i += kWarp * V) {
+            float xv[V];
+            load_vec(xr + i, xv);
+#pragma unroll
+            for (int c = 0; c < kRowsColsPerWarp; ++c) {
+                if (c < nc) {
+                    float av[V];
+                    load_vec(A + static_cast<int64_t>(c) * a.d_in + i, av);
+#pragma unroll
+                    for (int q = 0; q < V; ++q) acc[c] = fmaf(xv[q], av[q], acc[c]);
+                }
+            }
+        }
+    } else {
+#pragma unroll 4
+        for (int i = lane; i < a.d_in; i += kWarp) {
+            const float xv = to_f32(xr[i]);
+#pragma unroll
+            for (int c = 0; c < kRowsColsPerWarp; ++c)
+                if (c < nc) acc[c] = fmaf(xv, to_f32(A[static_cast<int64_t>(c) * a.d_in + i]), acc[c]);
+        }
+    }
+    float mine = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kRowsColsPerWarp; ++c) {
+        const float s = warp_sum(acc[c]);
+        if (lane == c) mine = s;
+    }
+    if (lane < nc) hp[lane] = mine;
+}
+
+// ---- shrink on tensor cores, split over d_in between warps (f16 / bf16, aligned) ----------------------
+// A block owns 16 rows × kBN rank columns (grid.y walks the rank tiles). Its 4 warps take interleaved
+// 64-wide chunks of d_in (warp w: chunks w, w + 4, ...), each through its own cp.async pipeline of
+// kStages chunks in shared memory (16-byte copies, zero-filled past d_in, the rank and the run's
+// rows), with kBN / 16 wmma accumulators; the 4 partial tiles are then summed in warp order through
+// shared memory (deterministic). Small tiles and many warps per multiprocessor keep enough copies in
+// flight for small and large T alike. Needs d_in a multiple of 8 and x, A 16-byte aligned.
+constexpr int kTcRows = 16;
+constexpr int kTcWarps = 4;
+constexpr int kTcK = 64;
+constexpr int kTcPitch = kTcK + 8;  // elements per staged row: 144 bytes, keeps 16/32-byte alignment
+constexpr int kTcThreads = kTcWarps * kWarp;
+template <int kBN> constexpr int tc_stages() { return kBN <= 32 ? 3 : 2; }
+template <int kBN> constexpr int tc_stage_elems() { return (kTcRows + kBN) * kTcPitch; }
+template <int kBN> constexpr int tc_smem_bytes(int elem) {
+    return kTcWarps * tc_stages<kBN>() * tc_stage_elems<kBN>() * elem + kTcWarps * kTcRows * (kBN + 4) * 4;
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, gmem is not read
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+template <typename T, int kBN>
+__global__ void __launch_bounds__(kTcThreads) lora_shrink_tcs_kernel(molora_lora_shrink_args a) {
+    using namespace nvcuda;
+    constexpr int kStages = tc_stages<kBN>();
+    constexpr int kStageElems = tc_stage_elems<kBN>();
+    constexpr int V = 8;                               // elements per 16-byte copy
+    constexpr int kCopies = (kTcRows + kBN) * (kTcK / V) / kWarp;  // per lane per chunk
+    extern __shared__ __align__(128) unsigned char tcs_smem[];
+    __shared__ int64_t src_row[kTcRows];
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    T *stages = reinterpret_cast<T *>(tcs_smem) + warp * kStages * kStageElems;
+    float *red = reinterpret_cast<float *>(tcs_smem + kTcWarps * kStages * kStageElems * sizeof(T));  // [warps][16][kBN + 4]
+    const int total = run_start(a, a.num_runs);
+    const int p0 = blockIdx.x * kTcRows;
+    if (p0 >= total) return;
+    const int p_end = min(p0 + kTcRows, total);
+    const int r0 = blockIdx.y * kBN;
+    const T *x = static_cast<const T *>(a.x);
+    const int nk = (a.d_in + kTcK - 1) / kTcK;
+    const int mine = warp < nk ? (nk - warp + kTcWarps - 1) / kTcWarps : 0;  // chunks of this warp
+    const int kk_lane = (lane % (kTcK / V)) * V;  // this lane's column in every copied row
+
+    if (threadIdx.x < kTcRows) {
+        const int p = p0 + threadIdx.x;
+        int64_t src = -1;
+        if (p < p_end) src = a.row_src ? static_cast<int64_t>(a.row_src[p] / a.src_div) : p;
+        src_row[threadIdx.x] = src;
+    }
+    __syncthreads();
+
+    for (int run = first_run(a, p0); run < a.num_runs && run_start(a, run) < p_end; ++run) {
+        const int q0 = max(p0, run_start(a, run));
+        const int q1 = min(p_end, run_start(a, run + 1));
+        if (q0 >= q1) continue;  // block-uniform
+        const int w = a.run_weight ? a.run_weight[run] : run;
+        if (w < 0 || w >= a.num_weights) {
+            const int nc = min(kBN, a.rank - r0);
+            for (int idx = threadIdx.x; idx < (q1 - q0) * nc; idx += kTcThreads)
+                a.h[static_cast<int64_t>(q0 + idx / nc) * a.rank + r0 + idx % nc] = 0.0f;
+            continue;
+        }
+        const T *A = static_cast<const T *>(a.a) + static_cast<int64_t>(w) * a.rank * a.d_in;
+        // This lane's copies: row rr = lane / 8 + 4c of the staged tile (x rows, then A rows), column
+        // kk_lane; the source row (without the chunk offset) and whether it exists.
+        const T *src_ptr[kCopies];
+        bool row_ok[kCopies];
+#pragma unroll
+        for (int c = 0; c < kCopies; ++c) {
+            const int rr = lane / (kTcK / V) + (kWarp / (kTcK / V)) * c;
+            if (rr < kTcRows) {
+                const int p = p0 + rr;
+                row_ok[c] = p >= q0 && p < q1;
+                src_ptr[c] = row_ok[c] ? x + src_row[rr] * a.d_in + kk_lane : x;
+            } else {
+                const int j = r0 + rr - kTcRows;
+                row_ok[c] = j < a.rank;
+                src_ptr[c] = row_ok[c] ? A + static_cast<int64_t>(j) * a.d_in + kk_lane : A;
+            }
+        }
+        auto load_chunk = [&](int i) {  // this warp's i-th chunk into stage i % kStages
+            T *st = stages + (i % kStages) * kStageElems;
+            const int k0 = (warp + kTcWarps * i) * kTcK;
+            const bool in_k = k0 + kk_lane < a.d_in;
+#pragma unroll
+            for (int c = 0; c < kCopies; ++c) {
+                const int rr = lane / (kTcK / V) + (kWarp / (kTcK / V)) * c;
+                const bool valid = in_k && row_ok[c];
+                cp_async16(st + rr * kTcPitch + kk_lane, valid ? src_ptr[c] + k0 : src_ptr[c], valid);
+            }
+        };
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kBN / 16];
+#pragma unroll
+        for (int n = 0; n < kBN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+#pragma unroll
+        for (int s = 0; s < kStages - 1; ++s) {
+            if (s < mine) load_chunk(s);
+            cp_async_commit();
+        }
+        for (int i = 0; i < mine; ++i) {
+            cp_async_wait<kStages - 2>();
+            __syncwarp();
+            const T *xs = stages + (i % kStages) * kStageElems;
+            const T *as = xs + kTcRows * kTcPitch;
+#pragma unroll
+            for (int kk = 0; kk < kTcK; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+                wmma::load_matrix_sync(fa, xs + kk, kTcPitch);
+#pragma unroll
+                for (int n = 0; n < kBN / 16; ++n) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                    wmma::load_matrix_sync(fb, as + (16 * n) * kTcPitch + kk, kTcPitch);
+                    wmma::mma_sync(acc[n], fa, fb, acc[n]);
+                }
+            }
+            __syncwarp();  // every lane is done with the stage before it is refilled
+            if (i + kStages - 1 < mine) load_chunk(i + kStages - 1);
+            cp_async_commit();
+        }
+        cp_async_wait<0>();
+        float *mine_red = red + warp * kTcRows * (kBN + 4);
+#pragma unroll
+        for (int n = 0; n < kBN / 16; ++n)
+            wmma::store_matrix_sync(mine_red + 16 * n, acc[n], kBN + 4, wmma::mem_row_major);
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < kTcRows * kBN; idx += kTcThreads) {
+            const int rr = idx / kBN, jj = idx % kBN;
+            const int p = p0 + rr, j = r0 + jj;
+            if (p >= q0 && p < q1 && j < a.rank) {
+                float v = red[rr * (kBN + 4) + jj];
+#pragma unroll
+                for (int ww = 1; ww < kTcWarps; ++ww) v += red[(ww * kTcRows + rr) * (kBN + 4) + jj];
+                a.h[static_cast<int64_t>(p) * a.rank + j] = v;
+            }
+        }
+        __syncthreads();  // the partial tiles are read before the next run overwrites them
     }
 }
 
@@ -289,6 +506,158 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora
     }
 }
 
+// ---- expand with B staged in shared memory -----------------------------------------------------------
+// A block owns 64 output columns and a chunk of tokens. It copies those columns of every weight's B into
+// shared memory once, in the element type, as column pairs ([W·r][33 pairs], padded so the copy and
+// the reads are free of bank conflicts). Then, per sub-chunk of S tokens, it stages the tokens'
+// routing (expert, weight, h offset) and their h rows in shared memory with coalesced loads, and
+// 8 token lanes × 32 column pairs compute the outputs from shared memory alone, each thread two
+// adjacent columns; y is loaded before the sums so its latency overlaps them. The sums are the plain
+// kernel's: Σ_j in order, slots in order, f32.
+constexpr int kStCols = 64;
+constexpr int kStPairs = kStCols / 2;
+constexpr int kStThreads = 256;
+constexpr int kStLanes = kStThreads / kStPairs;  // 8 tokens in parallel
+constexpr int kStPitch = kStPairs + 1;           // pairs per staged row of B
+constexpr int kStMaxBBytes = 112 * 1024;         // B's share of shared memory (the Rust check mirrors it)
+constexpr int kStSlots = 512;                    // routing slots staged per sub-chunk
+constexpr int kStHFloats = 8192;                 // h values staged per sub-chunk (32 KiB)
+
+__host__ __device__ constexpr int64_t staged_b_bytes(int64_t weights_times_rank, int elem) {
+    return (weights_times_rank * kStPitch * 2 * elem + 15) / 16 * 16;
+}
+
+__device__ __forceinline__ float2 load_pair(const float *p) { return *reinterpret_cast<const float2 *>(p); }
+__device__ __forceinline__ float2 load_pair(const __half *p) { return __half22float2(*reinterpret_cast<const __half2 *>(p)); }
+__device__ __forceinline__ float2 load_pair(const __nv_bfloat16 *p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(p));
+}
+
+template <typename T, int kRank>
+__global__ void __launch_bounds__(kStThreads)
+    lora_expand_staged_kernel(molora_lora_expand_args a, int tokens_per_block, int sub, int stage_h) {
+    extern __shared__ __align__(16) unsigned char st_smem[];
+    const int rank = kRank > 0 ? kRank : a.rank;
+    const int W = a.num_weights;
+    const int k_eff = a.ids ? a.k_max : 1;
+    T *bs = reinterpret_cast<T *>(st_smem);
+    unsigned char *rest = st_smem + staged_b_bytes(static_cast<int64_t>(W) * rank, sizeof(T));
+    int64_t *s_off = reinterpret_cast<int64_t *>(rest);  // h offset of each staged slot
+    int *s_e = reinterpret_cast<int *>(s_off + sub * k_eff);
+    float *s_w = reinterpret_cast<float *>(s_e + sub * k_eff);
+    float *s_h = s_w + sub * k_eff;
+
+    const int o0 = blockIdx.x * kStCols;
+    const int cols = min(kStCols, a.d_out - o0);
+    const T *B = static_cast<const T *>(a.b);
+    const int per_weight = cols * rank;
+    for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(W) * per_weight; idx += kStThreads) {
+        const int e = static_cast<int>(idx / per_weight), rem = static_cast<int>(idx % per_weight);
+        const int c = rem / rank, j = rem % rank;
+        bs[((static_cast<int64_t>(e) * rank + j) * kStPitch + c / 2) * 2 + c % 2] =
+            B[(static_cast<int64_t>(e) * a.d_out + o0 + c) * rank + j];
+    }
+    // Columns past d_out in the last tile: zeros, so the unused half of a pair is defined.
+    for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(W) * rank * (kStCols - cols); idx += kStThreads) {
+        const int64_t row = idx / (kStCols - cols);
+        const int c = cols + static_cast<int>(idx % (kStCols - cols));
+        bs[(row * kStPitch + c / 2) * 2 + c % 2] = from_f32<T>(0.0f);
+    }
+
+    const int pair = threadIdx.x % kStPairs, lane_t = threadIdx.x / kStPairs;
+    const int c0 = 2 * pair;
+    T *y = static_cast<T *>(a.y);
+    const int t_begin = blockIdx.y * tokens_per_block;
+    const int t_end = min(t_begin + tokens_per_block, a.num_tokens);
+    for (int base = t_begin; base < t_end; base += sub) {
+        const int ns = min(sub, t_end - base);
+        __syncthreads();  // B is staged / the previous sub-chunk is done with the slot arrays
+        for (int idx = threadIdx.x; idx < ns * k_eff; idx += kStThreads) {
+            const int t = base + idx / k_eff, s = idx % k_eff;
+            int e;
+            int64_t off = 0;
+            float w = 1.0f;
+            if (a.ids) {
+                const int64_t slot = static_cast<int64_t>(t) * a.k_max + s;
+                e = a.ids[slot];
+                w = a.weights[slot];
+                if (e >= 0 && e < W) {
+                    const int64_t row = a.h_dense ? static_cast<int64_t>(t) : a.slot_to_sorted[slot];
+                    if (row < 0) e = -1;
+                    else off = a.h_dense ? (row * W + e) * rank : row * rank;
+                } else {
+                    e = -1;
+                }
+            } else {
+                e = a.adapter_ids[find_run(a.seg_offsets, a.num_segments, t)];
+                if (e < 0 || e >= W) e = -1;
+                off = static_cast<int64_t>(t) * rank;
+            }
+            s_e[idx] = e;
+            s_w[idx] = w;
+            s_off[idx] = off;
+        }
+        __syncthreads();
+        if (stage_h) {
+            for (int idx = threadIdx.x; idx < ns * k_eff * rank; idx += kStThreads) {
+                const int sl = idx / rank, j = idx % rank;
+                s_h[idx] = s_e[sl] >= 0 ? a.h[s_off[sl] + j] : 0.0f;
+            }
+            __syncthreads();
+        }
+        for (int tl = lane_t; tl < ns; tl += kStLanes) {
+            const int t = base + tl;
+            T *yp = y + static_cast<int64_t>(t) * a.d_out + o0 + c0;
+            const float y0 = c0 < cols ? to_f32(yp[0]) : 0.0f;
+            const float y1 = c0 + 1 < cols ? to_f32(yp[1]) : 0.0f;
+            float acc0 = 0.0f, acc1 = 0.0f;
+            bool any = false;
+            for (int s = 0; s < k_eff; ++s) {
+                const int sl = tl * k_eff + s;
+                const int e = s_e[sl];
+                if (e < 0) continue;
+                any = true;
+                const float *hr = stage_h ? s_h + static_cast<int64_t>(sl) * rank : a.h + s_off[sl];
+                const T *bp = bs + (static_cast<int64_t>(e) * rank * kStPitch + pair) * 2;
+                float d0 = 0.0f, d1 = 0.0f;
+                if (kRank > 0 && kRank % 4 == 0 && stage_h) {
+                    // h from shared memory 4 values at a time (rows of a multiple-of-4 rank are 16-byte aligned).
+#pragma unroll
+                    for (int j = 0; j < kRank; j += 4) {
+                        const float4 hv = *reinterpret_cast<const float4 *>(hr + j);
+                        const float hs4[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) {
+                            const float2 bv = load_pair(bp + (j + q) * kStPitch * 2);
+                            d0 = fmaf(hs4[q], bv.x, d0);
+                            d1 = fmaf(hs4[q], bv.y, d1);
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < (kRank > 0 ? kRank : rank); ++j) {
+                        const float hv = hr[j];
+                        const float2 bv = load_pair(bp + j * kStPitch * 2);
+                        d0 = fmaf(hv, bv.x, d0);
+                        d1 = fmaf(hv, bv.y, d1);
+                    }
+                }
+                if (a.ids) {
+                    acc0 = fmaf(s_w[sl], d0, acc0);
+                    acc1 = fmaf(s_w[sl], d1, acc1);
+                } else {
+                    acc0 = d0;
+                    acc1 = d1;
+                }
+            }
+            if (any) {
+                if (c0 < cols) yp[0] = from_f32<T>(y0 + a.scale * acc0);
+                if (c0 + 1 < cols) yp[1] = from_f32<T>(y1 + a.scale * acc1);
+            }
+        }
+    }
+}
+
 // ---- weight-space mixing ---------------------------------------------------------------------
 constexpr int kMixThreads = 256;
 
@@ -304,31 +673,108 @@ __global__ void __launch_bounds__(kMixThreads) mix_kernel(molora_mix_args a) {
     static_cast<T *>(a.out)[static_cast<int64_t>(s) * a.per_expert + i] = from_f32<T>(acc);
 }
 
+// AUTO's choice between the row-parallel and the tiled shrink: the row-parallel kernel for few rows (it
+// reads A once per row, from L2), and always for f32, which has no tensor-core variant (the CUDA-core
+// tiled kernels are slower than it at every measured size).
+inline bool shrink_prefers_rows(int max_rows, bool k16) { return !k16 || max_rows <= 256; }
+
+template <typename T, int kBN>
+int launch_shrink_tcs(const molora_lora_shrink_args &a, cudaStream_t s) {
+    const int smem = tc_smem_bytes<kBN>(static_cast<int>(sizeof(T)));
+    // Past 40 KiB of dynamic shared memory (48 KiB with the static part) the kernel must opt in.
+    if (smem > 40 * 1024) {
+        const cudaError_t err = cudaFuncSetAttribute(lora_shrink_tcs_kernel<T, kBN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (err != cudaSuccess) return static_cast<int>(err);
+    }
+    const dim3 grid((a.max_rows + kTcRows - 1) / kTcRows, (a.rank + kBN - 1) / kBN);
+    if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+    lora_shrink_tcs_kernel<T, kBN><<<grid, kTcThreads, smem, s>>>(a);
+    return last_launch_error();
+}
+
 template <typename T>
 int launch_shrink(const molora_lora_shrink_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
     const molora_lora_shrink_args a = *args;
-    if (a.max_rows < 0 || a.num_runs < 1 || a.num_weights < 1 || a.rank < 1 || a.d_in < 1 || a.src_div < 1)
+    if (a.max_rows < 0 || a.num_runs < 1 || a.num_weights < 1 || a.rank < 1 || a.d_in < 1 || a.src_div < 1 ||
+        (!a.run_offsets && a.num_runs != 1))
         return static_cast<int>(cudaErrorInvalidValue);
     constexpr bool k16 = sizeof(T) == 2;
     const bool aligned = a.d_in % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(a.a) % 16 == 0;
     int path = a.path;
-    if (path == MOLORA_LORA_PATH_AUTO)
-        path = (k16 && a.rank >= 16) ? MOLORA_LORA_PATH_TENSOR : aligned ? MOLORA_LORA_PATH_VECTOR : MOLORA_LORA_PATH_PLAIN;
+    if (path == MOLORA_LORA_PATH_AUTO) {
+        if (shrink_prefers_rows(a.max_rows, k16)) path = MOLORA_LORA_PATH_ROWS;
+        else path = k16 ? MOLORA_LORA_PATH_TENSOR : aligned ? MOLORA_LORA_PATH_VECTOR : MOLORA_LORA_PATH_PLAIN;
+    }
     if ((path == MOLORA_LORA_PATH_VECTOR && !aligned) || (path == MOLORA_LORA_PATH_TENSOR && !k16) ||
-        path < MOLORA_LORA_PATH_PLAIN || path > MOLORA_LORA_PATH_TENSOR)
+        path < MOLORA_LORA_PATH_PLAIN || path > MOLORA_LORA_PATH_ROWS)
         return static_cast<int>(cudaErrorInvalidValue);
     if (a.max_rows == 0) return 0;
     const int blocks = (a.max_rows + kShrinkRows - 1) / kShrinkRows;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    if (path == MOLORA_LORA_PATH_TENSOR) {
-        if constexpr (k16) lora_shrink_tc_kernel<T><<<blocks, kShrinkThreads, 0, s>>>(a);
+    if (path == MOLORA_LORA_PATH_ROWS) {
+        const dim3 grid(a.max_rows, (a.rank + kRowsCols - 1) / kRowsCols);
+        if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+        if (aligned) lora_shrink_rows_kernel<T, true><<<grid, kRowsThreads, 0, s>>>(a);
+        else lora_shrink_rows_kernel<T, false><<<grid, kRowsThreads, 0, s>>>(a);
+    } else if (path == MOLORA_LORA_PATH_TENSOR) {
+        if constexpr (k16) {
+            // The pipelined kernel needs 16-byte copies; other shapes take the one-stage kernel.
+            if (aligned) {
+                if (a.rank <= 16) return launch_shrink_tcs<T, 16>(a, s);
+                if (a.rank <= 32) return launch_shrink_tcs<T, 32>(a, s);
+                return launch_shrink_tcs<T, 64>(a, s);
+            }
+            lora_shrink_tc_kernel<T><<<blocks, kShrinkThreads, 0, s>>>(a);
+        }
     } else if (path == MOLORA_LORA_PATH_VECTOR) {
         lora_shrink_kernel<T, true><<<blocks, kShrinkThreads, 0, s>>>(a);
     } else {
         lora_shrink_kernel<T, false><<<blocks, kShrinkThreads, 0, s>>>(a);
     }
+    return last_launch_error();
+}
+
+// Tokens per block of the staged expand: enough blocks for about 8 per multiprocessor of an H100/H200,
+// each chunk at least 8 tokens (so B is staged for a reasonable amount of work), at most 1024.
+inline int expand_tokens_per_block(int num_tokens, int col_tiles) {
+    const int64_t target_blocks = 1056;
+    int64_t chunks = (target_blocks + col_tiles - 1) / col_tiles;
+    if (chunks < 1) chunks = 1;
+    int64_t tpb = (num_tokens + chunks - 1) / chunks;
+    if (tpb < 8) tpb = 8;
+    if (tpb > 1024) tpb = 1024;
+    return static_cast<int>(tpb);
+}
+
+template <typename T> bool staged_fits(const molora_lora_expand_args &a) {
+    return staged_b_bytes(static_cast<int64_t>(a.num_weights) * a.rank, sizeof(T)) <= kStMaxBBytes;
+}
+
+template <typename T, int kRank>
+int launch_expand_staged(const molora_lora_expand_args &a, cudaStream_t s) {
+    const int k_eff = a.ids ? a.k_max : 1;
+    int sub = k_eff >= kStSlots ? 1 : min(32, kStSlots / k_eff);
+    int stage_h = static_cast<int64_t>(sub) * k_eff * a.rank <= kStHFloats;
+    if (!stage_h && static_cast<int64_t>(k_eff) * a.rank <= kStHFloats) {
+        sub = kStHFloats / (k_eff * a.rank);
+        stage_h = 1;
+    }
+    const int64_t smem64 = staged_b_bytes(static_cast<int64_t>(a.num_weights) * a.rank, sizeof(T)) +
+                           static_cast<int64_t>(sub) * k_eff * (8 + 4 + 4) +
+                           (stage_h ? static_cast<int64_t>(sub) * k_eff * a.rank * 4 : 0);
+    if (smem64 > 160 * 1024) return static_cast<int>(cudaErrorInvalidValue);
+    const int smem = static_cast<int>(smem64);
+    if (smem > 40 * 1024) {
+        const cudaError_t err = cudaFuncSetAttribute(lora_expand_staged_kernel<T, kRank>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (err != cudaSuccess) return static_cast<int>(err);
+    }
+    const int col_tiles = (a.d_out + kStCols - 1) / kStCols;
+    const int tpb = expand_tokens_per_block(a.num_tokens, col_tiles);
+    const dim3 grid(col_tiles, (a.num_tokens + tpb - 1) / tpb);
+    if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+    lora_expand_staged_kernel<T, kRank><<<grid, kStThreads, smem, s>>>(a, tpb, sub, stage_h);
     return last_launch_error();
 }
 
@@ -340,14 +786,25 @@ int launch_expand(const molora_lora_expand_args *args, molora_stream_t stream) {
     if (a.ids ? (a.k_max < 1 || (!a.h_dense && !a.slot_to_sorted)) : a.num_segments < 1)
         return static_cast<int>(cudaErrorInvalidValue);
     const bool aligned = a.rank % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(a.b) % 16 == 0;
+    const bool fits = staged_fits<T>(a);
     int path = a.path;
-    if (path == MOLORA_LORA_PATH_AUTO) path = aligned ? MOLORA_LORA_PATH_VECTOR : MOLORA_LORA_PATH_PLAIN;
-    if ((path == MOLORA_LORA_PATH_VECTOR && !aligned) || (path != MOLORA_LORA_PATH_PLAIN && path != MOLORA_LORA_PATH_VECTOR))
+    if (path == MOLORA_LORA_PATH_AUTO) path = fits ? MOLORA_LORA_PATH_STAGED : aligned ? MOLORA_LORA_PATH_VECTOR : MOLORA_LORA_PATH_PLAIN;
+    if ((path == MOLORA_LORA_PATH_VECTOR && !aligned) || (path == MOLORA_LORA_PATH_STAGED && !fits) ||
+        (path != MOLORA_LORA_PATH_PLAIN && path != MOLORA_LORA_PATH_VECTOR && path != MOLORA_LORA_PATH_STAGED))
         return static_cast<int>(cudaErrorInvalidValue);
     if (a.num_tokens == 0) return 0;
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (path == MOLORA_LORA_PATH_STAGED) {
+        switch (a.rank) {
+            case 8: return launch_expand_staged<T, 8>(a, s);
+            case 16: return launch_expand_staged<T, 16>(a, s);
+            case 32: return launch_expand_staged<T, 32>(a, s);
+            case 64: return launch_expand_staged<T, 64>(a, s);
+            default: return launch_expand_staged<T, 0>(a, s);
+        }
+    }
     const dim3 grid((a.d_out + kExpandThreads - 1) / kExpandThreads, (a.num_tokens + kExpandTokens - 1) / kExpandTokens);
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (path == MOLORA_LORA_PATH_VECTOR) {
         // Ranks 8..128 (all multiples of every vector width) get unrolled instances.
         switch (a.rank) {

@@ -3,8 +3,8 @@
 //! per-expert loop (a) and the dense all-experts cuBLAS version (b), the base GEMM, and our backward
 //! with the memory it works in) for the shapes of [`molora::cuda::bench::issue_cases`].
 //!
-//! `cargo run --release --no-default-features --features cuda --example 02_gpu_bench [-- f16|bf16|f32 [ITERS]]`
-//! (bf16 and 100 iterations by default; `MOLORA_BW_GBPS` sets the bandwidth of the memory floor,
+//! `cargo run --release --no-default-features --features cuda --example 02_gpu_bench [-- f16|bf16|f32 [ITERS [T]]]`
+//! (bf16 and 100 iterations by default, every case or only those with `T` tokens; `MOLORA_BW_GBPS` sets the bandwidth of the memory floor,
 //! default 3000, the H100's; `MOLORA_BENCH_NO_BACKWARD=1` skips the backward columns).
 
 use molora::cuda::bench::{run, BenchOptions};
@@ -26,8 +26,16 @@ fn main_inner() -> Result<(), Box<dyn std::error::Error>> {
         Some(other) => return Err(format!("unknown dtype {other:?}: use bf16, f16 or f32").into()),
     };
     let mut opts = BenchOptions::new(dtype);
+    opts.progress = true;
     if let Some(iters) = args.next() {
         opts.iters = iters.parse()?;
+    }
+    if let Some(tokens) = args.next() {
+        let tokens: usize = tokens.parse()?;
+        opts.cases.retain(|c| c.tokens == tokens);
+        if opts.cases.is_empty() {
+            return Err(format!("no benchmark case has T = {tokens}").into());
+        }
     }
     if let Ok(bw) = std::env::var("MOLORA_BW_GBPS") {
         opts.bandwidth_gbps = bw.parse()?;

@@ -153,6 +153,16 @@ impl Rng {
     }
 }
 
+/// Property-test case count: `n`, or `MOLORA_TEST_CASES` where that is set to a positive number (the
+/// compute-sanitizer run uses a few cases per property, since memcheck slows every launch).
+pub fn cases(n: u32) -> u32 {
+    std::env::var("MOLORA_TEST_CASES")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&c| c > 0)
+        .unwrap_or(n)
+}
+
 /// The device a GPU test runs on, or `None` after printing why the test is skipped (no `cuda`
 /// feature, no driver, no device). With the environment variable `MOLORA_REQUIRE_GPU=1` a missing GPU
 /// is a failure instead: this panics, so a GPU run cannot pass by skipping.

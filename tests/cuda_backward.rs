@@ -17,7 +17,7 @@ mod gpu {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
         fn gating_and_router_backward_match_cpu(t in 1usize..200, e in 1usize..=64, kf in 0.0f64..1.0,
                                                 d_in in 1usize..=90, seed in any::<u64>(),
@@ -90,7 +90,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(32))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(32)))]
         #[test]
         fn hierarchical_gating_backward_matches_cpu(t in 1usize..160, e in 1usize..=40, kf in 0.0f64..1.0,
                                                     nseq in 1usize..=5, seed in any::<u64>(),
@@ -283,7 +283,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(32))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(32)))]
         #[test]
         fn mix_backward_matches_cpu(e in 1usize..=10, r in 1usize..=8, d_in in 1usize..=300, d_out in 1usize..=300,
                                     nseq in 0usize..=5, seed in any::<u64>(), dtype in 0usize..3) {
@@ -550,7 +550,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(16))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(16)))]
         #[test]
         fn saml_backward_chain_matches_cpu(e in 1usize..=6, r in 1usize..=4, d_in in 1usize..=80, d_out in 1usize..=80,
                                            lens in proptest::collection::vec(1usize..=40, 1..=4),

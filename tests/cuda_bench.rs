@@ -6,6 +6,7 @@
 #[cfg(feature = "cuda")]
 mod gpu {
     use molora::cuda::bench::{run, BenchCase, BenchOptions, BenchRouting};
+    use molora::cuda::staged_expand_max_columns;
     use molora::testing::gpu_or_skip;
     use molora::{DType, Error};
 
@@ -77,7 +78,7 @@ mod gpu {
                 }
             }
             // One variant row per case with experts (not SAML): plain shrink and expand always
-            // run, the tensor-core shrink exactly for f16 and bf16.
+            // run, the tensor-core shrink exactly for f16 and bf16, the row-parallel shrink always.
             let variants = rows_of(parts[3]);
             let expert_cases: Vec<&BenchCase> = cases
                 .iter()
@@ -86,8 +87,8 @@ mod gpu {
             assert_eq!(variants.len(), expert_cases.len(), "{dtype:?}:\n{table}");
             for row in &variants {
                 let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
-                assert_eq!(cols.len(), 10, "{dtype:?}: {row}");
-                for i in [5, 8] {
+                assert_eq!(cols.len(), 12, "{dtype:?}: {row}");
+                for i in [5, 8, 9] {
                     assert!(
                         cols[i].parse::<f64>().is_ok_and(|v| v > 0.0),
                         "{dtype:?}: column {i} of {row}"
@@ -97,6 +98,13 @@ mod gpu {
                     cols[7] == "—",
                     dtype == DType::F32,
                     "{dtype:?}: tensor-core column of {row}"
+                );
+                // The staged expand runs exactly when E·r fits its shared memory.
+                let e_r = cols[2].parse::<usize>().unwrap() * cols[3].parse::<usize>().unwrap();
+                assert_eq!(
+                    cols[11] == "—",
+                    e_r > staged_expand_max_columns(dtype.size_in_bytes()),
+                    "{dtype:?}: staged column of {row}"
                 );
             }
         }

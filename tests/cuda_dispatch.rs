@@ -207,7 +207,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(32))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(32)))]
         #[test]
         fn gather_and_scatter_match_cpu(
             t in prop_oneof![Just(0usize), Just(1), Just(7), Just(133), 0usize..600],
@@ -259,7 +259,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(48)))]
         #[test]
         fn dispatch_matches_cpu(
             t in prop_oneof![Just(0usize), Just(1), Just(7), Just(133), 0usize..2000],

@@ -13,7 +13,7 @@ mod gpu {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(16))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(16)))]
         #[test]
         fn forward_paths_match_cpu(t in 1usize..300, e in 1usize..=16, r in 1usize..=16,
                                    d_in in 1usize..=300, d_out in 1usize..=300, seed in any::<u64>(),
@@ -67,7 +67,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(16))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(16)))]
         #[test]
         fn forward_backward_paths_match_cpu(t in 1usize..120, e in 1usize..=12, r in 1usize..=16,
                                             d_in in 1usize..=100, d_out in 1usize..=100, seed in any::<u64>(),

@@ -139,7 +139,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(48)))]
         #[test]
         fn top_k_gating_matches_cpu(c in case_strategy()) {
             let Some(dev) = gpu_or_skip("top_k_gating_matches_cpu") else { return Ok(()) };
@@ -379,7 +379,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
         fn general_gating_matches_cpu(c in case_strategy(), seed in any::<u64>()) {
             let Some(dev) = gpu_or_skip("general_gating_matches_cpu") else { return Ok(()) };

@@ -77,7 +77,7 @@ mod gpu {
         shrink_experts(&dev, &dx, &da, &shape, &plan, &mut h).unwrap();
         expand_experts(&dev, &h, &db, &shape, &plan, &ids, &w, scale, &mut y).unwrap();
         let graph = stream
-            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD)
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
             .unwrap()
             .expect("a captured graph");
 

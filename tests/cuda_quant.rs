@@ -91,7 +91,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
         fn quantised_base_matches_cpu(
             rows in prop_oneof![1usize..=40, Just(64), Just(65), 100usize..=150],

@@ -132,7 +132,8 @@ typedef struct molora_gating_args {
 int molora_gating_f32(const molora_gating_args *args, molora_stream_t stream);
 
 /*
- * Router logits, one warp per token:
+ * Router logits (without taus: the LoRA shrink with one run and rank E, then the bias; with taus:
+ * one warp per token):
  *   logits[t, e] = Σ_i x[t, i]·W_g[e, i] + b_g[e]           (b_g may be NULL)
  *   taus[t]      = σ(Σ_i w_tau[i]·x[t, i] + b_tau) / E      (only when taus != NULL; w_tau f32 [d_in])
  * x [T, d_in], W_g [E, d_in], b_g [E] of the launcher's element type; f32 accumulation.
@@ -242,30 +243,42 @@ int molora_scatter_combine_bf16(const molora_scatter_combine_args *args, molora_
  *           aligned; expand needs rank a multiple of 16/sizeof(element) and B 16-byte aligned
  *           (ranks 8, 16, 32, 64 and 128 run fully unrolled instances); otherwise
  *           cudaErrorInvalidValue (AUTO falls back to PLAIN instead);
- *   TENSOR  shrink only, f16/bf16 only: warp-level mma (wmma 16×16×16) on 32-row × 64-rank tiles
- *           staged in shared memory, f32 accumulation, any d_in / rank (zero-padded tails);
- *           otherwise cudaErrorInvalidValue.
- * AUTO: shrink TENSOR for f16/bf16 when rank >= 16, else VECTOR when aligned, else PLAIN;
- *       expand VECTOR when aligned, else PLAIN.
+ *   TENSOR  shrink only, f16/bf16 only: warp-level mma (wmma 16×16×16), f32 accumulation, any
+ *           d_in / rank: when d_in is a multiple of 8 and x, A are 16-byte aligned, 16-row × (16, 32
+ *           or 64)-rank tiles whose 4 warps split d_in, each fed by its own cp.async pipeline, the
+ *           partial tiles summed in warp order; otherwise 32-row × 64-rank tiles staged in one step
+ *           (zero-padded tails); f32 inputs give cudaErrorInvalidValue;
+ *   ROWS    shrink only, any dtype and shape: a warp per (row, 4 rank columns) striding over d_in,
+ *           no tiling (for few rows, where tiles would leave the GPU idle);
+ *   STAGED  expand only: each block copies its 64 output columns of every weight's B into shared
+ *           memory (in the element type) once, then stages its tokens' routing and h rows and sums
+ *           from shared memory; needs num_weights·rank·66·sizeof(element) ≤ 112 KiB (num_weights·rank
+ *           ≤ 868 for f16/bf16, ≤ 434 for f32), otherwise cudaErrorInvalidValue. The same sums as
+ *           PLAIN.
+ * AUTO: shrink ROWS for f32 and when max_rows <= 256, else TENSOR;
+ *       expand STAGED when B fits, else VECTOR when aligned, else PLAIN.
  */
 typedef enum molora_lora_path {
     MOLORA_LORA_PATH_AUTO = 0,
     MOLORA_LORA_PATH_PLAIN = 1,
     MOLORA_LORA_PATH_VECTOR = 2,
-    MOLORA_LORA_PATH_TENSOR = 3
+    MOLORA_LORA_PATH_TENSOR = 3,
+    MOLORA_LORA_PATH_ROWS = 4,
+    MOLORA_LORA_PATH_STAGED = 5
 } molora_lora_path;
 
 /*
  * Grouped LoRA shrink, over row runs (experts after dispatch, or sequence segments):
  *
- *   h[p, j] = Σ_i x[src(p), i] · A[w(run(p)), j, i]      (f32 out, f32 accumulation in i order)
+ *   h[p, j] = Σ_i x[src(p), i] · A[w(run(p)), j, i]      (f32 out, f32 accumulation)
  *
  * Rows p in [0, run_offsets[num_runs]) are grouped into runs: run q covers
  * [run_offsets[q], run_offsets[q + 1]) and uses weight w(q) = run_weight[q] (or q when run_weight is
  * NULL); a weight outside [0, num_weights) (e.g. -1) gives zero rows. src(p) = row_src[p] / src_div
  * (or p when row_src is NULL): for expert segments run_offsets = expert_offsets, row_src =
  * sorted_slots and src_div = k_max (the gather is fused); for sequence segments run_offsets = the
- * sequence offsets, run_weight = the adapter ids, row_src = NULL.
+ * sequence offsets, run_weight = the adapter ids, row_src = NULL. run_offsets = NULL (with
+ * num_runs = 1) is one run over [0, max_rows): a plain x·Aᵀ, as the router logits use it.
  * x [*, d_in] and A [num_weights, rank, d_in] of the launcher's element type; h [max_rows, rank] f32;
  * rows past run_offsets[num_runs] are not written. The grid depends on max_rows only.
  */
@@ -320,7 +333,7 @@ typedef struct molora_lora_expand_args {
     int32_t num_weights;
     int32_t rank;
     int32_t d_out;
-    int32_t path; /* molora_lora_path (no TENSOR variant) */
+    int32_t path; /* molora_lora_path (PLAIN, VECTOR, STAGED or AUTO) */
 } molora_lora_expand_args;
 
 int molora_lora_expand_f32(const molora_lora_expand_args *args, molora_stream_t stream);

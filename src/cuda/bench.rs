@@ -133,6 +133,9 @@ pub struct BenchOptions {
     pub backward: bool,
     /// CUDA device ordinal.
     pub device: usize,
+    /// Also write each main-table row to stderr as soon as it is measured, so a long run that is
+    /// stopped part-way still leaves the rows it finished.
+    pub progress: bool,
 }
 
 impl BenchOptions {
@@ -145,6 +148,7 @@ impl BenchOptions {
             bandwidth_gbps: 3000.0,
             backward: true,
             device: 0,
+            progress: false,
         }
     }
 }
@@ -199,6 +203,9 @@ pub fn run(opts: &BenchOptions) -> Result<String> {
             DType::F16 => bench_case::<f16>(&dev, &blas, case, opts)?,
             DType::BF16 => bench_case::<bf16>(&dev, &blas, case, opts)?,
         };
+        if opts.progress {
+            eprintln!("{row}");
+        }
         out.push_str(&row);
         out.push('\n');
         variant_rows.extend(variants);
@@ -208,7 +215,8 @@ pub fn run(opts: &BenchOptions) -> Result<String> {
             "\nKernel variants of the grouped shrink and expand alone, on the segmented plan (µs; — where \
              the variant cannot take the shape, alignment or dtype); KernelPath::Auto picks among them\n\n\
              | T | d_in→d_out | E | r | routing | shrink plain | shrink vectorised | shrink tensor cores \
-             | expand plain | expand vectorised |\n|---|---|---|---|---|---|---|---|---|---|\n",
+             | shrink rows | expand plain | expand vectorised | expand staged |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for row in variant_rows {
             out.push_str(&row);
@@ -300,7 +308,7 @@ struct Row {
     base_gemm: f64,
     bwd: Option<(f64, usize)>,
     /// Shrink plain / vectorised / tensor cores, expand plain / vectorised (None where refused).
-    variants: Option<[Option<f64>; 5]>,
+    variants: Option<[Option<f64>; 7]>,
 }
 
 fn bench_case<T: CudaElement>(
@@ -399,11 +407,12 @@ where
             // Each kernel variant of the grouped shrink and expand alone on this routing's plan.
             route(&mut logits, &mut ids, &mut w)?;
             dispatch(dev, &ids, &mut plan)?;
-            let mut variants = [None; 5];
+            let mut variants = [None; 7];
             for (slot, path) in [
                 (0, KernelPath::Plain),
                 (1, KernelPath::Vectorized),
                 (2, KernelPath::TensorCore),
+                (3, KernelPath::Rows),
             ] {
                 variants[slot] = match shrink_experts_on(dev, &x, &a, &shape, &plan, &mut h, path) {
                     Err(Error::Unsupported { .. }) => None,
@@ -413,7 +422,11 @@ where
                     })?),
                 };
             }
-            for (slot, path) in [(3, KernelPath::Plain), (4, KernelPath::Vectorized)] {
+            for (slot, path) in [
+                (4, KernelPath::Plain),
+                (5, KernelPath::Vectorized),
+                (6, KernelPath::Staged),
+            ] {
                 let mut expand =
                     || expand_experts_on(dev, &h, &b, &shape, &plan, &ids, &w, scale, &mut y, path);
                 variants[slot] = match expand() {

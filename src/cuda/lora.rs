@@ -154,31 +154,51 @@ fn fits_i32(what: &'static str, n: usize) -> Result<i32> {
 }
 
 /// Which kernel variant a LoRA shrink or expand runs (`molora_lora_path` in `cuda/include/molora.h`).
-/// All give the CPU reference's result within the per-dtype tolerance; the vectorised variant gives
-/// the plain one's bit for bit.
+/// All give the CPU reference's result within the per-dtype tolerance; the vectorised and staged
+/// expands give the plain one's bit for bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelPath {
-    /// The launcher picks: for the shrink, tensor cores for f16/bf16 when `r >= 16`, else 16-byte
-    /// loads when aligned, else plain; for the expand, 16-byte loads when aligned, else plain (a
-    /// starting rule, to be tuned by measurement).
+    /// The launcher picks: for the shrink, [`KernelPath::Rows`] for f32 and for up to 256 rows
+    /// (`T·k_max`), else [`KernelPath::TensorCore`]; for the expand, [`KernelPath::Staged`] when `B`
+    /// fits in shared memory, else 16-byte loads when aligned, else plain. The rule follows the
+    /// kernel-variant table of `cuda::bench` on an H200.
     Auto,
     /// Scalar loads: any shape and alignment.
     Plain,
     /// 16-byte loads: the shrink needs `d_in`, the expand `r`, a multiple of `16 / sizeof(T)`, and
     /// the weights (and `x`) 16-byte aligned.
     Vectorized,
-    /// Shrink only, f16/bf16 only: warp-level mma (wmma 16×16×16) with f32 accumulation, any shape.
+    /// Shrink only, f16/bf16 only: warp-level mma (wmma 16×16×16) with f32 accumulation, any shape;
+    /// when `d_in` is a multiple of 8 and `x`, `A` are 16-byte aligned, 16-row tiles whose 4 warps
+    /// split `d_in`, each fed by its own `cp.async` pipeline (partials summed in warp order), else
+    /// one-stage 32-row tiles.
     TensorCore,
+    /// Shrink only, any dtype and shape: a warp per (row, 4 rank columns) striding over `d_in`, no
+    /// tiling. For few rows (small `T`), where tiles would leave most of the GPU idle.
+    Rows,
+    /// Expand only, any dtype and rank: each block copies its 64 output columns of every expert's
+    /// `B` into shared memory once, then stages its tokens' routing and `h` and sums from shared
+    /// memory. Needs `E·r` ≤ [`staged_expand_max_columns`] (868 for f16/bf16, 434 for f32).
+    Staged,
 }
 
 impl KernelPath {
     /// Every variant, for tests and benches that cover them all.
-    pub const ALL: [KernelPath; 4] = [
+    pub const ALL: [KernelPath; 6] = [
         KernelPath::Auto,
         KernelPath::Plain,
         KernelPath::Vectorized,
         KernelPath::TensorCore,
+        KernelPath::Rows,
+        KernelPath::Staged,
     ];
+}
+
+/// Largest `E·r` the staged expand takes for elements of `elem_bytes` bytes: `B`'s 64 columns of
+/// every expert, as 33 column pairs per row, in 112 KiB of shared memory (868 for f16/bf16, 434 for
+/// f32).
+pub const fn staged_expand_max_columns(elem_bytes: usize) -> usize {
+    112 * 1024 / (66 * elem_bytes)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,12 +208,14 @@ enum Kernel {
 }
 
 /// The C code of `path`, or [`Error::Unsupported`] naming why this call cannot take it: `dim` is
-/// `d_in` (shrink) or `r` (expand), `ptrs` the device addresses that 16-byte loads read from.
+/// `d_in` (shrink) or `r` (expand), `columns` is `E·r`, `ptrs` the device addresses that 16-byte
+/// loads read from.
 fn resolve_path<T: CudaElement>(
     op: &'static str,
     path: KernelPath,
     kernel: Kernel,
     dim: usize,
+    columns: usize,
     ptrs: &[u64],
 ) -> Result<i32> {
     let code = match path {
@@ -226,14 +248,13 @@ fn resolve_path<T: CudaElement>(
             }
             ffi::MOLORA_LORA_PATH_VECTOR
         }
+        KernelPath::TensorCore if kernel == Kernel::Expand => {
+            return Err(Error::Unsupported {
+                op,
+                what: "the tensor-core kernel for the expand (a shrink variant; the expand has the plain, vectorised and staged ones)".into(),
+            });
+        }
         KernelPath::TensorCore => {
-            if kernel == Kernel::Expand {
-                return Err(Error::Unsupported {
-                    op,
-                    what: "the tensor-core kernel (the expand has plain and vectorised variants)"
-                        .into(),
-                });
-            }
             if T::DTYPE == DType::F32 {
                 return Err(Error::Unsupported {
                     op,
@@ -241,6 +262,34 @@ fn resolve_path<T: CudaElement>(
                 });
             }
             ffi::MOLORA_LORA_PATH_TENSOR
+        }
+        KernelPath::Rows => {
+            if kernel == Kernel::Expand {
+                return Err(Error::Unsupported {
+                    op,
+                    what: "the row-parallel kernel (a shrink variant) for the expand".into(),
+                });
+            }
+            ffi::MOLORA_LORA_PATH_ROWS
+        }
+        KernelPath::Staged => {
+            if kernel == Kernel::Shrink {
+                return Err(Error::Unsupported {
+                    op,
+                    what: "the staged kernel (an expand variant) for the shrink".into(),
+                });
+            }
+            let max = staged_expand_max_columns(std::mem::size_of::<T>());
+            if columns > max {
+                return Err(Error::Unsupported {
+                    op,
+                    what: format!(
+                        "the staged expand with E·r = {columns} (its shared memory holds up to {max} for {:?})",
+                        T::DTYPE
+                    ),
+                });
+            }
+            ffi::MOLORA_LORA_PATH_STAGED
         }
     };
     Ok(code as i32)
@@ -282,7 +331,14 @@ pub fn shrink_experts_on<T: CudaElement>(
     let max_rows = fits_i32("T * k_max", slots)?;
     fits_i32("T * k_max * r", slots * shape.rank)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, Kernel::Shrink, shape.d_in, &[])?;
+    resolve_path::<T>(
+        OP,
+        path,
+        Kernel::Shrink,
+        shape.d_in,
+        shape.num_experts * shape.rank,
+        &[],
+    )?;
     if slots == 0 {
         return Ok(());
     }
@@ -291,7 +347,14 @@ pub fn shrink_experts_on<T: CudaElement>(
     let (a_ptr, _g1) = a.device_ptr(stream);
     let (h_ptr, _g2) = h.device_ptr_mut(stream);
     let (off_ptr, sorted_ptr, _g3) = plan.offsets_and_sorted(stream);
-    let path = resolve_path::<T>(OP, path, Kernel::Shrink, shape.d_in, &[x_ptr, a_ptr])?;
+    let path = resolve_path::<T>(
+        OP,
+        path,
+        Kernel::Shrink,
+        shape.d_in,
+        shape.num_experts * shape.rank,
+        &[x_ptr, a_ptr],
+    )?;
     let args = ffi::molora_lora_shrink_args {
         x: x_ptr as *const _,
         a: a_ptr as *const _,
@@ -372,7 +435,14 @@ pub fn expand_experts_on<T: CudaElement>(
     check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, Kernel::Expand, shape.rank, &[])?;
+    resolve_path::<T>(
+        OP,
+        path,
+        Kernel::Expand,
+        shape.rank,
+        shape.num_experts * shape.rank,
+        &[],
+    )?;
     if t == 0 {
         return Ok(());
     }
@@ -383,7 +453,14 @@ pub fn expand_experts_on<T: CudaElement>(
     let (w_ptr, _g3) = weights.device_ptr(stream);
     let (y_ptr, _g4) = y.device_ptr_mut(stream);
     let (inv_ptr, _g5) = plan.inverse(stream);
-    let path = resolve_path::<T>(OP, path, Kernel::Expand, shape.rank, &[b_ptr])?;
+    let path = resolve_path::<T>(
+        OP,
+        path,
+        Kernel::Expand,
+        shape.rank,
+        shape.num_experts * shape.rank,
+        &[b_ptr],
+    )?;
     let args = ffi::molora_lora_expand_args {
         h: h_ptr as *const f32,
         b: b_ptr as *const _,
@@ -445,7 +522,14 @@ pub fn shrink_segments_on<T: CudaElement>(
     check_len("h [T, r]", t * shape.rank, h.len())?;
     fits_i32("T * r", t * shape.rank)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, Kernel::Shrink, shape.d_in, &[])?;
+    resolve_path::<T>(
+        OP,
+        path,
+        Kernel::Shrink,
+        shape.d_in,
+        shape.num_experts * shape.rank,
+        &[],
+    )?;
     if t == 0 {
         return Ok(());
     }
@@ -455,7 +539,14 @@ pub fn shrink_segments_on<T: CudaElement>(
     let (h_ptr, _g2) = h.device_ptr_mut(stream);
     let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
     let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
-    let path = resolve_path::<T>(OP, path, Kernel::Shrink, shape.d_in, &[x_ptr, a_ptr])?;
+    let path = resolve_path::<T>(
+        OP,
+        path,
+        Kernel::Shrink,
+        shape.d_in,
+        shape.num_experts * shape.rank,
+        &[x_ptr, a_ptr],
+    )?;
     let args = ffi::molora_lora_shrink_args {
         x: x_ptr as *const _,
         a: a_ptr as *const _,
@@ -514,7 +605,14 @@ pub fn expand_segments_on<T: CudaElement>(
     check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, Kernel::Expand, shape.rank, &[])?;
+    resolve_path::<T>(
+        OP,
+        path,
+        Kernel::Expand,
+        shape.rank,
+        shape.num_experts * shape.rank,
+        &[],
+    )?;
     if t == 0 {
         return Ok(());
     }
@@ -524,7 +622,14 @@ pub fn expand_segments_on<T: CudaElement>(
     let (y_ptr, _g2) = y.device_ptr_mut(stream);
     let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
     let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
-    let path = resolve_path::<T>(OP, path, Kernel::Expand, shape.rank, &[b_ptr])?;
+    let path = resolve_path::<T>(
+        OP,
+        path,
+        Kernel::Expand,
+        shape.rank,
+        shape.num_experts * shape.rank,
+        &[b_ptr],
+    )?;
     let args = ffi::molora_lora_expand_args {
         h: h_ptr as *const f32,
         b: b_ptr as *const _,

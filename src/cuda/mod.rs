@@ -49,8 +49,8 @@ pub use gating::{
 pub use lora::{
     expand_experts, expand_experts_on, expand_segments, expand_segments_on, lora_dense_gated,
     mix_experts, shrink_experts, shrink_experts_on, shrink_segments, shrink_segments_on,
-    CudaElement, DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath,
-    DENSE_GATED_MAX_COLUMNS,
+    staged_expand_max_columns, CudaElement, DenseGatedWorkspace, DeviceSegments, KernelPath,
+    LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
 #[cfg(feature = "cuda")]
 pub use quant::{
