@@ -69,57 +69,118 @@ struct RowGemmArgs {
 };
 
 constexpr int kRgThreads = 256;
-constexpr int kRgK = 16;  // rows staged per step
+constexpr int kRgK = 32;  // rows staged per step
 
-template <typename T, int TM, int TN>
+// TM × TN outputs per block (16 × 16 threads, each MM × NB of them); the next step's rows are loaded
+// into registers while the current step is multiplied, so one step's global latency hides behind
+// the arithmetic of another. kCompact (dense-gated, the tile inside one expert e): the rows are first
+// compacted, window by window and in order, to the tokens with gate[t, e] != 0, so the E/k tokens
+// that did not route to e cost nothing; the sums and their order are those of the full range with the
+// zero terms left out.
+constexpr int kRgWindow = 1024;
+
+template <typename T, int TM, int TN, bool kCompact>
 __global__ void __launch_bounds__(kRgThreads) row_gemm_kernel(RowGemmArgs g) {
-    constexpr int MM = TM / 16, NB = TN / 16;  // outputs per thread: MM rows × NB columns
+    constexpr int MM = TM / 16, NB = TN / 16;
+    constexpr int LP = kRgK * TM / kRgThreads, RP = kRgK * TN / kRgThreads;  // per-thread loads per step
     __shared__ float ls[kRgK][TM];
     __shared__ float rs[kRgK][TN + 1];
+    __shared__ int rows[kCompact ? kRgWindow : 1];
+    __shared__ int warp_count[kRgThreads / kWarp];
     const int z = blockIdx.z;
     const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const int q_begin = g.q_offsets ? g.q_offsets[z] : 0;
     const int q_end = g.q_offsets ? g.q_offsets[z + 1] : g.num_rows;
+    const int tile_e = m0 / g.rank;  // kCompact: the tile's expert
     const T *R = static_cast<const T *>(g.r);
+    float lreg[LP], rreg[RP];
+    // Row q of the current range: itself, or (kCompact) the q-th compacted token.
+    auto row_of = [&](int q) { return kCompact ? rows[q] : q; };
+    auto load = [&](int q0, int qn) {
+#pragma unroll
+        for (int u = 0; u < LP; ++u) {
+            const int idx = threadIdx.x + u * kRgThreads;
+            const int kk = idx / TM, mm = idx % TM, q = q0 + kk, m = m0 + mm;
+            float v = 0.0f;
+            if (q < qn && m < g.m_count) {
+                const int t = row_of(q);
+                const float c = g.q_offsets ? g.weights[g.sorted_slots[t]] : g.gate[static_cast<int64_t>(t) * g.num_experts + m / g.rank];
+                v = c * g.l[static_cast<int64_t>(t) * g.ldl + m];
+            }
+            lreg[u] = v;
+        }
+#pragma unroll
+        for (int u = 0; u < RP; ++u) {
+            const int idx = threadIdx.x + u * kRgThreads;
+            const int kk = idx / TN, nn = idx % TN, q = q0 + kk, n = n0 + nn;
+            float v = 0.0f;
+            if (q < qn && n < g.n_count) {
+                const int t = row_of(q);
+                const int64_t src = g.q_offsets ? g.sorted_slots[t] / g.k_max : t;
+                v = to_f32(R[src * g.ldr + n]);
+            }
+            rreg[u] = v;
+        }
+    };
     float acc[MM][NB];
 #pragma unroll
     for (int a = 0; a < MM; ++a)
 #pragma unroll
         for (int b = 0; b < NB; ++b) acc[a][b] = 0.0f;
-    for (int q0 = q_begin; q0 < q_end; q0 += kRgK) {
-        for (int idx = threadIdx.x; idx < kRgK * TM; idx += kRgThreads) {
-            const int kk = idx / TM, mm = idx % TM, q = q0 + kk, m = m0 + mm;
-            float v = 0.0f;
-            if (q < q_end && m < g.m_count) {
-                const float c = g.q_offsets ? g.weights[g.sorted_slots[q]] : g.gate[static_cast<int64_t>(q) * g.num_experts + m / g.rank];
-                v = c * g.l[static_cast<int64_t>(q) * g.ldl + m];
+    // Sums rows [0, qn) of the current range into acc.
+    auto accumulate = [&](int qb, int qn) {
+        if (qb < qn) load(qb, qn);
+        for (int q0 = qb; q0 < qn; q0 += kRgK) {
+#pragma unroll
+            for (int u = 0; u < LP; ++u) {
+                const int idx = threadIdx.x + u * kRgThreads;
+                ls[idx / TM][idx % TM] = lreg[u];
             }
-            ls[kk][mm] = v;
-        }
-        for (int idx = threadIdx.x; idx < kRgK * TN; idx += kRgThreads) {
-            const int kk = idx / TN, nn = idx % TN, q = q0 + kk, n = n0 + nn;
-            float v = 0.0f;
-            if (q < q_end && n < g.n_count) {
-                const int64_t src = g.q_offsets ? g.sorted_slots[q] / g.k_max : q;
-                v = to_f32(R[src * g.ldr + n]);
+#pragma unroll
+            for (int u = 0; u < RP; ++u) {
+                const int idx = threadIdx.x + u * kRgThreads;
+                rs[idx / TN][idx % TN] = rreg[u];
             }
-            rs[kk][nn] = v;
+            __syncthreads();
+            if (q0 + kRgK < qn) load(q0 + kRgK, qn);
+#pragma unroll
+            for (int kk = 0; kk < kRgK; ++kk) {
+                float lv[MM], rv[NB];
+#pragma unroll
+                for (int a = 0; a < MM; ++a) lv[a] = ls[kk][ty * MM + a];
+#pragma unroll
+                for (int b = 0; b < NB; ++b) rv[b] = rs[kk][tx + 16 * b];
+#pragma unroll
+                for (int a = 0; a < MM; ++a)
+#pragma unroll
+                    for (int b = 0; b < NB; ++b) acc[a][b] = fmaf(lv[a], rv[b], acc[a][b]);
+            }
+            __syncthreads();
         }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kRgK; ++kk) {
-            float lv[MM], rv[NB];
-#pragma unroll
-            for (int a = 0; a < MM; ++a) lv[a] = ls[kk][ty * MM + a];
-#pragma unroll
-            for (int b = 0; b < NB; ++b) rv[b] = rs[kk][tx + 16 * b];
-#pragma unroll
-            for (int a = 0; a < MM; ++a)
-#pragma unroll
-                for (int b = 0; b < NB; ++b) acc[a][b] = fmaf(lv[a], rv[b], acc[a][b]);
+    };
+    if constexpr (kCompact) {
+        for (int w0 = q_begin; w0 < q_end; w0 += kRgWindow) {
+            const int w1 = min(q_end, w0 + kRgWindow);
+            int count = 0;  // the same in every thread
+            for (int base = w0; base < w1; base += kRgThreads) {
+                const int t = base + threadIdx.x;
+                const bool active = t < w1 && g.gate[static_cast<int64_t>(t) * g.num_experts + tile_e] != 0.0f;
+                const unsigned ballot = __ballot_sync(kFullMask, active);
+                if (lane == 0) warp_count[warp] = __popc(ballot);
+                __syncthreads();
+                int before = count;
+                for (int w = 0; w < warp; ++w) before += warp_count[w];
+                if (active) rows[before + __popc(ballot & ((1u << lane) - 1u))] = t;
+                for (int w = 0; w < kRgThreads / kWarp; ++w) count += warp_count[w];
+                __syncthreads();  // warp_count is read before the next pass overwrites it
+            }
+            accumulate(0, count);
+            __syncthreads();  // rows is read before the next window overwrites it
         }
-        __syncthreads();
+    } else {
+        accumulate(q_begin, q_end);
     }
 #pragma unroll
     for (int a = 0; a < MM; ++a) {
@@ -134,16 +195,22 @@ __global__ void __launch_bounds__(kRgThreads) row_gemm_kernel(RowGemmArgs g) {
     }
 }
 
-// Launches row_gemm_kernel over `experts` grid slices: 16 × 128 tiles for M <= 16, else 64 × 64.
+// Launches row_gemm_kernel over `experts` grid slices: 16 × 128 tiles for M <= 16, else 32 × 64; the
+// dense-gated reductions with a rank that is a multiple of 16 take 16 × 128 tiles, each inside one
+// expert, over that expert's tokens only (kCompact).
 template <typename T>
 int launch_row_gemm(const RowGemmArgs &g, int experts, cudaStream_t s) {
-    if (g.m_count <= 16) {
-        const dim3 grid((g.n_count + 127) / 128, 1, experts);
-        row_gemm_kernel<T, 16, 128><<<grid, kRgThreads, 0, s>>>(g);
-    } else {
-        const dim3 grid((g.n_count + 63) / 64, (g.m_count + 63) / 64, experts);
+    if (!g.q_offsets && g.rank % 16 == 0) {
+        const dim3 grid((g.n_count + 127) / 128, (g.m_count + 15) / 16, experts);
         if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-        row_gemm_kernel<T, 64, 64><<<grid, kRgThreads, 0, s>>>(g);
+        row_gemm_kernel<T, 16, 128, true><<<grid, kRgThreads, 0, s>>>(g);
+    } else if (g.m_count <= 16) {
+        const dim3 grid((g.n_count + 127) / 128, 1, experts);
+        row_gemm_kernel<T, 16, 128, false><<<grid, kRgThreads, 0, s>>>(g);
+    } else {
+        const dim3 grid((g.n_count + 63) / 64, (g.m_count + 31) / 32, experts);
+        if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+        row_gemm_kernel<T, 32, 64, false><<<grid, kRgThreads, 0, s>>>(g);
     }
     return last_launch_error();
 }
@@ -191,6 +258,45 @@ __global__ void __launch_bounds__(kBwdWarps * kWarp) bwd_u_dw_kernel(molora_lora
     if (lane == 0) a.dw[slot] = a.scale * dot;
 }
 
+// u = dy·B on the tensor-core shrink (B read transposed): for f16/bf16 with d_out and rank multiples
+// of 8, 16-byte aligned dy and B, and more than 256 rows (below that the warp-per-row kernels are as
+// fast). Returns -1 when the call is not eligible, else the launch's error.
+template <typename T>
+int u_on_tensor_cores(const void *dy, const void *b, float *u, const int32_t *run_offsets, int num_runs,
+                      const int32_t *row_src, int src_div, int rows, int columns, int rank, int d_out,
+                      molora_stream_t stream) {
+    if (sizeof(T) != 2 || rows <= 256 || d_out % 8 != 0 || rank % 8 != 0 || reinterpret_cast<uintptr_t>(dy) % 16 != 0 ||
+        reinterpret_cast<uintptr_t>(b) % 16 != 0)
+        return -1;
+    molora_lora_shrink_args sa{};
+    sa.x = dy;
+    sa.a = b;
+    sa.h = u;
+    sa.run_offsets = run_offsets;
+    sa.run_weight = nullptr;
+    sa.row_src = row_src;
+    sa.src_div = src_div;
+    sa.max_rows = rows;
+    sa.num_runs = num_runs;
+    sa.num_weights = run_offsets ? num_runs : 1;
+    sa.rank = columns;
+    sa.d_in = d_out;
+    sa.path = MOLORA_LORA_PATH_TENSOR;
+    sa.b_rank = rank;
+    return shrink_typed<T>(&sa, stream);
+}
+
+// dw of each pair after the tensor-core u: dw[slot] = scale·Σ_j h[p, j]·u[p, j], j in order.
+__global__ void __launch_bounds__(kBwdThreads) bwd_dw_kernel(molora_lora_backward_args a) {
+    const int p = blockIdx.x * kBwdThreads + threadIdx.x;
+    if (p >= a.expert_offsets[a.num_experts]) return;
+    const float *h = a.h + static_cast<int64_t>(p) * a.rank;
+    const float *u = a.u + static_cast<int64_t>(p) * a.rank;
+    float dot = 0.0f;
+    for (int j = 0; j < a.rank; ++j) dot = fmaf(h[j], u[j], dot);
+    a.dw[a.sorted_slots[p]] = a.scale * dot;
+}
+
 // Empty slots get dw = 0.
 __global__ void __launch_bounds__(kBwdThreads) bwd_dw_empty_kernel(molora_lora_backward_args a) {
     const int64_t slot = static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x;
@@ -232,8 +338,15 @@ int launch_backward(const molora_lora_backward_args *args, molora_stream_t strea
     const int64_t slots = static_cast<int64_t>(a.num_tokens) * a.k_max;
     // dA and dB are written whole (zero for experts without pairs), even when T = 0.
     if (slots > 0) {
-        bwd_u_dw_kernel<T><<<static_cast<unsigned>((slots + kBwdWarps - 1) / kBwdWarps), kBwdWarps * kWarp, 0, s>>>(a);
-        int err = last_launch_error();
+        int err = u_on_tensor_cores<T>(a.dy, a.b, a.u, a.expert_offsets, a.num_experts, a.sorted_slots, a.k_max,
+                                       static_cast<int>(slots), a.rank, a.rank, a.d_out, stream);
+        if (err == -1) {
+            bwd_u_dw_kernel<T><<<static_cast<unsigned>((slots + kBwdWarps - 1) / kBwdWarps), kBwdWarps * kWarp, 0, s>>>(a);
+            err = last_launch_error();
+        } else if (err == 0) {
+            bwd_dw_kernel<<<static_cast<unsigned>((slots + kBwdThreads - 1) / kBwdThreads), kBwdThreads, 0, s>>>(a);
+            err = last_launch_error();
+        }
         if (err) return err;
         bwd_dw_empty_kernel<<<static_cast<unsigned>((slots + kBwdThreads - 1) / kBwdThreads), kBwdThreads, 0, s>>>(a);
         err = last_launch_error();
@@ -690,6 +803,33 @@ __global__ void __launch_bounds__(kDgThreads) dg_token_kernel(molora_lora_backwa
     }
 }
 
+// After the tensor-core U: gate[t, e] (Σ of the token's weights on e) and dw[t, s] =
+// scale·Σ_j H[t, e·r + j]·U[t, e·r + j], one thread per token, the same sums as dg_token_kernel.
+__global__ void __launch_bounds__(kDgThreads) dg_gate_dw_kernel(molora_lora_backward_dense_args a) {
+    const int t = blockIdx.x * kDgThreads + threadIdx.x;
+    if (t >= a.num_tokens) return;
+    const int C = a.num_experts * a.rank;
+    const int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k_max;
+    const float *w = a.weights + static_cast<int64_t>(t) * a.k_max;
+    for (int e = 0; e < a.num_experts; ++e) {
+        float g = 0.0f;
+        for (int s = 0; s < a.k_max; ++s)
+            if (ids[s] == e) g += w[s];
+        a.gate[static_cast<int64_t>(t) * a.num_experts + e] = g;
+    }
+    const float *h = a.h + static_cast<int64_t>(t) * C;
+    const float *u = a.u + static_cast<int64_t>(t) * C;
+    for (int s = 0; s < a.k_max; ++s) {
+        const int e = ids[s];
+        float d = 0.0f;
+        if (e >= 0 && e < a.num_experts) {
+            for (int j = 0; j < a.rank; ++j) d = fmaf(h[e * a.rank + j], u[e * a.rank + j], d);
+            d *= a.scale;
+        }
+        a.dw[static_cast<int64_t>(t) * a.k_max + s] = d;
+    }
+}
+
 // dx[t, i]: one thread per element, experts in order.
 template <typename T>
 __global__ void __launch_bounds__(kDgThreads) dg_dx_kernel(molora_lora_backward_dense_args a) {
@@ -721,8 +861,15 @@ int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_st
         return static_cast<int>(cudaErrorInvalidValue);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (a.num_tokens > 0) {
-        dg_token_kernel<T><<<(a.num_tokens + kDgTok - 1) / kDgTok, kDgThreads, 0, s>>>(a);
-        const int err = last_launch_error();
+        int err = u_on_tensor_cores<T>(a.dy, a.b, a.u, nullptr, 1, nullptr, 1, a.num_tokens,
+                                       a.num_experts * a.rank, a.rank, a.d_out, stream);
+        if (err == -1) {
+            dg_token_kernel<T><<<(a.num_tokens + kDgTok - 1) / kDgTok, kDgThreads, 0, s>>>(a);
+            err = last_launch_error();
+        } else if (err == 0) {
+            dg_gate_dw_kernel<<<(a.num_tokens + kDgThreads - 1) / kDgThreads, kDgThreads, 0, s>>>(a);
+            err = last_launch_error();
+        }
         if (err) return err;
     }
     const int64_t n_dx = static_cast<int64_t>(a.num_tokens) * a.d_in;

@@ -54,6 +54,15 @@ __device__ __forceinline__ int find_run(const int32_t *offsets, int n, int p) {
     return lo;
 }
 
+// The typed C launcher of the grouped LoRA shrink (cuda/lora.cu), for host code of other kernel files
+// that reuse it (router logits, the backward's u = dy·B).
+template <typename T> inline int shrink_typed(const molora_lora_shrink_args *a, molora_stream_t s);
+template <> inline int shrink_typed<float>(const molora_lora_shrink_args *a, molora_stream_t s) { return molora_lora_shrink_f32(a, s); }
+template <> inline int shrink_typed<__half>(const molora_lora_shrink_args *a, molora_stream_t s) { return molora_lora_shrink_f16(a, s); }
+template <> inline int shrink_typed<__nv_bfloat16>(const molora_lora_shrink_args *a, molora_stream_t s) {
+    return molora_lora_shrink_bf16(a, s);
+}
+
 // Launch epilogue: the error of the launch just enqueued (configuration errors show up here).
 inline int last_launch_error() { return static_cast<int>(cudaGetLastError()); }
 

@@ -188,13 +188,6 @@ __global__ void __launch_bounds__(kLogitWarps * kWarp) router_logits_kernel(molo
     }
 }
 
-template <typename T> int shrink_typed(const molora_lora_shrink_args *a, molora_stream_t s);
-template <> int shrink_typed<float>(const molora_lora_shrink_args *a, molora_stream_t s) { return molora_lora_shrink_f32(a, s); }
-template <> int shrink_typed<__half>(const molora_lora_shrink_args *a, molora_stream_t s) { return molora_lora_shrink_f16(a, s); }
-template <> int shrink_typed<__nv_bfloat16>(const molora_lora_shrink_args *a, molora_stream_t s) {
-    return molora_lora_shrink_bf16(a, s);
-}
-
 constexpr int kBiasThreads = 256;
 
 template <typename T>
@@ -229,6 +222,7 @@ int launch_router_logits(const molora_router_logits_args *args, molora_stream_t 
         sa.rank = a.num_experts;
         sa.d_in = a.d_in;
         sa.path = MOLORA_LORA_PATH_AUTO;
+        sa.b_rank = 0;
         const int code = shrink_typed<T>(&sa, stream);
         if (code != 0 || !a.b_g) return code;
         const int64_t n = static_cast<int64_t>(a.num_tokens) * a.num_experts;

@@ -777,6 +777,77 @@ mod gpu_backward {
         ));
     }
 
+    /// The segmented LoRA backward of bf16 inputs against the CPU backward in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn check_experts_backward(
+        dev: &Device,
+        t: usize,
+        k: usize,
+        e: usize,
+        r: usize,
+        d_in: usize,
+        d_out: usize,
+        seed: u64,
+    ) -> Result<(), String> {
+        let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+        let mut rng = Rng::new(seed);
+        let x: Vec<bf16> = rng.values(t * d_in, 1.0);
+        let a: Vec<bf16> = rng.values(shape.a_len(), 1.0);
+        let b: Vec<bf16> = rng.values(shape.b_len(), 1.0);
+        let dy: Vec<bf16> = rng.values(t * d_out, 1.0);
+        let ids: Vec<i32> = (0..t * k)
+            .map(|i| {
+                if i % 5 == 3 {
+                    -1
+                } else {
+                    ((i * 7 + seed as usize) % e) as i32
+                }
+            })
+            .collect();
+        let w: Vec<f32> = (0..t * k).map(|i| 0.25 + (i % 3) as f32 * 0.25).collect();
+        let routing = Routing::new(t, k, e, ids.clone(), w.clone()).unwrap();
+        let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let want =
+            backward::lora_backward(&f(&x), &f(&a), &f(&b), &shape, &ids, &w, k, 1.5f32, &f(&dy))
+                .unwrap();
+
+        let (dx_, da, db, ddy) = (
+            dev.upload(&x).unwrap(),
+            dev.upload(&a).unwrap(),
+            dev.upload(&b).unwrap(),
+            dev.upload(&dy).unwrap(),
+        );
+        let dids = dev.upload(routing.ids()).unwrap();
+        let dw = dev.upload(routing.weights()).unwrap();
+        let mut plan = DevicePlan::new(dev, t, k, e).unwrap();
+        let mut h = dev.zeros::<f32>(t * k * r).unwrap();
+        dispatch(dev, &dids, &mut plan).unwrap();
+        shrink_experts(dev, &dx_, &da, &shape, &plan, &mut h).unwrap();
+        let mut grads = DeviceLoraGrads::new(dev, t, k, &shape).unwrap();
+        lora_backward_experts(
+            dev, &dx_, &da, &db, &shape, &plan, &dids, &dw, &h, &ddy, 1.5, &mut grads,
+        )
+        .unwrap();
+        let got = grads.to_host(dev).unwrap();
+        let tol =
+            Tolerance::for_dtype(DType::F32).scaled((t.max(d_in).max(d_out) as f32).sqrt() * 4.0);
+        for (what, g, w) in [
+            ("dA", &got.da, &want.da),
+            ("dB", &got.db, &want.db),
+            ("dx", &got.dx, &want.dx),
+            ("dw", &got.dw, &want.dw),
+        ] {
+            compare(what, g, w, tol)?;
+        }
+        // The CPU forward plan agrees (sanity of the inputs).
+        if plan.to_host(dev).map_err(|e| e.to_string())?
+            != cpu::dispatch(&routing).map_err(|e| e.to_string())?
+        {
+            return Err("the GPU plan differs from the CPU's".into());
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
@@ -784,36 +855,38 @@ mod gpu_backward {
                                      r in prop_oneof![1usize..=8, Just(16), Just(64)],
                                      d_in in 1usize..=70, d_out in 1usize..=70, seed in any::<u64>()) {
             let Some(dev) = gpu_or_skip("lora_backward_matches_cpu") else { return Ok(()) };
-            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
-            let mut rng = Rng::new(seed);
-            let x: Vec<bf16> = rng.values(t * d_in, 1.0);
-            let a: Vec<bf16> = rng.values(shape.a_len(), 1.0);
-            let b: Vec<bf16> = rng.values(shape.b_len(), 1.0);
-            let dy: Vec<bf16> = rng.values(t * d_out, 1.0);
-            let ids: Vec<i32> = (0..t * k).map(|i| if i % 5 == 3 { -1 } else { ((i * 7 + seed as usize) % e) as i32 }).collect();
-            let w: Vec<f32> = (0..t * k).map(|i| 0.25 + (i % 3) as f32 * 0.25).collect();
-            let routing = Routing::new(t, k, e, ids.clone(), w.clone()).unwrap();
-            let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-            let want = backward::lora_backward(&f(&x), &f(&a), &f(&b), &shape, &ids, &w, k, 1.5f32, &f(&dy)).unwrap();
+            if let Err(m) = check_experts_backward(&dev, t, k, e, r, d_in, d_out, seed) {
+                prop_assert!(false, "T = {}, k = {}, E = {}, r = {}, {}→{}: {}", t, k, e, r, d_in, d_out, m);
+            }
+        }
+    }
 
-            let (dx_, da, db, ddy) = (dev.upload(&x).unwrap(), dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&dy).unwrap());
-            let dids = dev.upload(routing.ids()).unwrap();
-            let dw = dev.upload(routing.weights()).unwrap();
-            let mut plan = DevicePlan::new(&dev, t, k, e).unwrap();
-            let mut h = dev.zeros::<f32>(t * k * r).unwrap();
-            dispatch(&dev, &dids, &mut plan).unwrap();
-            shrink_experts(&dev, &dx_, &da, &shape, &plan, &mut h).unwrap();
-            let mut grads = DeviceLoraGrads::new(&dev, t, k, &shape).unwrap();
-            lora_backward_experts(&dev, &dx_, &da, &db, &shape, &plan, &dids, &dw, &h, &ddy, 1.5, &mut grads).unwrap();
-            let got = grads.to_host(&dev).unwrap();
-            let tol = Tolerance::for_dtype(DType::F32).scaled((t.max(d_in).max(d_out) as f32).sqrt() * 4.0);
-            for (what, g, w) in [("dA", &got.da, &want.da), ("dB", &got.db, &want.db), ("dx", &got.dx, &want.dx), ("dw", &got.dw, &want.dw)] {
-                if let Err(m) = compare(what, g, w, tol) {
-                    prop_assert!(false, "{}", m);
+    /// Both backward paths with more than 256 rows, d_out and r multiples of 8 and 16-bit inputs:
+    /// the shapes where u = dy·B runs on the tensor-core shrink (B read transposed).
+    #[test]
+    fn backward_with_tensor_core_u_matches_cpu() {
+        let Some(dev) = gpu_or_skip("backward_with_tensor_core_u_matches_cpu") else {
+            return;
+        };
+        for (t, k, e, r, d_in, d_out) in [
+            (300usize, 2usize, 5usize, 16usize, 72usize, 136usize),
+            (261, 1, 8, 8, 40, 64),
+            (520, 3, 4, 32, 33, 200),
+        ] {
+            if let Err(m) = check_experts_backward(&dev, t, k, e, r, d_in, d_out, 11) {
+                panic!("segmented, T = {t}, k = {k}, E = {e}, r = {r}, {d_in}→{d_out}: {m}");
+            }
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            for dup in [false, true] {
+                for res in [
+                    check_dense_gated_backward::<bf16>(&dev, t, k, &shape, 5, dup),
+                    check_dense_gated_backward::<f16>(&dev, t, k, &shape, 5, dup),
+                ] {
+                    if let Err(m) = res {
+                        panic!("dense-gated, T = {t}, k = {k}, {shape:?}, dup {dup}: {m}");
+                    }
                 }
             }
-            // The CPU forward plan agrees (sanity of the inputs).
-            prop_assert_eq!(plan.to_host(&dev).unwrap(), cpu::dispatch(&routing).unwrap());
         }
     }
 }

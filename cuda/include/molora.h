@@ -256,7 +256,7 @@ int molora_scatter_combine_bf16(const molora_scatter_combine_args *args, molora_
  *           ≤ 868 for f16/bf16, ≤ 434 for f32), otherwise cudaErrorInvalidValue. The same sums as
  *           PLAIN.
  * AUTO: shrink ROWS for f32 and when max_rows <= 256, else TENSOR;
- *       expand STAGED when B fits, else VECTOR when aligned, else PLAIN.
+ *       expand STAGED when B fits and num_tokens > 4, else VECTOR when aligned, else PLAIN.
  */
 typedef enum molora_lora_path {
     MOLORA_LORA_PATH_AUTO = 0,
@@ -296,6 +296,10 @@ typedef struct molora_lora_shrink_args {
     int32_t rank;
     int32_t d_in;
     int32_t path; /* molora_lora_path */
+    int32_t b_rank; /* 0: A as above. > 0: "A" is a LoRA B [*, d_in, b_rank] read transposed, column j
+                       of weight w being B[(w·rank + j) / b_rank, i, (w·rank + j) % b_rank] (u = dy·B in
+                       the backward); TENSOR path only, f16/bf16, d_in, rank and b_rank multiples of 8,
+                       16-byte aligned; otherwise cudaErrorInvalidValue */
 } molora_lora_shrink_args;
 
 int molora_lora_shrink_f32(const molora_lora_shrink_args *args, molora_stream_t stream);

@@ -160,7 +160,7 @@ fn fits_i32(what: &'static str, n: usize) -> Result<i32> {
 pub enum KernelPath {
     /// The launcher picks: for the shrink, [`KernelPath::Rows`] for f32 and for up to 256 rows
     /// (`T·k_max`), else [`KernelPath::TensorCore`]; for the expand, [`KernelPath::Staged`] when `B`
-    /// fits in shared memory, else 16-byte loads when aligned, else plain. The rule follows the
+    /// fits in shared memory and `T > 4`, else 16-byte loads when aligned, else plain. The rule follows the
     /// kernel-variant table of `cuda::bench` on an H200.
     Auto,
     /// Scalar loads: any shape and alignment.
@@ -369,6 +369,7 @@ pub fn shrink_experts_on<T: CudaElement>(
         rank: shape.rank as i32,
         d_in: shape.d_in as i32,
         path,
+        b_rank: 0,
     };
     // SAFETY: x holds T·d_in, A E·r·d_in and h T·k_max·r elements (checked above); the plan was
     // allocated for this T, k_max and E, so its offsets hold E + 1 and its sorted slots T·k_max
@@ -561,6 +562,7 @@ pub fn shrink_segments_on<T: CudaElement>(
         rank: shape.rank as i32,
         d_in: shape.d_in as i32,
         path,
+        b_rank: 0,
     };
     // SAFETY: the segments were validated on the host (offsets from 0 non-decreasing to T, adapter
     // ids in [-1, N)) and uploaded whole; x, A and h have the lengths checked above; sizes fit an i32.
@@ -829,6 +831,7 @@ pub fn lora_dense_gated<T: CudaElement>(
         rank: ws.columns as i32,
         d_in: shape.d_in as i32,
         path: ffi::MOLORA_LORA_PATH_AUTO as i32,
+        b_rank: 0,
     };
     // SAFETY: x holds T·d_in and A E·r·d_in elements, read as one [E·r, d_in] weight; the workspace
     // holds T·E·r (+1) floats of h and the offsets [0, T], allocated for this T and E·r.
