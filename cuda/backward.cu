@@ -215,6 +215,37 @@ int launch_row_gemm(const RowGemmArgs &g, int experts, cudaStream_t s) {
     return last_launch_error();
 }
 
+// dB, then dA, through row_gemm_kernel; `g` carries the rows, the coefficients, the rank and m_count
+// (r over expert segments, E·r dense-gated, which is also the row length of h and u):
+//   dB[e, o, j] = scale·Σ coef·h[·, j]·dy[·, o],   dA[e, j, i] = scale·Σ coef·u[·, j]·x[·, i].
+template <typename T>
+int launch_weight_grads(RowGemmArgs g, bool dense, int experts, const float *h, const float *u, const void *x,
+                        const void *dy, float *da, float *db, int d_in, int d_out, cudaStream_t s) {
+    const int64_t r = g.rank;
+    g.ldl = g.m_count;
+    g.l = h;
+    g.r = dy;
+    g.ldr = d_out;
+    g.n_count = d_out;
+    g.out = db;
+    g.out_z = dense ? 0 : d_out * r;
+    g.out_e = dense ? d_out * r : 0;
+    g.out_j = 1;
+    g.out_n = r;
+    const int err = launch_row_gemm<T>(g, experts, s);
+    if (err) return err;
+    g.l = u;
+    g.r = x;
+    g.ldr = d_in;
+    g.n_count = d_in;
+    g.out = da;
+    g.out_z = dense ? 0 : r * d_in;
+    g.out_e = dense ? r * d_in : 0;
+    g.out_j = d_in;
+    g.out_n = 1;
+    return launch_row_gemm<T>(g, experts, s);
+}
+
 // One warp per sorted slot position p < T·k_max (positions past the number of pairs exit):
 // u[p, j] = Σ_o dy[t, o]·B[e, o, j], and dw of the slot.
 template <typename T>
@@ -361,29 +392,7 @@ int launch_backward(const molora_lora_backward_args *args, molora_stream_t strea
     g.rank = a.rank;
     g.m_count = a.rank;
     g.scale = a.scale;
-    // dB[e, o, j] = scale·Σ_p w·h[p, j]·dy[t(p), o]
-    g.l = a.h;
-    g.ldl = a.rank;
-    g.r = a.dy;
-    g.ldr = a.d_out;
-    g.n_count = a.d_out;
-    g.out = a.db;
-    g.out_z = static_cast<int64_t>(a.d_out) * a.rank;
-    g.out_e = 0;
-    g.out_j = 1;
-    g.out_n = a.rank;
-    int err = launch_row_gemm<T>(g, a.num_experts, s);
-    if (err) return err;
-    // dA[e, j, i] = scale·Σ_p w·u[p, j]·x[t(p), i]
-    g.l = a.u;
-    g.r = a.x;
-    g.ldr = a.d_in;
-    g.n_count = a.d_in;
-    g.out = a.da;
-    g.out_z = static_cast<int64_t>(a.rank) * a.d_in;
-    g.out_j = a.d_in;
-    g.out_n = 1;
-    err = launch_row_gemm<T>(g, a.num_experts, s);
+    const int err = launch_weight_grads<T>(g, false, a.num_experts, a.h, a.u, a.x, a.dy, a.da, a.db, a.d_in, a.d_out, s);
     if (err || a.num_tokens == 0) return err;
     if (a.num_tokens > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
     bwd_dx_kernel<T><<<dim3((a.d_in + kBwdThreads - 1) / kBwdThreads, a.num_tokens), kBwdThreads, 0, s>>>(a);
@@ -881,29 +890,7 @@ int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_st
     g.rank = a.rank;
     g.m_count = a.num_experts * a.rank;
     g.scale = a.scale;
-    // dB[e, o, j] = scale·Σ_t gate[t, e]·H[t, e·r + j]·dy[t, o]
-    g.l = a.h;
-    g.ldl = g.m_count;
-    g.r = a.dy;
-    g.ldr = a.d_out;
-    g.n_count = a.d_out;
-    g.out = a.db;
-    g.out_z = 0;
-    g.out_e = static_cast<int64_t>(a.d_out) * a.rank;
-    g.out_j = 1;
-    g.out_n = a.rank;
-    int err = launch_row_gemm<T>(g, 1, s);
-    if (err) return err;
-    // dA[e, j, i] = scale·Σ_t gate[t, e]·U[t, e·r + j]·x[t, i]
-    g.l = a.u;
-    g.r = a.x;
-    g.ldr = a.d_in;
-    g.n_count = a.d_in;
-    g.out = a.da;
-    g.out_e = static_cast<int64_t>(a.rank) * a.d_in;
-    g.out_j = a.d_in;
-    g.out_n = 1;
-    err = launch_row_gemm<T>(g, 1, s);
+    const int err = launch_weight_grads<T>(g, true, 1, a.h, a.u, a.x, a.dy, a.da, a.db, a.d_in, a.d_out, s);
     if (err || n_dx == 0) return err;
     dg_dx_kernel<T><<<static_cast<unsigned>((n_dx + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s>>>(a);
     return last_launch_error();

@@ -207,17 +207,21 @@ enum Kernel {
     Expand,
 }
 
-/// The C code of `path`, or [`Error::Unsupported`] naming why this call cannot take it: `dim` is
-/// `d_in` (shrink) or `r` (expand), `columns` is `E·r`, `ptrs` the device addresses that 16-byte
-/// loads read from.
+/// The C code of `path`, or [`Error::Unsupported`] naming why this call cannot take it for `shape`
+/// (the vectorised condition is on `d_in` for the shrink and on `r` for the expand); `ptrs` are the
+/// device addresses that 16-byte loads read from.
 fn resolve_path<T: CudaElement>(
     op: &'static str,
     path: KernelPath,
     kernel: Kernel,
-    dim: usize,
-    columns: usize,
+    shape: &LoraShape,
     ptrs: &[u64],
 ) -> Result<i32> {
+    let dim = match kernel {
+        Kernel::Shrink => shape.d_in,
+        Kernel::Expand => shape.rank,
+    };
+    let columns = shape.num_experts * shape.rank;
     let code = match path {
         KernelPath::Auto => ffi::MOLORA_LORA_PATH_AUTO,
         KernelPath::Plain => ffi::MOLORA_LORA_PATH_PLAIN,
@@ -331,14 +335,7 @@ pub fn shrink_experts_on<T: CudaElement>(
     let max_rows = fits_i32("T * k_max", slots)?;
     fits_i32("T * k_max * r", slots * shape.rank)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(
-        OP,
-        path,
-        Kernel::Shrink,
-        shape.d_in,
-        shape.num_experts * shape.rank,
-        &[],
-    )?;
+    resolve_path::<T>(OP, path, Kernel::Shrink, shape, &[])?;
     if slots == 0 {
         return Ok(());
     }
@@ -347,14 +344,7 @@ pub fn shrink_experts_on<T: CudaElement>(
     let (a_ptr, _g1) = a.device_ptr(stream);
     let (h_ptr, _g2) = h.device_ptr_mut(stream);
     let (off_ptr, sorted_ptr, _g3) = plan.offsets_and_sorted(stream);
-    let path = resolve_path::<T>(
-        OP,
-        path,
-        Kernel::Shrink,
-        shape.d_in,
-        shape.num_experts * shape.rank,
-        &[x_ptr, a_ptr],
-    )?;
+    let path = resolve_path::<T>(OP, path, Kernel::Shrink, shape, &[x_ptr, a_ptr])?;
     let args = ffi::molora_lora_shrink_args {
         x: x_ptr as *const _,
         a: a_ptr as *const _,
@@ -436,14 +426,7 @@ pub fn expand_experts_on<T: CudaElement>(
     check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(
-        OP,
-        path,
-        Kernel::Expand,
-        shape.rank,
-        shape.num_experts * shape.rank,
-        &[],
-    )?;
+    resolve_path::<T>(OP, path, Kernel::Expand, shape, &[])?;
     if t == 0 {
         return Ok(());
     }
@@ -454,14 +437,7 @@ pub fn expand_experts_on<T: CudaElement>(
     let (w_ptr, _g3) = weights.device_ptr(stream);
     let (y_ptr, _g4) = y.device_ptr_mut(stream);
     let (inv_ptr, _g5) = plan.inverse(stream);
-    let path = resolve_path::<T>(
-        OP,
-        path,
-        Kernel::Expand,
-        shape.rank,
-        shape.num_experts * shape.rank,
-        &[b_ptr],
-    )?;
+    let path = resolve_path::<T>(OP, path, Kernel::Expand, shape, &[b_ptr])?;
     let args = ffi::molora_lora_expand_args {
         h: h_ptr as *const f32,
         b: b_ptr as *const _,
@@ -523,14 +499,7 @@ pub fn shrink_segments_on<T: CudaElement>(
     check_len("h [T, r]", t * shape.rank, h.len())?;
     fits_i32("T * r", t * shape.rank)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(
-        OP,
-        path,
-        Kernel::Shrink,
-        shape.d_in,
-        shape.num_experts * shape.rank,
-        &[],
-    )?;
+    resolve_path::<T>(OP, path, Kernel::Shrink, shape, &[])?;
     if t == 0 {
         return Ok(());
     }
@@ -540,14 +509,7 @@ pub fn shrink_segments_on<T: CudaElement>(
     let (h_ptr, _g2) = h.device_ptr_mut(stream);
     let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
     let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
-    let path = resolve_path::<T>(
-        OP,
-        path,
-        Kernel::Shrink,
-        shape.d_in,
-        shape.num_experts * shape.rank,
-        &[x_ptr, a_ptr],
-    )?;
+    let path = resolve_path::<T>(OP, path, Kernel::Shrink, shape, &[x_ptr, a_ptr])?;
     let args = ffi::molora_lora_shrink_args {
         x: x_ptr as *const _,
         a: a_ptr as *const _,
@@ -607,14 +569,7 @@ pub fn expand_segments_on<T: CudaElement>(
     check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(
-        OP,
-        path,
-        Kernel::Expand,
-        shape.rank,
-        shape.num_experts * shape.rank,
-        &[],
-    )?;
+    resolve_path::<T>(OP, path, Kernel::Expand, shape, &[])?;
     if t == 0 {
         return Ok(());
     }
@@ -624,14 +579,7 @@ pub fn expand_segments_on<T: CudaElement>(
     let (y_ptr, _g2) = y.device_ptr_mut(stream);
     let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
     let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
-    let path = resolve_path::<T>(
-        OP,
-        path,
-        Kernel::Expand,
-        shape.rank,
-        shape.num_experts * shape.rank,
-        &[b_ptr],
-    )?;
+    let path = resolve_path::<T>(OP, path, Kernel::Expand, shape, &[b_ptr])?;
     let args = ffi::molora_lora_expand_args {
         h: h_ptr as *const f32,
         b: b_ptr as *const _,
