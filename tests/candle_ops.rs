@@ -18,12 +18,7 @@ fn randn(rng: &mut Rng, dims: &[usize], scale: f32) -> Tensor {
 }
 
 fn host(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    molora::candle::ops::host_f32(t).unwrap()
 }
 
 /// `|a − b| ≤ atol + rtol·|b|` elementwise, printing the first index that fails.

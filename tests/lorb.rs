@@ -22,12 +22,7 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 fn host(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    molora::candle::ops::host_f32(t).unwrap()
 }
 
 /// The gradient of `f` at `x` by candle autograd and by central differences (step 1e-5), in f64;

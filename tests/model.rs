@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use molora::cpu::{self, Activation, DenseBase, Experts, Gate, RouterWeights, ThresholdSpec};
 use molora::model::demo::{run_hdmole_demo, HdmoleDemoConfig};
@@ -15,12 +15,7 @@ use molora::testing::{assert_close, Rng, Tolerance};
 use molora::{LoraShape, Segments, SeqRouting};
 
 fn host(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    molora::candle::ops::host_f32(t).unwrap()
 }
 
 fn saved(layer: &MoleLinear) -> BTreeMap<String, Tensor> {

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use molora::model::linear::QuantFormat;
 use molora::model::saml::{Router, SamlConfig, SamlModel};
@@ -14,12 +14,7 @@ use molora::model::weights::LoraPair;
 use molora::testing::Rng;
 
 fn host(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    molora::candle::ops::host_f32(t).unwrap()
 }
 
 fn randn(rng: &mut Rng, dims: &[usize]) -> Tensor {

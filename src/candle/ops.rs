@@ -111,7 +111,7 @@ fn dims2(l: &Layout, what: &str) -> CResult<(usize, usize)> {
 }
 
 /// A tensor's values as an f32 host vector (any float dtype, any layout).
-fn host_f32(t: &Tensor) -> CResult<Vec<f32>> {
+pub fn host_f32(t: &Tensor) -> CResult<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
