@@ -217,26 +217,33 @@ fn resolve_path<T: CudaElement>(
     shape: &LoraShape,
     ptrs: &[u64],
 ) -> Result<i32> {
-    let dim = match kernel {
-        Kernel::Shrink => shape.d_in,
-        Kernel::Expand => shape.rank,
+    let (dim_name, dim) = match kernel {
+        Kernel::Shrink => ("d_in", shape.d_in),
+        Kernel::Expand => ("rank", shape.rank),
     };
     let columns = shape.num_experts * shape.rank;
+    // The variants that exist for one of the two kernels only.
+    let only_for = match path {
+        KernelPath::TensorCore | KernelPath::Rows => Some(Kernel::Shrink),
+        KernelPath::Staged => Some(Kernel::Expand),
+        KernelPath::Auto | KernelPath::Plain | KernelPath::Vectorized => None,
+    };
+    if let Some(other) = only_for.filter(|&k| k != kernel) {
+        return Err(Error::Unsupported {
+            op,
+            what: format!("the {path:?} kernel (a {other:?} variant) for the {kernel:?}"),
+        });
+    }
     let code = match path {
         KernelPath::Auto => ffi::MOLORA_LORA_PATH_AUTO,
         KernelPath::Plain => ffi::MOLORA_LORA_PATH_PLAIN,
         KernelPath::Vectorized => {
             let v = 16 / std::mem::size_of::<T>();
-            let what = if kernel == Kernel::Shrink {
-                "d_in"
-            } else {
-                "rank"
-            };
             if dim % v != 0 {
                 return Err(Error::Unsupported {
                     op,
                     what: format!(
-                        "the vectorised kernel with {what} = {dim} (needs a multiple of {v} for {:?})",
+                        "the vectorised kernel with {dim_name} = {dim} (needs a multiple of {v} for {:?})",
                         T::DTYPE
                     ),
                 });
@@ -252,12 +259,6 @@ fn resolve_path<T: CudaElement>(
             }
             ffi::MOLORA_LORA_PATH_VECTOR
         }
-        KernelPath::TensorCore if kernel == Kernel::Expand => {
-            return Err(Error::Unsupported {
-                op,
-                what: "the tensor-core kernel for the expand (a shrink variant; the expand has the plain, vectorised and staged ones)".into(),
-            });
-        }
         KernelPath::TensorCore => {
             if T::DTYPE == DType::F32 {
                 return Err(Error::Unsupported {
@@ -267,22 +268,8 @@ fn resolve_path<T: CudaElement>(
             }
             ffi::MOLORA_LORA_PATH_TENSOR
         }
-        KernelPath::Rows => {
-            if kernel == Kernel::Expand {
-                return Err(Error::Unsupported {
-                    op,
-                    what: "the row-parallel kernel (a shrink variant) for the expand".into(),
-                });
-            }
-            ffi::MOLORA_LORA_PATH_ROWS
-        }
+        KernelPath::Rows => ffi::MOLORA_LORA_PATH_ROWS,
         KernelPath::Staged => {
-            if kernel == Kernel::Shrink {
-                return Err(Error::Unsupported {
-                    op,
-                    what: "the staged kernel (an expand variant) for the shrink".into(),
-                });
-            }
             let max = staged_expand_max_columns(std::mem::size_of::<T>());
             if columns > max {
                 return Err(Error::Unsupported {
