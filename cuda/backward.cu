@@ -444,8 +444,10 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
         }
         s = warp_sum(s);
         for (int e = lane; e < E; e += kWarp) l[e] = l[e] / s;
-    } else {
+    } else if (a.activation == MOLORA_ACTIVATION_SIGMOID) {
         for (int e = lane; e < E; e += kWarp) l[e] = sigmoid(z[e] / a.temperature);
+    } else {  // MOLORA_ACTIVATION_NONE
+        for (int e = lane; e < E; e += kWarp) l[e] = z[e];
     }
     __syncwarp();
     // p = combine(l, g), exactly as the forward kernel combines them.
@@ -548,8 +550,10 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
         for (int e = lane; e < E; e += kWarp) dot += static_cast<double>(l[e]) * dp[e];
         dot = warp_sum_double(dot);
         for (int e = lane; e < E; e += kWarp) dz[e] = static_cast<float>(l[e] * (dp[e] - dot) / a.temperature);
-    } else {
+    } else if (a.activation == MOLORA_ACTIVATION_SIGMOID) {
         for (int e = lane; e < E; e += kWarp) dz[e] = dp[e] * l[e] * (1.0f - l[e]) / a.temperature;
+    } else {  // MOLORA_ACTIVATION_NONE
+        for (int e = lane; e < E; e += kWarp) dz[e] = dp[e];
     }
 }
 
@@ -630,6 +634,8 @@ extern "C" int molora_gating_backward_f32(const molora_gating_backward_args *arg
          a.num_seqs >= 1 && (a.combine != MOLORA_COMBINE_MIX || (a.lambda >= 0.0f && a.lambda <= 1.0f)));
     if (a.num_tokens < 0 || a.num_experts < 1 || a.num_experts > MOLORA_GATING_MAX_EXPERTS || a.k_max < 1 ||
         !(a.temperature > 0.0f) || !combine_ok || (a.dlambda && !a.dlambda_tokens) ||
+        (a.activation != MOLORA_ACTIVATION_SOFTMAX && a.activation != MOLORA_ACTIVATION_SIGMOID &&
+         a.activation != MOLORA_ACTIVATION_NONE) ||
         (a.gate != MOLORA_GATE_TOPK && a.gate != MOLORA_GATE_THRESHOLD && a.gate != MOLORA_GATE_DENSE))
         return static_cast<int>(cudaErrorInvalidValue);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);

@@ -71,8 +71,10 @@ __global__ void __launch_bounds__(kGatingWarps * kWarp) gating_kernel(molora_gat
         }
         s = warp_sum(s);
         for (int e = lane; e < E; e += kWarp) p[e] = p[e] / s;
-    } else {
+    } else if (a.activation == MOLORA_ACTIVATION_SIGMOID) {
         for (int e = lane; e < E; e += kWarp) p[e] = sigmoid(z[e] / a.temperature);
+    } else {  // MOLORA_ACTIVATION_NONE: the input is the probabilities
+        for (int e = lane; e < E; e += kWarp) p[e] = z[e];
     }
     __syncwarp();
 
@@ -247,7 +249,8 @@ int launch_gating(const molora_gating_args &a, molora_stream_t stream) {
     if (a.num_tokens < 0 || a.num_experts < 1 || a.num_experts > MOLORA_GATING_MAX_EXPERTS || !gate_ok ||
         !combine_ok || !(a.temperature > 0.0f) || !(a.temperature <= FLT_MAX) ||
         static_cast<int64_t>(a.num_tokens) * a.num_experts > INT32_MAX ||
-        (a.activation != MOLORA_ACTIVATION_SOFTMAX && a.activation != MOLORA_ACTIVATION_SIGMOID)) {
+        (a.activation != MOLORA_ACTIVATION_SOFTMAX && a.activation != MOLORA_ACTIVATION_SIGMOID &&
+         a.activation != MOLORA_ACTIVATION_NONE)) {
         return static_cast<int>(cudaErrorInvalidValue);
     }
     if (a.num_tokens == 0) return 0;
@@ -258,8 +261,63 @@ int launch_gating(const molora_gating_args &a, molora_stream_t stream) {
     return last_launch_error();
 }
 
+constexpr int kConvertThreads = 256;
+
+// One thread per dense element: the sum of the token's slots that name its expert, in slot order.
+__global__ void __launch_bounds__(kConvertThreads) slots_to_dense_kernel(molora_slots_dense_args a) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * kConvertThreads + threadIdx.x;
+    if (i >= static_cast<int64_t>(a.num_tokens) * a.num_experts) return;
+    const int64_t t = i / a.num_experts;
+    const int e = static_cast<int>(i % a.num_experts);
+    const int32_t *ids = a.ids + t * a.k_max;
+    const float *w = a.slots + t * a.k_max;
+    float v = 0.0f;
+    for (int s = 0; s < a.k_max; ++s)
+        if (ids[s] == e) v += w[s];
+    a.dense[i] = v;
+}
+
+// One thread per slot: the dense value of its expert, 0 for an empty or out-of-range id.
+__global__ void __launch_bounds__(kConvertThreads) dense_to_slots_kernel(molora_slots_dense_args a) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * kConvertThreads + threadIdx.x;
+    if (i >= static_cast<int64_t>(a.num_tokens) * a.k_max) return;
+    const int64_t t = i / a.k_max;
+    const int32_t id = a.ids[i];
+    a.slots[i] = (id >= 0 && id < a.num_experts) ? a.dense[t * a.num_experts + id] : 0.0f;
+}
+
+// Validates a conversion and returns its grid size (0: nothing to launch), or -1 when invalid.
+int64_t convert_blocks(const molora_slots_dense_args *a, bool to_dense) {
+    if (a == nullptr || !a->ids || !a->slots || !a->dense || a->num_tokens < 0 || a->k_max < 1 ||
+        a->num_experts < 1)
+        return -1;
+    const int64_t n = static_cast<int64_t>(a->num_tokens) * (to_dense ? a->num_experts : a->k_max);
+    if (static_cast<int64_t>(a->num_tokens) * a->k_max > INT32_MAX ||
+        static_cast<int64_t>(a->num_tokens) * a->num_experts > INT32_MAX)
+        return -1;
+    return (n + kConvertThreads - 1) / kConvertThreads;
+}
+
 }  // namespace
 }  // namespace molora
+
+extern "C" int molora_slots_to_dense_f32(const molora_slots_dense_args *args, molora_stream_t stream) {
+    const int64_t blocks = molora::convert_blocks(args, true);
+    if (blocks < 0) return static_cast<int>(cudaErrorInvalidValue);
+    if (blocks == 0) return 0;
+    molora::slots_to_dense_kernel<<<static_cast<unsigned>(blocks), molora::kConvertThreads, 0,
+                                    reinterpret_cast<cudaStream_t>(stream)>>>(*args);
+    return molora::last_launch_error();
+}
+
+extern "C" int molora_dense_to_slots_f32(const molora_slots_dense_args *args, molora_stream_t stream) {
+    const int64_t blocks = molora::convert_blocks(args, false);
+    if (blocks < 0) return static_cast<int>(cudaErrorInvalidValue);
+    if (blocks == 0) return 0;
+    molora::dense_to_slots_kernel<<<static_cast<unsigned>(blocks), molora::kConvertThreads, 0,
+                                    reinterpret_cast<cudaStream_t>(stream)>>>(*args);
+    return molora::last_launch_error();
+}
 
 extern "C" int molora_gating_f32(const molora_gating_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);

@@ -116,3 +116,14 @@ fn bench_on_cuda_without_the_feature_says_so() {
         text(&out.stderr)
     );
 }
+
+#[cfg(not(feature = "candle-cuda"))]
+#[test]
+fn demos_on_cuda_without_candle_cuda_say_which_feature() {
+    for demo in ["hdmole", "saml", "lorb"] {
+        let out = molora(&["demo", demo, "--device", "cuda", "--small"]);
+        assert_eq!(out.status.code(), Some(1), "{demo}");
+        let err = text(&out.stderr);
+        assert!(err.contains("--features candle-cuda"), "{demo}: {err}");
+    }
+}

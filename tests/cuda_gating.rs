@@ -641,4 +641,196 @@ mod gpu {
         assert_eq!(r, Ok(()));
         b.untouched();
     }
+
+    /// The gate over given probabilities (`gate_probabilities`, the candle ops' CUDA path), the
+    /// slot/dense conversions and `gate_probabilities_backward`, against `cpu::top_k`,
+    /// `cpu::threshold_gate` and `cpu::backward::gate_backward` on the same probabilities.
+    fn check_probability_gates(dev: &Device, c: &Case, seed: u64) -> Result<(), String> {
+        use molora::cpu::backward::gate_backward;
+        use molora::cuda::{
+            dense_to_slots, gate_probabilities, gate_probabilities_backward, slots_to_dense,
+            DeviceGate,
+        };
+        let s = |e: molora::Error| e.to_string();
+        let (t, e) = (c.t, c.e);
+        let probs = cpu::activate(&c.z, t, e, c.act, c.temperature).map_err(s)?;
+        // Per-token thresholds around 1/E, so some tokens keep several experts and some fall back.
+        let taus: Vec<f32> = logits(t, seed ^ 3, 0, 1.0)
+            .iter()
+            .map(|v| (0.5 + 0.4 * v) / e as f32)
+            .collect();
+        let grad = logits(t * e, seed ^ 5, 0, 1.0);
+        let pad = |v: &[f32]| {
+            let mut p = v.to_vec();
+            p.push(0.0);
+            p
+        };
+        let dp_ = dev.upload(&pad(&probs)).map_err(s)?;
+        let dtaus = dev.upload(&pad(&taus)).map_err(s)?;
+        let dgrad = dev.upload(&pad(&grad)).map_err(s)?;
+        let p_view = dp_.slice(0..t * e);
+        let tau_view = dtaus.slice(0..t);
+        let gates = [
+            (
+                DeviceGate::TopK {
+                    k: c.k,
+                    renormalize: c.renormalize,
+                },
+                cpu::top_k(&probs, t, e, c.k, c.renormalize).map_err(s)?,
+                None,
+                c.renormalize,
+            ),
+            (
+                DeviceGate::ThresholdPerToken(tau_view.slice(..)),
+                cpu::threshold_gate(&probs, t, e, &taus).map_err(s)?,
+                Some(taus.as_slice()),
+                true,
+            ),
+        ];
+        for (gate, want, want_taus, renormalize) in gates {
+            let k_max = gate.k_max(e);
+            let n = t * k_max;
+            let mut ids = dev.upload(&vec![-7i32; n + 1]).map_err(s)?;
+            let mut w = dev.upload(&vec![f32::NAN; n + 1]).map_err(s)?;
+            gate_probabilities(
+                dev,
+                &p_view,
+                t,
+                e,
+                &gate,
+                &mut ids.slice_mut(0..n),
+                &mut w.slice_mut(0..n),
+            )
+            .map_err(s)?;
+            let what = format!("{gate:?} over probabilities (T = {t}, E = {e})");
+            let got_ids = dev.download(&ids).map_err(s)?;
+            // The same f32 probabilities on both sides: the ids agree exactly, ties included.
+            if got_ids[..n] != *want.ids() {
+                return Err(format!(
+                    "{what}: ids {:?} vs CPU {:?}",
+                    &got_ids[..n],
+                    want.ids()
+                ));
+            }
+            let got_w = dev.download(&w).map_err(s)?;
+            compare(
+                &what,
+                &got_w[..n],
+                want.weights(),
+                Tolerance::for_dtype(DType::F32),
+            )?;
+
+            // Slots → dense and back.
+            let mut dense = dev.upload(&vec![f32::NAN; t * e + 1]).map_err(s)?;
+            slots_to_dense(
+                dev,
+                &ids.slice(0..n),
+                &w.slice(0..n),
+                t,
+                k_max,
+                e,
+                &mut dense.slice_mut(0..t * e),
+            )
+            .map_err(s)?;
+            let mut want_dense = vec![0.0f32; t * e];
+            for tok in 0..t {
+                for slot in 0..k_max {
+                    let id = want.id(tok, slot);
+                    if id >= 0 {
+                        want_dense[tok * e + id as usize] += want.weight(tok, slot);
+                    }
+                }
+            }
+            let got_dense = dev.download(&dense).map_err(s)?;
+            compare(
+                "slots_to_dense",
+                &got_dense[..t * e],
+                &want_dense,
+                Tolerance::for_dtype(DType::F32),
+            )?;
+            let mut dw = dev.upload(&vec![f32::NAN; n + 1]).map_err(s)?;
+            dense_to_slots(
+                dev,
+                &ids.slice(0..n),
+                &dgrad.slice(0..t * e),
+                t,
+                k_max,
+                e,
+                &mut dw.slice_mut(0..n),
+            )
+            .map_err(s)?;
+            let want_dw: Vec<f32> = (0..n)
+                .map(|i| {
+                    let id = want.ids()[i];
+                    if id >= 0 {
+                        grad[(i / k_max) * e + id as usize]
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let got_dw = dev.download(&dw).map_err(s)?;
+            if got_dw[..n] != *want_dw {
+                return Err(format!(
+                    "dense_to_slots: {:?} vs {:?}",
+                    &got_dw[..n],
+                    want_dw
+                ));
+            }
+
+            // Backward.
+            let (want_dp, want_dtau) = gate_backward(
+                &probs,
+                e,
+                want.ids(),
+                k_max,
+                want_taus,
+                renormalize,
+                &want_dw,
+            )
+            .map_err(s)?;
+            let mut dp = dev.upload(&vec![f32::NAN; t * e + 1]).map_err(s)?;
+            let mut dtau = dev.zeros::<f32>(t.max(1)).map_err(s)?;
+            let threshold = want_taus.is_some();
+            gate_probabilities_backward(
+                dev,
+                &p_view,
+                t,
+                e,
+                &gate,
+                &ids.slice(0..n),
+                &dw.slice(0..n),
+                &mut dp.slice_mut(0..t * e),
+                threshold.then_some(&mut dtau),
+            )
+            .map_err(s)?;
+            let tol = Tolerance::for_dtype(DType::F32).scaled(4.0);
+            compare(
+                &format!("{what}: dp"),
+                &dev.download(&dp).map_err(s)?[..t * e],
+                &want_dp,
+                tol,
+            )?;
+            if threshold {
+                compare(
+                    &format!("{what}: dτ"),
+                    &dev.download(&dtau).map_err(s)?[..t],
+                    &want_dtau,
+                    tol,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(32)))]
+        #[test]
+        fn gates_over_probabilities_match_cpu(c in case_strategy(), seed in any::<u64>()) {
+            let Some(dev) = gpu_or_skip("gates_over_probabilities_match_cpu") else { return Ok(()) };
+            if let Err(msg) = check_probability_gates(&dev, &c, seed) {
+                prop_assert!(false, "{}", msg);
+            }
+        }
+    }
 }

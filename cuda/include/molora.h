@@ -36,10 +36,13 @@ typedef struct CUstream_st *molora_stream_t;
  * cudaErrorInvalidValue, and the Rust wrapper returns Error::Unsupported before launching. */
 #define MOLORA_GATING_MAX_EXPERTS 1024
 
-/* Router non-linearity, applied to logits / temperature. */
+/* Router non-linearity, applied to logits / temperature. NONE: the input already holds the
+ * probabilities p (in [0, 1]; temperature ignored), for gates over probabilities a framework computed,
+ * and its backward passes dp through unchanged. */
 typedef enum molora_activation {
     MOLORA_ACTIVATION_SOFTMAX = 0,
-    MOLORA_ACTIVATION_SIGMOID = 1
+    MOLORA_ACTIVATION_SIGMOID = 1,
+    MOLORA_ACTIVATION_NONE = 2
 } molora_activation;
 
 /* How a gating kernel turns probabilities into slots. */
@@ -67,6 +70,7 @@ typedef enum molora_combine {
  *
  *   p[e] = exp((z[e] − max_j z[j]) / temperature) / Σ_j exp((z[j] − max z) / temperature)   (softmax)
  *   p[e] = σ(z[e] / temperature)                                                           (sigmoid)
+ *   p[e] = z[e]                                                                            (none)
  *
  * computed in f32 with expf and IEEE division (no fast math). Slot s holds the s-th expert in the
  * order (p descending, expert id ascending): exact ties go to the LOWER id. weights[t, s] = p, or,
@@ -96,6 +100,7 @@ int molora_topk_gating_f32(const molora_topk_gating_args *args, molora_stream_t 
  * The general fused gate, from router logits, one warp per token (the CPU reference is src/cpu/gating.rs):
  *
  *   p[t, :] = softmax(logits[t, :] / temperature) (max-subtracted) or sigmoid(logits / temperature)
+ *               (or the logits themselves with MOLORA_ACTIVATION_NONE)
  *   p       = combine(p, global_probs[seg(t), :])        when combine != NONE (seq_offsets [S + 1])
  *   top-k:     the k largest p, descending, ties to the LOWER id; weights p, or p / Σ_kept p
  *              (renormalize; 1/k each when that sum is 0)
@@ -130,6 +135,29 @@ typedef struct molora_gating_args {
 } molora_gating_args;
 
 int molora_gating_f32(const molora_gating_args *args, molora_stream_t stream);
+
+/*
+ * Conversions between a routing's slots and the dense gate matrix frameworks multiply with:
+ *
+ *   slots_to_dense:  dense[t, e] = Σ_s [ids[t, s] == e]·slots[t, s]      (every element written)
+ *   dense_to_slots:  slots[t, s] = dense[t, ids[t, s]], or 0 where ids[t, s] is outside [0, E)
+ *
+ * ids [num_tokens, k_max] int32, slots [num_tokens, k_max] f32, dense [num_tokens, num_experts] f32.
+ * slots_to_dense sums a token's slots in slot order, so repeated ids add up (deterministic, no
+ * atomics). k_max >= 1, num_experts >= 1, num_tokens >= 0, num_tokens·max(k_max, num_experts) <
+ * 2^31; otherwise cudaErrorInvalidValue without a launch; num_tokens == 0 launches nothing.
+ */
+typedef struct molora_slots_dense_args {
+    const int32_t *ids;
+    float *slots;
+    float *dense;
+    int32_t num_tokens;
+    int32_t k_max;
+    int32_t num_experts;
+} molora_slots_dense_args;
+
+int molora_slots_to_dense_f32(const molora_slots_dense_args *args, molora_stream_t stream);
+int molora_dense_to_slots_f32(const molora_slots_dense_args *args, molora_stream_t stream);
 
 /*
  * Router logits (without taus: the LoRA shrink with one run and rank E, then the bias; with taus:
@@ -525,7 +553,8 @@ int molora_lora_backward_dense_bf16(const molora_lora_backward_dense_args *args,
  *                λ-mix (p = λ·g + (1 − λ)·l)  dl = (1 − λ)·dp,  dλ_t = Σ_e dp_e·(g_e − l_e);
  *                product (p = g ⊙ l / Σ(g ⊙ l))  dl = g ⊙ (dp − ⟨dp, p⟩)/Σ(g ⊙ l), or dl = dp where
  *                that sum is 0 (the forward kept l)
- *   dz from dl:  softmax  l·(dl − ⟨dl, l⟩)/temperature;  sigmoid  dl·l·(1 − l)/temperature
+ *   dz from dl:  softmax  l·(dl − ⟨dl, l⟩)/temperature;  sigmoid  dl·l·(1 − l)/temperature;
+ *                none  dz = dl (the input was the probabilities)
  * ids / weights are the forward's [T, k_max]; dz [T, E] f32; dtau [T] f32 (threshold only, may be NULL).
  * With combine != NONE, global_probs [num_seqs, E] and seq_offsets [num_seqs + 1] are the forward's
  * (as in molora_gating_args); dlambda_tokens [T] f32 receives dλ_t (λ-mix only, may be NULL), and

@@ -15,4 +15,6 @@ impl From<Error> for candle_core::Error {
     }
 }
 
+#[cfg(feature = "candle-cuda")]
+mod cuda_ops;
 pub mod ops;

@@ -10,17 +10,25 @@
 //! | [`threshold_gate`] | dense `w` `[T, E]` of [`cpu::threshold_gate`] | `p`, `τ` |
 //! | [`mole_lora`] | `Δy = s·Σ_e w_te·(x_t·A_eᵀ)·B_eᵀ` | `x`, `A`, `B`, `w` |
 //! | [`quant_linear`] | `y = x·deq(W)ᵀ` for an NF4/int8 `W` | `x` (the weight is frozen) |
+//! | [`weight_space_lora`] | SAML's `y = s·(x·Ā_qᵀ)·B̄_qᵀ` per sequence | `x`, `A`, `B`, `p` |
 //!
 //! The gates return the routing as a dense `[T, E]` matrix (zero for experts a token does not use),
 //! which is what the rest of a candle model multiplies with; selection is not differentiated, as in
 //! [`cpu::backward::gate_backward`].
 //!
-//! Device: these ops run where candle's CPU backend runs. On a candle CUDA tensor they return
-//! candle's "no cuda implementation" error; the CUDA kernels are reached through [`crate::cuda`].
+//! Device: with the feature `candle-cuda` every op also has a `cuda_fwd` on molora's kernels over
+//! candle's CUDA storage (on the stream of the tensor's candle device, no copies through the host),
+//! and the LoRA part and the gates have a GPU backward; the quantised linear's backward is candle's
+//! matmul with the dequantised weight, and the weight-space LoRA's backward copies to the host and
+//! runs the CPU backward. Without `candle-cuda` a CUDA tensor gives candle's "no cuda
+//! implementation" error. The CUDA forward of [`mole_lora`] takes `E·r` up to 512
+//! (`molora::cuda::DENSE_GATED_MAX_COLUMNS`, the dense-gated kernels'); an error names larger ones.
 
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "candle-cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
@@ -182,6 +190,14 @@ impl TopKGate {
     fn routing(&self, p: &[f32], t: usize, e: usize) -> Result<Routing> {
         cpu::top_k(p, t, e, self.k, self.renormalize)
     }
+
+    #[cfg(feature = "candle-cuda")]
+    fn kind(&self) -> super::cuda_ops::GateKind {
+        super::cuda_ops::GateKind::TopK {
+            k: self.k,
+            renormalize: self.renormalize,
+        }
+    }
 }
 
 impl CustomOp1 for TopKGate {
@@ -196,7 +212,18 @@ impl CustomOp1 for TopKGate {
         Ok((CpuStorage::F32(dense_weights(&r)), Shape::from((t, e))))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        super::cuda_ops::gate_fwd(&self.kind(), (s, l), None)
+    }
+
     fn bwd(&self, p: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        #[cfg(feature = "candle-cuda")]
+        if p.device().is_cuda() {
+            return Ok(Some(
+                super::cuda_ops::gate_bwd(&self.kind(), p, None, grad)?.0,
+            ));
+        }
         let (t, e) = p.dims2()?;
         let pv = host_f32(p)?;
         let r = self.routing(&pv, t, e).map_err(msg)?;
@@ -242,6 +269,21 @@ impl CustomOp2 for ThresholdGate {
         Ok((CpuStorage::F32(dense_weights(&r)), Shape::from((t, e))))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        super::cuda_ops::gate_fwd(
+            &super::cuda_ops::GateKind::Threshold,
+            (s1, l1),
+            Some((s2, l2)),
+        )
+    }
+
     fn bwd(
         &self,
         p: &Tensor,
@@ -249,6 +291,12 @@ impl CustomOp2 for ThresholdGate {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if p.device().is_cuda() {
+            let kind = super::cuda_ops::GateKind::Threshold;
+            let (dp, dtau) = super::cuda_ops::gate_bwd(&kind, p, Some(tau), grad)?;
+            return Ok((Some(dp), dtau));
+        }
         let (t, e) = p.dims2()?;
         let pv = host_f32(p)?;
         let tv = host_f32(tau)?;
@@ -365,6 +413,19 @@ impl CustomOp3 for MoleLora {
         Ok((out, Shape::from((t, self.shape.d_out))))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        super::cuda_ops::lora_fwd(&self.shape, self.scale, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -373,6 +434,11 @@ impl CustomOp3 for MoleLora {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            let (dx, dab, dw) = super::cuda_ops::lora_bwd(&self.shape, self.scale, x, ab, w, grad)?;
+            return Ok((Some(dx), Some(dab), Some(dw)));
+        }
         let (t, _) = x.dims2()?;
         let e = self.shape.num_experts;
         let xv = host_f32(x)?;
@@ -493,6 +559,11 @@ impl CustomOp1 for QuantLinear {
         Ok((out, Shape::from((t, self.weight.rows()))))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        super::cuda_ops::quant_fwd(&self.weight, (s, l))
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         // dx = dy·deq(W), the dequantised weight built for this call only.
         let deq = Tensor::from_vec(
@@ -572,6 +643,26 @@ impl CustomOp3 for WeightSpaceLora {
             CpuStorage::F32(y),
             Shape::from((s * self.seq_len, self.shape.d_out)),
         ))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        super::cuda_ops::weight_space_fwd(
+            &self.shape,
+            self.scale,
+            self.seq_len,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )
     }
 
     fn bwd(

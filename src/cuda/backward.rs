@@ -343,13 +343,46 @@ pub fn gating_backward(
         logits,
         num_tokens,
         num_experts,
-        act,
+        Some(act),
         temperature,
         None,
         gate,
         ids,
         dw,
         dz,
+        dtau,
+        None,
+    )
+}
+
+/// Backward of [`super::gate_probabilities`], the counterpart of
+/// [`crate::cpu::backward::gate_backward`]: from the forward's probabilities `probs` `[T, E]`, its
+/// routing `ids` `[T, k_max]` and `dw` `[T, k_max]`, writes `dp = ∂L/∂p` `[T, E]` and, for a
+/// threshold gate, `dτ` `[T]`. Selection is not differentiated.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_probabilities_backward(
+    dev: &Device,
+    probs: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    num_experts: usize,
+    gate: &super::DeviceGate<'_>,
+    ids: &impl DevicePtr<i32>,
+    dw: &impl DevicePtr<f32>,
+    dp: &mut impl DevicePtrMut<f32>,
+    dtau: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    gating_backward_impl(
+        dev,
+        probs,
+        num_tokens,
+        num_experts,
+        None,
+        1.0,
+        None,
+        gate,
+        ids,
+        dw,
+        dp,
         dtau,
         None,
     )
@@ -398,7 +431,7 @@ pub fn gating_backward_hierarchical(
         logits,
         num_tokens,
         num_experts,
-        act,
+        Some(act),
         temperature,
         Some(hierarchy),
         gate,
@@ -416,7 +449,7 @@ fn gating_backward_impl(
     logits: &impl DevicePtr<f32>,
     num_tokens: usize,
     num_experts: usize,
-    act: crate::cpu::Activation,
+    act: Option<crate::cpu::Activation>,
     temperature: f32,
     hierarchy: Option<(&super::DeviceSeqRouting, crate::cpu::HierarchicalCombine)>,
     gate: &super::DeviceGate<'_>,

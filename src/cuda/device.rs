@@ -8,11 +8,25 @@ use crate::{Error, Result};
 
 /// Whether a CUDA driver and at least one device are present. Never panics.
 pub fn device_available() -> bool {
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library and drops the handle.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_library_present() {
         return false;
     }
     matches!(CudaContext::device_count(), Ok(n) if n > 0)
+}
+
+/// Whether the driver library can be used. With `cuda` alone cudarc loads libcuda at run time (so a
+/// binary built with the kernels starts on a machine without a driver, and every op first asks this);
+/// with `candle-cuda`, candle links cudarc to libcuda at build time, so a running binary has it.
+fn driver_library_present() -> bool {
+    #[cfg(not(feature = "candle-cuda"))]
+    {
+        // SAFETY: `is_culib_present` only tries to dlopen the driver library and drops the handle.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    }
+    #[cfg(feature = "candle-cuda")]
+    {
+        true
+    }
 }
 
 /// A CUDA device and the stream molora's ops on it are enqueued on.
@@ -28,8 +42,7 @@ impl Device {
     /// Errors: [`Error::NoDevice`] when the driver library is missing or `ordinal` is not below the
     /// device count, [`Error::Driver`] when the driver fails to count devices or create the context.
     pub fn new(ordinal: usize) -> Result<Device> {
-        // SAFETY: as in `device_available`.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !driver_library_present() {
             return Err(Error::NoDevice {
                 reason: "the CUDA driver library (libcuda) was not found".into(),
             });
@@ -108,11 +121,13 @@ pub(crate) fn checked_i32(what: &'static str, a: usize, b: usize) -> Result<usiz
         })
 }
 
-/// The C ABI's code of a router activation.
-pub(crate) fn activation_code(act: crate::cpu::Activation) -> i32 {
+/// The C ABI's code of a router activation; `None` is `MOLORA_ACTIVATION_NONE` (the input already
+/// holds the probabilities).
+pub(crate) fn activation_code(act: Option<crate::cpu::Activation>) -> i32 {
     match act {
-        crate::cpu::Activation::Softmax => super::ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
-        crate::cpu::Activation::Sigmoid => super::ffi::MOLORA_ACTIVATION_SIGMOID as i32,
+        Some(crate::cpu::Activation::Softmax) => super::ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
+        Some(crate::cpu::Activation::Sigmoid) => super::ffi::MOLORA_ACTIVATION_SIGMOID as i32,
+        None => super::ffi::MOLORA_ACTIVATION_NONE as i32,
     }
 }
 

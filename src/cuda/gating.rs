@@ -129,6 +129,64 @@ pub fn gating(
     ids: &mut impl DevicePtrMut<i32>,
     weights: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
+    gating_impl(
+        dev,
+        logits,
+        num_tokens,
+        num_experts,
+        Some(act),
+        temperature,
+        hierarchy,
+        gate,
+        ids,
+        weights,
+    )
+}
+
+/// The gate alone, over probabilities a framework already computed: `probs` `[T, E]` (in `[0, 1]`)
+/// to `ids`/`weights` `[T, k_max]` (`k_max` = [`DeviceGate::k_max`]), the GPU counterpart of
+/// [`crate::cpu::top_k`], [`crate::cpu::threshold_gate`] and the dense gate on `probs`. Asynchronous.
+///
+/// The device cannot report bad probabilities without a host sync: a NaN row gives empty slots, and
+/// a negative value is never selected (the CPU path returns an error for both).
+#[allow(clippy::too_many_arguments)]
+pub fn gate_probabilities(
+    dev: &Device,
+    probs: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    num_experts: usize,
+    gate: &DeviceGate<'_>,
+    ids: &mut impl DevicePtrMut<i32>,
+    weights: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    gating_impl(
+        dev,
+        probs,
+        num_tokens,
+        num_experts,
+        None,
+        1.0,
+        None,
+        gate,
+        ids,
+        weights,
+    )
+}
+
+/// [`gating`] with the activation as the kernel takes it: `None` when the input holds probabilities.
+#[allow(clippy::too_many_arguments)]
+fn gating_impl(
+    dev: &Device,
+    logits: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    num_experts: usize,
+    act: Option<Activation>,
+    temperature: f32,
+    hierarchy: Option<(&DeviceSeqRouting, HierarchicalCombine)>,
+    gate: &DeviceGate<'_>,
+    ids: &mut impl DevicePtrMut<i32>,
+    weights: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
     const OP: &str = "gating";
     check_experts(OP, num_experts)?;
     check_temperature(temperature)?;
@@ -270,7 +328,7 @@ pub fn top_k_gating(
         num_tokens: num_tokens as i32,
         num_experts: num_experts as i32,
         k: k as i32,
-        activation: activation_code(act),
+        activation: activation_code(Some(act)),
         temperature,
         renormalize: i32::from(renormalize),
     };
@@ -368,5 +426,102 @@ pub fn router_logits<T: CudaElement>(
     // SAFETY: x holds T·d_in, W_g E·d_in, b_g E, logits T·E, w_τ d_in and taus T elements (checked
     // above, all products fit an i32); the guards keep every buffer alive and ordered on `stream`.
     let code = unsafe { T::ROUTER_LOGITS(&args, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// Which way [`convert_slots`] runs.
+#[derive(Clone, Copy)]
+enum Conversion {
+    ToDense,
+    ToSlots,
+}
+
+/// A routing's slots as the dense gate matrix frameworks multiply with:
+/// `dense[t, e] = Σ_s [ids[t, s] = e]·slots[t, s]` (every element written, so `dense` needs no
+/// zeroing). `ids`, `slots` `[T, k_max]`, `dense` `[T, E]`. Asynchronous.
+pub fn slots_to_dense(
+    dev: &Device,
+    ids: &impl DevicePtr<i32>,
+    slots: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    k_max: usize,
+    num_experts: usize,
+    dense: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    let dims = (num_tokens, k_max, num_experts);
+    convert_slots(dev, ids, slots, dense, dims, Conversion::ToDense)
+}
+
+/// The inverse gather: `slots[t, s] = dense[t, ids[t, s]]`, 0 for an empty slot (id `-1`). Turns a
+/// framework's gradient of the dense gate matrix into the per-slot `dw` the backward kernels take.
+pub fn dense_to_slots(
+    dev: &Device,
+    ids: &impl DevicePtr<i32>,
+    dense: &impl DevicePtr<f32>,
+    num_tokens: usize,
+    k_max: usize,
+    num_experts: usize,
+    slots: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    let dims = (num_tokens, k_max, num_experts);
+    convert_slots(dev, ids, dense, slots, dims, Conversion::ToSlots)
+}
+
+/// Checks the lengths against `(T, k_max, E)` and launches one conversion from `input` (slots for
+/// [`Conversion::ToDense`], the dense matrix for [`Conversion::ToSlots`]) into `output`.
+fn convert_slots(
+    dev: &Device,
+    ids: &impl DevicePtr<i32>,
+    input: &impl DevicePtr<f32>,
+    output: &mut impl DevicePtrMut<f32>,
+    (num_tokens, k_max, num_experts): (usize, usize, usize),
+    way: Conversion,
+) -> Result<()> {
+    const OP: &str = "slots_to_dense";
+    if k_max == 0 || num_experts == 0 {
+        return Err(Error::InvalidDim {
+            what: if k_max == 0 { "k_max" } else { "num_experts" },
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
+    let n_slots = checked_i32("num_tokens * k_max", num_tokens, k_max)?;
+    let n_dense = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
+    let (slots_len, dense_len) = match way {
+        Conversion::ToDense => (input.len(), output.len()),
+        Conversion::ToSlots => (output.len(), input.len()),
+    };
+    check_len("ids [T, k_max]", n_slots, ids.len())?;
+    check_len("slots [T, k_max]", n_slots, slots_len)?;
+    check_len("dense [T, E]", n_dense, dense_len)?;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (ids_ptr, _g0) = ids.device_ptr(stream);
+    let (in_ptr, _g1) = input.device_ptr(stream);
+    let (out_ptr, _g2) = output.device_ptr_mut(stream);
+    let (slots, dense) = match way {
+        Conversion::ToDense => (in_ptr, out_ptr),
+        Conversion::ToSlots => (out_ptr, in_ptr),
+    };
+    let args = ffi::molora_slots_dense_args {
+        ids: ids_ptr as *const i32,
+        slots: slots as *mut f32,
+        dense: dense as *mut f32,
+        num_tokens: num_tokens as i32,
+        k_max: k_max as i32,
+        num_experts: num_experts as i32,
+    };
+    // SAFETY: ids and slots hold T·k_max and dense T·E elements (checked; both products fit an i32);
+    // the guards keep the three buffers alive and ordered on the stream. The kernels read ids only to
+    // compare them or, in range, to index dense's row; they write only `output` (dense for ToDense,
+    // slots for ToSlots), which the kernel never reads.
+    let code = unsafe {
+        match way {
+            Conversion::ToDense => ffi::molora_slots_to_dense_f32(&args, dev.raw_stream()),
+            Conversion::ToSlots => ffi::molora_dense_to_slots_f32(&args, dev.raw_stream()),
+        }
+    };
     check_launch(OP, code)
 }

@@ -743,35 +743,13 @@ pub fn lora_dense_gated<T: CudaElement>(
     if t == 0 {
         return Ok(());
     }
+    dense_gated_shrink(dev, x, a, shape, ws)?;
     let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (a_ptr, _g1) = a.device_ptr(stream);
     let (b_ptr, _g2) = b.device_ptr(stream);
     let (ids_ptr, _g3) = ids.device_ptr(stream);
     let (w_ptr, _g4) = weights.device_ptr(stream);
     let (y_ptr, _g5) = y.device_ptr_mut(stream);
-    let (h_ptr, _g6) = ws.h.device_ptr_mut(stream);
-    let (off_ptr, _g7) = ws.offsets.device_ptr(stream);
-    let shrink = ffi::molora_lora_shrink_args {
-        x: x_ptr as *const _,
-        a: a_ptr as *const _,
-        h: h_ptr as *mut f32,
-        run_offsets: off_ptr as *const i32,
-        run_weight: std::ptr::null(),
-        row_src: std::ptr::null(),
-        src_div: 1,
-        max_rows: t as i32,
-        num_runs: 1,
-        num_weights: 1,
-        rank: ws.columns as i32,
-        d_in: shape.d_in as i32,
-        path: ffi::MOLORA_LORA_PATH_AUTO as i32,
-        b_rank: 0,
-    };
-    // SAFETY: x holds T·d_in and A E·r·d_in elements, read as one [E·r, d_in] weight; the workspace
-    // holds T·E·r (+1) floats of h and the offsets [0, T], allocated for this T and E·r.
-    let code = unsafe { T::SHRINK(&shrink, dev.raw_stream()) };
-    check_launch(OP, code)?;
+    let (h_ptr, _g6) = ws.h.device_ptr(stream);
     let expand = ffi::molora_lora_expand_args {
         h: h_ptr as *const f32,
         b: b_ptr as *const _,
@@ -794,5 +772,53 @@ pub fn lora_dense_gated<T: CudaElement>(
     // SAFETY: h is [T, E·r] as written above; ids/weights hold T·k_max, B E·d_out·r and y T·d_out
     // elements (checked); the kernel skips ids outside [0, E).
     let code = unsafe { T::EXPAND(&expand, dev.raw_stream()) };
+    check_launch(OP, code)
+}
+
+/// The first half of [`lora_dense_gated`]: every expert's shrink `H = x·A_allᵀ` `[T, E·r]` into the
+/// workspace, which the expand and the dense-gated backward read.
+pub(crate) fn dense_gated_shrink<T: CudaElement>(
+    dev: &Device,
+    x: &impl DevicePtr<T>,
+    a: &impl DevicePtr<T>,
+    shape: &LoraShape,
+    ws: &mut DenseGatedWorkspace,
+) -> Result<()> {
+    const OP: &str = "lora_dense_gated";
+    let t = ws.num_tokens;
+    check_len(
+        "workspace columns (E * r)",
+        shape.num_experts * shape.rank,
+        ws.columns,
+    )?;
+    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
+    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    if t == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (a_ptr, _g1) = a.device_ptr(stream);
+    let (h_ptr, _g2) = ws.h.device_ptr_mut(stream);
+    let (off_ptr, _g3) = ws.offsets.device_ptr(stream);
+    let shrink = ffi::molora_lora_shrink_args {
+        x: x_ptr as *const _,
+        a: a_ptr as *const _,
+        h: h_ptr as *mut f32,
+        run_offsets: off_ptr as *const i32,
+        run_weight: std::ptr::null(),
+        row_src: std::ptr::null(),
+        src_div: 1,
+        max_rows: t as i32,
+        num_runs: 1,
+        num_weights: 1,
+        rank: ws.columns as i32,
+        d_in: shape.d_in as i32,
+        path: ffi::MOLORA_LORA_PATH_AUTO as i32,
+        b_rank: 0,
+    };
+    // SAFETY: x holds T·d_in and A E·r·d_in elements (checked), read as one [E·r, d_in] weight; the
+    // workspace holds T·E·r (+1) floats of h and the offsets [0, T], allocated for this T and E·r.
+    let code = unsafe { T::SHRINK(&shrink, dev.raw_stream()) };
     check_launch(OP, code)
 }

@@ -29,8 +29,9 @@ mod quant;
 
 #[cfg(feature = "cuda")]
 pub use backward::{
-    gating_backward, gating_backward_hierarchical, lora_backward_dense_gated,
-    lora_backward_experts, mix_backward, router_backward, DeviceLoraGrads, DlambdaOut,
+    gate_probabilities_backward, gating_backward, gating_backward_hierarchical,
+    lora_backward_dense_gated, lora_backward_experts, mix_backward, router_backward,
+    DeviceLoraGrads, DlambdaOut,
 };
 /// The cudarc version molora's CUDA ops take buffers of.
 #[cfg(feature = "cuda")]
@@ -43,8 +44,11 @@ pub use dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan, MAX_DISPA
 pub use forward::{DeviceRouter, MoleLoraForward, MoleLoraGrads};
 #[cfg(feature = "cuda")]
 pub use gating::{
-    gating, router_logits, top_k_gating, DeviceGate, DeviceSeqRouting, MAX_GATING_EXPERTS,
+    dense_to_slots, gate_probabilities, gating, router_logits, slots_to_dense, top_k_gating,
+    DeviceGate, DeviceSeqRouting, MAX_GATING_EXPERTS,
 };
+#[cfg(feature = "candle-cuda")]
+pub(crate) use lora::dense_gated_shrink;
 #[cfg(feature = "cuda")]
 pub use lora::{
     expand_experts, expand_experts_on, expand_segments, expand_segments_on, lora_dense_gated,

@@ -71,6 +71,8 @@ pub struct HdmoleDemoConfig {
     pub accent_strength: f32,
     /// Noise `σ` of every frame.
     pub noise: f32,
+    /// Where to train (default: the CPU).
+    pub device: super::DemoDevice,
 }
 
 impl Default for HdmoleDemoConfig {
@@ -104,6 +106,7 @@ impl Default for HdmoleDemoConfig {
             init_from_domain_lora: true,
             accent_strength: 1.2,
             noise: 0.9,
+            device: super::DemoDevice::Cpu,
         }
     }
 }
@@ -469,7 +472,7 @@ pub fn run_hdmole_demo(
     progress: &mut dyn FnMut(&str),
 ) -> Result<HdmoleReport> {
     cfg.check()?;
-    let dev = Device::Cpu;
+    let dev = cfg.device.candle()?;
     let mut rng = Rng::new(cfg.seed);
     let data = Domains::new(cfg, &mut rng);
     let tests = TestSets {

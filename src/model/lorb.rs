@@ -634,6 +634,8 @@ pub struct LorbDemoConfig {
     pub lr_full: f64,
     /// LoRA's learning rate.
     pub lr_lora: f64,
+    /// Where to train (default: the CPU).
+    pub device: super::DemoDevice,
 }
 
 impl Default for LorbDemoConfig {
@@ -669,6 +671,7 @@ impl Default for LorbDemoConfig {
             lr_pretrain: 2e-3,
             lr_full: 5e-4,
             lr_lora: 5e-3,
+            device: super::DemoDevice::Cpu,
         }
     }
 }
@@ -1178,7 +1181,7 @@ fn adapt(
 /// `progress` receives status lines.
 pub fn run_lorb_demo(cfg: &LorbDemoConfig, progress: &mut dyn FnMut(&str)) -> Result<LorbReport> {
     cfg.check()?;
-    let dev = Device::Cpu;
+    let dev = cfg.device.candle()?;
     let mut rng = Rng::new(cfg.seed);
     let task = RescoringTask::new(cfg, &mut rng)?;
     let train = task.lists(1, cfg.target_train_lists, &mut rng);

@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::error::{Error, Result};
@@ -65,6 +65,8 @@ pub struct SamlDemoConfig {
     pub noise: f32,
     /// Base quantisation.
     pub quant: QuantFormat,
+    /// Where to train (default: the CPU).
+    pub device: super::DemoDevice,
 }
 
 impl Default for SamlDemoConfig {
@@ -104,6 +106,7 @@ impl Default for SamlDemoConfig {
             speaker_strength: 0.3,
             noise: 0.6,
             quant: QuantFormat::Nf4,
+            device: super::DemoDevice::Cpu,
         }
     }
 }
@@ -220,7 +223,7 @@ pub fn run_saml_demo(cfg: &SamlDemoConfig, progress: &mut dyn FnMut(&str)) -> Re
         });
     }
     let start = Instant::now();
-    let dev = Device::Cpu;
+    let dev = cfg.device.candle()?;
     let mut rng = Rng::new(cfg.seed);
     let n_spk = cfg.pool_speakers + cfg.experts + cfg.target_speakers;
     let data = Domains::with_params(

@@ -1,0 +1,524 @@
+//! The CUDA side of the candle ops (feature `candle-cuda`): each op's `cuda_fwd`, and the backward
+//! of the LoRA part and of the gates, run molora's kernels on candle's CUDA storage, on the stream of
+//! the tensor's candle device, without copying through the host and without waiting for the device.
+//!
+//! | op | forward kernels | backward |
+//! |---|---|---|
+//! | [`super::ops::mole_lora`] | dense gate ids, then the dense-gated shrink and expand | [`cuda::lora_backward_dense_gated`] (`dx`, `dA`, `dB`, `dw` for every `(t, e)`) |
+//! | [`super::ops::top_k_gate`], [`super::ops::threshold_gate`] | [`cuda::gate_probabilities`], [`cuda::slots_to_dense`] | [`cuda::dense_to_slots`], [`cuda::gate_probabilities_backward`] |
+//! | [`super::ops::quant_linear`] | [`cuda::quant_matmul`] (the packed weight uploaded per call) | candle's matmul with the dequantised weight |
+//! | [`super::ops::weight_space_lora`] | [`cuda::mix_experts`], segmented shrink and expand | the CPU backward (copies to the host) |
+//!
+//! The gates cannot report bad probabilities without a host sync: on CUDA a NaN row gives no expert
+//! and a negative probability is never selected, where the CPU path returns an error.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::CudaDType;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
+use cudarc::driver::{CudaSlice, CudaView};
+
+use super::ops::QuantWeight;
+use crate::cuda::{self, CudaElement, DeviceGate};
+use crate::error::{Error, Result};
+use crate::{AdapterSegments, LoraShape, Segments};
+
+type CResult<T> = candle_core::Result<T>;
+
+fn msg(e: Error) -> candle_core::Error {
+    e.into()
+}
+
+/// molora's device handle on the stream of a candle CUDA storage, so our kernels order with
+/// candle's own work on that device.
+fn device(s: &CudaStorage) -> cuda::Device {
+    cuda::Device::from_stream(s.device().cuda_stream())
+}
+
+/// The contiguous view of a candle CUDA storage, or an error naming the input.
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> CResult<CudaView<'a, T>> {
+    let slice = s.as_cuda_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => Err(candle_core::Error::Msg(format!(
+            "{what}: the molora ops need a contiguous tensor (call .contiguous() first)"
+        ))),
+    }
+}
+
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, like: &CudaStorage) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(slice, like.device().clone())
+}
+
+/// A new candle tensor (no gradient history) over a device buffer of `like`'s device.
+fn tensor<T: CudaDType, S: Into<Shape>>(
+    slice: CudaSlice<T>,
+    shape: S,
+    like: &CudaStorage,
+) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(wrap(slice, like)),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+/// Runs `f` on the CUDA storage and layout of a contiguous `t`.
+fn with_cuda<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&CudaStorage, &Layout) -> CResult<R>,
+) -> CResult<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => f(s, layout),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{what}: expected a tensor on a CUDA device, found one on {:?}",
+            t.device().location()
+        ))),
+    }
+}
+
+/// A zeroed device buffer of `n` elements (one when `n = 0`: the driver cannot allocate zero bytes).
+fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    dev: &cuda::Device,
+    n: usize,
+) -> CResult<CudaSlice<T>> {
+    dev.zeros::<T>(n.max(1)).map_err(msg)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The LoRA part
+
+/// Ids `[T, E]` with `ids[t, e] = e`: every expert in every slot, so that the dense gate weights
+/// `w` `[T, E]` are the routing's slot weights as they are.
+fn all_expert_ids(
+    dev: &cuda::Device,
+    w: &CudaView<'_, f32>,
+    t: usize,
+    e: usize,
+) -> CResult<CudaSlice<i32>> {
+    let mut ids = zeros::<i32>(dev, t * e)?;
+    let mut copy = zeros::<f32>(dev, t * e)?;
+    if t > 0 {
+        let mut ids_v = ids.slice_mut(0..t * e);
+        let mut copy_v = copy.slice_mut(0..t * e);
+        cuda::gate_probabilities(dev, w, t, e, &DeviceGate::Dense, &mut ids_v, &mut copy_v)
+            .map_err(msg)?;
+    }
+    Ok(ids)
+}
+
+fn check_columns(shape: &LoraShape) -> Result<()> {
+    let columns = shape.num_experts * shape.rank;
+    if columns > cuda::DENSE_GATED_MAX_COLUMNS {
+        return Err(Error::Unsupported {
+            op: "mole_lora (CUDA)",
+            what: format!(
+                "E·r = {columns}: the candle op runs the dense-gated kernels, which take up to {} \
+                 (call molora::cuda's segmented path directly for more)",
+                cuda::DENSE_GATED_MAX_COLUMNS
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn lora_fwd_typed<T: CudaElement + CudaDType>(
+    shape: &LoraShape,
+    scale: f32,
+    (x, lx): (&CudaStorage, &Layout),
+    (ab, lab): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+) -> CResult<CudaStorage> {
+    let dev = device(x);
+    let t = lx.dims()[0];
+    let xv = view::<T>(x, lx, "x")?;
+    let abv = view::<T>(ab, lab, "experts")?;
+    let wv = view::<f32>(w, lw, "w")?;
+    let a = abv.slice(0..shape.a_len());
+    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
+    let e = shape.num_experts;
+    let mut y = zeros::<T>(&dev, t * shape.d_out)?;
+    if t > 0 {
+        let ids = all_expert_ids(&dev, &wv, t, e)?;
+        let mut ws = cuda::DenseGatedWorkspace::new(&dev, t, shape).map_err(msg)?;
+        let mut yv = y.slice_mut(0..t * shape.d_out);
+        cuda::lora_dense_gated(
+            &dev,
+            &xv,
+            &a,
+            &b,
+            shape,
+            &ids.slice(0..t * e),
+            &wv,
+            e,
+            scale,
+            &mut ws,
+            &mut yv,
+        )
+        .map_err(msg)?;
+    }
+    Ok(wrap(y, x))
+}
+
+/// `cuda_fwd` of the LoRA op: `Δy = s·Σ_e w_te·(x_t·A_eᵀ)·B_eᵀ` on the dense-gated kernels.
+pub(crate) fn lora_fwd(
+    shape: &LoraShape,
+    scale: f32,
+    x: (&CudaStorage, &Layout),
+    ab: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+) -> CResult<(CudaStorage, Shape)> {
+    check_columns(shape).map_err(msg)?;
+    let t = x.1.dims()[0];
+    let out = match x.0.dtype() {
+        DType::F32 => lora_fwd_typed::<f32>(shape, scale, x, ab, w)?,
+        DType::F16 => lora_fwd_typed::<half::f16>(shape, scale, x, ab, w)?,
+        DType::BF16 => lora_fwd_typed::<half::bf16>(shape, scale, x, ab, w)?,
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "molora-lora: dtype {other:?} is not supported (f32, f16, bf16)"
+            )))
+        }
+    };
+    Ok((out, Shape::from((t, shape.d_out))))
+}
+
+fn lora_bwd_typed<T: CudaElement + CudaDType>(
+    shape: &LoraShape,
+    scale: f32,
+    x: &Tensor,
+    ab: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (t, d_in) = x.dims2()?;
+    let e = shape.num_experts;
+    with_cuda(x, "x", |xs, lx| {
+        with_cuda(ab, "experts", |abs, lab| {
+            with_cuda(w, "w", |ws_, lw| {
+                with_cuda(dy, "dy", |dys, ldy| {
+                    let dev = device(xs);
+                    let xv = view::<T>(xs, lx, "x")?;
+                    let abv = view::<T>(abs, lab, "experts")?;
+                    let wv = view::<f32>(ws_, lw, "w")?;
+                    let dyv = view::<T>(dys, ldy, "dy")?;
+                    let a = abv.slice(0..shape.a_len());
+                    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
+                    let mut grads =
+                        cuda::DeviceLoraGrads::new_dense_gated(&dev, t, e, shape).map_err(msg)?;
+                    let mut dab = zeros::<f32>(&dev, shape.a_len() + shape.b_len())?;
+                    let mut dx = zeros::<f32>(&dev, t * d_in)?;
+                    let mut dw = zeros::<f32>(&dev, t * e)?;
+                    if t > 0 {
+                        let ids = all_expert_ids(&dev, &wv, t, e)?;
+                        let ids = ids.slice(0..t * e);
+                        let mut ws = cuda::DenseGatedWorkspace::new(&dev, t, shape).map_err(msg)?;
+                        cuda::dense_gated_shrink(&dev, &xv, &a, shape, &mut ws).map_err(msg)?;
+                        cuda::lora_backward_dense_gated(
+                            &dev, &xv, &a, &b, shape, &ids, &wv, e, &ws, &dyv, scale, &mut grads,
+                        )
+                        .map_err(msg)?;
+                        let stream = dev.stream();
+                        let copy =
+                            |src: &CudaView<'_, f32>, dst: &mut CudaSlice<f32>, at: usize| {
+                                let mut d = dst.slice_mut(at..at + src.len());
+                                stream
+                                    .memcpy_dtod(src, &mut d)
+                                    .map_err(|e| Error::Driver(e.to_string()))
+                            };
+                        copy(&grads.dx(), &mut dx, 0).map_err(msg)?;
+                        copy(&grads.dw(), &mut dw, 0).map_err(msg)?;
+                    }
+                    // dA and dB do not depend on T = 0 being empty: they are zero then.
+                    let stream = dev.stream();
+                    {
+                        let mut d = dab.slice_mut(0..shape.a_len());
+                        stream
+                            .memcpy_dtod(&grads.da(), &mut d)
+                            .map_err(|e| msg(Error::Driver(e.to_string())))?;
+                    }
+                    {
+                        let mut d = dab.slice_mut(shape.a_len()..shape.a_len() + shape.b_len());
+                        stream
+                            .memcpy_dtod(&grads.db(), &mut d)
+                            .map_err(|e| msg(Error::Driver(e.to_string())))?;
+                    }
+                    // Buffers of an empty tensor hold one element; the shapes read none of it.
+                    let dx = tensor(dx, x.shape(), xs).to_dtype(x.dtype())?;
+                    let dab = tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?;
+                    let dw = tensor(dw, (t, e), xs);
+                    Ok((dx, dab, dw))
+                })
+            })
+        })
+    })
+}
+
+/// Backward of the LoRA op on the GPU: `(dx, d[A;B], dw)`, `dw` for every `(t, e)` (exact also where
+/// `w = 0`), from the dense-gated backward kernels. `dy` is made contiguous first.
+pub(crate) fn lora_bwd(
+    shape: &LoraShape,
+    scale: f32,
+    x: &Tensor,
+    ab: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    check_columns(shape).map_err(msg)?;
+    let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+    match x.dtype() {
+        DType::F32 => lora_bwd_typed::<f32>(shape, scale, x, ab, w, &dy),
+        DType::F16 => lora_bwd_typed::<half::f16>(shape, scale, x, ab, w, &dy),
+        DType::BF16 => lora_bwd_typed::<half::bf16>(shape, scale, x, ab, w, &dy),
+        other => Err(candle_core::Error::Msg(format!(
+            "molora-lora: dtype {other:?} is not supported (f32, f16, bf16)"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gates
+
+/// The gates of the candle ops, as the kernels take them.
+pub(crate) enum GateKind {
+    TopK {
+        k: usize,
+        renormalize: bool,
+    },
+    /// Per-token thresholds `τ` `[T]`.
+    Threshold,
+}
+
+/// Runs the gate on `p` `[T, E]` (and `τ` `[T]` for the threshold gate): the routing's ids and
+/// weights `[T, k_max]` and `k_max`.
+fn routing(
+    dev: &cuda::Device,
+    kind: &GateKind,
+    p: &CudaView<'_, f32>,
+    tau: Option<&CudaView<'_, f32>>,
+    t: usize,
+    e: usize,
+) -> CResult<(CudaSlice<i32>, CudaSlice<f32>, usize)> {
+    let gate = device_gate(kind, tau)?;
+    let k_max = gate.k_max(e);
+    let mut ids = zeros::<i32>(dev, t * k_max)?;
+    let mut weights = zeros::<f32>(dev, t * k_max)?;
+    if t > 0 {
+        let mut iv = ids.slice_mut(0..t * k_max);
+        let mut wv = weights.slice_mut(0..t * k_max);
+        cuda::gate_probabilities(dev, p, t, e, &gate, &mut iv, &mut wv).map_err(msg)?;
+    }
+    Ok((ids, weights, k_max))
+}
+
+fn device_gate<'a>(kind: &GateKind, tau: Option<&CudaView<'a, f32>>) -> CResult<DeviceGate<'a>> {
+    Ok(match (kind, tau) {
+        (GateKind::TopK { k, renormalize }, _) => DeviceGate::TopK {
+            k: *k,
+            renormalize: *renormalize,
+        },
+        (GateKind::Threshold, Some(tau)) => DeviceGate::ThresholdPerToken(tau.slice(..)),
+        (GateKind::Threshold, None) => {
+            return Err(candle_core::Error::Msg(
+                "molora-threshold-gate: the thresholds tau [T] are missing".into(),
+            ))
+        }
+    })
+}
+
+/// `cuda_fwd` of the gates: the dense weights `[T, E]` of the gate over probabilities `p`.
+pub(crate) fn gate_fwd(
+    kind: &GateKind,
+    (p, lp): (&CudaStorage, &Layout),
+    tau: Option<(&CudaStorage, &Layout)>,
+) -> CResult<(CudaStorage, Shape)> {
+    let (t, e) = match lp.dims() {
+        [t, e] => (*t, *e),
+        d => {
+            return Err(candle_core::Error::Msg(format!(
+                "probs: expected a rank-2 tensor, got shape {d:?}"
+            )))
+        }
+    };
+    let dev = device(p);
+    let pv = view::<f32>(p, lp, "probs")?;
+    let tv = tau.map(|(s, l)| view::<f32>(s, l, "tau")).transpose()?;
+    if let Some(tv) = &tv {
+        crate::error::check_len("tau [T]", t, tv.len()).map_err(msg)?;
+    }
+    let mut dense = zeros::<f32>(&dev, t * e)?;
+    if t > 0 {
+        let (ids, weights, k_max) = routing(&dev, kind, &pv, tv.as_ref(), t, e)?;
+        let mut dv = dense.slice_mut(0..t * e);
+        cuda::slots_to_dense(
+            &dev,
+            &ids.slice(0..t * k_max),
+            &weights.slice(0..t * k_max),
+            t,
+            k_max,
+            e,
+            &mut dv,
+        )
+        .map_err(msg)?;
+    }
+    Ok((wrap(dense, p), Shape::from((t, e))))
+}
+
+/// Backward of the gates on the GPU: `dp` `[T, E]` and, for the threshold gate, `dτ` `[T]`, from the
+/// gradient of the dense weights.
+pub(crate) fn gate_bwd(
+    kind: &GateKind,
+    p: &Tensor,
+    tau: Option<&Tensor>,
+    grad: &Tensor,
+) -> CResult<(Tensor, Option<Tensor>)> {
+    let (t, e) = p.dims2()?;
+    let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+    let tau = tau.map(|t| t.contiguous()).transpose()?;
+    with_cuda(p, "probs", |ps, lp| {
+        with_cuda(&grad, "grad", |gs, lg| {
+            let dev = device(ps);
+            let pv = view::<f32>(ps, lp, "probs")?;
+            let gv = view::<f32>(gs, lg, "grad")?;
+            let run = |tv: Option<&CudaView<'_, f32>>| -> CResult<(Tensor, Option<Tensor>)> {
+                let mut dp = zeros::<f32>(&dev, t * e)?;
+                let mut dtau = zeros::<f32>(&dev, t)?;
+                if t > 0 {
+                    let (ids, _weights, k_max) = routing(&dev, kind, &pv, tv, t, e)?;
+                    let ids = ids.slice(0..t * k_max);
+                    let mut dw = zeros::<f32>(&dev, t * k_max)?;
+                    {
+                        let mut dwv = dw.slice_mut(0..t * k_max);
+                        cuda::dense_to_slots(&dev, &ids, &gv, t, k_max, e, &mut dwv)
+                            .map_err(msg)?;
+                    }
+                    let gate = device_gate(kind, tv)?;
+                    let mut dpv = dp.slice_mut(0..t * e);
+                    let threshold = matches!(kind, GateKind::Threshold);
+                    cuda::gate_probabilities_backward(
+                        &dev,
+                        &pv,
+                        t,
+                        e,
+                        &gate,
+                        &ids,
+                        &dw.slice(0..t * k_max),
+                        &mut dpv,
+                        threshold.then_some(&mut dtau),
+                    )
+                    .map_err(msg)?;
+                }
+                let dp = tensor(dp, (t, e), ps);
+                let dtau = matches!(kind, GateKind::Threshold).then(|| tensor(dtau, t, ps));
+                Ok((dp, dtau))
+            };
+            match &tau {
+                Some(tau) => with_cuda(tau, "tau", |ts, lt| {
+                    let tv = view::<f32>(ts, lt, "tau")?;
+                    run(Some(&tv))
+                }),
+                None => run(None),
+            }
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantised base
+
+fn quant_fwd_typed<T: CudaElement + CudaDType>(
+    weight: &QuantWeight,
+    (x, lx): (&CudaStorage, &Layout),
+) -> CResult<CudaStorage> {
+    let dev = device(x);
+    let t = lx.dims()[0];
+    let xv = view::<T>(x, lx, "x")?;
+    let w = match weight {
+        QuantWeight::Nf4(w) => cuda::DeviceQuantWeight::from_nf4(&dev, w),
+        QuantWeight::Int8(w) => cuda::DeviceQuantWeight::from_int8(&dev, w),
+    }
+    .map_err(msg)?;
+    let rows = weight.rows();
+    let mut y = zeros::<f32>(&dev, t * rows)?;
+    if t > 0 {
+        let mut yv = y.slice_mut(0..t * rows);
+        cuda::quant_matmul(&dev, &xv, t, &w, None, &mut yv).map_err(msg)?;
+    }
+    let y = wrap(y, x);
+    if x.dtype() == DType::F32 {
+        return Ok(y);
+    }
+    let layout = Layout::contiguous((t * rows).max(1));
+    y.to_dtype(&layout, x.dtype())
+}
+
+/// `cuda_fwd` of the quantised linear: `y = x·deq(W)ᵀ` on [`cuda::quant_matmul`], in `x`'s dtype.
+pub(crate) fn quant_fwd(
+    weight: &QuantWeight,
+    x: (&CudaStorage, &Layout),
+) -> CResult<(CudaStorage, Shape)> {
+    let t = x.1.dims()[0];
+    let out = match x.0.dtype() {
+        DType::F32 => quant_fwd_typed::<f32>(weight, x)?,
+        DType::F16 => quant_fwd_typed::<half::f16>(weight, x)?,
+        DType::BF16 => quant_fwd_typed::<half::bf16>(weight, x)?,
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "molora-quant-linear: dtype {other:?} is not supported (f32, f16, bf16)"
+            )))
+        }
+    };
+    Ok((out, Shape::from((t, weight.rows()))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// SAML weight-space mixing
+
+/// `cuda_fwd` of the weight-space LoRA: `Ā_q`, `B̄_q` by [`cuda::mix_experts`], then the segmented
+/// shrink and expand with one segment per sequence of `seq_len` rows.
+pub(crate) fn weight_space_fwd(
+    shape: &LoraShape,
+    scale: f32,
+    seq_len: usize,
+    (x, lx): (&CudaStorage, &Layout),
+    (ab, lab): (&CudaStorage, &Layout),
+    (p, lp): (&CudaStorage, &Layout),
+) -> CResult<(CudaStorage, Shape)> {
+    let s = lp.dims()[0];
+    let dev = device(x);
+    let xv = view::<f32>(x, lx, "x")?;
+    let abv = view::<f32>(ab, lab, "experts")?;
+    let pv = view::<f32>(p, lp, "p")?;
+    let a = abv.slice(0..shape.a_len());
+    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
+    let t = s * seq_len;
+    let (r, d_in, d_out) = (shape.rank, shape.d_in, shape.d_out);
+    let mut y = zeros::<f32>(&dev, t * d_out)?;
+    if t > 0 {
+        let mixed = LoraShape::new(s, r, d_in, d_out).map_err(msg)?;
+        let mut am = zeros::<f32>(&dev, mixed.a_len())?;
+        let mut bm = zeros::<f32>(&dev, mixed.b_len())?;
+        {
+            let mut amv = am.slice_mut(0..mixed.a_len());
+            let mut bmv = bm.slice_mut(0..mixed.b_len());
+            cuda::mix_experts(&dev, &a, &b, shape, &pv, s, &mut amv, &mut bmv).map_err(msg)?;
+        }
+        let segs = Segments::from_lengths(&vec![seq_len; s]).map_err(msg)?;
+        let segs = AdapterSegments::identity(segs).map_err(msg)?;
+        let segs = cuda::DeviceSegments::new(&dev, &segs).map_err(msg)?;
+        let mut h = zeros::<f32>(&dev, t * r)?;
+        let am = am.slice(0..mixed.a_len());
+        let bm = bm.slice(0..mixed.b_len());
+        {
+            let mut hv = h.slice_mut(0..t * r);
+            cuda::shrink_segments(&dev, &xv, &am, &mixed, &segs, &mut hv).map_err(msg)?;
+        }
+        let mut yv = y.slice_mut(0..t * d_out);
+        cuda::expand_segments(&dev, &h.slice(0..t * r), &bm, &mixed, &segs, scale, &mut yv)
+            .map_err(msg)?;
+    }
+    Ok((wrap(y, x), Shape::from((t, d_out))))
+}
