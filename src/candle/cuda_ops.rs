@@ -6,11 +6,13 @@
 //! |---|---|---|
 //! | [`super::ops::mole_lora`] | dense gate ids, then the dense-gated shrink and expand | [`cuda::lora_backward_dense_gated`] (`dx`, `dA`, `dB`, `dw` for every `(t, e)`) |
 //! | [`super::ops::top_k_gate`], [`super::ops::threshold_gate`] | [`cuda::gate_probabilities`], [`cuda::slots_to_dense`] | [`cuda::dense_to_slots`], [`cuda::gate_probabilities_backward`] |
-//! | [`super::ops::quant_linear`] | [`cuda::quant_matmul`] (the packed weight uploaded per call) | candle's matmul with the dequantised weight |
+//! | [`super::ops::quant_linear`] | [`cuda::quant_matmul`] (the packed weight uploaded once per device and weight) | candle's matmul with the dequantised weight |
 //! | [`super::ops::weight_space_lora`] | [`cuda::mix_experts`], segmented shrink and expand | the CPU backward (copies to the host) |
 //!
 //! The gates cannot report bad probabilities without a host sync: on CUDA a NaN row gives no expert
 //! and a negative probability is never selected, where the CPU path returns an error.
+
+use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaDType;
@@ -429,18 +431,57 @@ pub(crate) fn gate_bwd(
 // ---------------------------------------------------------------------------------------------
 // Quantised base
 
+/// One uploaded quantised weight: the host weight it was made from (weakly held, so the entry dies
+/// with the weight) and the CUDA context it lives in.
+struct CachedQuant {
+    host: Weak<QuantWeight>,
+    context: usize,
+    device: Arc<cuda::DeviceQuantWeight>,
+}
+
+/// The packed weights already on a device, so a frozen quantised layer is uploaded once per device
+/// rather than on every forward. Entries whose host weight was dropped are removed on each lookup.
+static QUANT_CACHE: Mutex<Vec<CachedQuant>> = Mutex::new(Vec::new());
+
+/// The device copy of `weight` on `dev`'s context: from the cache, or uploaded (enqueued on the
+/// stream) and remembered.
+fn device_quant(
+    dev: &cuda::Device,
+    weight: &Arc<QuantWeight>,
+) -> CResult<Arc<cuda::DeviceQuantWeight>> {
+    let context = Arc::as_ptr(dev.context()) as usize;
+    // A poisoned lock only means another thread panicked while holding it; the list stays valid.
+    let mut cache = QUANT_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    cache.retain(|c| c.host.strong_count() > 0);
+    if let Some(c) = cache
+        .iter()
+        .find(|c| c.context == context && c.host.upgrade().is_some_and(|h| Arc::ptr_eq(&h, weight)))
+    {
+        return Ok(Arc::clone(&c.device));
+    }
+    let uploaded = Arc::new(
+        match &**weight {
+            QuantWeight::Nf4(w) => cuda::DeviceQuantWeight::from_nf4(dev, w),
+            QuantWeight::Int8(w) => cuda::DeviceQuantWeight::from_int8(dev, w),
+        }
+        .map_err(msg)?,
+    );
+    cache.push(CachedQuant {
+        host: Arc::downgrade(weight),
+        context,
+        device: Arc::clone(&uploaded),
+    });
+    Ok(uploaded)
+}
+
 fn quant_fwd_typed<T: CudaElement + CudaDType>(
-    weight: &QuantWeight,
+    weight: &Arc<QuantWeight>,
     (x, lx): (&CudaStorage, &Layout),
 ) -> CResult<CudaStorage> {
     let dev = device(x);
     let t = lx.dims()[0];
     let xv = view::<T>(x, lx, "x")?;
-    let w = match weight {
-        QuantWeight::Nf4(w) => cuda::DeviceQuantWeight::from_nf4(&dev, w),
-        QuantWeight::Int8(w) => cuda::DeviceQuantWeight::from_int8(&dev, w),
-    }
-    .map_err(msg)?;
+    let w = device_quant(&dev, weight)?;
     let rows = weight.rows();
     let mut y = zeros::<f32>(&dev, t * rows)?;
     if t > 0 {
@@ -455,9 +496,10 @@ fn quant_fwd_typed<T: CudaElement + CudaDType>(
     y.to_dtype(&layout, x.dtype())
 }
 
-/// `cuda_fwd` of the quantised linear: `y = x·deq(W)ᵀ` on [`cuda::quant_matmul`], in `x`'s dtype.
+/// `cuda_fwd` of the quantised linear: `y = x·deq(W)ᵀ` on [`cuda::quant_matmul`], in `x`'s dtype;
+/// the packed weight is uploaded on a device's first call and kept while the host weight lives.
 pub(crate) fn quant_fwd(
-    weight: &QuantWeight,
+    weight: &Arc<QuantWeight>,
     x: (&CudaStorage, &Layout),
 ) -> CResult<(CudaStorage, Shape)> {
     let t = x.1.dims()[0];
