@@ -196,7 +196,7 @@ fn lora_bwd_typed<T: CudaElement + CudaDType>(
     w: &Tensor,
     dy: &Tensor,
 ) -> CResult<(Tensor, Tensor, Tensor)> {
-    let (t, d_in) = x.dims2()?;
+    let (t, _) = x.dims2()?;
     let e = shape.num_experts;
     with_cuda(x, "x", |xs, lx| {
         with_cuda(ab, "experts", |abs, lab| {
@@ -211,9 +211,6 @@ fn lora_bwd_typed<T: CudaElement + CudaDType>(
                     let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
                     let mut grads =
                         cuda::DeviceLoraGrads::new_dense_gated(&dev, t, e, shape).map_err(msg)?;
-                    let mut dab = zeros::<f32>(&dev, shape.a_len() + shape.b_len())?;
-                    let mut dx = zeros::<f32>(&dev, t * d_in)?;
-                    let mut dw = zeros::<f32>(&dev, t * e)?;
                     if t > 0 {
                         let ids = all_expert_ids(&dev, &wv, t, e)?;
                         let ids = ids.slice(0..t * e);
@@ -223,32 +220,19 @@ fn lora_bwd_typed<T: CudaElement + CudaDType>(
                             &dev, &xv, &a, &b, shape, &ids, &wv, e, &ws, &dyv, scale, &mut grads,
                         )
                         .map_err(msg)?;
-                        let stream = dev.stream();
-                        let copy =
-                            |src: &CudaView<'_, f32>, dst: &mut CudaSlice<f32>, at: usize| {
-                                let mut d = dst.slice_mut(at..at + src.len());
-                                stream
-                                    .memcpy_dtod(src, &mut d)
-                                    .map_err(|e| Error::Driver(e.to_string()))
-                            };
-                        copy(&grads.dx(), &mut dx, 0).map_err(msg)?;
-                        copy(&grads.dw(), &mut dw, 0).map_err(msg)?;
                     }
-                    // dA and dB do not depend on T = 0 being empty: they are zero then.
+                    // dx and dw become tensors as they are (their buffers hold one padding element
+                    // the shapes do not read); dA and dB are joined into the one [A; B] gradient.
+                    // With T = 0 every gradient is zero.
+                    let (da, db, dx, dw) = grads.into_parts();
+                    let (a_len, b_len) = (shape.a_len(), shape.b_len());
+                    let mut dab = zeros::<f32>(&dev, a_len + b_len)?;
                     let stream = dev.stream();
-                    {
-                        let mut d = dab.slice_mut(0..shape.a_len());
+                    for (src, at, n) in [(&da, 0, a_len), (&db, a_len, b_len)] {
                         stream
-                            .memcpy_dtod(&grads.da(), &mut d)
+                            .memcpy_dtod(&src.slice(0..n), &mut dab.slice_mut(at..at + n))
                             .map_err(|e| msg(Error::Driver(e.to_string())))?;
                     }
-                    {
-                        let mut d = dab.slice_mut(shape.a_len()..shape.a_len() + shape.b_len());
-                        stream
-                            .memcpy_dtod(&grads.db(), &mut d)
-                            .map_err(|e| msg(Error::Driver(e.to_string())))?;
-                    }
-                    // Buffers of an empty tensor hold one element; the shapes read none of it.
                     let dx = tensor(dx, x.shape(), xs).to_dtype(x.dtype())?;
                     let dab = tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?;
                     let dw = tensor(dw, (t, e), xs);

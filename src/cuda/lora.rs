@@ -721,13 +721,7 @@ pub fn lora_dense_gated<T: CudaElement>(
     const OP: &str = "lora_dense_gated";
     check_scale(scale)?;
     let t = ws.num_tokens;
-    check_len(
-        "workspace columns (E * r)",
-        shape.num_experts * shape.rank,
-        ws.columns,
-    )?;
-    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
-    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    // The workspace, x and A are checked by `dense_gated_shrink`, before it launches anything.
     check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
     check_len("routing ids [T, k_max]", t * k_max, ids.len())?;
     check_len("routing weights [T, k_max]", t * k_max, weights.len())?;
@@ -740,10 +734,10 @@ pub fn lora_dense_gated<T: CudaElement>(
             reason: "a routing needs at least one slot per token",
         });
     }
+    dense_gated_shrink(dev, x, a, shape, ws)?;
     if t == 0 {
         return Ok(());
     }
-    dense_gated_shrink(dev, x, a, shape, ws)?;
     let stream = dev.stream();
     let (b_ptr, _g2) = b.device_ptr(stream);
     let (ids_ptr, _g3) = ids.device_ptr(stream);
