@@ -9,6 +9,138 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     #[cfg(feature = "cuda")]
     cuda::build();
+    #[cfg(feature = "emu")]
+    emu::build();
+}
+
+/// Feature `emu`: the emulated device. The same `cuda/*.cu` sources compiled by the host C++ compiler
+/// with `MOLORA_EMU` (cuda/emu/emu.cuh gives them the CUDA execution model) into the static library
+/// `molora_emu`, every launcher renamed `molora_emu_*` and the kernels' namespace `molora_emu`, so one
+/// binary holds both builds. Kernel code is compiled with GCC's `-fsanitize=thread` instrumentation,
+/// whose load/store hooks are the emulator's own checks (cuda/emu/runtime.cpp, compiled without it); no
+/// sanitizer runtime is linked. bindgen declares the renamed launchers and cuda/include/molora_emu.h in
+/// `$OUT_DIR/molora_emu_ffi.rs`. The CUDA headers (for `__half`, `__nv_bfloat16` and the runtime's
+/// types) come from the toolkit that the `cuda` feature found.
+#[cfg(feature = "emu")]
+mod emu {
+    use std::path::{Path, PathBuf};
+
+    pub fn build() {
+        let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+        let cuda_dir = manifest.join("cuda");
+        let include = cuda_dir.join("include");
+        let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+        let cuda_home = super::cuda::cuda_home();
+        let cuda_include = cuda_home.join("include");
+        println!("cargo:rerun-if-env-changed=MOLORA_EMU_OPT");
+
+        // `#define molora_X molora_emu_X` for every function of molora.h.
+        let header = std::fs::read_to_string(include.join("molora.h")).expect("read cuda/include/molora.h");
+        let mut names: Vec<String> = Vec::new();
+        for (i, _) in header.match_indices("molora_") {
+            let rest = &header[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            if rest[end..].trim_start().starts_with('(') && !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        let rename: String = names
+            .iter()
+            .map(|n| format!("#define {n} molora_emu_{}\n", &n["molora_".len()..]))
+            .collect();
+        let rename_h = out.join("molora_emu_rename.h");
+        std::fs::write(&rename_h, rename).expect("write molora_emu_rename.h");
+
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(&cuda_dir)
+            .expect("cuda/ exists")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+            .collect();
+        sources.sort();
+        for entry in std::fs::read_dir(cuda_dir.join("emu")).expect("cuda/emu exists").flatten() {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
+        // Emulated kernels are optimised (they are slow enough as it is) and carry line tables, which the
+        // emulator's reports turn into file:line through addr2line.
+        let opt = std::env::var("MOLORA_EMU_OPT").unwrap_or_else(|_| "1".to_string());
+        let kernels = |source: &Path| {
+            let mut b = cc::Build::new();
+            b.cpp(true)
+                .debug(false)
+                .opt_level_str(&opt)
+                .include(&include)
+                .include(&cuda_dir)
+                .include(&cuda_include)
+                .define("MOLORA_EMU", None)
+                .define("molora", "molora_emu")
+                .flag("-x")
+                .flag("c++")
+                .flag("-std=c++17")
+                .flag("-g1")
+                .flag("-include")
+                .flag(rename_h.to_string_lossy().as_ref())
+                .flag("-fsanitize=thread")
+                .flag("--param=tsan-instrument-func-entry-exit=0")
+                .flag("-fno-omit-frame-pointer")
+                .warnings(false)
+                .file(source);
+            b
+        };
+        let mut objects: Vec<PathBuf> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = sources
+                .iter()
+                .map(|s| scope.spawn(move || kernels(s).compile_intermediates()))
+                .collect();
+            jobs.into_iter()
+                .flat_map(|j| j.join().expect("emulated kernel compile panicked"))
+                .collect()
+        });
+        objects.extend(
+            cc::Build::new()
+                .cpp(true)
+                .debug(false)
+                .opt_level(2)
+                .include(&include)
+                .include(&cuda_dir)
+                .include(&cuda_include)
+                .define("MOLORA_EMU", None)
+                .flag("-std=c++17")
+                .flag("-g1")
+                .warnings(false)
+                .file(cuda_dir.join("emu").join("runtime.cpp"))
+                .compile_intermediates(),
+        );
+        cc::Build::new().objects(&objects).compile("molora_emu");
+        println!("cargo:rustc-link-lib=stdc++");
+        println!("cargo:rustc-link-lib=dl");
+
+        let wrapper = out.join("molora_emu_all.h");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#include \"{}\"\n#include \"molora.h\"\n#include \"molora_emu.h\"\n",
+                rename_h.display()
+            ),
+        )
+        .expect("write molora_emu_all.h");
+        let bindings = bindgen::Builder::default()
+            .header(wrapper.to_string_lossy())
+            .clang_arg(format!("-I{}", include.display()))
+            .allowlist_function("molora_emu_.*")
+            .blocklist_type("molora_.*")
+            .blocklist_type("CUstream_st")
+            .derive_default(true)
+            .layout_tests(false)
+            .generate()
+            .unwrap_or_else(|e| panic!("molora: bindgen could not read the emulator's headers: {e}"));
+        bindings
+            .write_to_file(out.join("molora_emu_ffi.rs"))
+            .expect("write molora_emu_ffi.rs");
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -72,6 +204,12 @@ mod cuda {
             .collect();
         flags.push(format!("-gencode=arch=compute_{top},code=compute_{top}"));
         flags
+    }
+
+    /// The toolkit `build` uses (for the emulated build's CUDA headers).
+    #[cfg_attr(not(feature = "emu"), allow(dead_code))]
+    pub fn cuda_home() -> PathBuf {
+        find_cuda_home().unwrap_or_else(|| panic!("molora: no CUDA toolkit found (see the `cuda` feature's message)"))
     }
 
     pub fn build() {

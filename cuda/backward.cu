@@ -19,7 +19,7 @@ constexpr int kRedThreads = kRedOut * kRedSlices;
 // call it (it synchronises); the total is returned to the threads of slice 0.
 template <typename F>
 __device__ __forceinline__ float sliced_sum(int begin, int end, F step) {
-    __shared__ float red[kRedSlices][kRedOut];
+    MOLORA_SHARED(float, red, [kRedSlices][kRedOut]);
     const int out = threadIdx.x % kRedOut, slice = threadIdx.x / kRedOut;
     const int per = (end - begin + kRedSlices - 1) / kRedSlices;
     const int q0 = begin + slice * per, q1 = min(end, q0 + per);
@@ -83,10 +83,10 @@ template <typename T, int TM, int TN, bool kCompact>
 __global__ void __launch_bounds__(kRgThreads) row_gemm_kernel(RowGemmArgs g) {
     constexpr int MM = TM / 16, NB = TN / 16;
     constexpr int LP = kRgK * TM / kRgThreads, RP = kRgK * TN / kRgThreads;  // per-thread loads per step
-    __shared__ float ls[kRgK][TM];
-    __shared__ float rs[kRgK][TN + 1];
-    __shared__ int rows[kCompact ? kRgWindow : 1];
-    __shared__ int warp_count[kRgThreads / kWarp];
+    MOLORA_SHARED(float, ls, [kRgK][TM]);
+    MOLORA_SHARED(float, rs, [kRgK][TN + 1]);
+    MOLORA_SHARED(int, rows, [kCompact ? kRgWindow : 1]);
+    MOLORA_SHARED(int, warp_count, [kRgThreads / kWarp]);
     const int z = blockIdx.z;
     const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -203,14 +203,14 @@ int launch_row_gemm(const RowGemmArgs &g, int experts, cudaStream_t s) {
     if (!g.q_offsets && g.rank % 16 == 0) {
         const dim3 grid((g.n_count + 127) / 128, (g.m_count + 15) / 16, experts);
         if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-        row_gemm_kernel<T, 16, 128, true><<<grid, kRgThreads, 0, s>>>(g);
+        launch<row_gemm_kernel<T, 16, 128, true>>(grid, kRgThreads, 0, s, g);
     } else if (g.m_count <= 16) {
         const dim3 grid((g.n_count + 127) / 128, 1, experts);
-        row_gemm_kernel<T, 16, 128, false><<<grid, kRgThreads, 0, s>>>(g);
+        launch<row_gemm_kernel<T, 16, 128, false>>(grid, kRgThreads, 0, s, g);
     } else {
         const dim3 grid((g.n_count + 63) / 64, (g.m_count + 31) / 32, experts);
         if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-        row_gemm_kernel<T, 32, 64, false><<<grid, kRgThreads, 0, s>>>(g);
+        launch<row_gemm_kernel<T, 32, 64, false>>(grid, kRgThreads, 0, s, g);
     }
     return last_launch_error();
 }
@@ -372,14 +372,14 @@ int launch_backward(const molora_lora_backward_args *args, molora_stream_t strea
         int err = u_on_tensor_cores<T>(a.dy, a.b, a.u, a.expert_offsets, a.num_experts, a.sorted_slots, a.k_max,
                                        static_cast<int>(slots), a.rank, a.rank, a.d_out, stream);
         if (err == -1) {
-            bwd_u_dw_kernel<T><<<static_cast<unsigned>((slots + kBwdWarps - 1) / kBwdWarps), kBwdWarps * kWarp, 0, s>>>(a);
+            launch<bwd_u_dw_kernel<T>>(static_cast<unsigned>((slots + kBwdWarps - 1) / kBwdWarps), kBwdWarps * kWarp, 0, s, a);
             err = last_launch_error();
         } else if (err == 0) {
-            bwd_dw_kernel<<<static_cast<unsigned>((slots + kBwdThreads - 1) / kBwdThreads), kBwdThreads, 0, s>>>(a);
+            launch<bwd_dw_kernel>(static_cast<unsigned>((slots + kBwdThreads - 1) / kBwdThreads), kBwdThreads, 0, s, a);
             err = last_launch_error();
         }
         if (err) return err;
-        bwd_dw_empty_kernel<<<static_cast<unsigned>((slots + kBwdThreads - 1) / kBwdThreads), kBwdThreads, 0, s>>>(a);
+        launch<bwd_dw_empty_kernel>(static_cast<unsigned>((slots + kBwdThreads - 1) / kBwdThreads), kBwdThreads, 0, s, a);
         err = last_launch_error();
         if (err) return err;
     }
@@ -395,7 +395,7 @@ int launch_backward(const molora_lora_backward_args *args, molora_stream_t strea
     const int err = launch_weight_grads<T>(g, false, a.num_experts, a.h, a.u, a.x, a.dy, a.da, a.db, a.d_in, a.d_out, s);
     if (err || a.num_tokens == 0) return err;
     if (a.num_tokens > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
-    bwd_dx_kernel<T><<<dim3((a.d_in + kBwdThreads - 1) / kBwdThreads, a.num_tokens), kBwdThreads, 0, s>>>(a);
+    launch<bwd_dx_kernel<T>>(dim3((a.d_in + kBwdThreads - 1) / kBwdThreads, a.num_tokens), kBwdThreads, 0, s, a);
     return last_launch_error();
 }
 
@@ -422,7 +422,7 @@ __device__ __forceinline__ double warp_sum_double(double v) {
 }
 
 __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(molora_gating_backward_args a) {
-    extern __shared__ float smem[];  // [warps][3·E]: l (local probabilities), p (combined), dp
+    MOLORA_DYNAMIC_SHARED(16, float, smem);  // [warps][3·E]: l (local probabilities), p (combined), dp
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     const int t = blockIdx.x * kGateBwdWarps + warp;
     if (t >= a.num_tokens) return;
@@ -561,7 +561,7 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
 // The order depends on n only, so the result is deterministic.
 constexpr int kSumThreads = 256;
 __global__ void __launch_bounds__(kSumThreads) ordered_sum_kernel(const float *v, int n, float *out) {
-    __shared__ double part[kSumThreads];
+    MOLORA_SHARED(double, part, [kSumThreads]);
     double acc = 0.0;
     for (int i = threadIdx.x; i < n; i += kSumThreads) acc += static_cast<double>(v[i]);
     part[threadIdx.x] = acc;
@@ -613,11 +613,11 @@ int launch_router_backward(const molora_router_backward_args *args, molora_strea
     if (a.num_tokens < 0 || a.d_in < 1 || a.num_experts < 1) return static_cast<int>(cudaErrorInvalidValue);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int64_t n_dw = (static_cast<int64_t>(a.d_in) + 1) * a.num_experts;
-    router_dw_kernel<T><<<static_cast<unsigned>((n_dw + kRedOut - 1) / kRedOut), kRedThreads, 0, s>>>(a);
+    launch<router_dw_kernel<T>>(static_cast<unsigned>((n_dw + kRedOut - 1) / kRedOut), kRedThreads, 0, s, a);
     int err = last_launch_error();
     if (err || !a.dx || a.num_tokens == 0) return err;
     const int64_t n_dx = static_cast<int64_t>(a.num_tokens) * a.d_in;
-    router_dx_kernel<T><<<static_cast<unsigned>((n_dx + kRouterThreads - 1) / kRouterThreads), kRouterThreads, 0, s>>>(a);
+    launch<router_dx_kernel<T>>(static_cast<unsigned>((n_dx + kRouterThreads - 1) / kRouterThreads), kRouterThreads, 0, s, a);
     return last_launch_error();
 }
 
@@ -641,13 +641,13 @@ extern "C" int molora_gating_backward_f32(const molora_gating_backward_args *arg
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (a.num_tokens > 0) {
         const size_t smem = sizeof(float) * 3 * kGateBwdWarps * a.num_experts;
-        gating_backward_kernel<<<(a.num_tokens + kGateBwdWarps - 1) / kGateBwdWarps, kGateBwdWarps * kWarp, smem, s>>>(a);
+        launch<gating_backward_kernel>((a.num_tokens + kGateBwdWarps - 1) / kGateBwdWarps, kGateBwdWarps * kWarp, smem, s, a);
         const int err = last_launch_error();
         if (err) return err;
     }
     if (a.dlambda) {
         // T = 0 gives dλ = 0 (the kernel reads nothing).
-        ordered_sum_kernel<<<1, kSumThreads, 0, s>>>(a.dlambda_tokens, a.num_tokens, a.dlambda);
+        launch<ordered_sum_kernel>(1, kSumThreads, 0, s, a.dlambda_tokens, a.num_tokens, a.dlambda);
         return last_launch_error();
     }
     return 0;
@@ -682,7 +682,7 @@ __global__ void __launch_bounds__(kMixBwdThreads)
 // sums a strided run in order, then a fixed tree (deterministic).
 template <typename T>
 __global__ void __launch_bounds__(kMixBwdThreads) mix_bwd_dp_kernel(molora_mix_backward_args a) {
-    __shared__ float part[kMixBwdThreads];
+    MOLORA_SHARED(float, part, [kMixBwdThreads]);
     const int e = blockIdx.x, s = blockIdx.y;
     const T *A = static_cast<const T *>(a.a) + static_cast<int64_t>(e) * a.per_a;
     const T *B = static_cast<const T *>(a.b) + static_cast<int64_t>(e) * a.per_b;
@@ -712,15 +712,15 @@ int launch_mix_backward(const molora_mix_backward_args *args, molora_stream_t st
     if (bx_a > 0x7fffffff || bx_b > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     // dA and dB are written whole, zero when there are no sequences.
-    mix_bwd_grad_kernel<<<dim3(static_cast<unsigned>(bx_a), a.num_experts), kMixBwdThreads, 0, s>>>(
-        a.probs, a.da_mixed, a.da, a.num_experts, a.num_seqs, a.per_a);
+    launch<mix_bwd_grad_kernel>(dim3(static_cast<unsigned>(bx_a), a.num_experts), kMixBwdThreads, 0, s, a.probs,
+                                a.da_mixed, a.da, a.num_experts, a.num_seqs, a.per_a);
     int err = last_launch_error();
     if (err) return err;
-    mix_bwd_grad_kernel<<<dim3(static_cast<unsigned>(bx_b), a.num_experts), kMixBwdThreads, 0, s>>>(
-        a.probs, a.db_mixed, a.db, a.num_experts, a.num_seqs, a.per_b);
+    launch<mix_bwd_grad_kernel>(dim3(static_cast<unsigned>(bx_b), a.num_experts), kMixBwdThreads, 0, s, a.probs,
+                                a.db_mixed, a.db, a.num_experts, a.num_seqs, a.per_b);
     err = last_launch_error();
     if (err || a.num_seqs == 0) return err;
-    mix_bwd_dp_kernel<T><<<dim3(a.num_experts, a.num_seqs), kMixBwdThreads, 0, s>>>(a);
+    launch<mix_bwd_dp_kernel<T>>(dim3(a.num_experts, a.num_seqs), kMixBwdThreads, 0, s, a);
     return last_launch_error();
 }
 
@@ -749,8 +749,8 @@ constexpr int kDgTok = 8;
 
 template <typename T>
 __global__ void __launch_bounds__(kDgThreads) dg_token_kernel(molora_lora_backward_dense_args a) {
-    __shared__ float dys[kDgTok][kDgChunk];
-    __shared__ float us[kDgTok][kDgCols];
+    MOLORA_SHARED(float, dys, [kDgTok][kDgChunk]);
+    MOLORA_SHARED(float, us, [kDgTok][kDgCols]);
     const int t0 = blockIdx.x * kDgTok;
     const int nt = min(kDgTok, a.num_tokens - t0);
     const int C = a.num_experts * a.rank;
@@ -879,10 +879,10 @@ int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_st
         int err = u_on_tensor_cores<T>(a.dy, a.b, a.u, nullptr, 1, nullptr, 1, a.num_tokens,
                                        a.num_experts * a.rank, a.rank, a.d_out, stream);
         if (err == -1) {
-            dg_token_kernel<T><<<(a.num_tokens + kDgTok - 1) / kDgTok, kDgThreads, 0, s>>>(a);
+            launch<dg_token_kernel<T>>((a.num_tokens + kDgTok - 1) / kDgTok, kDgThreads, 0, s, a);
             err = last_launch_error();
         } else if (err == 0) {
-            dg_gate_dw_kernel<<<(a.num_tokens + kDgThreads - 1) / kDgThreads, kDgThreads, 0, s>>>(a);
+            launch<dg_gate_dw_kernel>((a.num_tokens + kDgThreads - 1) / kDgThreads, kDgThreads, 0, s, a);
             err = last_launch_error();
         }
         if (err) return err;
@@ -898,7 +898,7 @@ int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_st
     g.scale = a.scale;
     const int err = launch_weight_grads<T>(g, true, 1, a.h, a.u, a.x, a.dy, a.da, a.db, a.d_in, a.d_out, s);
     if (err || n_dx == 0) return err;
-    dg_dx_kernel<T><<<static_cast<unsigned>((n_dx + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s>>>(a);
+    launch<dg_dx_kernel<T>>(static_cast<unsigned>((n_dx + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s, a);
     return last_launch_error();
 }
 

@@ -1,14 +1,48 @@
 // Shared device helpers of molora's kernels.
 #pragma once
 
+#ifdef MOLORA_EMU
+// The emulated device (feature `emu`): the same kernels compiled by the host compiler.
+#include "emu/emu.cuh"
+#else
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
+#endif
 #include <stdint.h>
 
 #include "molora.h"
 
+// Shared memory. One declaration for nvcc and the emulated device, which allocates every array of a
+// block on its own, sized exactly, so that out-of-bounds accesses, races and unwritten reads are caught:
+//   MOLORA_SHARED(float, xs, [32][33]);               __shared__ float xs[32][33];
+//   MOLORA_SHARED(int, carry, );                      __shared__ int carry;
+//   MOLORA_SHARED_ALIGNED(32, T, tile, [16][40]);     __shared__ __align__(32) T tile[16][40];
+//   MOLORA_DYNAMIC_SHARED(16, float, smem);           extern __shared__ __align__(16) float smem[];
+#ifdef MOLORA_EMU
+#define MOLORA_SHARED_ALIGNED(align, T, name, dims)                                                   \
+    T(&name) dims = *reinterpret_cast<T(*) dims>(::emu::shared_array(sizeof(T dims), (align) > alignof(T) ? (align) : alignof(T), #name, __FILE__, __LINE__))
+#define MOLORA_SHARED(T, name, dims) MOLORA_SHARED_ALIGNED(alignof(T), T, name, dims)
+#define MOLORA_DYNAMIC_SHARED(align, T, name) T *name = static_cast<T *>(::emu::dynamic_shared(#name, __FILE__, __LINE__))
+#else
+#define MOLORA_SHARED(T, name, dims) __shared__ T name dims
+#define MOLORA_SHARED_ALIGNED(align, T, name, dims) __shared__ __align__(align) T name dims
+#define MOLORA_DYNAMIC_SHARED(align, T, name) extern __shared__ __align__(align) T name[]
+#endif
+
 namespace molora {
+
+// Launches kernel K: `K<<<grid, block, smem, stream>>>(args...)` on nvcc, the emulator's launch on the
+// emulated device. Errors are read afterwards with last_launch_error(), as with <<<>>>.
+template <auto K, typename... A>
+inline void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A... args) {
+#ifdef MOLORA_EMU
+    ::emu::launch<K>(grid, block, smem, stream, args...);
+#else
+    K<<<grid, block, smem, stream>>>(args...);
+#endif
+}
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -25,7 +25,7 @@ __device__ __forceinline__ int valid_expert(const int32_t *ids, int i, int n, in
 }
 
 __global__ void __launch_bounds__(kChunk) dispatch_count(molora_dispatch_args a) {
-    extern __shared__ int hist[];
+    MOLORA_DYNAMIC_SHARED(16, int, hist);
     const int E = a.num_experts;
     for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
     __syncthreads();
@@ -39,8 +39,8 @@ __global__ void __launch_bounds__(kChunk) dispatch_count(molora_dispatch_args a)
 
 // Exclusive scan of v[e * chunks + c] = workspace[c * E + e], written back in place, one block.
 __global__ void __launch_bounds__(kScanThreads) dispatch_scan(molora_dispatch_args a, int chunks) {
-    __shared__ int warp_sums[kScanThreads / kWarp];
-    __shared__ int carry;
+    MOLORA_SHARED(int, warp_sums, [kScanThreads / kWarp]);
+    MOLORA_SHARED(int, carry, );
     const int E = a.num_experts;
     const int64_t n = static_cast<int64_t>(E) * chunks;
     if (threadIdx.x == 0) carry = 0;
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kScanThreads) dispatch_scan(molora_dispatch_ar
 }
 
 __global__ void __launch_bounds__(kChunk) dispatch_scatter(molora_dispatch_args a) {
-    extern __shared__ int warp_counts[];  // [kChunkWarps][E]
+    MOLORA_DYNAMIC_SHARED(16, int, warp_counts);  // [kChunkWarps][E]
     const int E = a.num_experts;
     for (int x = threadIdx.x; x < kChunkWarps * E; x += blockDim.x) warp_counts[x] = 0;
     __syncthreads();
@@ -135,13 +135,13 @@ extern "C" int molora_dispatch(const molora_dispatch_args *args, molora_stream_t
         return static_cast<int>(err);
     }
     const int chunks = (a.num_slots + kChunk - 1) / kChunk;
-    dispatch_count<<<chunks, kChunk, sizeof(int) * a.num_experts, s>>>(a);
+    launch<dispatch_count>(chunks, kChunk, sizeof(int) * a.num_experts, s, a);
     int err = last_launch_error();
     if (err) return err;
-    dispatch_scan<<<1, kScanThreads, 0, s>>>(a, chunks);
+    launch<dispatch_scan>(1, kScanThreads, 0, s, a, chunks);
     err = last_launch_error();
     if (err) return err;
-    dispatch_scatter<<<chunks, kChunk, sizeof(int) * kChunkWarps * a.num_experts, s>>>(a);
+    launch<dispatch_scatter>(chunks, kChunk, sizeof(int) * kChunkWarps * a.num_experts, s, a);
     return last_launch_error();
 }
 
@@ -188,7 +188,7 @@ int launch_gather_rows(const molora_gather_rows_args *args, molora_stream_t stre
     const molora_gather_rows_args a = *args;
     if (a.num_slots < 0 || a.k_max < 1 || a.num_experts < 1 || a.d < 1) return static_cast<int>(cudaErrorInvalidValue);
     if (a.num_slots == 0) return 0;
-    gather_rows_kernel<T><<<a.num_slots, kRowThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    launch<gather_rows_kernel<T>>(a.num_slots, kRowThreads, 0, reinterpret_cast<cudaStream_t>(stream), a);
     return last_launch_error();
 }
 
@@ -199,8 +199,8 @@ int launch_scatter_combine(const molora_scatter_combine_args *args, molora_strea
     if (a.num_tokens < 0 || a.k_max < 1 || a.num_experts < 1 || a.d < 1) return static_cast<int>(cudaErrorInvalidValue);
     if (a.num_tokens == 0) return 0;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    if (a.rows_f32) scatter_combine_kernel<T, float><<<a.num_tokens, kRowThreads, 0, s>>>(a);
-    else scatter_combine_kernel<T, T><<<a.num_tokens, kRowThreads, 0, s>>>(a);
+    if (a.rows_f32) launch<scatter_combine_kernel<T, float>>(a.num_tokens, kRowThreads, 0, s, a);
+    else launch<scatter_combine_kernel<T, T>>(a.num_tokens, kRowThreads, 0, s, a);
     return last_launch_error();
 }
 

@@ -49,7 +49,7 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 }
 
 __global__ void __launch_bounds__(kGatingWarps * kWarp) gating_kernel(molora_gating_args a) {
-    extern __shared__ float smem[];
+    MOLORA_DYNAMIC_SHARED(16, float, smem);
     const int warp = threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     const int t = blockIdx.x * kGatingWarps + warp;
@@ -230,12 +230,12 @@ int launch_router_logits(const molora_router_logits_args *args, molora_stream_t 
         const int64_t n = static_cast<int64_t>(a.num_tokens) * a.num_experts;
         const int64_t blocks = (n + kBiasThreads - 1) / kBiasThreads;
         if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
-        add_bias_kernel<T><<<static_cast<unsigned>(blocks), kBiasThreads, 0, s>>>(
-            a.logits, static_cast<const T *>(a.b_g), n, a.num_experts);
+        launch<add_bias_kernel<T>>(static_cast<unsigned>(blocks), kBiasThreads, 0, s, a.logits,
+                                   static_cast<const T *>(a.b_g), n, a.num_experts);
         return last_launch_error();
     }
     const int blocks = (a.num_tokens + kLogitWarps - 1) / kLogitWarps;
-    router_logits_kernel<T><<<blocks, kLogitWarps * kWarp, 0, s>>>(a);
+    launch<router_logits_kernel<T>>(blocks, kLogitWarps * kWarp, 0, s, a);
     return last_launch_error();
 }
 
@@ -257,7 +257,7 @@ int launch_gating(const molora_gating_args &a, molora_stream_t stream) {
     const dim3 block(kGatingWarps * kWarp);
     const dim3 grid((a.num_tokens + kGatingWarps - 1) / kGatingWarps);
     const size_t smem = sizeof(float) * kGatingWarps * a.num_experts;
-    gating_kernel<<<grid, block, smem, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    launch<gating_kernel>(grid, block, smem, reinterpret_cast<cudaStream_t>(stream), a);
     return last_launch_error();
 }
 
@@ -305,8 +305,8 @@ extern "C" int molora_slots_to_dense_f32(const molora_slots_dense_args *args, mo
     const int64_t blocks = molora::convert_blocks(args, true);
     if (blocks < 0) return static_cast<int>(cudaErrorInvalidValue);
     if (blocks == 0) return 0;
-    molora::slots_to_dense_kernel<<<static_cast<unsigned>(blocks), molora::kConvertThreads, 0,
-                                    reinterpret_cast<cudaStream_t>(stream)>>>(*args);
+    molora::launch<molora::slots_to_dense_kernel>(static_cast<unsigned>(blocks), molora::kConvertThreads, 0,
+                                reinterpret_cast<cudaStream_t>(stream), *args);
     return molora::last_launch_error();
 }
 
@@ -314,8 +314,8 @@ extern "C" int molora_dense_to_slots_f32(const molora_slots_dense_args *args, mo
     const int64_t blocks = molora::convert_blocks(args, false);
     if (blocks < 0) return static_cast<int>(cudaErrorInvalidValue);
     if (blocks == 0) return 0;
-    molora::dense_to_slots_kernel<<<static_cast<unsigned>(blocks), molora::kConvertThreads, 0,
-                                    reinterpret_cast<cudaStream_t>(stream)>>>(*args);
+    molora::launch<molora::dense_to_slots_kernel>(static_cast<unsigned>(blocks), molora::kConvertThreads, 0,
+                                reinterpret_cast<cudaStream_t>(stream), *args);
     return molora::last_launch_error();
 }
 

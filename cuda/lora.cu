@@ -7,9 +7,8 @@
 // (plain / 16-byte loads), tiled on tensor cores (pipelined with cp.async when aligned), and
 // row-parallel for few rows. Expand variants: plain / 16-byte loads of B, or B staged in shared memory.
 
-#include <mma.h>
-
 #include "common.cuh"
+#include "tc.cuh"
 
 namespace molora {
 namespace {
@@ -45,9 +44,9 @@ __device__ __forceinline__ void load_vec(const T *p, float *out) {
 // every row then starts aligned and a vector never straddles the end of a row).
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(molora_lora_shrink_args a) {
-    __shared__ float xs[kShrinkRows][kShrinkK + 1];
-    __shared__ float as[kShrinkRank][kShrinkK + 1];
-    __shared__ int64_t src_row[kShrinkRows];
+    MOLORA_SHARED(float, xs, [kShrinkRows][kShrinkK + 1]);
+    MOLORA_SHARED(float, as, [kShrinkRank][kShrinkK + 1]);
+    MOLORA_SHARED(int64_t, src_row, [kShrinkRows]);
     const int total = run_start(a, a.num_runs);
     const int p0 = blockIdx.x * kShrinkRows;
     if (p0 >= total) return;
@@ -155,10 +154,10 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_tc_kernel(molora_l
     using namespace nvcuda;
     // 32-byte alignment of every fragment pointer: rows are 40 elements (80 bytes) apart and
     // fragments start at rows 0/16 and columns 0/16, i.e. at multiples of 1280 + 32 bytes.
-    __shared__ __align__(32) T xs[kShrinkRows][kShrinkK + kTcPad];
-    __shared__ __align__(32) T as[kShrinkRank][kShrinkK + kTcPad];
-    __shared__ __align__(32) float outs[kShrinkRows][kShrinkRank + kTcOutPad];
-    __shared__ int64_t src_row[kShrinkRows];
+    MOLORA_SHARED_ALIGNED(32, T, xs, [kShrinkRows][kShrinkK + kTcPad]);
+    MOLORA_SHARED_ALIGNED(32, T, as, [kShrinkRank][kShrinkK + kTcPad]);
+    MOLORA_SHARED_ALIGNED(32, float, outs, [kShrinkRows][kShrinkRank + kTcOutPad]);
+    MOLORA_SHARED(int64_t, src_row, [kShrinkRows]);
     const int total = run_start(a, a.num_runs);
     const int p0 = blockIdx.x * kShrinkRows;
     if (p0 >= total) return;
@@ -311,14 +310,6 @@ template <int kBN, bool kBT> constexpr int tc_smem_bytes(int elem) {
     return kTcWarps * tc_stages<kBN>() * tc_stage_elems<kBN, kBT>() * elem + kTcWarps * kTcRows * (kBN + 4) * 4;
 }
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, gmem is not read
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
 template <typename T, int kBN, bool kBT>
 __global__ void __launch_bounds__(kTcThreads) lora_shrink_tcs_kernel(molora_lora_shrink_args a) {
     using namespace nvcuda;
@@ -329,8 +320,8 @@ __global__ void __launch_bounds__(kTcThreads) lora_shrink_tcs_kernel(molora_lora
     constexpr int kCopies = kBT ? kTcRows * (kTcK / V) / kWarp : (kTcRows + kBN) * (kTcK / V) / kWarp;
     constexpr int kBCopies = kBT ? kTcK * (kBN / V) / kWarp : 0;
     constexpr int kBPitch = kBN + 8;
-    extern __shared__ __align__(128) unsigned char tcs_smem[];
-    __shared__ int64_t src_row[kTcRows];
+    MOLORA_DYNAMIC_SHARED(128, unsigned char, tcs_smem);
+    MOLORA_SHARED(int64_t, src_row, [kTcRows]);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     T *stages = reinterpret_cast<T *>(tcs_smem) + warp * kStages * kStageElems;
     float *red = reinterpret_cast<float *>(tcs_smem + kTcWarps * kStages * kStageElems * sizeof(T));  // [warps][16][kBN + 4]
@@ -566,7 +557,7 @@ __device__ __forceinline__ float2 load_pair(const __nv_bfloat16 *p) {
 template <typename T, int kRank>
 __global__ void __launch_bounds__(kStThreads)
     lora_expand_staged_kernel(molora_lora_expand_args a, int tokens_per_block, int sub, int stage_h) {
-    extern __shared__ __align__(16) unsigned char st_smem[];
+    MOLORA_DYNAMIC_SHARED(16, unsigned char, st_smem);
     const int rank = kRank > 0 ? kRank : a.rank;
     const int W = a.num_weights;
     const int k_eff = a.ids ? a.k_max : 1;
@@ -718,7 +709,7 @@ int launch_shrink_tcs(const molora_lora_shrink_args &a, cudaStream_t s) {
     }
     const dim3 grid((a.max_rows + kTcRows - 1) / kTcRows, (a.rank + kBN - 1) / kBN);
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-    lora_shrink_tcs_kernel<T, kBN, kBT><<<grid, kTcThreads, smem, s>>>(a);
+    launch<lora_shrink_tcs_kernel<T, kBN, kBT>>(grid, kTcThreads, smem, s, a);
     return last_launch_error();
 }
 
@@ -760,8 +751,8 @@ int launch_shrink(const molora_lora_shrink_args *args, molora_stream_t stream) {
     if (path == MOLORA_LORA_PATH_ROWS) {
         const dim3 grid(a.max_rows, (a.rank + kRowsCols - 1) / kRowsCols);
         if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-        if (aligned) lora_shrink_rows_kernel<T, true><<<grid, kRowsThreads, 0, s>>>(a);
-        else lora_shrink_rows_kernel<T, false><<<grid, kRowsThreads, 0, s>>>(a);
+        if (aligned) launch<lora_shrink_rows_kernel<T, true>>(grid, kRowsThreads, 0, s, a);
+        else launch<lora_shrink_rows_kernel<T, false>>(grid, kRowsThreads, 0, s, a);
     } else if (path == MOLORA_LORA_PATH_TENSOR) {
         if constexpr (k16) {
             // The pipelined kernel needs 16-byte copies; other shapes take the one-stage kernel.
@@ -770,12 +761,12 @@ int launch_shrink(const molora_lora_shrink_args *args, molora_stream_t stream) {
                 if (a.rank <= 32) return launch_shrink_tcs<T, 32, false>(a, s);
                 return launch_shrink_tcs<T, 64, false>(a, s);
             }
-            lora_shrink_tc_kernel<T><<<blocks, kShrinkThreads, 0, s>>>(a);
+            launch<lora_shrink_tc_kernel<T>>(blocks, kShrinkThreads, 0, s, a);
         }
     } else if (path == MOLORA_LORA_PATH_VECTOR) {
-        lora_shrink_kernel<T, true><<<blocks, kShrinkThreads, 0, s>>>(a);
+        launch<lora_shrink_kernel<T, true>>(blocks, kShrinkThreads, 0, s, a);
     } else {
-        lora_shrink_kernel<T, false><<<blocks, kShrinkThreads, 0, s>>>(a);
+        launch<lora_shrink_kernel<T, false>>(blocks, kShrinkThreads, 0, s, a);
     }
     return last_launch_error();
 }
@@ -818,7 +809,7 @@ int launch_expand_staged(const molora_lora_expand_args &a, cudaStream_t s) {
     const int tpb = expand_tokens_per_block(a.num_tokens, col_tiles);
     const dim3 grid(col_tiles, (a.num_tokens + tpb - 1) / tpb);
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-    lora_expand_staged_kernel<T, kRank><<<grid, kStThreads, smem, s>>>(a, tpb, sub, stage_h);
+    launch<lora_expand_staged_kernel<T, kRank>>(grid, kStThreads, smem, s, a, tpb, sub, stage_h);
     return last_launch_error();
 }
 
@@ -855,15 +846,15 @@ int launch_expand(const molora_lora_expand_args *args, molora_stream_t stream) {
     if (path == MOLORA_LORA_PATH_VECTOR) {
         // Ranks 8..128 (all multiples of every vector width) get unrolled instances.
         switch (a.rank) {
-            case 8: lora_expand_kernel<T, true, 8><<<grid, kExpandThreads, 0, s>>>(a); break;
-            case 16: lora_expand_kernel<T, true, 16><<<grid, kExpandThreads, 0, s>>>(a); break;
-            case 32: lora_expand_kernel<T, true, 32><<<grid, kExpandThreads, 0, s>>>(a); break;
-            case 64: lora_expand_kernel<T, true, 64><<<grid, kExpandThreads, 0, s>>>(a); break;
-            case 128: lora_expand_kernel<T, true, 128><<<grid, kExpandThreads, 0, s>>>(a); break;
-            default: lora_expand_kernel<T, true, 0><<<grid, kExpandThreads, 0, s>>>(a); break;
+            case 8: launch<lora_expand_kernel<T, true, 8>>(grid, kExpandThreads, 0, s, a); break;
+            case 16: launch<lora_expand_kernel<T, true, 16>>(grid, kExpandThreads, 0, s, a); break;
+            case 32: launch<lora_expand_kernel<T, true, 32>>(grid, kExpandThreads, 0, s, a); break;
+            case 64: launch<lora_expand_kernel<T, true, 64>>(grid, kExpandThreads, 0, s, a); break;
+            case 128: launch<lora_expand_kernel<T, true, 128>>(grid, kExpandThreads, 0, s, a); break;
+            default: launch<lora_expand_kernel<T, true, 0>>(grid, kExpandThreads, 0, s, a); break;
         }
     } else {
-        lora_expand_kernel<T, false, 0><<<grid, kExpandThreads, 0, s>>>(a);
+        launch<lora_expand_kernel<T, false, 0>>(grid, kExpandThreads, 0, s, a);
     }
     return last_launch_error();
 }
@@ -877,7 +868,7 @@ int launch_mix(const molora_mix_args *args, molora_stream_t stream) {
     const int64_t bx = (a.per_expert + kMixThreads - 1) / kMixThreads;
     if (bx > 0x7fffffff || a.num_seqs > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
     const dim3 grid(static_cast<unsigned>(bx), a.num_seqs);
-    mix_kernel<T><<<grid, kMixThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    launch<mix_kernel<T>>(grid, kMixThreads, 0, reinterpret_cast<cudaStream_t>(stream), a);
     return last_launch_error();
 }
 

@@ -53,7 +53,7 @@ constexpr int kRowThreads = 256;
 // One block per row: scale = max |w| / 127, q = clamp(roundf(w / scale)).
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) quantize_int8_kernel(molora_quantize_args a) {
-    __shared__ float warp_m[kRowThreads / kWarp];
+    MOLORA_SHARED(float, warp_m, [kRowThreads / kWarp]);
     const int o = blockIdx.x;
     const T *w = static_cast<const T *>(a.w) + static_cast<int64_t>(o) * a.cols;
     float m = 0.0f;
@@ -127,8 +127,8 @@ constexpr int kGemmPer = 4;    // tokens and rows per thread (16 × 16 threads �
 // tx + 16·b; each sums over i in order (chunk by chunk), in f32.
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads) quant_gemm_kernel(molora_quant_matmul_args a) {
-    __shared__ float xs[kGemmK][kGemmTok + 1];
-    __shared__ float ws[kGemmK][kGemmRows + 1];
+    MOLORA_SHARED(float, xs, [kGemmK][kGemmTok + 1]);
+    MOLORA_SHARED(float, ws, [kGemmK][kGemmRows + 1]);
     const int o0 = blockIdx.x * kGemmRows;
     const int t0 = blockIdx.y * kGemmTok;
     const int tid = threadIdx.x;
@@ -187,7 +187,7 @@ int launch_quantize_nf4(const molora_quantize_args *args, molora_stream_t stream
     const int64_t n = static_cast<int64_t>(a.rows) * a.cols;
     const int64_t blocks = (n + MOLORA_NF4_BLOCK - 1) / MOLORA_NF4_BLOCK;
     const int64_t grid = (blocks + kQuantWarps - 1) / kQuantWarps;
-    quantize_nf4_kernel<T><<<static_cast<unsigned>(grid), kQuantWarps * kWarp, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    launch<quantize_nf4_kernel<T>>(static_cast<unsigned>(grid), kQuantWarps * kWarp, 0, reinterpret_cast<cudaStream_t>(stream), a);
     return last_launch_error();
 }
 
@@ -196,7 +196,7 @@ int launch_quantize_int8(const molora_quantize_args *args, molora_stream_t strea
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
     const molora_quantize_args a = *args;
     if (a.rows < 1 || a.cols < 1 || !a.q || !a.scales) return static_cast<int>(cudaErrorInvalidValue);
-    quantize_int8_kernel<T><<<a.rows, kRowThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    launch<quantize_int8_kernel<T>>(a.rows, kRowThreads, 0, reinterpret_cast<cudaStream_t>(stream), a);
     return last_launch_error();
 }
 
@@ -216,11 +216,11 @@ int launch_quant_matmul(const molora_quant_matmul_args *args, molora_stream_t st
     if (kernel == MOLORA_QUANT_KERNEL_GEMM) {
         const dim3 grid((a.rows + kGemmRows - 1) / kGemmRows, (a.num_tokens + kGemmTok - 1) / kGemmTok);
         if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-        quant_gemm_kernel<T><<<grid, kGemmThreads, 0, s>>>(a);
+        launch<quant_gemm_kernel<T>>(grid, kGemmThreads, 0, s, a);
     } else {
         const dim3 grid((a.rows + kMatWarps - 1) / kMatWarps, (a.num_tokens + kMatTokens - 1) / kMatTokens);
         if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-        quant_matmul_kernel<T><<<grid, kMatWarps * kWarp, 0, s>>>(a);
+        launch<quant_matmul_kernel<T>>(grid, kMatWarps * kWarp, 0, s, a);
     }
     return last_launch_error();
 }
