@@ -25,6 +25,34 @@ fn main() {
 mod emu {
     use std::path::{Path, PathBuf};
 
+    /// The C++ compiler of the emulated kernels: Clang, whose ThreadSanitizer instrumentation covers
+    /// every load and store (GCC's leaves out copies of small structs such as `__half`).
+    /// `$MOLORA_EMU_CXX`, else `clang++` or `clang++-N` on `PATH`.
+    fn find_clang() -> PathBuf {
+        println!("cargo:rerun-if-env-changed=MOLORA_EMU_CXX");
+        if let Some(cxx) = std::env::var_os("MOLORA_EMU_CXX") {
+            return PathBuf::from(cxx);
+        }
+        let names: Vec<String> = std::iter::once("clang++".to_string())
+            .chain((14..=22).rev().map(|v| format!("clang++-{v}")))
+            .collect();
+        if let Some(path) = std::env::var_os("PATH") {
+            for name in &names {
+                for dir in std::env::split_paths(&path) {
+                    let p = dir.join(name);
+                    if p.is_file() {
+                        return p;
+                    }
+                }
+            }
+        }
+        panic!(
+            "\n\nmolora: the `emu` feature compiles the kernels with Clang (clang++ or clang++-N on PATH, or \
+             $MOLORA_EMU_CXX), and none was found. Install it (`apt-get install clang`; \
+             scripts/cuda-toolkit.sh does it when run as root) or set MOLORA_EMU_CXX.\n"
+        );
+    }
+
     pub fn build() {
         let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
         let cuda_dir = manifest.join("cuda");
@@ -35,7 +63,11 @@ mod emu {
         println!("cargo:rerun-if-env-changed=MOLORA_EMU_OPT");
 
         // `#define molora_X molora_emu_X` for every function of molora.h.
-        let header = std::fs::read_to_string(include.join("molora.h")).expect("read cuda/include/molora.h");
+        let header = ["molora.h", "molora_selftest.h"]
+            .iter()
+            .map(|h| std::fs::read_to_string(include.join(h)).expect("read the headers of cuda/include"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let mut names: Vec<String> = Vec::new();
         for (i, _) in header.match_indices("molora_") {
             let rest = &header[i..];
@@ -67,9 +99,11 @@ mod emu {
         // Emulated kernels are optimised (they are slow enough as it is) and carry line tables, which the
         // emulator's reports turn into file:line through addr2line.
         let opt = std::env::var("MOLORA_EMU_OPT").unwrap_or_else(|_| "1".to_string());
+        let clang = find_clang();
         let kernels = |source: &Path| {
             let mut b = cc::Build::new();
             b.cpp(true)
+                .compiler(&clang)
                 .debug(false)
                 .opt_level_str(&opt)
                 .include(&include)
@@ -80,11 +114,12 @@ mod emu {
                 .flag("-x")
                 .flag("c++")
                 .flag("-std=c++17")
-                .flag("-g1")
+                .flag("-gline-tables-only")
                 .flag("-include")
                 .flag(rename_h.to_string_lossy().as_ref())
                 .flag("-fsanitize=thread")
-                .flag("--param=tsan-instrument-func-entry-exit=0")
+                .flag("-mllvm")
+                .flag("-tsan-instrument-func-entry-exit=0")
                 .flag("-fno-omit-frame-pointer")
                 .warnings(false)
                 .file(source);
@@ -102,6 +137,7 @@ mod emu {
         objects.extend(
             cc::Build::new()
                 .cpp(true)
+                .compiler(&clang)
                 .debug(false)
                 .opt_level(2)
                 .include(&include)
@@ -122,7 +158,7 @@ mod emu {
         std::fs::write(
             &wrapper,
             format!(
-                "#include \"{}\"\n#include \"molora.h\"\n#include \"molora_emu.h\"\n",
+                "#include \"{}\"\n#include \"molora.h\"\n#include \"molora_selftest.h\"\n#include \"molora_emu.h\"\n",
                 rename_h.display()
             ),
         )
@@ -339,6 +375,7 @@ mod cuda {
 
         let bindings = bindgen::Builder::default()
             .header(include.join("molora.h").to_string_lossy())
+            .header(include.join("molora_selftest.h").to_string_lossy())
             .allowlist_item("molora_.*")
             .allowlist_item("MOLORA_.*")
             .derive_default(true)

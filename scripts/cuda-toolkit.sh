@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prints a CUDA_HOME that holds nvcc 13.0, getting one if needed, and makes sure libclang (for
-# bindgen) is present. Idempotent: a second run only prints the path.
+# bindgen) and clang (for the emulated device) are present. Idempotent: a second run only prints the path.
 #
 #   export CUDA_HOME=$(scripts/cuda-toolkit.sh) PATH="$CUDA_HOME/bin:$PATH"
 #
@@ -30,6 +30,21 @@ ensure_libclang() {
        "or set LIBCLANG_PATH to the folder holding libclang.so" >&2
 }
 
+# Clang compiles the emulated device's kernels (feature `emu`, scripts/test.sh emu). Missing, it is
+# installed like libclang; otherwise the script says how and goes on.
+ensure_clang() {
+  if command -v clang++ >/dev/null 2>&1 || compgen -G '/usr/bin/clang++-[0-9]*' >/dev/null; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "cuda-toolkit.sh: installing clang for the emulated device" >&2
+    if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang) >&2; then
+      return 0
+    fi
+    echo "cuda-toolkit.sh: apt-get could not install clang" >&2
+  fi
+  echo "cuda-toolkit.sh: clang not found; the emulated device (feature \`emu\`) needs it. Install it with" \
+       "\`sudo apt-get install clang\` or set MOLORA_EMU_CXX to a clang++" >&2
+}
+
 find_cuda() {
   if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then echo "$CUDA_HOME"; return; fi
   if command -v nvcc >/dev/null 2>&1; then dirname "$(dirname "$(command -v nvcc)")"; return; fi
@@ -55,4 +70,5 @@ find_cuda() {
 }
 
 ensure_libclang
+ensure_clang
 find_cuda

@@ -154,11 +154,19 @@ float atomic_exch_f32(float *p, float v);
 template <auto K>
 const char *kernel_name() {
     // "const char* emu::kernel_name() [with auto K = NAME]" (GCC), "... [K = NAME]" (Clang)
+    static const char *const pretty = __PRETTY_FUNCTION__;
     static const char *name = [] {
         static char buf[512];
-        const char *s = __PRETTY_FUNCTION__;
+        const char *s = pretty;
         const char *p = std::strstr(s, "K = ");
         p = p ? p + 4 : s;
+        if (*p == '&') ++p;  // Clang writes the address of the function
+        for (const char *prefix : {"molora_emu::(anonymous namespace)::", "molora_emu::{anonymous}::", "molora_emu::"}) {
+            if (std::strncmp(p, prefix, std::strlen(prefix)) == 0) {
+                p += std::strlen(prefix);
+                break;
+            }
+        }
         size_t n = std::strlen(p);
         if (n > 0 && p[n - 1] == ']') --n;
         if (n >= sizeof(buf)) n = sizeof(buf) - 1;

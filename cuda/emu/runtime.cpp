@@ -92,18 +92,22 @@ std::string where(const void *pc) {
             lines.push_back(l);
         }
         pclose(p);
-        // Pairs of (function, file:line), innermost first.
+        // Pairs of (function, file:line), innermost first: the innermost location in the kernel sources
+        // (cuda/*.cu, cuda/*.cuh), and the emulator header's location when the access is in there.
+        std::string emu_loc;
         for (size_t i = 0; i + 1 < lines.size(); i += 2) {
             std::string loc = lines[i + 1];
-            const size_t slash = loc.rfind("/cuda/");
-            if (slash != std::string::npos) loc = loc.substr(slash + 1);
-            if (loc.rfind("??", 0) == 0) continue;
-            out += (out.empty() ? " at " : ", inlined into ") + loc;
-            if (i == 0) {
-                std::string fn = lines[i];
-                if (fn.size() > 120) fn = fn.substr(0, 117) + "...";
-                out += " (" + fn + ")";
+            const size_t at = loc.rfind("/cuda/");
+            if (at == std::string::npos) continue;
+            loc = loc.substr(at + 1);
+            const size_t disc = loc.find(" (discriminator");
+            if (disc != std::string::npos) loc = loc.substr(0, disc);
+            if (loc.rfind("cuda/emu/", 0) == 0) {
+                if (emu_loc.empty()) emu_loc = loc;
+                continue;
             }
+            out = " at " + loc + (emu_loc.empty() ? "" : " (in " + emu_loc + ")");
+            break;
         }
     }
     if (out.empty()) out = format(" at %s+0x%lx", info.dli_fname, static_cast<unsigned long>(off));
@@ -417,9 +421,10 @@ struct Worker {
     int as_lane = -1;
     bool in_launch = false;
 };
-thread_local Worker tl_worker;
-
-Worker &worker() { return tl_worker; }
+Worker &worker() {
+    thread_local Worker w;
+    return w;
+}
 
 std::string thread_name(const Worker &w, const Thread &t) {
     return format("thread (%u,%u,%u) of block (%u,%u,%u)", t.coords.thread.x, t.coords.thread.y, t.coords.thread.z,
@@ -621,16 +626,15 @@ void race_check(Worker &w, uintptr_t a, size_t n, bool write, const void *pc) {
             }
         }
         if (hazard) {
-            std::string o = other == ~0u ? std::string("other threads of the block")
-                                          : format("thread (%u,%u,%u)", other % w.threads[0].coords.block_dim.x,
-                                                   (other / w.threads[0].coords.block_dim.x) % w.threads[0].coords.block_dim.y,
-                                                   other / (w.threads[0].coords.block_dim.x * w.threads[0].coords.block_dim.y));
+            std::string o = other == ~0u ? std::string("an access by other threads of the block")
+                                          : "an access by " + name_of(w.threads[other]);
+            std::string me = w.as_lane >= 0 ? " (as lane " + std::to_string(w.as_lane) + " of its warp)" : "";
             std::string d = describe(a + i);
             finding(kErrLaunchFailure, "racecheck",
-                    format("%s hazard on shared memory at 0x%lx (%s): %s of %zu bytes%s by thread %u conflicts with %s, "
-                           "with no barrier between them",
-                           hazard, static_cast<unsigned long>(a + i), d.c_str(), write ? "write" : "read", n,
-                           where(pc).c_str(), tid, o.c_str()),
+                    format("%s hazard on shared memory at 0x%lx (%s): a %zu-byte %s%s%s conflicts with %s earlier in the same "
+                           "barrier interval (no __syncthreads()%s between them)",
+                           hazard, static_cast<unsigned long>(a + i), d.c_str(), n, write ? "write" : "read", where(pc).c_str(),
+                           me.c_str(), o.c_str(), other != ~0u && other / 32 == warp ? " or __syncwarp()" : ""),
                     true);
             return;
         }
@@ -703,6 +707,7 @@ void hook_access(const void *p, size_t n, bool write, const void *pc) { hook(p, 
 void run_kernel(const char *name, const void *func, dim3 grid, dim3 block, size_t dynamic_smem, Body body, void *params) {
     if (tl_last_error != 0) return;  // an earlier launch failed: like a faulted context, run nothing more
     Worker &w = worker();
+    w.as_lane = -1;
     if (w.in_launch) {
         set_error(kErrLaunchFailure, format("molora emulator: kernel %s launched from inside kernel %s (no dynamic parallelism)",
                                             name, w.kernel));

@@ -1,7 +1,7 @@
 /*
  * molora_emu.h — the host side of molora's emulated CUDA device.
  *
- * With the crate's `emu` feature, every kernel of cuda/*.cu is also compiled by the host C++ compiler
+ * With the crate's `emu` feature, every kernel of cuda/ is also compiled by the host C++ compiler
  * against cuda/emu/emu.cuh and runs on the CPU: each launcher `molora_X` of molora.h has a twin
  * `molora_emu_X` with the same signature (the stream is ignored; the launch runs to completion on the
  * calling thread before it returns). Device memory of the emulated device is host memory from the
