@@ -99,6 +99,27 @@ pub enum Error {
     #[error("{op} needs the CUDA path, but molora was built without the `cuda` feature (rebuild with `--features cuda`)")]
     CudaNotCompiled { op: &'static str },
 
+    /// The emulated CUDA device was asked for, but the crate was built without the `emu` feature.
+    #[error("{op} needs the emulated CUDA device, but molora was built without the `emu` feature (rebuild with `--features emu`)")]
+    EmuNotCompiled { op: &'static str },
+
+    /// A buffer of one kind of device memory passed to an op on a device of the other kind: an
+    /// emulated buffer on a GPU device, or GPU memory (a cudarc buffer) on the emulated device.
+    #[error("{what}: {buffer} memory cannot be used on the {device} device (allocate it with that device's upload or zeros)")]
+    DeviceMismatch {
+        what: &'static str,
+        buffer: &'static str,
+        device: &'static str,
+    },
+
+    /// A sub-range of a device buffer that does not lie inside it.
+    #[error("range {start}..{end} is out of bounds for a device buffer of {len} elements")]
+    OutOfBounds {
+        start: usize,
+        end: usize,
+        len: usize,
+    },
+
     /// No usable GPU or driver was found at run time.
     #[error("no CUDA device available: {reason}")]
     NoDevice { reason: String },

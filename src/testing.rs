@@ -163,22 +163,93 @@ pub fn cases(n: u32) -> u32 {
         .unwrap_or(n)
 }
 
-/// The device a GPU test runs on, or `None` after printing why the test is skipped (no `cuda`
-/// feature, no driver, no device). With the environment variable `MOLORA_REQUIRE_GPU=1` a missing GPU
-/// is a failure instead: this panics, so a GPU run cannot pass by skipping.
-pub fn gpu_or_skip(test: &str) -> Option<crate::cuda::Device> {
+/// Writes a skip line to the stderr handle itself, which the test harness does not capture, so the
+/// skip shows in every run's log (scripts count the lines starting with `skipping `).
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipping {test}: {why}");
+}
+
+/// Whether `MOLORA_REQUIRE_GPU=1`: a GPU run, which must not pass by skipping or by emulating.
+fn gpu_required() -> bool {
+    std::env::var("MOLORA_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The device the CUDA tests run on, chosen by the environment variable `MOLORA_DEVICE`:
+///
+/// * `gpu`: GPU 0; when there is none, `None` after printing a `skipping {test}: ...` line (a panic
+///   instead under `MOLORA_REQUIRE_GPU=1`);
+/// * `emu`: the emulated device ([`crate::cuda::Device::emulated`]); a panic when molora was built
+///   without the `emu` feature, or under `MOLORA_REQUIRE_GPU=1`;
+/// * unset (or empty): GPU 0 when there is one, else the emulated device when built with `emu`,
+///   else `None` after printing the skip line. Under `MOLORA_REQUIRE_GPU=1` a missing GPU panics.
+///
+/// So the same test runs unchanged on a GPU and, in CI without one, on the emulator.
+pub fn test_device(test: &str) -> Option<crate::cuda::Device> {
+    use crate::cuda::Device;
+    let choice = std::env::var("MOLORA_DEVICE").unwrap_or_default();
+    match choice.as_str() {
+        "gpu" => gpu(test, None),
+        "emu" => {
+            if gpu_required() {
+                panic!("{test}: MOLORA_REQUIRE_GPU=1 asks for a GPU, but MOLORA_DEVICE=emu for the emulated device");
+            }
+            match Device::emulated() {
+                Ok(dev) => Some(dev),
+                Err(err) => panic!("{test}: MOLORA_DEVICE=emu, but {err}"),
+            }
+        }
+        "" => {
+            match Device::new(0) {
+                Ok(dev) => Some(dev),
+                Err(gpu_err) => {
+                    if gpu_required() {
+                        panic!("{test}: MOLORA_REQUIRE_GPU=1 but no usable GPU: {gpu_err}");
+                    }
+                    match Device::emulated() {
+                        Ok(dev) => Some(dev),
+                        Err(emu_err) => {
+                            skip(
+                            test,
+                            &format!("{gpu_err}; {emu_err} (set MOLORA_REQUIRE_GPU=1 to fail instead)"),
+                        );
+                            None
+                        }
+                    }
+                }
+            }
+        }
+        other => panic!("{test}: MOLORA_DEVICE={other:?}: use gpu, emu, or leave it unset"),
+    }
+}
+
+/// GPU 0 for a test that only a GPU can run (`why`: what it needs that the emulated device does not
+/// have, e.g. CUDA graphs or cuBLAS), or `None` after printing `skipping {test}: GPU-only ({why})...`
+/// when there is no GPU or `MOLORA_DEVICE=emu` asks for the emulated device. Under
+/// `MOLORA_REQUIRE_GPU=1` a missing GPU panics instead.
+pub fn gpu_only(test: &str, why: &str) -> Option<crate::cuda::Device> {
+    if std::env::var("MOLORA_DEVICE").is_ok_and(|v| v == "emu") && !gpu_required() {
+        skip(test, &format!("GPU-only ({why}); MOLORA_DEVICE=emu"));
+        return None;
+    }
+    gpu(test, Some(why))
+}
+
+/// GPU 0, or `None` after the skip line (a panic under `MOLORA_REQUIRE_GPU=1`).
+fn gpu(test: &str, gpu_only: Option<&str>) -> Option<crate::cuda::Device> {
     match crate::cuda::Device::new(0) {
         Ok(dev) => Some(dev),
         Err(err) => {
-            if std::env::var("MOLORA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            if gpu_required() {
                 panic!("{test}: MOLORA_REQUIRE_GPU=1 but no usable GPU: {err}");
             }
-            // Written to the stderr handle itself, which the test harness does not capture, so the
-            // skip shows in every run's log.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipping {test}: {err} (set MOLORA_REQUIRE_GPU=1 to fail instead)"
+            let why = match gpu_only {
+                Some(why) => format!("GPU-only ({why}): {err}"),
+                None => err.to_string(),
+            };
+            skip(
+                test,
+                &format!("{why} (set MOLORA_REQUIRE_GPU=1 to fail instead)"),
             );
             None
         }

@@ -14,12 +14,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use molora::candle::ops::{
     host_f32, mole_lora, quant_linear, threshold_gate, top_k_gate, weight_space_lora, QuantWeight,
 };
-use molora::testing::{cases, compare, gpu_or_skip, Rng, Tolerance};
+use molora::testing::{cases, compare, gpu_only, Rng, Tolerance};
 use proptest::prelude::*;
 
 /// candle's CUDA device 0, or `None` after the shared helper printed why the test is skipped.
 fn cuda(test: &str) -> Option<Device> {
-    gpu_or_skip(test)?;
+    gpu_only(test, "candle's CUDA backend")?;
     Some(Device::new_cuda(0).expect("molora opened GPU 0 but candle could not"))
 }
 

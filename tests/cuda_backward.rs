@@ -12,7 +12,7 @@ mod gpu {
         mix_backward, mix_experts, router_backward, shrink_segments, CudaElement, Device,
         DeviceGate, DeviceLoraGrads, DevicePlan, DeviceSegments, DeviceSeqRouting, DlambdaOut,
     };
-    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{AdapterSegments, DType, LoraShape, Segments, SeqRouting};
     use proptest::prelude::*;
 
@@ -22,7 +22,7 @@ mod gpu {
         fn gating_and_router_backward_match_cpu(t in 1usize..200, e in 1usize..=64, kf in 0.0f64..1.0,
                                                 d_in in 1usize..=90, seed in any::<u64>(),
                                                 sigmoid in any::<bool>(), which in 0usize..4) {
-            let Some(dev) = gpu_or_skip("gating_and_router_backward_match_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("gating_and_router_backward_match_cpu") else { return Ok(()) };
             let s = |err: molora::Error| err.to_string();
             let mut rng = Rng::new(seed);
             let k = 1 + ((e - 1) as f64 * kf) as usize;
@@ -97,7 +97,7 @@ mod gpu {
                                                     sigmoid in any::<bool>(), which in 0usize..4,
                                                     product in any::<bool>(), lambda in 0.0f32..=1.0,
                                                     zero_seq in any::<bool>()) {
-            let Some(dev) = gpu_or_skip("hierarchical_gating_backward_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("hierarchical_gating_backward_matches_cpu") else { return Ok(()) };
             let s = |err: molora::Error| err.to_string();
             let mut rng = Rng::new(seed);
             let k = 1 + ((e - 1) as f64 * kf) as usize;
@@ -251,13 +251,13 @@ mod gpu {
             &da_,
             &db_,
             shape,
-            &p_.slice(0..nseq * e),
+            &p_.slice(0..nseq * e).unwrap(),
             nseq,
-            &dam_.slice(0..nseq * per_a),
-            &dbm_.slice(0..nseq * per_b),
+            &dam_.slice(0..nseq * per_a).unwrap(),
+            &dbm_.slice(0..nseq * per_b).unwrap(),
             &mut da,
             &mut db,
-            &mut dp.slice_mut(0..nseq * e),
+            &mut dp.slice_mut(0..nseq * e).unwrap(),
         )
         .map_err(s)?;
         let tol = Tolerance::for_dtype(DType::F32);
@@ -287,7 +287,7 @@ mod gpu {
         #[test]
         fn mix_backward_matches_cpu(e in 1usize..=10, r in 1usize..=8, d_in in 1usize..=300, d_out in 1usize..=300,
                                     nseq in 0usize..=5, seed in any::<u64>(), dtype in 0usize..3) {
-            let Some(dev) = gpu_or_skip("mix_backward_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("mix_backward_matches_cpu") else { return Ok(()) };
             let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
             let res = match dtype {
                 0 => check_mix_backward::<f32>(&dev, &shape, nseq, seed),
@@ -302,7 +302,7 @@ mod gpu {
 
     #[test]
     fn hierarchical_backward_rejects_bad_input() {
-        let Some(dev) = gpu_or_skip("hierarchical_backward_rejects_bad_input") else {
+        let Some(dev) = test_device("hierarchical_backward_rejects_bad_input") else {
             return;
         };
         let (t, e) = (4usize, 3usize);
@@ -555,7 +555,7 @@ mod gpu {
         fn saml_backward_chain_matches_cpu(e in 1usize..=6, r in 1usize..=4, d_in in 1usize..=80, d_out in 1usize..=80,
                                            lens in proptest::collection::vec(1usize..=40, 1..=4),
                                            seed in any::<u64>(), dtype in 0usize..3) {
-            let Some(dev) = gpu_or_skip("saml_backward_chain_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("saml_backward_chain_matches_cpu") else { return Ok(()) };
             let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
             let res = match dtype {
                 0 => check_saml_chain::<f32>(&dev, &shape, &lens, seed),

@@ -7,7 +7,7 @@
 mod gpu {
     use molora::cuda::bench::{run, BenchCase, BenchOptions, BenchRouting};
     use molora::cuda::staged_expand_max_columns;
-    use molora::testing::gpu_or_skip;
+    use molora::testing::gpu_only;
     use molora::{DType, Error};
 
     #[test]
@@ -34,7 +34,10 @@ mod gpu {
 
     #[test]
     fn bench_runs_small_cases() {
-        let Some(_dev) = gpu_or_skip("bench_runs_small_cases") else {
+        let Some(_dev) = gpu_only(
+            "bench_runs_small_cases",
+            "cuBLAS baselines and CUDA-event timing",
+        ) else {
             return;
         };
         use BenchRouting::*;

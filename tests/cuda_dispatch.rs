@@ -12,7 +12,7 @@ mod gpu {
         dispatch, gather_rows, scatter_combine, CudaElement, Device, DevicePlan,
         MAX_DISPATCH_EXPERTS,
     };
-    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{Error, Routing};
     use proptest::prelude::*;
 
@@ -48,7 +48,8 @@ mod gpu {
         let ids = dev.upload(&padded).map_err(|e| e.to_string())?;
         let mut plan = DevicePlan::new(dev, r.num_tokens(), r.k_max(), r.num_experts())
             .map_err(|e| e.to_string())?;
-        dispatch(dev, &ids.slice(0..r.ids().len()), &mut plan).map_err(|e| e.to_string())?;
+        dispatch(dev, &ids.slice(0..r.ids().len()).unwrap(), &mut plan)
+            .map_err(|e| e.to_string())?;
         let got = plan.to_host(dev).map_err(|e| e.to_string())?;
         if got == want {
             Ok(())
@@ -112,7 +113,7 @@ mod gpu {
         let d_ids = dev.upload(&ids).map_err(s)?;
         let d_w = dev.upload(&w).map_err(s)?;
         let mut plan = DevicePlan::new(dev, t, k_max, r.num_experts()).map_err(s)?;
-        dispatch(dev, &d_ids.slice(0..slots), &mut plan).map_err(s)?;
+        dispatch(dev, &d_ids.slice(0..slots).unwrap(), &mut plan).map_err(s)?;
 
         // Gather: a copy, bit for bit.
         let x: Vec<T> = rng.values(t * d, 1.0);
@@ -121,10 +122,10 @@ mod gpu {
         let mut out = upload(&vec![T::from_f32(0.0); slots * d]).map_err(s)?;
         gather_rows(
             dev,
-            &d_x.slice(0..t * d),
+            &d_x.slice(0..t * d).unwrap(),
             d,
             &plan,
-            &mut out.slice_mut(0..slots * d),
+            &mut out.slice_mut(0..slots * d).unwrap(),
         )
         .map_err(s)?;
         let got = dev.download(&out).map_err(s)?;
@@ -158,13 +159,13 @@ mod gpu {
             let d_rows = dev.upload(&padded).map_err(s)?;
             scatter_combine(
                 dev,
-                &d_rows.slice(0..slots * d),
+                &d_rows.slice(0..slots * d).unwrap(),
                 d,
                 &plan,
-                &d_ids.slice(0..slots),
-                &d_w.slice(0..slots),
+                &d_ids.slice(0..slots).unwrap(),
+                &d_w.slice(0..slots).unwrap(),
                 0.75,
-                &mut d_y.slice_mut(0..t * d),
+                &mut d_y.slice_mut(0..t * d).unwrap(),
             )
             .map_err(s)?;
         } else {
@@ -173,13 +174,13 @@ mod gpu {
             let d_rows = dev.upload(&padded).map_err(s)?;
             scatter_combine(
                 dev,
-                &d_rows.slice(0..slots * d),
+                &d_rows.slice(0..slots * d).unwrap(),
                 d,
                 &plan,
-                &d_ids.slice(0..slots),
-                &d_w.slice(0..slots),
+                &d_ids.slice(0..slots).unwrap(),
+                &d_w.slice(0..slots).unwrap(),
                 0.75,
-                &mut d_y.slice_mut(0..t * d),
+                &mut d_y.slice_mut(0..t * d).unwrap(),
             )
             .map_err(s)?;
         }
@@ -220,7 +221,7 @@ mod gpu {
             dtype in 0usize..3,
             rows_f32 in any::<bool>(),
         ) {
-            let Some(dev) = gpu_or_skip("gather_and_scatter_match_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("gather_and_scatter_match_cpu") else { return Ok(()) };
             let r = routing(t, k_max, e, seed, skew, empty);
             let res = match dtype {
                 0 => check_gather_scatter::<f32>(&dev, &r, d, seed, rows_f32),
@@ -235,7 +236,7 @@ mod gpu {
 
     #[test]
     fn scatter_rejects_mixed_dtypes() {
-        let Some(dev) = gpu_or_skip("scatter_rejects_mixed_dtypes") else {
+        let Some(dev) = test_device("scatter_rejects_mixed_dtypes") else {
             return;
         };
         let mut plan = DevicePlan::new(&dev, 2, 1, 2).unwrap();
@@ -269,7 +270,7 @@ mod gpu {
             skew in prop_oneof![Just(0.0f64), Just(0.9), Just(1.0)],
             empty in prop_oneof![Just(0.0f64), Just(0.3), Just(1.0)],
         ) {
-            let Some(dev) = gpu_or_skip("dispatch_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("dispatch_matches_cpu") else { return Ok(()) };
             let r = routing(t, k_max, e, seed, skew, empty);
             if let Err(msg) = check(&dev, &r) {
                 prop_assert!(false, "{}", msg);
@@ -279,7 +280,7 @@ mod gpu {
 
     #[test]
     fn dispatch_rejects_bad_input() {
-        let Some(dev) = gpu_or_skip("dispatch_rejects_bad_input") else {
+        let Some(dev) = test_device("dispatch_rejects_bad_input") else {
             return;
         };
         assert!(matches!(

@@ -8,7 +8,7 @@ mod gpu {
     use half::bf16;
     use molora::cpu::{self, backward, Activation, Gate, RouterWeights, ThresholdSpec};
     use molora::cuda::{DeviceGate, DeviceRouter, LoraPath, MoleLoraForward};
-    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{DType, LoraShape, Routing};
     use proptest::prelude::*;
 
@@ -18,7 +18,7 @@ mod gpu {
         fn forward_paths_match_cpu(t in 1usize..300, e in 1usize..=16, r in 1usize..=16,
                                    d_in in 1usize..=300, d_out in 1usize..=300, seed in any::<u64>(),
                                    threshold in any::<bool>()) {
-            let Some(dev) = gpu_or_skip("forward_paths_match_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("forward_paths_match_cpu") else { return Ok(()) };
             let mut rng = Rng::new(seed);
             let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
             let x: Vec<bf16> = rng.values(t * d_in, 1.0);
@@ -33,7 +33,7 @@ mod gpu {
             };
             let dgate = DeviceGate::from_gate(&gate, e).unwrap();
             let (dx, da, db, dwg) = (dev.upload(&x).unwrap(), dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&w_g).unwrap());
-            let router = DeviceRouter { w_g: dwg.slice(..), b_g: None, activation: Activation::Softmax, temperature: 1.0 };
+            let router = DeviceRouter { w_g: dwg.slice(..).unwrap(), b_g: None, activation: Activation::Softmax, temperature: 1.0 };
             let cpu_router = RouterWeights { w_g: &w_g, b_g: None, activation: Activation::Softmax, temperature: 1.0 };
             let want_routing = cpu::route(&x, t, d_in, e, &cpu_router, None, &gate).unwrap();
             let probs = cpu::activate(&cpu::router_logits(&x, t, d_in, &w_g, None, e).unwrap(), t, e, Activation::Softmax, 1.0).unwrap();
@@ -72,7 +72,7 @@ mod gpu {
         fn forward_backward_paths_match_cpu(t in 1usize..120, e in 1usize..=12, r in 1usize..=16,
                                             d_in in 1usize..=100, d_out in 1usize..=100, seed in any::<u64>(),
                                             which in 0usize..3) {
-            let Some(dev) = gpu_or_skip("forward_backward_paths_match_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("forward_backward_paths_match_cpu") else { return Ok(()) };
             let mut rng = Rng::new(seed);
             let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
             let x: Vec<f32> = rng.values(t * d_in, 1.0);
@@ -88,7 +88,7 @@ mod gpu {
             let dgate = DeviceGate::from_gate(&gate, e).unwrap();
             let k_max = dgate.k_max(e);
             let (dx, da, db, dwg, ddy) = (dev.upload(&x).unwrap(), dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&w_g).unwrap(), dev.upload(&dy).unwrap());
-            let router = DeviceRouter { w_g: dwg.slice(..), b_g: None, activation: Activation::Softmax, temperature: 1.3 };
+            let router = DeviceRouter { w_g: dwg.slice(..).unwrap(), b_g: None, activation: Activation::Softmax, temperature: 1.3 };
             let logits = cpu::router_logits(&x, t, d_in, &w_g, None, e).unwrap();
             let p = cpu::activate(&logits, t, e, Activation::Softmax, 1.3).unwrap();
             let taus = match &gate {
@@ -115,7 +115,7 @@ mod gpu {
                 let tol = Tolerance::for_dtype(DType::F32).scaled((t.max(d_in).max(d_out) as f32).sqrt() * 4.0);
                 // dz and what follows from it pass through the gate's 1/Σ(p − τ): a wider bound.
                 let tol_gate = tol.scaled(10.0);
-                let down = |v: molora::cuda::cudarc::driver::CudaView<'_, f32>| dev.stream().clone_dtoh(&v).unwrap();
+                let down = |v: molora::cuda::BufferView<'_, f32>| dev.download(&v).unwrap();
                 let dtau_got = down(grads.dtau());
                 let dtau_want = if taus.is_some() { dtau_want } else { vec![0.0; t] };
                 for (what, g, w, tl) in [

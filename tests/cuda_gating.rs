@@ -1,9 +1,10 @@
 //! The fused top-k gating kernel against the CPU reference (`cpu::activate` + `cpu::top_k`).
 //!
-//! On a machine without a GPU every test here prints a skip line (and fails instead when
-//! `MOLORA_REQUIRE_GPU=1`); built without the `cuda` feature, the device cannot be opened and says so.
+//! Every CUDA test runs on the device `molora::testing::test_device` picks: a GPU, else the emulated
+//! device (feature `emu`); with neither it prints a skip line (and fails instead when
+//! `MOLORA_REQUIRE_GPU=1`). Built without the `cuda` feature, the devices cannot be opened and say so.
 
-use molora::testing::gpu_or_skip;
+use molora::testing::test_device;
 
 #[cfg(not(feature = "cuda"))]
 #[test]
@@ -13,18 +14,36 @@ fn device_reports_that_cuda_is_not_compiled() {
         Err(molora::Error::CudaNotCompiled { op }) => assert_eq!(op, "Device::new"),
         other => panic!("expected CudaNotCompiled, got {other:?}"),
     }
-    // The shared GPU-test helper skips (or, under MOLORA_REQUIRE_GPU=1, fails) on such a build.
-    if std::env::var("MOLORA_REQUIRE_GPU").as_deref() != Ok("1") {
-        assert!(gpu_or_skip("device_reports_that_cuda_is_not_compiled").is_none());
+    match molora::cuda::Device::emulated() {
+        Err(molora::Error::EmuNotCompiled { op }) => assert_eq!(op, "Device::emulated"),
+        other => panic!("expected EmuNotCompiled, got {other:?}"),
+    }
+    // The shared device chooser skips (or, under MOLORA_REQUIRE_GPU=1 or MOLORA_DEVICE=emu, fails)
+    // on such a build.
+    let forced = std::env::var("MOLORA_REQUIRE_GPU").as_deref() == Ok("1")
+        || std::env::var("MOLORA_DEVICE").as_deref() == Ok("emu");
+    if !forced {
+        assert!(test_device("device_reports_that_cuda_is_not_compiled").is_none());
+    }
+}
+
+/// Built with the kernels but without the emulator, the emulated device says which feature it needs.
+#[cfg(all(feature = "cuda", not(feature = "emu")))]
+#[test]
+fn emulated_device_reports_that_emu_is_not_compiled() {
+    match molora::cuda::Device::emulated() {
+        Err(err @ molora::Error::EmuNotCompiled { .. }) => {
+            assert!(err.to_string().contains("--features emu"), "{err}")
+        }
+        other => panic!("expected EmuNotCompiled, got {other:?}"),
     }
 }
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::gpu_or_skip;
+    use super::test_device;
     use molora::cpu::{self, Activation};
-    use molora::cuda::cudarc::driver::CudaSlice;
-    use molora::cuda::{top_k_gating, Device, MAX_GATING_EXPERTS};
+    use molora::cuda::{top_k_gating, Buffer, Device, MAX_GATING_EXPERTS};
     use molora::testing::{compare, Tolerance};
     use molora::{DType, Error};
     use proptest::prelude::*;
@@ -78,15 +97,15 @@ mod gpu {
             .map_err(|e| e.to_string())?;
         top_k_gating(
             dev,
-            &logits.slice(0..c.z.len()),
+            &logits.slice(0..c.z.len()).unwrap(),
             c.t,
             c.e,
             c.act,
             c.temperature,
             c.k,
             c.renormalize,
-            &mut ids.slice_mut(0..n),
-            &mut w.slice_mut(0..n),
+            &mut ids.slice_mut(0..n).unwrap(),
+            &mut w.slice_mut(0..n).unwrap(),
         )
         .map_err(|e| e.to_string())?;
         let mut got_ids = dev.download(&ids).map_err(|e| e.to_string())?;
@@ -142,7 +161,7 @@ mod gpu {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(48)))]
         #[test]
         fn top_k_gating_matches_cpu(c in case_strategy()) {
-            let Some(dev) = gpu_or_skip("top_k_gating_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("top_k_gating_matches_cpu") else { return Ok(()) };
             if let Err(msg) = check(&dev, &c) {
                 prop_assert!(false, "{}", msg);
             }
@@ -205,15 +224,15 @@ mod gpu {
                 let mut w = dev.zeros::<f32>(n + 1).map_err(s)?;
                 gating(
                     dev,
-                    &dl.slice(0..c.z.len()),
+                    &dl.slice(0..c.z.len()).unwrap(),
                     c.t,
                     c.e,
                     c.act,
                     c.temperature,
                     combine.map(|cb| (&dglobal, cb)),
                     &dgate,
-                    &mut ids.slice_mut(0..n),
-                    &mut w.slice_mut(0..n),
+                    &mut ids.slice_mut(0..n).unwrap(),
+                    &mut w.slice_mut(0..n).unwrap(),
                 )
                 .map_err(s)?;
                 let mut got_ids = dev.download(&ids).map_err(s)?;
@@ -265,14 +284,14 @@ mod gpu {
             let mut dtaus = dev.zeros::<f32>(c.t).map_err(s)?;
             router_logits(
                 dev,
-                &dx.slice(0..c.t * d_in),
+                &dx.slice(0..c.t * d_in).unwrap(),
                 c.t,
                 d_in,
                 &dwg,
                 None,
                 c.e,
                 &mut dlog,
-                Some((&dwt.slice(0..d_in), 0.25, &mut dtaus)),
+                Some((&dwt.slice(0..d_in).unwrap(), 0.25, &mut dtaus)),
             )
             .map_err(s)?;
             let got = dev.download(&dlog).map_err(s)?;
@@ -382,7 +401,7 @@ mod gpu {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
         fn general_gating_matches_cpu(c in case_strategy(), seed in any::<u64>()) {
-            let Some(dev) = gpu_or_skip("general_gating_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("general_gating_matches_cpu") else { return Ok(()) };
             if let Err(msg) = check_general(&dev, &c, seed) {
                 prop_assert!(false, "{}", msg);
             }
@@ -391,7 +410,7 @@ mod gpu {
 
     #[test]
     fn top_k_gating_edges() {
-        let Some(dev) = gpu_or_skip("top_k_gating_edges") else {
+        let Some(dev) = test_device("top_k_gating_edges") else {
             return;
         };
         // All tokens on one expert, all-equal rows (ties everywhere), k = E, E = MAX.
@@ -433,9 +452,9 @@ mod gpu {
     /// sentinels, so a test can show that a refused call enqueued nothing.
     struct Bad {
         dev: Device,
-        z: CudaSlice<f32>,
-        ids: CudaSlice<i32>,
-        w: CudaSlice<f32>,
+        z: Buffer<f32>,
+        ids: Buffer<i32>,
+        w: Buffer<f32>,
     }
 
     const BT: usize = 4;
@@ -444,7 +463,7 @@ mod gpu {
 
     impl Bad {
         fn new(test: &str) -> Option<Bad> {
-            let dev = gpu_or_skip(test)?;
+            let dev = test_device(test)?;
             let z = dev.upload(&logits(BT * BE, 5, 0, 3.0)).unwrap();
             let ids = dev.upload(&[77i32; BT * BK]).unwrap();
             let w = dev.upload(&[-5.0f32; BT * BK]).unwrap();
@@ -560,7 +579,7 @@ mod gpu {
             return;
         };
         let Bad { dev, z, ids, w } = &mut b;
-        let mut short = w.slice_mut(0..BT * BK - 1);
+        let mut short = w.slice_mut(0..BT * BK - 1).unwrap();
         let r = top_k_gating(
             dev,
             z,
@@ -628,15 +647,15 @@ mod gpu {
         let Bad { dev, z, ids, w } = &mut b;
         let r = top_k_gating(
             dev,
-            &z.slice(0..0),
+            &z.slice(0..0).unwrap(),
             0,
             BE,
             Activation::Softmax,
             1.0,
             BK,
             true,
-            &mut ids.slice_mut(0..0),
-            &mut w.slice_mut(0..0),
+            &mut ids.slice_mut(0..0).unwrap(),
+            &mut w.slice_mut(0..0).unwrap(),
         );
         assert_eq!(r, Ok(()));
         b.untouched();
@@ -668,8 +687,8 @@ mod gpu {
         let dp_ = dev.upload(&pad(&probs)).map_err(s)?;
         let dtaus = dev.upload(&pad(&taus)).map_err(s)?;
         let dgrad = dev.upload(&pad(&grad)).map_err(s)?;
-        let p_view = dp_.slice(0..t * e);
-        let tau_view = dtaus.slice(0..t);
+        let p_view = dp_.slice(0..t * e).unwrap();
+        let tau_view = dtaus.slice(0..t).unwrap();
         let gates = [
             (
                 DeviceGate::TopK {
@@ -681,7 +700,7 @@ mod gpu {
                 c.renormalize,
             ),
             (
-                DeviceGate::ThresholdPerToken(tau_view.slice(..)),
+                DeviceGate::ThresholdPerToken(tau_view.slice(..).unwrap()),
                 cpu::threshold_gate(&probs, t, e, &taus).map_err(s)?,
                 Some(taus.as_slice()),
                 true,
@@ -698,8 +717,8 @@ mod gpu {
                 t,
                 e,
                 &gate,
-                &mut ids.slice_mut(0..n),
-                &mut w.slice_mut(0..n),
+                &mut ids.slice_mut(0..n).unwrap(),
+                &mut w.slice_mut(0..n).unwrap(),
             )
             .map_err(s)?;
             let what = format!("{gate:?} over probabilities (T = {t}, E = {e})");
@@ -724,12 +743,12 @@ mod gpu {
             let mut dense = dev.upload(&vec![f32::NAN; t * e + 1]).map_err(s)?;
             slots_to_dense(
                 dev,
-                &ids.slice(0..n),
-                &w.slice(0..n),
+                &ids.slice(0..n).unwrap(),
+                &w.slice(0..n).unwrap(),
                 t,
                 k_max,
                 e,
-                &mut dense.slice_mut(0..t * e),
+                &mut dense.slice_mut(0..t * e).unwrap(),
             )
             .map_err(s)?;
             let mut want_dense = vec![0.0f32; t * e];
@@ -751,12 +770,12 @@ mod gpu {
             let mut dw = dev.upload(&vec![f32::NAN; n + 1]).map_err(s)?;
             dense_to_slots(
                 dev,
-                &ids.slice(0..n),
-                &dgrad.slice(0..t * e),
+                &ids.slice(0..n).unwrap(),
+                &dgrad.slice(0..t * e).unwrap(),
                 t,
                 k_max,
                 e,
-                &mut dw.slice_mut(0..n),
+                &mut dw.slice_mut(0..n).unwrap(),
             )
             .map_err(s)?;
             let want_dw: Vec<f32> = (0..n)
@@ -798,9 +817,9 @@ mod gpu {
                 t,
                 e,
                 &gate,
-                &ids.slice(0..n),
-                &dw.slice(0..n),
-                &mut dp.slice_mut(0..t * e),
+                &ids.slice(0..n).unwrap(),
+                &dw.slice(0..n).unwrap(),
+                &mut dp.slice_mut(0..t * e).unwrap(),
                 threshold.then_some(&mut dtau),
             )
             .map_err(s)?;
@@ -827,7 +846,7 @@ mod gpu {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(32)))]
         #[test]
         fn gates_over_probabilities_match_cpu(c in case_strategy(), seed in any::<u64>()) {
-            let Some(dev) = gpu_or_skip("gates_over_probabilities_match_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("gates_over_probabilities_match_cpu") else { return Ok(()) };
             if let Err(msg) = check_probability_gates(&dev, &c, seed) {
                 prop_assert!(false, "{}", msg);
             }

@@ -12,7 +12,7 @@ mod gpu {
         dispatch, expand_experts, gating, router_logits, shrink_experts, Device, DeviceGate,
         DevicePlan,
     };
-    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
+    use molora::testing::{compare, gpu_only, Rng, Tolerance};
     use molora::{DType, LoraShape};
 
     fn vals(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
@@ -21,12 +21,15 @@ mod gpu {
 
     #[test]
     fn captured_forward_replays_on_new_inputs() {
-        let Some(dev0) = gpu_or_skip("captured_forward_replays_on_new_inputs") else {
+        let Some(dev0) = gpu_only(
+            "captured_forward_replays_on_new_inputs",
+            "CUDA graph capture on a stream",
+        ) else {
             return;
         };
         // Graph capture needs a stream other than the legacy default stream, and cudarc's
         // cross-stream event tracking must be off while capturing.
-        let ctx = dev0.context().clone();
+        let ctx = dev0.context().unwrap().clone();
         // SAFETY: every buffer of this test lives on the one stream created below, so no
         // cross-stream synchronisation is needed.
         unsafe { ctx.disable_event_tracking() };
@@ -55,7 +58,7 @@ mod gpu {
         };
         dev.synchronize().unwrap();
 
-        let stream = dev.stream().clone();
+        let stream = dev.stream().unwrap().clone();
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .unwrap();
@@ -85,8 +88,8 @@ mod gpu {
         for round in 0..3u64 {
             let x = vals(t * d_in, 100 + round, 1.0);
             let y0 = vals(t * d_out, 200 + round, 1.0);
-            stream.memcpy_htod(&x, &mut dx).unwrap();
-            stream.memcpy_htod(&y0, &mut y).unwrap();
+            dev.upload_into(&x, &mut dx).unwrap();
+            dev.upload_into(&y0, &mut y).unwrap();
             graph.launch().unwrap();
             let got: Vec<f32> = dev
                 .download(&y)

@@ -5,25 +5,25 @@
 #[cfg(feature = "cuda")]
 mod gpu {
     use molora::cpu;
-    use molora::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
+    use molora::cuda::cudarc::driver::DeviceRepr;
     use molora::cuda::{
         dispatch, expand_experts, expand_experts_on, expand_segments, expand_segments_on,
         lora_dense_gated, mix_experts, shrink_experts, shrink_experts_on, shrink_segments,
-        shrink_segments_on, staged_expand_max_columns, CudaElement, DenseGatedWorkspace, Device,
-        DevicePlan, DeviceSegments, KernelPath, DENSE_GATED_MAX_COLUMNS,
+        shrink_segments_on, staged_expand_max_columns, Buffer, CudaElement, DenseGatedWorkspace,
+        Device, DevicePlan, DeviceSegments, KernelPath, DENSE_GATED_MAX_COLUMNS,
     };
-    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
     use proptest::prelude::*;
 
-    /// Uploads with one element of padding (the driver cannot allocate zero bytes).
-    fn up<T: DeviceRepr + Default + Clone>(dev: &Device, v: &[T]) -> CudaSlice<T> {
+    /// Uploads with one element of padding (a GPU cannot allocate zero bytes).
+    fn up<T: DeviceRepr + Default + Clone>(dev: &Device, v: &[T]) -> Buffer<T> {
         let mut p = v.to_vec();
         p.push(T::default());
         dev.upload(&p).expect("upload")
     }
 
-    fn down<T: DeviceRepr>(dev: &Device, d: &CudaSlice<T>, n: usize) -> Vec<T> {
+    fn down<T: DeviceRepr>(dev: &Device, d: &Buffer<T>, n: usize) -> Vec<T> {
         let mut v = dev.download(d).expect("download");
         v.truncate(n);
         v
@@ -117,26 +117,26 @@ mod gpu {
         let mut dy = up(dev, &y0);
         let mut dh = up(dev, &vec![0.0f32; slots * c.r]);
         let mut dplan = DevicePlan::new(dev, c.t, c.k_max, c.e).map_err(|e| e.to_string())?;
-        dispatch(dev, &dids.slice(0..slots), &mut dplan).map_err(|e| e.to_string())?;
+        dispatch(dev, &dids.slice(0..slots).unwrap(), &mut dplan).map_err(|e| e.to_string())?;
         shrink_experts(
             dev,
-            &dx.slice(0..x.len()),
-            &da.slice(0..a.len()),
+            &dx.slice(0..x.len()).unwrap(),
+            &da.slice(0..a.len()).unwrap(),
             &shape,
             &dplan,
-            &mut dh.slice_mut(0..slots * c.r),
+            &mut dh.slice_mut(0..slots * c.r).unwrap(),
         )
         .map_err(|e| e.to_string())?;
         expand_experts(
             dev,
-            &dh.slice(0..slots * c.r),
-            &db.slice(0..b.len()),
+            &dh.slice(0..slots * c.r).unwrap(),
+            &db.slice(0..b.len()).unwrap(),
             &shape,
             &dplan,
-            &dids.slice(0..slots),
-            &dw.slice(0..slots),
+            &dids.slice(0..slots).unwrap(),
+            &dw.slice(0..slots).unwrap(),
             scale,
-            &mut dy.slice_mut(0..y0.len()),
+            &mut dy.slice_mut(0..y0.len()).unwrap(),
         )
         .map_err(|e| e.to_string())?;
         let pairs = plan.num_pairs();
@@ -151,16 +151,16 @@ mod gpu {
             let mut ws = DenseGatedWorkspace::new(dev, c.t, &shape).map_err(|e| e.to_string())?;
             lora_dense_gated(
                 dev,
-                &dx.slice(0..x.len()),
-                &da.slice(0..a.len()),
-                &db.slice(0..b.len()),
+                &dx.slice(0..x.len()).unwrap(),
+                &da.slice(0..a.len()).unwrap(),
+                &db.slice(0..b.len()).unwrap(),
                 &shape,
-                &dids.slice(0..slots),
-                &dw.slice(0..slots),
+                &dids.slice(0..slots).unwrap(),
+                &dw.slice(0..slots).unwrap(),
                 c.k_max,
                 scale,
                 &mut ws,
-                &mut dy2.slice_mut(0..y0.len()),
+                &mut dy2.slice_mut(0..y0.len()).unwrap(),
             )
             .map_err(|e| e.to_string())?;
             compare(
@@ -223,21 +223,21 @@ mod gpu {
         let dsegs = DeviceSegments::new(dev, &asegs).map_err(|e| e.to_string())?;
         shrink_segments(
             dev,
-            &dx.slice(0..x.len()),
-            &da.slice(0..a.len()),
+            &dx.slice(0..x.len()).unwrap(),
+            &da.slice(0..a.len()).unwrap(),
             &shape,
             &dsegs,
-            &mut dh.slice_mut(0..c.t * c.r),
+            &mut dh.slice_mut(0..c.t * c.r).unwrap(),
         )
         .map_err(|e| e.to_string())?;
         expand_segments(
             dev,
-            &dh.slice(0..c.t * c.r),
-            &db.slice(0..b.len()),
+            &dh.slice(0..c.t * c.r).unwrap(),
+            &db.slice(0..b.len()).unwrap(),
             &shape,
             &dsegs,
             0.5,
-            &mut dy.slice_mut(0..y0.len()),
+            &mut dy.slice_mut(0..y0.len()).unwrap(),
         )
         .map_err(|e| e.to_string())?;
         let tol = Tolerance::for_dtype(T::DTYPE).scaled(((c.d_in.max(c.r)) as f32).sqrt());
@@ -264,13 +264,13 @@ mod gpu {
         let mut dbm = up(dev, &vec![T::default(); s * c.d_out * c.r]);
         mix_experts(
             dev,
-            &da.slice(0..a.len()),
-            &db.slice(0..b.len()),
+            &da.slice(0..a.len()).unwrap(),
+            &db.slice(0..b.len()).unwrap(),
             &shape,
-            &dp.slice(0..probs.len()),
+            &dp.slice(0..probs.len()).unwrap(),
             s,
-            &mut dam.slice_mut(0..am_want.len()),
-            &mut dbm.slice_mut(0..bm_want.len()),
+            &mut dam.slice_mut(0..am_want.len()).unwrap(),
+            &mut dbm.slice_mut(0..bm_want.len()).unwrap(),
         )
         .map_err(|e| e.to_string())?;
         let tol = Tolerance::for_dtype(T::DTYPE).scaled((c.e as f32).sqrt());
@@ -290,11 +290,7 @@ mod gpu {
 
     /// Uploads `v` after `offset` padding elements, so its view starts `offset·sizeof(T)` bytes past
     /// the (256-byte aligned) allocation: 0 keeps it 16-byte aligned, 1 misaligns it.
-    fn up_at<T: DeviceRepr + Default + Clone>(
-        dev: &Device,
-        v: &[T],
-        offset: usize,
-    ) -> CudaSlice<T> {
+    fn up_at<T: DeviceRepr + Default + Clone>(dev: &Device, v: &[T], offset: usize) -> Buffer<T> {
         let mut p = vec![T::default(); offset];
         p.extend_from_slice(v);
         p.push(T::default());
@@ -356,14 +352,14 @@ mod gpu {
             up_at(dev, &b, off),
         );
         let (xv, av, bv) = (
-            dx.slice(off..off + x.len()),
-            da.slice(off..off + a.len()),
-            db.slice(off..off + b.len()),
+            dx.slice(off..off + x.len()).unwrap(),
+            da.slice(off..off + a.len()).unwrap(),
+            db.slice(off..off + b.len()).unwrap(),
         );
         let slots = c.t * c.k_max;
         let (dids, dw) = (up(dev, r.ids()), up(dev, r.weights()));
         let mut dplan = DevicePlan::new(dev, c.t, c.k_max, c.e).map_err(s)?;
-        dispatch(dev, &dids.slice(0..slots), &mut dplan).map_err(s)?;
+        dispatch(dev, &dids.slice(0..slots).unwrap(), &mut dplan).map_err(s)?;
         let dsegs = DeviceSegments::new(dev, &asegs).map_err(s)?;
         let tol = Tolerance::for_dtype(T::DTYPE).scaled(((c.d_in.max(c.r)) as f32).sqrt());
         let check = |what: &str, res: molora::Result<()>, refuse: bool| -> Result<bool, String> {
@@ -387,7 +383,7 @@ mod gpu {
                     &av,
                     &shape,
                     &dplan,
-                    &mut dh.slice_mut(0..slots * c.r),
+                    &mut dh.slice_mut(0..slots * c.r).unwrap(),
                     path,
                 ),
                 refuse,
@@ -408,7 +404,7 @@ mod gpu {
                     &av,
                     &shape,
                     &dsegs,
-                    &mut dhs.slice_mut(0..c.t * c.r),
+                    &mut dhs.slice_mut(0..c.t * c.r).unwrap(),
                     path,
                 ),
                 refuse,
@@ -430,14 +426,14 @@ mod gpu {
                 &format!("expand_experts {what}"),
                 expand_experts_on(
                     dev,
-                    &dh.slice(0..slots * c.r),
+                    &dh.slice(0..slots * c.r).unwrap(),
                     &bv,
                     &shape,
                     &dplan,
-                    &dids.slice(0..slots),
-                    &dw.slice(0..slots),
+                    &dids.slice(0..slots).unwrap(),
+                    &dw.slice(0..slots).unwrap(),
                     1.3,
-                    &mut dy.slice_mut(0..y0.len()),
+                    &mut dy.slice_mut(0..y0.len()).unwrap(),
                     path,
                 ),
                 refuse,
@@ -455,12 +451,12 @@ mod gpu {
                 &format!("expand_segments {what}"),
                 expand_segments_on(
                     dev,
-                    &dhs.slice(0..c.t * c.r),
+                    &dhs.slice(0..c.t * c.r).unwrap(),
                     &bv,
                     &shape,
                     &dsegs,
                     0.7,
-                    &mut dys.slice_mut(0..y0.len()),
+                    &mut dys.slice_mut(0..y0.len()).unwrap(),
                     path,
                 ),
                 refuse,
@@ -513,7 +509,7 @@ mod gpu {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
         fn every_kernel_path_matches_cpu((c, misalign) in paths_cases()) {
-            let Some(dev) = gpu_or_skip("every_kernel_path_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("every_kernel_path_matches_cpu") else { return Ok(()) };
             for (dtype, result) in [
                 ("f32", paths_case::<f32>(&dev, &c, misalign)),
                 ("f16", paths_case::<half::f16>(&dev, &c, misalign)),
@@ -530,7 +526,7 @@ mod gpu {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
         fn grouped_lora_matches_cpu(c in case()) {
-            let Some(dev) = gpu_or_skip("grouped_lora_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("grouped_lora_matches_cpu") else { return Ok(()) };
             for (dtype, result) in [
                 ("f32", experts_case::<f32>(&dev, &c)),
                 ("f16", experts_case::<half::f16>(&dev, &c)),
@@ -544,7 +540,7 @@ mod gpu {
 
         #[test]
         fn segmented_lora_and_mixing_match_cpu(c in case()) {
-            let Some(dev) = gpu_or_skip("segmented_lora_and_mixing_match_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("segmented_lora_and_mixing_match_cpu") else { return Ok(()) };
             for (dtype, result) in [
                 ("f32", segments_case::<f32>(&dev, &c)),
                 ("f16", segments_case::<half::f16>(&dev, &c)),
@@ -559,7 +555,7 @@ mod gpu {
 
     #[test]
     fn grouped_lora_rejects_bad_input() {
-        let Some(dev) = gpu_or_skip("grouped_lora_rejects_bad_input") else {
+        let Some(dev) = test_device("grouped_lora_rejects_bad_input") else {
             return;
         };
         let shape = LoraShape::new(4, 8, 16, 12).unwrap();
@@ -604,7 +600,7 @@ mod gpu_backward {
         dispatch, lora_backward_dense_gated, lora_backward_experts, lora_dense_gated,
         shrink_experts, CudaElement, DenseGatedWorkspace, Device, DeviceLoraGrads, DevicePlan,
     };
-    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{DType, LoraShape, Routing};
     use proptest::prelude::*;
 
@@ -682,10 +678,10 @@ mod gpu_backward {
         let mut ws = DenseGatedWorkspace::new(dev, t, shape).map_err(s)?;
         let mut y = up(&vec![T::from_f32(0.0); t * d_out]).map_err(s)?;
         let (xv, dyv, idv, wv) = (
-            dx_.slice(0..t * d_in),
-            ddy.slice(0..t * d_out),
-            dids.slice(0..t * k),
-            dw.slice(0..t * k),
+            dx_.slice(0..t * d_in).unwrap(),
+            ddy.slice(0..t * d_out).unwrap(),
+            dids.slice(0..t * k).unwrap(),
+            dw.slice(0..t * k).unwrap(),
         );
         lora_dense_gated(
             dev,
@@ -698,7 +694,7 @@ mod gpu_backward {
             k,
             1.5,
             &mut ws,
-            &mut y.slice_mut(0..t * d_out),
+            &mut y.slice_mut(0..t * d_out).unwrap(),
         )
         .map_err(s)?;
         let mut grads = DeviceLoraGrads::new_dense_gated(dev, t, k, shape).map_err(s)?;
@@ -728,7 +724,7 @@ mod gpu_backward {
                                                  d_in in 1usize..=70, d_out in prop_oneof![1usize..=70, Just(513), Just(1100)],
                                                  seed in any::<u64>(), dup in any::<bool>(), dtype in 0usize..3) {
             prop_assume!(e * r <= molora::cuda::DENSE_GATED_MAX_COLUMNS);
-            let Some(dev) = gpu_or_skip("lora_backward_dense_gated_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("lora_backward_dense_gated_matches_cpu") else { return Ok(()) };
             let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
             let res = match dtype {
                 0 => check_dense_gated_backward::<f32>(&dev, t, k, &shape, seed, dup),
@@ -743,7 +739,7 @@ mod gpu_backward {
 
     #[test]
     fn dense_gated_backward_rejects_segmented_buffers() {
-        let Some(dev) = gpu_or_skip("dense_gated_backward_rejects_segmented_buffers") else {
+        let Some(dev) = test_device("dense_gated_backward_rejects_segmented_buffers") else {
             return;
         };
         let shape = LoraShape::new(2, 2, 3, 3).unwrap();
@@ -854,7 +850,7 @@ mod gpu_backward {
         fn lora_backward_matches_cpu(t in 1usize..150, k in 1usize..=3, e in 1usize..=16,
                                      r in prop_oneof![1usize..=8, Just(16), Just(64)],
                                      d_in in 1usize..=70, d_out in 1usize..=70, seed in any::<u64>()) {
-            let Some(dev) = gpu_or_skip("lora_backward_matches_cpu") else { return Ok(()) };
+            let Some(dev) = test_device("lora_backward_matches_cpu") else { return Ok(()) };
             if let Err(m) = check_experts_backward(&dev, t, k, e, r, d_in, d_out, seed) {
                 prop_assert!(false, "T = {}, k = {}, E = {}, r = {}, {}→{}: {}", t, k, e, r, d_in, d_out, m);
             }
@@ -865,7 +861,7 @@ mod gpu_backward {
     /// the shapes where u = dy·B runs on the tensor-core shrink (B read transposed).
     #[test]
     fn backward_with_tensor_core_u_matches_cpu() {
-        let Some(dev) = gpu_or_skip("backward_with_tensor_core_u_matches_cpu") else {
+        let Some(dev) = test_device("backward_with_tensor_core_u_matches_cpu") else {
             return;
         };
         for (t, k, e, r, d_in, d_out) in [

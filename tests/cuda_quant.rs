@@ -9,7 +9,7 @@ mod gpu {
         quant_matmul, quant_matmul_on, quantize_int8, quantize_nf4, CudaElement, DeviceQuantWeight,
         QuantKernel,
     };
-    use molora::testing::{compare, gpu_or_skip, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{DType, Element, Error};
     use proptest::prelude::*;
 
@@ -24,7 +24,7 @@ mod gpu {
     }
 
     fn case<T: CudaElement>(rows: usize, cols: usize, t: usize, seed: u64) -> Result<(), String> {
-        let dev = match gpu_or_skip("quantised_base_matches_cpu") {
+        let dev = match test_device("quantised_base_matches_cpu") {
             Some(d) => d,
             None => return Ok(()),
         };
@@ -65,11 +65,11 @@ mod gpu {
                 let mut y = dev.upload(&vec![f32::NAN; t * rows + 1]).map_err(s)?;
                 quant_matmul_on(
                     &dev,
-                    &dx.slice(0..t * cols),
+                    &dx.slice(0..t * cols).unwrap(),
                     t,
                     w_dev,
-                    Some(&db.slice(0..rows)),
-                    &mut y.slice_mut(0..t * rows),
+                    Some(&db.slice(0..rows).unwrap()),
+                    &mut y.slice_mut(0..t * rows).unwrap(),
                     kernel,
                 )
                 .map_err(s)?;
@@ -115,7 +115,7 @@ mod gpu {
 
     #[test]
     fn quantised_base_rejects_bad_input() {
-        let Some(dev) = gpu_or_skip("quantised_base_rejects_bad_input") else {
+        let Some(dev) = test_device("quantised_base_rejects_bad_input") else {
             return;
         };
         let w = dev.zeros::<f32>(12).unwrap();

@@ -21,7 +21,7 @@ use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
 use cudarc::driver::{CudaSlice, CudaView};
 
 use super::ops::QuantWeight;
-use crate::cuda::{self, CudaElement, DeviceGate};
+use crate::cuda::{self, CudaElement, DeviceGate, DeviceWrite};
 use crate::error::{Error, Result};
 use crate::{AdapterSegments, LoraShape, Segments};
 
@@ -87,7 +87,9 @@ fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     dev: &cuda::Device,
     n: usize,
 ) -> CResult<CudaSlice<T>> {
-    dev.zeros::<T>(n.max(1)).map_err(msg)
+    dev.zeros::<T>(n.max(1))
+        .and_then(cuda::Buffer::into_cuda_slice)
+        .map_err(msg)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,13 +228,17 @@ fn lora_bwd_typed<T: CudaElement + CudaDType>(
                     // With T = 0 every gradient is zero.
                     let (da, db, dx, dw) = grads.into_parts();
                     let (a_len, b_len) = (shape.a_len(), shape.b_len());
-                    let mut dab = zeros::<f32>(&dev, a_len + b_len)?;
-                    let stream = dev.stream();
+                    let mut dab = dev.zeros::<f32>(a_len + b_len).map_err(msg)?;
                     for (src, at, n) in [(&da, 0, a_len), (&db, a_len, b_len)] {
-                        stream
-                            .memcpy_dtod(&src.slice(0..n), &mut dab.slice_mut(at..at + n))
-                            .map_err(|e| msg(Error::Driver(e.to_string())))?;
+                        let src = src.slice(0..n).map_err(msg)?;
+                        let mut dst = dab.slice_mut(at..at + n).map_err(msg)?;
+                        dev.copy(&src, &mut dst).map_err(msg)?;
                     }
+                    let (dx, dab, dw) = (
+                        dx.into_cuda_slice().map_err(msg)?,
+                        dab.into_cuda_slice().map_err(msg)?,
+                        dw.into_cuda_slice().map_err(msg)?,
+                    );
                     let dx = tensor(dx, x.shape(), xs).to_dtype(x.dtype())?;
                     let dab = tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?;
                     let dw = tensor(dw, (t, e), xs);
@@ -306,7 +312,7 @@ fn device_gate<'a>(kind: &GateKind, tau: Option<&CudaView<'a, f32>>) -> CResult<
             k: *k,
             renormalize: *renormalize,
         },
-        (GateKind::Threshold, Some(tau)) => DeviceGate::ThresholdPerToken(tau.slice(..)),
+        (GateKind::Threshold, Some(tau)) => DeviceGate::ThresholdPerToken(tau.slice(..).into()),
         (GateKind::Threshold, None) => {
             return Err(candle_core::Error::Msg(
                 "molora-threshold-gate: the thresholds tau [T] are missing".into(),
@@ -393,7 +399,7 @@ pub(crate) fn gate_bwd(
                         &ids,
                         &dw.slice(0..t * k_max),
                         &mut dpv,
-                        threshold.then_some(&mut dtau),
+                        threshold.then_some(&mut dtau as &mut dyn DeviceWrite<f32>),
                     )
                     .map_err(msg)?;
                 }
@@ -433,7 +439,7 @@ fn device_quant(
     dev: &cuda::Device,
     weight: &Arc<QuantWeight>,
 ) -> CResult<Arc<cuda::DeviceQuantWeight>> {
-    let context = Arc::as_ptr(dev.context()) as usize;
+    let context = Arc::as_ptr(dev.context().map_err(msg)?) as usize;
     // A poisoned lock only means another thread panicked while holding it; the list stays valid.
     let mut cache = QUANT_CACHE.lock().unwrap_or_else(|p| p.into_inner());
     cache.retain(|c| c.host.strong_count() > 0);

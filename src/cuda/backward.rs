@@ -1,16 +1,19 @@
 //! Backward of the grouped LoRA part on the GPU (`cuda/backward.cu`), deterministic: the GPU
 //! counterpart of [`crate::cpu::backward::lora_backward`] over the forward's dispatch plan.
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-
-use super::device::{activation_code, check_launch, checked_i32, Device};
+use super::device::{activation_code, checked_i32, Device};
 use super::dispatch::DevicePlan;
 use super::ffi;
+use super::launch::{Kernel, Launch};
 use super::lora::CudaElement;
+use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
 use crate::cpu::backward::LoraGrads;
 use crate::cpu::dispatch::check_scale;
 use crate::error::check_len;
 use crate::{Error, LoraShape, Result};
+
+const GATING_BACKWARD: Kernel<ffi::molora_gating_backward_args> =
+    kernel!(molora_gating_backward_f32, molora_emu_gating_backward_f32);
 
 /// Device buffers of the LoRA gradients (f32) for `T` tokens, `k_max` slots and a [`LoraShape`],
 /// plus the `u = dy·B` workspace: `[T·k_max, r]` for the segmented backward
@@ -24,11 +27,11 @@ pub struct DeviceLoraGrads {
     shape: LoraShape,
     dense_gated: bool,
     // Each buffer holds one element more than it needs: the driver cannot allocate zero bytes.
-    da: CudaSlice<f32>,
-    db: CudaSlice<f32>,
-    dx: CudaSlice<f32>,
-    dw: CudaSlice<f32>,
-    u: CudaSlice<f32>,
+    da: Buffer<f32>,
+    db: Buffer<f32>,
+    dx: Buffer<f32>,
+    dw: Buffer<f32>,
+    u: Buffer<f32>,
 }
 
 impl DeviceLoraGrads {
@@ -87,34 +90,27 @@ impl DeviceLoraGrads {
     }
 
     /// `dA` `[E, r, d_in]` on the device.
-    pub fn da(&self) -> CudaView<'_, f32> {
-        self.da.slice(0..self.shape.a_len())
+    pub fn da(&self) -> BufferView<'_, f32> {
+        self.da.prefix(self.shape.a_len())
     }
     /// `dB` `[E, d_out, r]` on the device.
-    pub fn db(&self) -> CudaView<'_, f32> {
-        self.db.slice(0..self.shape.b_len())
+    pub fn db(&self) -> BufferView<'_, f32> {
+        self.db.prefix(self.shape.b_len())
     }
     /// `dx` through the experts `[T, d_in]` on the device.
-    pub fn dx(&self) -> CudaView<'_, f32> {
-        self.dx.slice(0..self.num_tokens * self.shape.d_in)
+    pub fn dx(&self) -> BufferView<'_, f32> {
+        self.dx.prefix(self.num_tokens * self.shape.d_in)
     }
     /// `dw` `[T, k_max]` on the device.
-    pub fn dw(&self) -> CudaView<'_, f32> {
-        self.dw.slice(0..self.num_tokens * self.k_max)
+    pub fn dw(&self) -> BufferView<'_, f32> {
+        self.dw.prefix(self.num_tokens * self.k_max)
     }
 
     /// The gradient buffers `(dA, dB, dx, dw)`, each one element longer than its gradient (the
     /// driver cannot allocate zero bytes), for a caller that hands them on without copying; the
     /// `u` workspace is dropped.
     #[cfg(feature = "candle-cuda")]
-    pub(crate) fn into_parts(
-        self,
-    ) -> (
-        CudaSlice<f32>,
-        CudaSlice<f32>,
-        CudaSlice<f32>,
-        CudaSlice<f32>,
-    ) {
+    pub(crate) fn into_parts(self) -> (Buffer<f32>, Buffer<f32>, Buffer<f32>, Buffer<f32>) {
         (self.da, self.db, self.dx, self.dw)
     }
 
@@ -127,16 +123,11 @@ impl DeviceLoraGrads {
 
     /// Copies the gradients to the host (waits for the stream).
     pub fn to_host(&self, dev: &Device) -> Result<LoraGrads<f32>> {
-        let take = |s: &CudaSlice<f32>, n: usize| -> Result<Vec<f32>> {
-            let mut v = dev.download(s)?;
-            v.truncate(n);
-            Ok(v)
-        };
         Ok(LoraGrads {
-            da: take(&self.da, self.shape.a_len())?,
-            db: take(&self.db, self.shape.b_len())?,
-            dx: take(&self.dx, self.num_tokens * self.shape.d_in)?,
-            dw: take(&self.dw, self.num_tokens * self.k_max)?,
+            da: dev.download(&self.da())?,
+            db: dev.download(&self.db())?,
+            dx: dev.download(&self.dx())?,
+            dw: dev.download(&self.dw())?,
         })
     }
 }
@@ -148,15 +139,15 @@ impl DeviceLoraGrads {
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward_experts<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
-    a: &impl DevicePtr<T>,
-    b: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
     plan: &DevicePlan,
-    ids: &impl DevicePtr<i32>,
-    weights: &impl DevicePtr<f32>,
-    h: &impl DevicePtr<f32>,
-    dy: &impl DevicePtr<T>,
+    ids: &impl DeviceRead<i32>,
+    weights: &impl DeviceRead<f32>,
+    h: &impl DeviceRead<f32>,
+    dy: &impl DeviceRead<T>,
     scale: f32,
     grads: &mut DeviceLoraGrads,
 ) -> Result<()> {
@@ -179,13 +170,6 @@ pub fn lora_backward_experts<T: CudaElement>(
             ),
         });
     }
-    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
-    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
-    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
-    check_len("routing ids [T, k_max]", t * k, ids.len())?;
-    check_len("routing weights [T, k_max]", t * k, weights.len())?;
-    check_len("h [T * k_max, r]", t * k * shape.rank, h.len())?;
-    check_len("dy [T, d_out]", t * shape.d_out, dy.len())?;
     if t > 65535 || shape.num_experts > 65535 {
         return Err(Error::Unsupported {
             op: OP,
@@ -195,37 +179,37 @@ pub fn lora_backward_experts<T: CudaElement>(
             ),
         });
     }
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (a_ptr, _g1) = a.device_ptr(stream);
-    let (b_ptr, _g2) = b.device_ptr(stream);
-    let (dy_ptr, _g3) = dy.device_ptr(stream);
-    let (h_ptr, _g4) = h.device_ptr(stream);
-    let (ids_ptr, _g5) = ids.device_ptr(stream);
-    let (w_ptr, _g6) = weights.device_ptr(stream);
-    let (off_ptr, sorted_ptr, _g7) = plan.offsets_and_sorted(stream);
-    let (inv_ptr, _g8) = plan.inverse(stream);
-    let (u_ptr, _g9) = grads.u.device_ptr_mut(stream);
-    let (da_ptr, _g10) = grads.da.device_ptr_mut(stream);
-    let (db_ptr, _g11) = grads.db.device_ptr_mut(stream);
-    let (dx_ptr, _g12) = grads.dx.device_ptr_mut(stream);
-    let (dw_ptr, _g13) = grads.dw.device_ptr_mut(stream);
+    let mut l = Launch::new(dev, OP);
+    let x = l.input("x [T, d_in]", x, t * shape.d_in)?;
+    let a = l.input("A [E, r, d_in]", a, shape.a_len())?;
+    let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
+    let ids = l.input("routing ids [T, k_max]", ids, t * k)?;
+    let weights = l.input("routing weights [T, k_max]", weights, t * k)?;
+    let h = l.input("h [T * k_max, r]", h, t * k * shape.rank)?;
+    let dy = l.input("dy [T, d_out]", dy, t * shape.d_out)?;
+    let (expert_offsets, sorted_slots) = plan.bind_sorted(&mut l)?;
+    let slot_to_sorted = plan.bind_inverse(&mut l)?;
+    let u = l.output_any("gradient workspace u", &mut grads.u)?;
+    let da = l.output_any("dA buffer", &mut grads.da)?;
+    let db = l.output_any("dB buffer", &mut grads.db)?;
+    let dx = l.output_any("dx buffer", &mut grads.dx)?;
+    let dw = l.output_any("dw buffer", &mut grads.dw)?;
     let args = ffi::molora_lora_backward_args {
-        x: x_ptr as *const _,
-        a: a_ptr as *const _,
-        b: b_ptr as *const _,
-        dy: dy_ptr as *const _,
-        h: h_ptr as *const f32,
-        ids: ids_ptr as *const i32,
-        weights: w_ptr as *const f32,
-        expert_offsets: off_ptr as *const i32,
-        sorted_slots: sorted_ptr as *const i32,
-        slot_to_sorted: inv_ptr as *const i32,
-        u: u_ptr as *mut f32,
-        da: da_ptr as *mut f32,
-        db: db_ptr as *mut f32,
-        dx: dx_ptr as *mut f32,
-        dw: dw_ptr as *mut f32,
+        x: x.cast(),
+        a: a.cast(),
+        b: b.cast(),
+        dy: dy.cast(),
+        h,
+        ids,
+        weights,
+        expert_offsets,
+        sorted_slots,
+        slot_to_sorted,
+        u,
+        da,
+        db,
+        dx,
+        dw,
         scale,
         num_tokens: t as i32,
         k_max: k as i32,
@@ -237,8 +221,7 @@ pub fn lora_backward_experts<T: CudaElement>(
     // SAFETY: every input has the length checked above; the plan was built for this T, k_max and E
     // (its sorted slots index the routing, its positions index h and u); the gradient buffers were
     // allocated for this T, k_max and shape. Grid dimensions were checked against 65535.
-    let code = unsafe { T::LORA_BACKWARD(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    unsafe { l.run(&T::LORA_BACKWARD, &args) }
 }
 
 /// Gradients of the dense-gated LoRA forward ([`super::lora_dense_gated`]) given `dy` `[T, d_out]`,
@@ -251,15 +234,15 @@ pub fn lora_backward_experts<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward_dense_gated<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
-    a: &impl DevicePtr<T>,
-    b: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
-    ids: &impl DevicePtr<i32>,
-    weights: &impl DevicePtr<f32>,
+    ids: &impl DeviceRead<i32>,
+    weights: &impl DeviceRead<f32>,
     k_max: usize,
     ws: &super::DenseGatedWorkspace,
-    dy: &impl DevicePtr<T>,
+    dy: &impl DeviceRead<T>,
     scale: f32,
     grads: &mut DeviceLoraGrads,
 ) -> Result<()> {
@@ -280,42 +263,35 @@ pub fn lora_backward_dense_gated<T: CudaElement>(
             ),
         });
     }
-    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
-    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
-    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
-    check_len("routing ids [T, k_max]", t * k_max, ids.len())?;
-    check_len("routing weights [T, k_max]", t * k_max, weights.len())?;
-    check_len("dy [T, d_out]", t * shape.d_out, dy.len())?;
     checked_i32("T * d_out", t, shape.d_out)?;
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (a_ptr, _g1) = a.device_ptr(stream);
-    let (b_ptr, _g2) = b.device_ptr(stream);
-    let (dy_ptr, _g3) = dy.device_ptr(stream);
-    let (h_ptr, _g4) = ws.h.device_ptr(stream);
-    let (ids_ptr, _g5) = ids.device_ptr(stream);
-    let (w_ptr, _g6) = weights.device_ptr(stream);
-    let (u_ptr, _g7) = grads.u.device_ptr_mut(stream);
-    let (da_ptr, _g8) = grads.da.device_ptr_mut(stream);
-    let (db_ptr, _g9) = grads.db.device_ptr_mut(stream);
-    let (dx_ptr, _g10) = grads.dx.device_ptr_mut(stream);
-    let (dw_ptr, _g11) = grads.dw.device_ptr_mut(stream);
-    let u_ptr = u_ptr as *mut f32;
+    let mut l = Launch::new(dev, OP);
+    let x = l.input("x [T, d_in]", x, t * shape.d_in)?;
+    let a = l.input("A [E, r, d_in]", a, shape.a_len())?;
+    let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
+    let ids = l.input("routing ids [T, k_max]", ids, t * k_max)?;
+    let weights = l.input("routing weights [T, k_max]", weights, t * k_max)?;
+    let dy = l.input("dy [T, d_out]", dy, t * shape.d_out)?;
+    let h = l.input_any("dense-gated workspace h", &ws.h)?;
+    let u = l.output_any("gradient workspace u", &mut grads.u)?;
+    let da = l.output_any("dA buffer", &mut grads.da)?;
+    let db = l.output_any("dB buffer", &mut grads.db)?;
+    let dx = l.output_any("dx buffer", &mut grads.dx)?;
+    let dw = l.output_any("dw buffer", &mut grads.dw)?;
     let args = ffi::molora_lora_backward_dense_args {
-        x: x_ptr as *const _,
-        a: a_ptr as *const _,
-        b: b_ptr as *const _,
-        dy: dy_ptr as *const _,
-        h: h_ptr as *const f32,
-        ids: ids_ptr as *const i32,
-        weights: w_ptr as *const f32,
-        u: u_ptr,
+        x: x.cast(),
+        a: a.cast(),
+        b: b.cast(),
+        dy: dy.cast(),
+        h,
+        ids,
+        weights,
+        u,
         // The gate [T, E] follows U [T, E·r] in the workspace; wrapping_add keeps this safe code.
-        gate: u_ptr.wrapping_add(t * columns),
-        da: da_ptr as *mut f32,
-        db: db_ptr as *mut f32,
-        dx: dx_ptr as *mut f32,
-        dw: dw_ptr as *mut f32,
+        gate: u.wrapping_add(t * columns),
+        da,
+        db,
+        dx,
+        dw,
         scale,
         num_tokens: t as i32,
         k_max: k_max as i32,
@@ -329,9 +305,8 @@ pub fn lora_backward_dense_gated<T: CudaElement>(
     // gradient buffers were made by new_dense_gated for this T, k_max and shape, so u holds
     // T·(E·r + E) floats (U, then the gate at offset T·E·r) and dA, dB, dx, dw their sizes. E·r is
     // at most DENSE_GATED_MAX_COLUMNS (checked when the buffers were made). The kernels skip ids
-    // outside [0, E). The guards order every buffer on `stream`.
-    let code = unsafe { T::LORA_BACKWARD_DENSE(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // outside [0, E). The launch orders every buffer on the device.
+    unsafe { l.run(&T::LORA_BACKWARD_DENSE, &args) }
 }
 
 /// Gating backward on the GPU, the counterpart of [`crate::cpu::backward::gate_backward`] followed by
@@ -342,16 +317,16 @@ pub fn lora_backward_dense_gated<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn gating_backward(
     dev: &Device,
-    logits: &impl DevicePtr<f32>,
+    logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
     act: crate::cpu::Activation,
     temperature: f32,
     gate: &super::DeviceGate<'_>,
-    ids: &impl DevicePtr<i32>,
-    dw: &impl DevicePtr<f32>,
-    dz: &mut impl DevicePtrMut<f32>,
-    dtau: Option<&mut CudaSlice<f32>>,
+    ids: &impl DeviceRead<i32>,
+    dw: &impl DeviceRead<f32>,
+    dz: &mut impl DeviceWrite<f32>,
+    dtau: Option<&mut dyn DeviceWrite<f32>>,
 ) -> Result<()> {
     gating_backward_impl(
         dev,
@@ -377,14 +352,14 @@ pub fn gating_backward(
 #[allow(clippy::too_many_arguments)]
 pub fn gate_probabilities_backward(
     dev: &Device,
-    probs: &impl DevicePtr<f32>,
+    probs: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
     gate: &super::DeviceGate<'_>,
-    ids: &impl DevicePtr<i32>,
-    dw: &impl DevicePtr<f32>,
-    dp: &mut impl DevicePtrMut<f32>,
-    dtau: Option<&mut CudaSlice<f32>>,
+    ids: &impl DeviceRead<i32>,
+    dw: &impl DeviceRead<f32>,
+    dp: &mut impl DeviceWrite<f32>,
+    dtau: Option<&mut dyn DeviceWrite<f32>>,
 ) -> Result<()> {
     gating_backward_impl(
         dev,
@@ -406,10 +381,18 @@ pub fn gate_probabilities_backward(
 /// Where [`gating_backward_hierarchical`] writes `dλ` of a λ-mix: `per_token` `[T]` receives each
 /// token's `dλ_t = Σ_e dp_te·(g_se − l_te)`, `total` `[1]` their sum `Σ_t dλ_t`, formed by one block
 /// in a fixed order (deterministic).
-#[derive(Debug)]
 pub struct DlambdaOut<'a> {
-    pub per_token: &'a mut CudaSlice<f32>,
-    pub total: &'a mut CudaSlice<f32>,
+    pub per_token: &'a mut dyn DeviceWrite<f32>,
+    pub total: &'a mut dyn DeviceWrite<f32>,
+}
+
+impl std::fmt::Debug for DlambdaOut<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DlambdaOut")
+            .field("per_token_len", &self.per_token.len())
+            .field("total_len", &self.total.len())
+            .finish()
+    }
 }
 
 /// Gating backward through a hierarchical combination (HDMoLE) on the GPU: as [`gating_backward`]
@@ -428,17 +411,17 @@ pub struct DlambdaOut<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn gating_backward_hierarchical(
     dev: &Device,
-    logits: &impl DevicePtr<f32>,
+    logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
     act: crate::cpu::Activation,
     temperature: f32,
     hierarchy: (&super::DeviceSeqRouting, crate::cpu::HierarchicalCombine),
     gate: &super::DeviceGate<'_>,
-    ids: &impl DevicePtr<i32>,
-    dw: &impl DevicePtr<f32>,
-    dz: &mut impl DevicePtrMut<f32>,
-    dtau: Option<&mut CudaSlice<f32>>,
+    ids: &impl DeviceRead<i32>,
+    dw: &impl DeviceRead<f32>,
+    dz: &mut impl DeviceWrite<f32>,
+    dtau: Option<&mut dyn DeviceWrite<f32>>,
     dlambda: Option<DlambdaOut<'_>>,
 ) -> Result<()> {
     gating_backward_impl(
@@ -461,17 +444,17 @@ pub fn gating_backward_hierarchical(
 #[allow(clippy::too_many_arguments)]
 fn gating_backward_impl(
     dev: &Device,
-    logits: &impl DevicePtr<f32>,
+    logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
     act: Option<crate::cpu::Activation>,
     temperature: f32,
     hierarchy: Option<(&super::DeviceSeqRouting, crate::cpu::HierarchicalCombine)>,
     gate: &super::DeviceGate<'_>,
-    ids: &impl DevicePtr<i32>,
-    dw: &impl DevicePtr<f32>,
-    dz: &mut impl DevicePtrMut<f32>,
-    dtau: Option<&mut CudaSlice<f32>>,
+    ids: &impl DeviceRead<i32>,
+    dw: &impl DeviceRead<f32>,
+    dz: &mut impl DeviceWrite<f32>,
+    dtau: Option<&mut dyn DeviceWrite<f32>>,
     dlambda: Option<DlambdaOut<'_>>,
 ) -> Result<()> {
     use super::DeviceGate;
@@ -494,49 +477,43 @@ fn gating_backward_impl(
         check_len("global posterior segment rows", num_tokens, g.num_rows)?;
     }
     let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
-    check_len("logits [T, E]", n_logits, logits.len())?;
-    check_len("dz [T, E]", n_logits, dz.len())?;
-    check_len("routing ids [T, k_max]", num_tokens * k_max, ids.len())?;
-    check_len("dw [T, k_max]", num_tokens * k_max, dw.len())?;
-    if let DeviceGate::ThresholdPerToken(t) = gate {
-        check_len("taus [T]", num_tokens, t.len())?;
-    }
-    if let Some(d) = &dtau {
-        check_len("dtau [T]", num_tokens, d.len())?;
-    }
-    if let Some(d) = &dlambda {
-        check_len("dλ per token [T]", num_tokens, d.per_token.len())?;
-        check_len("dλ total [1]", 1, d.total.len())?;
-    }
-    if num_tokens == 0 && dlambda.is_none() {
+    let mut l = Launch::new(dev, OP);
+    let logits = l.input("logits [T, E]", logits, n_logits)?;
+    let dz = l.output("dz [T, E]", dz, n_logits)?;
+    let ids = l.input("routing ids [T, k_max]", ids, num_tokens * k_max)?;
+    let dw = l.input("dw [T, k_max]", dw, num_tokens * k_max)?;
+    let taus = match gate {
+        DeviceGate::ThresholdPerToken(t) => l.input("taus [T]", t, num_tokens)?,
+        _ => std::ptr::null(),
+    };
+    let dtau = match dtau {
+        Some(d) => l.output("dtau [T]", d, num_tokens)?,
+        None => std::ptr::null_mut(),
+    };
+    let (dlambda_tokens, dlambda_total, has_dlambda) = match dlambda {
+        Some(d) => (
+            l.output("dλ per token [T]", d.per_token, num_tokens)?,
+            l.output("dλ total [1]", d.total, 1)?,
+            true,
+        ),
+        None => (std::ptr::null_mut(), std::ptr::null_mut(), false),
+    };
+    let global = match &hierarchy {
+        Some((g, _)) => Some((
+            l.input_any("global posterior offsets", &g.offsets)?,
+            l.input_any("global posterior probabilities", &g.probs)?,
+            g.num_seqs,
+        )),
+        None => None,
+    };
+    if num_tokens == 0 && !has_dlambda {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (l_ptr, _g0) = logits.device_ptr(stream);
-    let (ids_ptr, _g1) = ids.device_ptr(stream);
-    let (dw_ptr, _g2) = dw.device_ptr(stream);
-    let (dz_ptr, _g3) = dz.device_ptr_mut(stream);
-    let dtau_ptr = dtau.map(|d| d.device_ptr_mut(stream));
-    let taus = match gate {
-        DeviceGate::ThresholdPerToken(v) => Some(v.device_ptr(stream)),
-        _ => None,
-    };
-    let hier = hierarchy.map(|(g, _)| {
-        let (o, go) = g.offsets.device_ptr(stream);
-        let (p, gp) = g.probs.device_ptr(stream);
-        (o, p, g.num_seqs, [go, gp])
-    });
     let (combine, lambda) = match hierarchy.map(|h| h.1) {
         None => (ffi::MOLORA_COMBINE_NONE, 0.0),
         Some(HierarchicalCombine::Mix { lambda }) => (ffi::MOLORA_COMBINE_MIX, lambda),
         Some(HierarchicalCombine::Product) => (ffi::MOLORA_COMBINE_PRODUCT, 0.0),
     };
-    let dl = dlambda.map(|d| {
-        (
-            d.per_token.device_ptr_mut(stream),
-            d.total.device_ptr_mut(stream),
-        )
-    });
     let (kind, renormalize, tau) = match gate {
         DeviceGate::TopK { renormalize, .. } => (ffi::MOLORA_GATE_TOPK, *renormalize, 0.0),
         DeviceGate::Threshold(tau) => (ffi::MOLORA_GATE_THRESHOLD, false, *tau),
@@ -544,16 +521,12 @@ fn gating_backward_impl(
         DeviceGate::Dense => (ffi::MOLORA_GATE_DENSE, false, 0.0),
     };
     let args = ffi::molora_gating_backward_args {
-        logits: l_ptr as *const f32,
-        ids: ids_ptr as *const i32,
-        dw: dw_ptr as *const f32,
-        dz: dz_ptr as *mut f32,
-        dtau: dtau_ptr
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |d| d.0 as *mut f32),
-        taus: taus
-            .as_ref()
-            .map_or(std::ptr::null(), |t| t.0 as *const f32),
+        logits,
+        ids,
+        dw,
+        dz,
+        dtau,
+        taus,
         tau,
         num_tokens: num_tokens as i32,
         num_experts: num_experts as i32,
@@ -564,27 +537,18 @@ fn gating_backward_impl(
         renormalize: renormalize as i32,
         combine: combine as i32,
         lambda,
-        global_probs: hier
-            .as_ref()
-            .map_or(std::ptr::null(), |h| h.1 as *const f32),
-        seq_offsets: hier
-            .as_ref()
-            .map_or(std::ptr::null(), |h| h.0 as *const i32),
-        num_seqs: hier.as_ref().map_or(0, |h| h.2 as i32),
-        dlambda_tokens: dl
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |d| d.0 .0 as *mut f32),
-        dlambda: dl
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |d| d.1 .0 as *mut f32),
+        global_probs: global.map_or(std::ptr::null(), |g| g.1),
+        seq_offsets: global.map_or(std::ptr::null(), |g| g.0),
+        num_seqs: global.map_or(0, |g| g.2 as i32),
+        dlambda_tokens,
+        dlambda: dlambda_total,
     };
     // SAFETY: logits and dz hold T·E, ids and dw T·k_max, taus, dtau and dλ per token T elements,
     // the dλ total 1 (checked); E is within the kernel's shared-memory limit; the global posterior was
     // uploaded whole from a validated SeqRouting of E experts whose segments cover exactly T rows, so
-    // every token finds its sequence; λ is in [0, 1] (check_combine). The guards order every buffer
-    // on `stream`.
-    let code = unsafe { ffi::molora_gating_backward_f32(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // every token finds its sequence; λ is in [0, 1] (check_combine). The launch orders every
+    // buffer on the device.
+    unsafe { l.run(&GATING_BACKWARD, &args) }
 }
 
 /// Backward of SAML's weight-space mixing ([`super::mix_experts`]) on the GPU, deterministic: with
@@ -596,16 +560,16 @@ fn gating_backward_impl(
 #[allow(clippy::too_many_arguments)]
 pub fn mix_backward<T: CudaElement>(
     dev: &Device,
-    a: &impl DevicePtr<T>,
-    b: &impl DevicePtr<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
-    probs: &impl DevicePtr<f32>,
+    probs: &impl DeviceRead<f32>,
     num_seqs: usize,
-    d_a_mixed: &impl DevicePtr<f32>,
-    d_b_mixed: &impl DevicePtr<f32>,
-    da: &mut impl DevicePtrMut<f32>,
-    db: &mut impl DevicePtrMut<f32>,
-    dp: &mut impl DevicePtrMut<f32>,
+    d_a_mixed: &impl DeviceRead<f32>,
+    d_b_mixed: &impl DeviceRead<f32>,
+    da: &mut impl DeviceWrite<f32>,
+    db: &mut impl DeviceWrite<f32>,
+    dp: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     const OP: &str = "mix_backward";
     let e = shape.num_experts;
@@ -619,32 +583,24 @@ pub fn mix_backward<T: CudaElement>(
             ),
         });
     }
-    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
-    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
-    check_len("probs [S, E]", num_seqs * e, probs.len())?;
-    check_len("dĀ [S, r, d_in]", num_seqs * per_a, d_a_mixed.len())?;
-    check_len("dB̄ [S, d_out, r]", num_seqs * per_b, d_b_mixed.len())?;
-    check_len("dA [E, r, d_in]", shape.a_len(), da.len())?;
-    check_len("dB [E, d_out, r]", shape.b_len(), db.len())?;
-    check_len("dp [S, E]", num_seqs * e, dp.len())?;
-    let stream = dev.stream();
-    let (a_ptr, _g0) = a.device_ptr(stream);
-    let (b_ptr, _g1) = b.device_ptr(stream);
-    let (p_ptr, _g2) = probs.device_ptr(stream);
-    let (dam_ptr, _g3) = d_a_mixed.device_ptr(stream);
-    let (dbm_ptr, _g4) = d_b_mixed.device_ptr(stream);
-    let (da_ptr, _g5) = da.device_ptr_mut(stream);
-    let (db_ptr, _g6) = db.device_ptr_mut(stream);
-    let (dp_ptr, _g7) = dp.device_ptr_mut(stream);
+    let mut l = Launch::new(dev, OP);
+    let a = l.input("A [E, r, d_in]", a, shape.a_len())?;
+    let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
+    let probs = l.input("probs [S, E]", probs, num_seqs * e)?;
+    let da_mixed = l.input("dĀ [S, r, d_in]", d_a_mixed, num_seqs * per_a)?;
+    let db_mixed = l.input("dB̄ [S, d_out, r]", d_b_mixed, num_seqs * per_b)?;
+    let da = l.output("dA [E, r, d_in]", da, shape.a_len())?;
+    let db = l.output("dB [E, d_out, r]", db, shape.b_len())?;
+    let dp = l.output("dp [S, E]", dp, num_seqs * e)?;
     let args = ffi::molora_mix_backward_args {
-        a: a_ptr as *const _,
-        b: b_ptr as *const _,
-        probs: p_ptr as *const f32,
-        da_mixed: dam_ptr as *const f32,
-        db_mixed: dbm_ptr as *const f32,
-        da: da_ptr as *mut f32,
-        db: db_ptr as *mut f32,
-        dp: dp_ptr as *mut f32,
+        a: a.cast(),
+        b: b.cast(),
+        probs,
+        da_mixed,
+        db_mixed,
+        da,
+        db,
+        dp,
         num_experts: e as i32,
         num_seqs: num_seqs as i32,
         per_a: per_a as i64,
@@ -652,10 +608,9 @@ pub fn mix_backward<T: CudaElement>(
     };
     // SAFETY: A, dA hold E·r·d_in, B, dB E·d_out·r, probs and dp S·E, dĀ S·r·d_in and dB̄ S·d_out·r
     // elements (checked); E and S are at most 65535 (grid limits, checked); per_a, per_b >= 1
-    // (LoraShape). With S = 0 the kernels write dA = dB = 0 and read no sequence. The guards order
-    // every buffer on `stream`.
-    let code = unsafe { T::MIX_BACKWARD(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // (LoraShape). With S = 0 the kernels write dA = dB = 0 and read no sequence. The launch orders
+    // every buffer on the device.
+    unsafe { l.run(&T::MIX_BACKWARD, &args) }
 }
 
 /// Router backward on the GPU, deterministic (tokens summed in order): `dW_g = dzᵀ·x` `[E, d_in]`,
@@ -664,15 +619,15 @@ pub fn mix_backward<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn router_backward<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
     num_tokens: usize,
     d_in: usize,
-    w_g: &impl DevicePtr<T>,
+    w_g: &impl DeviceRead<T>,
     num_experts: usize,
-    dz: &impl DevicePtr<f32>,
-    dw_g: &mut impl DevicePtrMut<f32>,
-    db: &mut impl DevicePtrMut<f32>,
-    dx: Option<&mut CudaSlice<f32>>,
+    dz: &impl DeviceRead<f32>,
+    dw_g: &mut impl DeviceWrite<f32>,
+    db: &mut impl DeviceWrite<f32>,
+    dx: Option<&mut dyn DeviceWrite<f32>>,
 ) -> Result<()> {
     const OP: &str = "router_backward";
     if d_in == 0 || num_experts == 0 {
@@ -682,48 +637,31 @@ pub fn router_backward<T: CudaElement>(
             reason: "must be at least 1",
         });
     }
-    check_len(
-        "x [T, d_in]",
-        checked_i32("T * d_in", num_tokens, d_in)?,
-        x.len(),
-    )?;
-    check_len(
-        "router W_g [E, d_in]",
-        checked_i32("E * d_in", num_experts, d_in)?,
-        w_g.len(),
-    )?;
-    check_len(
-        "dz [T, E]",
-        checked_i32("T * E", num_tokens, num_experts)?,
-        dz.len(),
-    )?;
-    check_len("dW_g [E, d_in]", num_experts * d_in, dw_g.len())?;
-    check_len("db [E]", num_experts, db.len())?;
-    if let Some(d) = &dx {
-        check_len("dx [T, d_in]", num_tokens * d_in, d.len())?;
-    }
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (w_ptr, _g1) = w_g.device_ptr(stream);
-    let (dz_ptr, _g2) = dz.device_ptr(stream);
-    let (dwg_ptr, _g3) = dw_g.device_ptr_mut(stream);
-    let (db_ptr, _g4) = db.device_ptr_mut(stream);
-    let dx_ptr = dx.map(|d| d.device_ptr_mut(stream));
+    let x_len = checked_i32("T * d_in", num_tokens, d_in)?;
+    let w_len = checked_i32("E * d_in", num_experts, d_in)?;
+    let dz_len = checked_i32("T * E", num_tokens, num_experts)?;
+    let mut l = Launch::new(dev, OP);
+    let x = l.input("x [T, d_in]", x, x_len)?;
+    let w_g = l.input("router W_g [E, d_in]", w_g, w_len)?;
+    let dz = l.input("dz [T, E]", dz, dz_len)?;
+    let dw_g = l.output("dW_g [E, d_in]", dw_g, w_len)?;
+    let db = l.output("db [E]", db, num_experts)?;
+    let dx = match dx {
+        Some(d) => l.output("dx [T, d_in]", d, x_len)?,
+        None => std::ptr::null_mut(),
+    };
     let args = ffi::molora_router_backward_args {
-        x: x_ptr as *const _,
-        w_g: w_ptr as *const _,
-        dz: dz_ptr as *const f32,
-        dw_g: dwg_ptr as *mut f32,
-        db: db_ptr as *mut f32,
-        dx: dx_ptr
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |d| d.0 as *mut f32),
+        x: x.cast(),
+        w_g: w_g.cast(),
+        dz,
+        dw_g,
+        db,
+        dx,
         num_tokens: num_tokens as i32,
         d_in: d_in as i32,
         num_experts: num_experts as i32,
     };
-    // SAFETY: every buffer has the length checked above and all products fit an i32; the guards
-    // order them on `stream`.
-    let code = unsafe { T::ROUTER_BACKWARD(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // SAFETY: every buffer has the length checked above and all products fit an i32; the launch
+    // orders them on the device.
+    unsafe { l.run(&T::ROUTER_BACKWARD, &args) }
 }

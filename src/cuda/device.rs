@@ -1,12 +1,17 @@
-//! The device handle: a cudarc context and the stream every op of this handle runs on.
+//! The device handle: a GPU (a cudarc context and the stream every op of this handle runs on) or,
+//! with the `emu` feature, the emulated device (the same kernels compiled for the host, with every
+//! access checked), and the memory operations of both.
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
 
+use super::memory::{gpu_view, gpu_view_mut, Buffer, DeviceRead, DeviceWrite, Memory};
+use crate::error::check_len;
 use crate::{Error, Result};
 
-/// Whether a CUDA driver and at least one device are present. Never panics.
+/// Whether a CUDA driver and at least one GPU are present (the emulated device does not count).
+/// Never panics.
 pub fn device_available() -> bool {
     if !driver_library_present() {
         return false;
@@ -29,15 +34,31 @@ fn driver_library_present() -> bool {
     }
 }
 
-/// A CUDA device and the stream molora's ops on it are enqueued on.
+/// A device molora's ops run on: a CUDA GPU and the stream its ops are enqueued on
+/// ([`Device::new`], [`Device::from_stream`]), or the emulated device ([`Device::emulated`], feature
+/// `emu`), on which every launch runs on the calling thread with its memory accesses, barriers and
+/// shuffles checked. The ops take the same buffers on both ([`Buffer`], or cudarc's on a GPU).
 #[derive(Debug, Clone)]
 pub struct Device {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
+    Gpu {
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+    },
+    #[cfg(feature = "emu")]
+    Emulated,
+}
+
+fn drv(e: cudarc::driver::DriverError) -> Error {
+    Error::Driver(e.to_string())
 }
 
 impl Device {
-    /// Opens device `ordinal` and uses its default stream.
+    /// Opens GPU `ordinal` and uses its default stream.
     ///
     /// Errors: [`Error::NoDevice`] when the driver library is missing or `ordinal` is not below the
     /// device count, [`Error::Driver`] when the driver fails to count devices or create the context.
@@ -47,66 +68,265 @@ impl Device {
                 reason: "the CUDA driver library (libcuda) was not found".into(),
             });
         }
-        let count = CudaContext::device_count().map_err(|e| Error::Driver(e.to_string()))?;
+        let count = CudaContext::device_count().map_err(drv)?;
         if ordinal >= count.max(0) as usize {
             return Err(Error::NoDevice {
                 reason: format!("device {ordinal} requested, {count} present"),
             });
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Driver(e.to_string()))?;
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
         let stream = ctx.default_stream();
-        Ok(Device { ctx, stream })
+        Ok(Device {
+            backend: Backend::Gpu { ctx, stream },
+        })
+    }
+
+    /// The emulated CUDA device: molora's kernels compiled by the host compiler, each launch run to
+    /// completion on the calling thread, with out-of-bounds and uninitialised accesses, shared-memory
+    /// races, divergent barriers and bad shuffle masks reported as [`Error::Cuda`] carrying the
+    /// emulator's report. For tests and CI without a GPU; it is slow.
+    ///
+    /// Errors: [`Error::EmuNotCompiled`] when molora was built without the `emu` feature.
+    pub fn emulated() -> Result<Device> {
+        #[cfg(feature = "emu")]
+        {
+            Ok(Device {
+                backend: Backend::Emulated,
+            })
+        }
+        #[cfg(not(feature = "emu"))]
+        {
+            Err(Error::EmuNotCompiled {
+                op: "Device::emulated",
+            })
+        }
     }
 
     /// Uses an existing cudarc stream (e.g. a framework's), so molora's ops order with its work.
     pub fn from_stream(stream: Arc<CudaStream>) -> Device {
         Device {
-            ctx: stream.context().clone(),
-            stream,
+            backend: Backend::Gpu {
+                ctx: stream.context().clone(),
+                stream,
+            },
         }
     }
 
-    /// The cudarc context of the device.
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    /// Whether this is the emulated device.
+    pub fn is_emulated(&self) -> bool {
+        self.memory() != Memory::Gpu
     }
 
-    /// The stream molora's ops on this handle are enqueued on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
     }
 
-    /// Copies a host slice to a new device buffer (enqueued on the stream).
-    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream
-            .clone_htod(host)
-            .map_err(|e| Error::Driver(e.to_string()))
+    pub(crate) fn memory(&self) -> Memory {
+        match self.backend {
+            Backend::Gpu { .. } => Memory::Gpu,
+            #[cfg(feature = "emu")]
+            Backend::Emulated => Memory::Emulated,
+        }
     }
 
-    /// Copies a device buffer back to the host; this waits for the stream.
-    pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream
-            .clone_dtoh(dev)
-            .map_err(|e| Error::Driver(e.to_string()))
+    /// The context and stream of a GPU device, or [`Error::Unsupported`] naming `op` on the emulated
+    /// device.
+    #[cfg_attr(not(feature = "emu"), allow(unused_variables))]
+    pub(crate) fn gpu(&self, op: &'static str) -> Result<(&Arc<CudaContext>, &Arc<CudaStream>)> {
+        match &self.backend {
+            Backend::Gpu { ctx, stream } => Ok((ctx, stream)),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => Err(Error::Unsupported {
+                op,
+                what: "the emulated device (this needs a GPU: a CUDA context and stream)".into(),
+            }),
+        }
     }
 
-    /// A zeroed device buffer of `len` elements.
-    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros(len)
-            .map_err(|e| Error::Driver(e.to_string()))
+    /// The cudarc context of a GPU device; [`Error::Unsupported`] on the emulated device.
+    pub fn context(&self) -> Result<&Arc<CudaContext>> {
+        self.gpu("Device::context").map(|(ctx, _)| ctx)
     }
 
-    /// Waits until everything enqueued on the stream has finished.
+    /// The stream molora's ops on this GPU device are enqueued on; [`Error::Unsupported`] on the
+    /// emulated device.
+    pub fn stream(&self) -> Result<&Arc<CudaStream>> {
+        self.gpu("Device::stream").map(|(_, stream)| stream)
+    }
+
+    /// Copies a host slice to a new device buffer (enqueued on a GPU's stream).
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<Buffer<T>> {
+        match &self.backend {
+            Backend::Gpu { stream, .. } => stream.clone_htod(host).map(Buffer::from).map_err(drv),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => {
+                super::emu::EmuAlloc::copy_of("Device::upload", host).map(Buffer::from_emu)
+            }
+        }
+    }
+
+    /// A zeroed device buffer of `len` elements. A GPU cannot allocate zero bytes (`len = 0` is a
+    /// driver error there); the emulated device can.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<Buffer<T>> {
+        match &self.backend {
+            Backend::Gpu { stream, .. } => stream.alloc_zeros(len).map(Buffer::from).map_err(drv),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => {
+                super::emu::EmuAlloc::zeroed("Device::zeros", len).map(Buffer::from_emu)
+            }
+        }
+    }
+
+    /// `len` elements the emulator counts as unwritten, so that a kernel reading them fails its
+    /// initcheck: for the self-test's planted uninitialised read. Emulated device only (an
+    /// [`Error::Unsupported`] on a GPU, where such memory would hold whatever was there).
+    #[cfg_attr(not(feature = "emu"), allow(unused_variables))]
+    pub(crate) fn alloc_unwritten<T: DeviceRepr>(&self, len: usize) -> Result<Buffer<T>> {
+        match &self.backend {
+            Backend::Gpu { .. } => Err(Error::Unsupported {
+                op: "Device::alloc_unwritten",
+                what: "a GPU device (unwritten memory is for the emulated device's initcheck)"
+                    .into(),
+            }),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => {
+                super::emu::EmuAlloc::alloc("Device::alloc_unwritten", len).map(Buffer::from_emu)
+            }
+        }
+    }
+
+    /// Copies a device buffer (or view) back to the host; this waits for the stream.
+    pub fn download<T: DeviceRepr, B: DeviceRead<T> + ?Sized>(&self, src: &B) -> Result<Vec<T>> {
+        match &self.backend {
+            Backend::Gpu { stream, .. } => stream
+                .clone_dtoh(&gpu_view("download source", src)?)
+                .map_err(drv),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => {
+                let addr = super::memory::emu_addr("download source", src)?;
+                let n = src.len();
+                let mut host = Vec::with_capacity(n);
+                let spare = host
+                    .spare_capacity_mut()
+                    .get_mut(..n)
+                    .ok_or(Error::InvalidDim {
+                        what: "download length",
+                        value: n,
+                        reason: "the host vector could not reserve that many elements",
+                    })?;
+                super::emu::copy_dtoh("Device::download", addr, spare)?;
+                // SAFETY: the emulator wrote all `n` elements (it fails the call and writes nothing
+                // otherwise), each a `T` a kernel or a copy left in the buffer (every buffer is
+                // initialised when made), and `T: DeviceRepr` is plain data.
+                unsafe { host.set_len(n) };
+                Ok(host)
+            }
+        }
+    }
+
+    /// Copies a device buffer (or view) into `host`, of the same length; this waits for the stream.
+    pub fn download_into<T: DeviceRepr, B: DeviceRead<T> + ?Sized>(
+        &self,
+        src: &B,
+        host: &mut [T],
+    ) -> Result<()> {
+        check_len("host destination of download_into", src.len(), host.len())?;
+        match &self.backend {
+            Backend::Gpu { stream, .. } => {
+                stream
+                    .memcpy_dtoh(&gpu_view("download source", src)?, host)
+                    .map_err(drv)?;
+                // An asynchronous copy into pageable memory need not have finished when it returns.
+                stream.synchronize().map_err(drv)
+            }
+            #[cfg(feature = "emu")]
+            Backend::Emulated => {
+                let addr = super::memory::emu_addr("download source", src)?;
+                super::emu::copy_dtoh("Device::download_into", addr, host)
+            }
+        }
+    }
+
+    /// Copies `host` into an existing device buffer (or view) of the same length (enqueued on a GPU's
+    /// stream).
+    pub fn upload_into<T: DeviceRepr, B: DeviceWrite<T> + ?Sized>(
+        &self,
+        host: &[T],
+        dst: &mut B,
+    ) -> Result<()> {
+        check_len("device destination of upload_into", host.len(), dst.len())?;
+        match &self.backend {
+            Backend::Gpu { stream, .. } => stream
+                .memcpy_htod(host, &mut gpu_view_mut("upload destination", dst)?)
+                .map_err(drv),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => {
+                let addr = super::memory::emu_addr("upload destination", dst)?;
+                super::emu::copy_htod("Device::upload_into", host, addr)
+            }
+        }
+    }
+
+    /// Copies device memory `src` into `dst` of the same length (enqueued on a GPU's stream).
+    pub fn copy<T: DeviceRepr, S: DeviceRead<T> + ?Sized, D: DeviceWrite<T> + ?Sized>(
+        &self,
+        src: &S,
+        dst: &mut D,
+    ) -> Result<()> {
+        check_len("destination of the device copy", src.len(), dst.len())?;
+        match &self.backend {
+            Backend::Gpu { stream, .. } => stream
+                .memcpy_dtod(
+                    &gpu_view("copy source", src)?,
+                    &mut gpu_view_mut("copy destination", dst)?,
+                )
+                .map_err(drv),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => {
+                let from = super::memory::emu_addr("copy source", src)?;
+                let to = super::memory::emu_addr("copy destination", dst)?;
+                super::emu::copy_dtod::<T>("Device::copy", from, to, src.len())
+            }
+        }
+    }
+
+    /// Sets every element of `dst` to zero (enqueued on a GPU's stream).
+    pub fn memset_zeros<T: DeviceRepr + ValidAsZeroBits, B: DeviceWrite<T> + ?Sized>(
+        &self,
+        dst: &mut B,
+    ) -> Result<()> {
+        match &self.backend {
+            Backend::Gpu { stream, .. } => stream
+                .memset_zeros(&mut gpu_view_mut("memset destination", dst)?)
+                .map_err(drv),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => {
+                let addr = super::memory::emu_addr("memset destination", dst)?;
+                super::emu::memset_zero::<T>("Device::memset_zeros", addr, dst.len())
+            }
+        }
+    }
+
+    /// Waits until everything enqueued on the stream has finished (nothing to wait for on the
+    /// emulated device, whose launches finish before they return).
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| Error::Driver(e.to_string()))
+        match &self.backend {
+            Backend::Gpu { stream, .. } => stream.synchronize().map_err(drv),
+            #[cfg(feature = "emu")]
+            Backend::Emulated => Ok(()),
+        }
     }
+}
 
-    pub(crate) fn raw_stream(&self) -> super::ffi::molora_stream_t {
-        self.stream.cu_stream() as super::ffi::molora_stream_t
-    }
+/// Sets the compute capability (times ten: 80, 86, 89, 90, 100, 120; 90 by default) whose limits
+/// (shared memory per block and its opt-in, threads per block, ...) every emulated launch in the
+/// process is checked against, so the emulator refuses what a GPU of that architecture would.
+///
+/// Errors: an unknown architecture ([`Error::Cuda`] with the emulator's report, or
+/// [`Error::InvalidDim`] when it does not fit an `int`).
+#[cfg(feature = "emu")]
+pub fn set_emulated_arch(compute_capability: u32) -> Result<()> {
+    super::emu::set_arch(compute_capability)
 }
 
 /// `a·b` when it fits an `i32` (every index on the device is an i32), else [`Error::InvalidDim`]
@@ -128,37 +348,5 @@ pub(crate) fn activation_code(act: Option<crate::cpu::Activation>) -> i32 {
         Some(crate::cpu::Activation::Softmax) => super::ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
         Some(crate::cpu::Activation::Sigmoid) => super::ffi::MOLORA_ACTIVATION_SIGMOID as i32,
         None => super::ffi::MOLORA_ACTIVATION_NONE as i32,
-    }
-}
-
-/// Maps a launcher's return code (a `cudaError_t`) to a result.
-pub(crate) fn check_launch(op: &'static str, code: i32) -> Result<()> {
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(Error::Cuda {
-            op,
-            code,
-            message: cuda_error_name(code).to_string(),
-        })
-    }
-}
-
-/// Names of the `cudaError_t` codes a launcher can return.
-fn cuda_error_name(code: i32) -> &'static str {
-    match code {
-        1 => "cudaErrorInvalidValue",
-        2 => "cudaErrorMemoryAllocation",
-        3 => "cudaErrorInitializationError",
-        9 => "cudaErrorInvalidConfiguration",
-        35 => "cudaErrorInsufficientDriver",
-        98 => "cudaErrorInvalidDeviceFunction",
-        100 => "cudaErrorNoDevice",
-        101 => "cudaErrorInvalidDevice",
-        209 => "cudaErrorNoKernelImageForDevice",
-        400 => "cudaErrorInvalidResourceHandle",
-        700 => "cudaErrorIllegalAddress",
-        701 => "cudaErrorLaunchOutOfResources",
-        _ => "see cudaGetErrorString",
     }
 }

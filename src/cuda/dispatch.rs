@@ -1,14 +1,15 @@
 //! Dispatch on the GPU: the stable counting sort of `cuda/dispatch.cu`, giving exactly the arrays of
 //! [`crate::cpu::dispatch()`].
 
-use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
-
-use super::device::{check_launch, checked_i32, Device};
+use super::device::{checked_i32, Device};
 use super::ffi;
+use super::launch::{Kernel, Launch};
 use super::lora::CudaElement;
+use super::memory::{Buffer, DeviceRead, DeviceWrite};
 use crate::error::check_len;
 use crate::{DType, DispatchPlan, Error, Result};
+
+const DISPATCH: Kernel<ffi::molora_dispatch_args> = kernel!(molora_dispatch, molora_emu_dispatch);
 
 /// Largest number of experts the dispatch kernels handle.
 pub const MAX_DISPATCH_EXPERTS: usize = ffi::MOLORA_DISPATCH_MAX_EXPERTS as usize;
@@ -23,10 +24,10 @@ pub struct DevicePlan {
     k_max: usize,
     num_experts: usize,
     // Every buffer holds one element more than it needs, since the driver cannot allocate zero bytes.
-    expert_offsets: CudaSlice<i32>,
-    sorted_slots: CudaSlice<i32>,
-    slot_to_sorted: CudaSlice<i32>,
-    workspace: CudaSlice<i32>,
+    expert_offsets: Buffer<i32>,
+    sorted_slots: Buffer<i32>,
+    slot_to_sorted: Buffer<i32>,
+    workspace: Buffer<i32>,
 }
 
 impl DevicePlan {
@@ -81,20 +82,20 @@ impl DevicePlan {
         self.num_tokens * self.k_max
     }
 
-    /// Device pointers of `expert_offsets` and `sorted_slots`, with the guards that order them on
-    /// `stream`.
-    pub(crate) fn offsets_and_sorted<'a>(
+    /// Device addresses of `expert_offsets` and `sorted_slots`, for a launch that reads them.
+    pub(crate) fn bind_sorted<'a>(
         &'a self,
-        stream: &'a CudaStream,
-    ) -> (CUdeviceptr, CUdeviceptr, [SyncOnDrop<'a>; 2]) {
-        let (o, g0) = self.expert_offsets.device_ptr(stream);
-        let (s, g1) = self.sorted_slots.device_ptr(stream);
-        (o, s, [g0, g1])
+        l: &mut Launch<'a>,
+    ) -> Result<(*const i32, *const i32)> {
+        Ok((
+            l.input_any("plan expert offsets", &self.expert_offsets)?,
+            l.input_any("plan sorted slots", &self.sorted_slots)?,
+        ))
     }
 
-    /// Device pointer of `slot_to_sorted`, with its guard.
-    pub(crate) fn inverse<'a>(&'a self, stream: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
-        self.slot_to_sorted.device_ptr(stream)
+    /// Device address of `slot_to_sorted`, for a launch that reads it.
+    pub(crate) fn bind_inverse<'a>(&'a self, l: &mut Launch<'a>) -> Result<*const i32> {
+        l.input_any("plan slot_to_sorted", &self.slot_to_sorted)
     }
 
     /// Copies `expert_offsets` `[E + 1]` into `host` (waits for the stream): the host sync that a
@@ -105,11 +106,7 @@ impl DevicePlan {
             self.num_experts + 1,
             host.len(),
         )?;
-        dev.stream()
-            .memcpy_dtoh(&self.expert_offsets.slice(0..self.num_experts + 1), host)
-            .map_err(|e| Error::Driver(e.to_string()))?;
-        // An asynchronous copy into pageable memory need not have finished when it returns.
-        dev.synchronize()
+        dev.download_into(&self.expert_offsets.prefix(self.num_experts + 1), host)
     }
 
     /// Copies the plan to the host (waits for the stream): the same [`DispatchPlan`] the CPU builds.
@@ -136,30 +133,29 @@ impl DevicePlan {
 /// asynchronously on `dev`'s stream. The GPU counterpart of [`crate::cpu::dispatch()`]: the same
 /// offsets and the same stable order. Ids outside `[-1, E)` cannot be checked without a host sync;
 /// the kernels treat them as empty slots.
-pub fn dispatch(dev: &Device, ids: &impl DevicePtr<i32>, plan: &mut DevicePlan) -> Result<()> {
+pub fn dispatch(dev: &Device, ids: &impl DeviceRead<i32>, plan: &mut DevicePlan) -> Result<()> {
     let slots = plan.num_slots();
-    check_len("routing ids [T, k_max]", slots, ids.len())?;
-    let stream = dev.stream();
-    let (ids_ptr, _g0) = ids.device_ptr(stream);
-    let (off_ptr, _g1) = plan.expert_offsets.device_ptr_mut(stream);
-    let (sorted_ptr, _g2) = plan.sorted_slots.device_ptr_mut(stream);
-    let (inv_ptr, _g3) = plan.slot_to_sorted.device_ptr_mut(stream);
-    let (ws_ptr, _g4) = plan.workspace.device_ptr_mut(stream);
+    let num_experts = plan.num_experts;
+    let mut l = Launch::new(dev, "dispatch");
+    let ids = l.input("routing ids [T, k_max]", ids, slots)?;
+    let expert_offsets = l.output_any("plan expert offsets", &mut plan.expert_offsets)?;
+    let sorted_slots = l.output_any("plan sorted slots", &mut plan.sorted_slots)?;
+    let slot_to_sorted = l.output_any("plan slot_to_sorted", &mut plan.slot_to_sorted)?;
+    let workspace = l.output_any("plan workspace", &mut plan.workspace)?;
     let args = ffi::molora_dispatch_args {
-        ids: ids_ptr as *const i32,
-        expert_offsets: off_ptr as *mut i32,
-        sorted_slots: sorted_ptr as *mut i32,
-        slot_to_sorted: inv_ptr as *mut i32,
-        workspace: ws_ptr as *mut i32,
+        ids,
+        expert_offsets,
+        sorted_slots,
+        slot_to_sorted,
+        workspace,
         num_slots: slots as i32,
-        num_experts: plan.num_experts as i32,
+        num_experts: num_experts as i32,
     };
     // SAFETY: `ids` holds T·k_max elements (checked above); the plan's buffers were allocated by
     // `DevicePlan::new` for this T, k_max and E (offsets E + 1, slots T·k_max, workspace of
     // `molora_dispatch_workspace_len`), with 1 <= E <= MAX_DISPATCH_EXPERTS and T·k_max < 2^31.
-    // The guards keep every buffer alive and ordered on `stream` until the launches are enqueued.
-    let code = unsafe { ffi::molora_dispatch(&args, dev.raw_stream()) };
-    check_launch("dispatch", code)
+    // The launch keeps every buffer alive and ordered until the kernels are enqueued.
+    unsafe { l.run(&DISPATCH, &args) }
 }
 
 /// Gathers input rows into the plan's sorted order: `out[p, :] = x[sorted_slots[p] / k_max, :]` for
@@ -168,10 +164,10 @@ pub fn dispatch(dev: &Device, ids: &impl DevicePtr<i32>, plan: &mut DevicePlan) 
 /// of [`crate::cpu::gather_rows`]; asynchronous.
 pub fn gather_rows<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
     d: usize,
     plan: &DevicePlan,
-    out: &mut impl DevicePtrMut<T>,
+    out: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     if d == 0 {
         return Err(Error::InvalidDim {
@@ -181,28 +177,20 @@ pub fn gather_rows<T: CudaElement>(
         });
     }
     let slots = plan.num_slots();
-    check_len(
-        "x [T, d]",
-        checked_i32("T * d", plan.num_tokens, d)?,
-        x.len(),
-    )?;
-    check_len(
-        "gathered rows [T * k_max, d]",
-        checked_i32("T * k_max * d", slots, d)?,
-        out.len(),
-    )?;
+    let x_len = checked_i32("T * d", plan.num_tokens, d)?;
+    let out_len = checked_i32("T * k_max * d", slots, d)?;
+    let mut l = Launch::new(dev, "gather_rows");
+    let x = l.input("x [T, d]", x, x_len)?;
+    let out = l.output("gathered rows [T * k_max, d]", out, out_len)?;
+    let (expert_offsets, sorted_slots) = plan.bind_sorted(&mut l)?;
     if slots == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (out_ptr, _g1) = out.device_ptr_mut(stream);
-    let (off_ptr, sorted_ptr, _g2) = plan.offsets_and_sorted(stream);
     let args = ffi::molora_gather_rows_args {
-        x: x_ptr as *const _,
-        out: out_ptr as *mut _,
-        expert_offsets: off_ptr as *const i32,
-        sorted_slots: sorted_ptr as *const i32,
+        x: x.cast(),
+        out: out.cast(),
+        expert_offsets,
+        sorted_slots,
         num_slots: slots as i32,
         k_max: plan.k_max as i32,
         num_experts: plan.num_experts as i32,
@@ -210,9 +198,8 @@ pub fn gather_rows<T: CudaElement>(
     };
     // SAFETY: x holds T·d and out T·k_max·d elements (checked, both fit an i32); the plan was
     // allocated for this T and k_max, so its first P sorted slots index slots < T·k_max, whose
-    // token (slot / k_max) is < T. The guards order every buffer on `stream`.
-    let code = unsafe { T::GATHER_ROWS(&args, dev.raw_stream()) };
-    check_launch("gather_rows", code)
+    // token (slot / k_max) is < T. The launch orders every buffer on the device.
+    unsafe { l.run(&T::GATHER_ROWS, &args) }
 }
 
 /// Scatter-combine of per-pair rows back into token order, deterministic:
@@ -223,13 +210,13 @@ pub fn gather_rows<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn scatter_combine<T: CudaElement, R: CudaElement>(
     dev: &Device,
-    rows: &impl DevicePtr<R>,
+    rows: &impl DeviceRead<R>,
     d: usize,
     plan: &DevicePlan,
-    ids: &impl DevicePtr<i32>,
-    weights: &impl DevicePtr<f32>,
+    ids: &impl DeviceRead<i32>,
+    weights: &impl DeviceRead<f32>,
     scale: f32,
-    y: &mut impl DevicePtrMut<T>,
+    y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     const OP: &str = "scatter_combine";
     crate::cpu::dispatch::check_scale(scale)?;
@@ -251,34 +238,24 @@ pub fn scatter_combine<T: CudaElement, R: CudaElement>(
         });
     }
     let slots = plan.num_slots();
-    check_len(
-        "rows [T * k_max, d]",
-        checked_i32("T * k_max * d", slots, d)?,
-        rows.len(),
-    )?;
-    check_len("routing ids [T, k_max]", slots, ids.len())?;
-    check_len("routing weights [T, k_max]", slots, weights.len())?;
-    check_len(
-        "y [T, d]",
-        checked_i32("T * d", plan.num_tokens, d)?,
-        y.len(),
-    )?;
+    let rows_len = checked_i32("T * k_max * d", slots, d)?;
+    let y_len = checked_i32("T * d", plan.num_tokens, d)?;
+    let mut l = Launch::new(dev, OP);
+    let rows = l.input("rows [T * k_max, d]", rows, rows_len)?;
+    let ids = l.input("routing ids [T, k_max]", ids, slots)?;
+    let weights = l.input("routing weights [T, k_max]", weights, slots)?;
+    let y = l.output("y [T, d]", y, y_len)?;
+    let slot_to_sorted = plan.bind_inverse(&mut l)?;
     if plan.num_tokens == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (rows_ptr, _g0) = rows.device_ptr(stream);
-    let (ids_ptr, _g1) = ids.device_ptr(stream);
-    let (w_ptr, _g2) = weights.device_ptr(stream);
-    let (y_ptr, _g3) = y.device_ptr_mut(stream);
-    let (inv_ptr, _g4) = plan.inverse(stream);
     let args = ffi::molora_scatter_combine_args {
-        rows: rows_ptr as *const _,
+        rows: rows.cast(),
         rows_f32: (R::DTYPE == DType::F32) as i32,
-        ids: ids_ptr as *const i32,
-        weights: w_ptr as *const f32,
-        slot_to_sorted: inv_ptr as *const i32,
-        y: y_ptr as *mut _,
+        ids,
+        weights,
+        slot_to_sorted,
+        y: y.cast(),
         scale,
         num_tokens: plan.num_tokens as i32,
         k_max: plan.k_max as i32,
@@ -287,8 +264,7 @@ pub fn scatter_combine<T: CudaElement, R: CudaElement>(
     };
     // SAFETY: rows hold T·k_max·d, ids/weights T·k_max and y T·d elements (checked, all fit an i32);
     // rows are read as f32 exactly when R is f32, else R is T (checked). The plan's inverse holds
-    // T·k_max positions, each -1 or < T·k_max; the kernel skips ids outside [0, E). The guards order
-    // every buffer on `stream`.
-    let code = unsafe { T::SCATTER_COMBINE(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // T·k_max positions, each -1 or < T·k_max; the kernel skips ids outside [0, E). The launch
+    // orders every buffer on the device.
+    unsafe { l.run(&T::SCATTER_COMBINE, &args) }
 }

@@ -5,8 +5,6 @@
 //! captured in a CUDA graph. [`MoleLoraForward::backward`] differentiates the last run into
 //! [`MoleLoraGrads`] (allocated once by [`MoleLoraForward::new_grads`]), on the same path.
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-
 use super::backward::{
     gating_backward, lora_backward_dense_gated, lora_backward_experts, router_backward,
     DeviceLoraGrads,
@@ -17,21 +15,22 @@ use super::gating::{gating, router_logits, DeviceGate};
 use super::lora::{
     expand_experts, lora_dense_gated, shrink_experts, CudaElement, DenseGatedWorkspace, LoraPath,
 };
+use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
 use crate::cpu::Activation;
 use crate::{Error, LoraShape, Result};
 
 /// The router of a layer: `W_g` `[E, d_in]`, optional bias, activation and temperature.
 #[derive(Debug)]
 pub struct DeviceRouter<'a, T> {
-    pub w_g: CudaView<'a, T>,
-    pub b_g: Option<CudaView<'a, T>>,
+    pub w_g: BufferView<'a, T>,
+    pub b_g: Option<BufferView<'a, T>>,
     pub activation: Activation,
     pub temperature: f32,
 }
 
 #[derive(Debug)]
 enum Path {
-    Segmented { plan: DevicePlan, h: CudaSlice<f32> },
+    Segmented { plan: DevicePlan, h: Buffer<f32> },
     DenseGated(DenseGatedWorkspace),
 }
 
@@ -41,9 +40,9 @@ pub struct MoleLoraForward {
     num_tokens: usize,
     shape: LoraShape,
     k_max: usize,
-    logits: CudaSlice<f32>,
-    ids: CudaSlice<i32>,
-    weights: CudaSlice<f32>,
+    logits: Buffer<f32>,
+    ids: Buffer<i32>,
+    weights: Buffer<f32>,
     path: Path,
 }
 
@@ -90,11 +89,11 @@ impl MoleLoraForward {
     }
 
     /// The routing of the last [`run`](Self::run): ids `[T, k_max]` (`-1` = empty).
-    pub fn ids(&self) -> &CudaSlice<i32> {
+    pub fn ids(&self) -> &Buffer<i32> {
         &self.ids
     }
     /// The routing weights of the last run `[T, k_max]`.
-    pub fn weights(&self) -> &CudaSlice<f32> {
+    pub fn weights(&self) -> &Buffer<f32> {
         &self.weights
     }
     /// The path this workspace runs.
@@ -111,13 +110,13 @@ impl MoleLoraForward {
     pub fn run<T: CudaElement>(
         &mut self,
         dev: &Device,
-        x: &impl DevicePtr<T>,
+        x: &impl DeviceRead<T>,
         router: &DeviceRouter<'_, T>,
         gate: &DeviceGate<'_>,
-        a: &impl DevicePtr<T>,
-        b: &impl DevicePtr<T>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
         scale: f32,
-        y: &mut impl DevicePtrMut<T>,
+        y: &mut impl DeviceWrite<T>,
     ) -> Result<()> {
         let (t, shape) = (self.num_tokens, self.shape);
         let e = shape.num_experts;
@@ -134,7 +133,7 @@ impl MoleLoraForward {
             t,
             shape.d_in,
             &router.w_g,
-            router.b_g.as_ref(),
+            router.b_g.as_ref().map(|b| b as &dyn DeviceRead<T>),
             e,
             &mut self.logits,
             None,
@@ -186,11 +185,11 @@ pub struct MoleLoraGrads {
     num_experts: usize,
     d_in: usize,
     // Exact sizes (T, E and d_in are at least 1).
-    dz: CudaSlice<f32>,
-    dtau: CudaSlice<f32>,
-    dw_g: CudaSlice<f32>,
-    db_g: CudaSlice<f32>,
-    dx_router: CudaSlice<f32>,
+    dz: Buffer<f32>,
+    dtau: Buffer<f32>,
+    dw_g: Buffer<f32>,
+    db_g: Buffer<f32>,
+    dx_router: Buffer<f32>,
 }
 
 impl MoleLoraGrads {
@@ -199,25 +198,25 @@ impl MoleLoraGrads {
         &self.lora
     }
     /// `∂L/∂logits` `[T, E]`.
-    pub fn dz(&self) -> CudaView<'_, f32> {
-        self.dz.slice(..)
+    pub fn dz(&self) -> BufferView<'_, f32> {
+        self.dz.view()
     }
     /// `∂L/∂τ_t` `[T]` of a threshold gate (zero for other gates); for a learned `τ = σ(θ)/E` the
     /// caller forms `dθ = Σ_t dτ_t·σ'(θ)/E`.
-    pub fn dtau(&self) -> CudaView<'_, f32> {
-        self.dtau.slice(..)
+    pub fn dtau(&self) -> BufferView<'_, f32> {
+        self.dtau.view()
     }
     /// `∂L/∂W_g` `[E, d_in]`.
-    pub fn dw_g(&self) -> CudaView<'_, f32> {
-        self.dw_g.slice(..)
+    pub fn dw_g(&self) -> BufferView<'_, f32> {
+        self.dw_g.view()
     }
     /// `∂L/∂b_g` `[E]` (also when the router has no bias).
-    pub fn db_g(&self) -> CudaView<'_, f32> {
-        self.db_g.slice(..)
+    pub fn db_g(&self) -> BufferView<'_, f32> {
+        self.db_g.view()
     }
     /// `∂L/∂x` through the router `[T, d_in]`.
-    pub fn dx_router(&self) -> CudaView<'_, f32> {
-        self.dx_router.slice(..)
+    pub fn dx_router(&self) -> BufferView<'_, f32> {
+        self.dx_router.view()
     }
 }
 
@@ -254,12 +253,12 @@ impl MoleLoraForward {
     pub fn backward<T: CudaElement>(
         &self,
         dev: &Device,
-        x: &impl DevicePtr<T>,
+        x: &impl DeviceRead<T>,
         router: &DeviceRouter<'_, T>,
         gate: &DeviceGate<'_>,
-        a: &impl DevicePtr<T>,
-        b: &impl DevicePtr<T>,
-        dy: &impl DevicePtr<T>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
+        dy: &impl DeviceRead<T>,
         scale: f32,
         grads: &mut MoleLoraGrads,
     ) -> Result<()> {
@@ -315,12 +314,10 @@ impl MoleLoraForward {
             gate,
             DeviceGate::Threshold(_) | DeviceGate::ThresholdPerToken(_)
         );
-        let dtau = if threshold {
+        let dtau: Option<&mut dyn DeviceWrite<f32>> = if threshold {
             Some(&mut grads.dtau)
         } else {
-            dev.stream()
-                .memset_zeros(&mut grads.dtau)
-                .map_err(|err| Error::Driver(err.to_string()))?;
+            dev.memset_zeros(&mut grads.dtau)?;
             None
         };
         gating_backward(

@@ -4,15 +4,23 @@
 //! [`crate::cpu::hierarchical`], [`crate::cpu::top_k`], [`crate::cpu::threshold_gate`] and
 //! [`crate::cpu::dense`].
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-
-use super::device::{activation_code, check_launch, checked_i32, Device};
+use super::device::{activation_code, checked_i32, Device};
 use super::ffi;
+use super::launch::{Kernel, Launch};
 use super::lora::CudaElement;
+use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
 use crate::cpu::gating::{check_combine, check_k, check_spec, check_temperature};
 use crate::cpu::{Activation, Gate, HierarchicalCombine, ThresholdSpec};
 use crate::error::check_len;
 use crate::{Error, Result, SeqRouting};
+
+const GATING: Kernel<ffi::molora_gating_args> = kernel!(molora_gating_f32, molora_emu_gating_f32);
+const TOPK_GATING: Kernel<ffi::molora_topk_gating_args> =
+    kernel!(molora_topk_gating_f32, molora_emu_topk_gating_f32);
+const SLOTS_TO_DENSE: Kernel<ffi::molora_slots_dense_args> =
+    kernel!(molora_slots_to_dense_f32, molora_emu_slots_to_dense_f32);
+const DENSE_TO_SLOTS: Kernel<ffi::molora_slots_dense_args> =
+    kernel!(molora_dense_to_slots_f32, molora_emu_dense_to_slots_f32);
 
 /// Largest number of experts the gating kernels handle.
 pub const MAX_GATING_EXPERTS: usize = ffi::MOLORA_GATING_MAX_EXPERTS as usize;
@@ -23,8 +31,8 @@ pub struct DeviceSeqRouting {
     pub(crate) num_rows: usize,
     pub(crate) num_seqs: usize,
     pub(crate) num_experts: usize,
-    pub(crate) offsets: CudaSlice<i32>,
-    pub(crate) probs: CudaSlice<f32>,
+    pub(crate) offsets: Buffer<i32>,
+    pub(crate) probs: Buffer<f32>,
 }
 
 impl DeviceSeqRouting {
@@ -50,7 +58,7 @@ pub enum DeviceGate<'a> {
     /// One `τ` for every token (a fixed or learned threshold).
     Threshold(f32),
     /// Per-token `τ` `[T]` (the input-dependent threshold, from [`router_logits`]).
-    ThresholdPerToken(CudaView<'a, f32>),
+    ThresholdPerToken(BufferView<'a, f32>),
     Dense,
 }
 
@@ -119,15 +127,15 @@ fn check_experts(op: &'static str, num_experts: usize) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 pub fn gating(
     dev: &Device,
-    logits: &impl DevicePtr<f32>,
+    logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
     act: Activation,
     temperature: f32,
     hierarchy: Option<(&DeviceSeqRouting, HierarchicalCombine)>,
     gate: &DeviceGate<'_>,
-    ids: &mut impl DevicePtrMut<i32>,
-    weights: &mut impl DevicePtrMut<f32>,
+    ids: &mut impl DeviceWrite<i32>,
+    weights: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     gating_impl(
         dev,
@@ -152,12 +160,12 @@ pub fn gating(
 #[allow(clippy::too_many_arguments)]
 pub fn gate_probabilities(
     dev: &Device,
-    probs: &impl DevicePtr<f32>,
+    probs: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
     gate: &DeviceGate<'_>,
-    ids: &mut impl DevicePtrMut<i32>,
-    weights: &mut impl DevicePtrMut<f32>,
+    ids: &mut impl DeviceWrite<i32>,
+    weights: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     gating_impl(
         dev,
@@ -177,15 +185,15 @@ pub fn gate_probabilities(
 #[allow(clippy::too_many_arguments)]
 fn gating_impl(
     dev: &Device,
-    logits: &impl DevicePtr<f32>,
+    logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
     act: Option<Activation>,
     temperature: f32,
     hierarchy: Option<(&DeviceSeqRouting, HierarchicalCombine)>,
     gate: &DeviceGate<'_>,
-    ids: &mut impl DevicePtrMut<i32>,
-    weights: &mut impl DevicePtrMut<f32>,
+    ids: &mut impl DeviceWrite<i32>,
+    weights: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     const OP: &str = "gating";
     check_experts(OP, num_experts)?;
@@ -204,26 +212,25 @@ fn gating_impl(
     }
     let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
     let n_slots = num_tokens * k_max;
-    check_len("logits [T, E]", n_logits, logits.len())?;
-    check_len("ids [T, k_max]", n_slots, ids.len())?;
-    check_len("weights [T, k_max]", n_slots, weights.len())?;
+    let mut l = Launch::new(dev, OP);
+    let logits = l.input("logits [T, E]", logits, n_logits)?;
+    let ids = l.output("ids [T, k_max]", ids, n_slots)?;
+    let weights = l.output("weights [T, k_max]", weights, n_slots)?;
+    let global = match &hierarchy {
+        Some((g, _)) => Some((
+            l.input_any("global posterior offsets", &g.offsets)?,
+            l.input_any("global posterior probabilities", &g.probs)?,
+            g.num_seqs,
+        )),
+        None => None,
+    };
+    let taus = match gate {
+        DeviceGate::ThresholdPerToken(v) => l.input("taus [T]", v, num_tokens)?,
+        _ => std::ptr::null(),
+    };
     if num_tokens == 0 {
         return Ok(());
     }
-
-    let stream = dev.stream();
-    let (logits_ptr, _g0) = logits.device_ptr(stream);
-    let (ids_ptr, _g1) = ids.device_ptr_mut(stream);
-    let (w_ptr, _g2) = weights.device_ptr_mut(stream);
-    let hier = hierarchy.map(|(g, c)| {
-        let (o, go) = g.offsets.device_ptr(stream);
-        let (p, gp) = g.probs.device_ptr(stream);
-        (o, p, g.num_seqs, c, [go, gp])
-    });
-    let taus = match gate {
-        DeviceGate::ThresholdPerToken(v) => Some(v.device_ptr(stream)),
-        _ => None,
-    };
     let (combine, lambda) = match hierarchy.map(|h| h.1) {
         None => (ffi::MOLORA_COMBINE_NONE, 0.0),
         Some(HierarchicalCombine::Mix { lambda }) => (ffi::MOLORA_COMBINE_MIX, lambda),
@@ -236,36 +243,29 @@ fn gating_impl(
         DeviceGate::Dense => (ffi::MOLORA_GATE_DENSE, 0, false, 0.0),
     };
     let args = ffi::molora_gating_args {
-        logits: logits_ptr as *const f32,
-        ids: ids_ptr as *mut i32,
-        weights: w_ptr as *mut f32,
+        logits,
+        ids,
+        weights,
         num_tokens: num_tokens as i32,
         num_experts: num_experts as i32,
         activation: activation_code(act),
         temperature,
         combine: combine as i32,
         lambda,
-        global_probs: hier
-            .as_ref()
-            .map_or(std::ptr::null(), |h| h.1 as *const f32),
-        seq_offsets: hier
-            .as_ref()
-            .map_or(std::ptr::null(), |h| h.0 as *const i32),
-        num_seqs: hier.as_ref().map_or(0, |h| h.2 as i32),
+        global_probs: global.map_or(std::ptr::null(), |g| g.1),
+        seq_offsets: global.map_or(std::ptr::null(), |g| g.0),
+        num_seqs: global.map_or(0, |g| g.2 as i32),
         gate: gate_kind as i32,
         k: k as i32,
         renormalize: renormalize as i32,
-        taus: taus
-            .as_ref()
-            .map_or(std::ptr::null(), |t| t.0 as *const f32),
+        taus,
         tau,
     };
     // SAFETY: logits hold T·E, ids and weights T·k_max elements (checked above; T·E fits an i32);
     // the global posterior (when given) was validated on the host and covers exactly T rows with E
     // experts; per-token taus hold T values. 1 <= k <= E <= MAX_GATING_EXPERTS, temperature finite
-    // and > 0, λ in [0, 1]. The guards keep every buffer alive and ordered on `stream`.
-    let code = unsafe { ffi::molora_gating_f32(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // and > 0, λ in [0, 1]. The launch keeps every buffer alive and ordered until it is enqueued.
+    unsafe { l.run(&GATING, &args) }
 }
 
 /// Fused top-k gating from router logits, the GPU counterpart of
@@ -278,30 +278,32 @@ fn gating_impl(
 /// * `weights[t, s] = p`, or with `renormalize` `p / Σ_kept p` (sum in f64; `1/k` each when that sum
 ///   is 0).
 ///
-/// `logits` `[T, E]`, `ids` and `weights` `[T, k]`: any cudarc buffer or view (`CudaSlice`,
-/// `CudaView`, `CudaViewMut`) of exactly that length. Asynchronous on `dev`'s stream: nothing is
+/// `logits` `[T, E]`, `ids` and `weights` `[T, k]`: any buffer or view of exactly that length
+/// ([`Buffer`], [`BufferView`], [`super::BufferViewMut`], or on a GPU cudarc's `CudaSlice`,
+/// `CudaView`, `CudaViewMut`). Asynchronous on `dev`'s stream: nothing is
 /// synchronised; `T = 0` enqueues nothing.
 ///
 /// Errors, all before anything is enqueued: `E = 0` ([`Error::InvalidDim`]), `E >`
 /// [`MAX_GATING_EXPERTS`] ([`Error::Unsupported`]), `k = 0` or `k > E` ([`Error::InvalidK`]),
 /// temperature not finite or `<= 0` ([`Error::InvalidParameter`]), `T·E` beyond `i32`
-/// ([`Error::InvalidDim`]), a buffer of the wrong length ([`Error::LengthMismatch`] naming it), and a
-/// failed launch ([`Error::Cuda`]).
+/// ([`Error::InvalidDim`]), a buffer of the wrong length ([`Error::LengthMismatch`] naming it) or of
+/// the other memory kind than the device ([`Error::DeviceMismatch`] naming it), and a failed launch
+/// ([`Error::Cuda`]).
 ///
 /// Logits cannot be checked for NaN without waiting for the device; a row holding a NaN gives empty
 /// slots (id `-1`, weight 0) instead of the CPU path's [`Error::NonFinite`].
 #[allow(clippy::too_many_arguments)]
 pub fn top_k_gating(
     dev: &Device,
-    logits: &impl DevicePtr<f32>,
+    logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
     act: Activation,
     temperature: f32,
     k: usize,
     renormalize: bool,
-    ids: &mut impl DevicePtrMut<i32>,
-    weights: &mut impl DevicePtrMut<f32>,
+    ids: &mut impl DeviceWrite<i32>,
+    weights: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     const OP: &str = "top_k_gating";
     check_experts(OP, num_experts)?;
@@ -310,21 +312,17 @@ pub fn top_k_gating(
     let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
     // k <= E, so T·k <= T·E fits as well.
     let n_slots = num_tokens * k;
-    check_len("logits [T, E]", n_logits, logits.len())?;
-    check_len("ids [T, k]", n_slots, ids.len())?;
-    check_len("weights [T, k]", n_slots, weights.len())?;
+    let mut l = Launch::new(dev, OP);
+    let logits = l.input("logits [T, E]", logits, n_logits)?;
+    let ids = l.output("ids [T, k]", ids, n_slots)?;
+    let weights = l.output("weights [T, k]", weights, n_slots)?;
     if num_tokens == 0 {
         return Ok(());
     }
-
-    let stream = dev.stream();
-    let (logits_ptr, _logits_guard) = logits.device_ptr(stream);
-    let (ids_ptr, _ids_guard) = ids.device_ptr_mut(stream);
-    let (w_ptr, _w_guard) = weights.device_ptr_mut(stream);
     let args = ffi::molora_topk_gating_args {
-        logits: logits_ptr as *const f32,
-        ids: ids_ptr as *mut i32,
-        weights: w_ptr as *mut f32,
+        logits,
+        ids,
+        weights,
         num_tokens: num_tokens as i32,
         num_experts: num_experts as i32,
         k: k as i32,
@@ -333,12 +331,11 @@ pub fn top_k_gating(
         renormalize: i32::from(renormalize),
     };
     // SAFETY: the three pointers are live device allocations of exactly the lengths checked above
-    // (T·E logits, T·k ids and weights), kept alive and ordered on `stream` by the guards until the
-    // launch is enqueued; every scalar satisfies the launcher's contract (1 <= k <= E <=
+    // (T·E logits, T·k ids and weights), of the device's memory kind, kept alive and ordered by the
+    // launch until it is enqueued; every scalar satisfies the launcher's contract (1 <= k <= E <=
     // MAX_GATING_EXPERTS, 1 <= T and T·E fits an i32, temperature finite and > 0, a valid
     // activation), and `args` outlives the call, which only reads it.
-    let code = unsafe { ffi::molora_topk_gating_f32(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    unsafe { l.run(&TOPK_GATING, &args) }
 }
 
 /// Router logits `logits[t, e] = Σ_i x[t, i]·W_g[e, i] + b_g[e]` (`[T, E]` f32), and, when `tau` is
@@ -348,14 +345,14 @@ pub fn top_k_gating(
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn router_logits<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
     num_tokens: usize,
     d_in: usize,
-    w_g: &impl DevicePtr<T>,
-    b_g: Option<&CudaView<'_, T>>,
+    w_g: &impl DeviceRead<T>,
+    b_g: Option<&dyn DeviceRead<T>>,
     num_experts: usize,
-    logits: &mut impl DevicePtrMut<f32>,
-    tau: Option<(&CudaView<'_, f32>, f32, &mut CudaSlice<f32>)>,
+    logits: &mut impl DeviceWrite<f32>,
+    tau: Option<(&dyn DeviceRead<f32>, f32, &mut dyn DeviceWrite<f32>)>,
 ) -> Result<()> {
     const OP: &str = "router_logits";
     if d_in == 0 {
@@ -372,61 +369,46 @@ pub fn router_logits<T: CudaElement>(
             reason: "need at least one expert",
         });
     }
-    check_len(
-        "x [T, d_in]",
-        checked_i32("num_tokens * d_in", num_tokens, d_in)?,
-        x.len(),
-    )?;
-    check_len(
-        "router W_g [E, d_in]",
-        checked_i32("E * d_in", num_experts, d_in)?,
-        w_g.len(),
-    )?;
-    if let Some(b) = b_g {
-        check_len("router b_g [E]", num_experts, b.len())?;
-    }
-    check_len(
-        "logits [T, E]",
-        checked_i32("num_tokens * num_experts", num_tokens, num_experts)?,
-        logits.len(),
-    )?;
-    if let Some((w, b, taus)) = &tau {
-        check_len("threshold w [d_in]", d_in, w.len())?;
+    let x_len = checked_i32("num_tokens * d_in", num_tokens, d_in)?;
+    let w_len = checked_i32("E * d_in", num_experts, d_in)?;
+    let logits_len = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
+    if let Some((_, b, _)) = &tau {
         crate::error::check_finite("threshold b", &[*b])?;
-        check_len("taus [T]", num_tokens, taus.len())?;
     }
+    let mut l = Launch::new(dev, OP);
+    let x = l.input("x [T, d_in]", x, x_len)?;
+    let w_g = l.input("router W_g [E, d_in]", w_g, w_len)?;
+    let b_g = match b_g {
+        Some(b) => l.input("router b_g [E]", b, num_experts)?,
+        None => std::ptr::null(),
+    };
+    let logits = l.output("logits [T, E]", logits, logits_len)?;
+    let (w_tau, b_tau, taus) = match tau {
+        Some((w, b, taus)) => (
+            l.input("threshold w [d_in]", w, d_in)?,
+            b,
+            l.output("taus [T]", taus, num_tokens)?,
+        ),
+        None => (std::ptr::null(), 0.0, std::ptr::null_mut()),
+    };
     if num_tokens == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (wg_ptr, _g1) = w_g.device_ptr(stream);
-    let (l_ptr, _g2) = logits.device_ptr_mut(stream);
-    let bias = b_g.map(|b| b.device_ptr(stream));
-    let (b_tau, tau_ptrs) = match tau {
-        Some((w, b, taus)) => (b, Some((w.device_ptr(stream), taus.device_ptr_mut(stream)))),
-        None => (0.0, None),
-    };
     let args = ffi::molora_router_logits_args {
-        x: x_ptr as *const _,
-        w_g: wg_ptr as *const _,
-        b_g: bias.as_ref().map_or(std::ptr::null(), |b| b.0 as *const _),
-        logits: l_ptr as *mut f32,
-        w_tau: tau_ptrs
-            .as_ref()
-            .map_or(std::ptr::null(), |t| t.0 .0 as *const f32),
+        x: x.cast(),
+        w_g: w_g.cast(),
+        b_g: b_g.cast(),
+        logits,
+        w_tau,
         b_tau,
-        taus: tau_ptrs
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |t| t.1 .0 as *mut f32),
+        taus,
         num_tokens: num_tokens as i32,
         d_in: d_in as i32,
         num_experts: num_experts as i32,
     };
     // SAFETY: x holds T·d_in, W_g E·d_in, b_g E, logits T·E, w_τ d_in and taus T elements (checked
-    // above, all products fit an i32); the guards keep every buffer alive and ordered on `stream`.
-    let code = unsafe { T::ROUTER_LOGITS(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // above, all products fit an i32); the launch keeps every buffer alive and ordered.
+    unsafe { l.run(&T::ROUTER_LOGITS, &args) }
 }
 
 /// Which way [`convert_slots`] runs.
@@ -441,12 +423,12 @@ enum Conversion {
 /// zeroing). `ids`, `slots` `[T, k_max]`, `dense` `[T, E]`. Asynchronous.
 pub fn slots_to_dense(
     dev: &Device,
-    ids: &impl DevicePtr<i32>,
-    slots: &impl DevicePtr<f32>,
+    ids: &impl DeviceRead<i32>,
+    slots: &impl DeviceRead<f32>,
     num_tokens: usize,
     k_max: usize,
     num_experts: usize,
-    dense: &mut impl DevicePtrMut<f32>,
+    dense: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     let dims = (num_tokens, k_max, num_experts);
     convert_slots(dev, ids, slots, dense, dims, Conversion::ToDense)
@@ -456,12 +438,12 @@ pub fn slots_to_dense(
 /// framework's gradient of the dense gate matrix into the per-slot `dw` the backward kernels take.
 pub fn dense_to_slots(
     dev: &Device,
-    ids: &impl DevicePtr<i32>,
-    dense: &impl DevicePtr<f32>,
+    ids: &impl DeviceRead<i32>,
+    dense: &impl DeviceRead<f32>,
     num_tokens: usize,
     k_max: usize,
     num_experts: usize,
-    slots: &mut impl DevicePtrMut<f32>,
+    slots: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     let dims = (num_tokens, k_max, num_experts);
     convert_slots(dev, ids, dense, slots, dims, Conversion::ToSlots)
@@ -471,9 +453,9 @@ pub fn dense_to_slots(
 /// [`Conversion::ToDense`], the dense matrix for [`Conversion::ToSlots`]) into `output`.
 fn convert_slots(
     dev: &Device,
-    ids: &impl DevicePtr<i32>,
-    input: &impl DevicePtr<f32>,
-    output: &mut impl DevicePtrMut<f32>,
+    ids: &impl DeviceRead<i32>,
+    input: &impl DeviceRead<f32>,
+    output: &mut impl DeviceWrite<f32>,
     (num_tokens, k_max, num_experts): (usize, usize, usize),
     way: Conversion,
 ) -> Result<()> {
@@ -487,41 +469,37 @@ fn convert_slots(
     }
     let n_slots = checked_i32("num_tokens * k_max", num_tokens, k_max)?;
     let n_dense = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
-    let (slots_len, dense_len) = match way {
-        Conversion::ToDense => (input.len(), output.len()),
-        Conversion::ToSlots => (output.len(), input.len()),
+    let (input_what, input_len, output_what, output_len) = match way {
+        Conversion::ToDense => ("slots [T, k_max]", n_slots, "dense [T, E]", n_dense),
+        Conversion::ToSlots => ("dense [T, E]", n_dense, "slots [T, k_max]", n_slots),
     };
-    check_len("ids [T, k_max]", n_slots, ids.len())?;
-    check_len("slots [T, k_max]", n_slots, slots_len)?;
-    check_len("dense [T, E]", n_dense, dense_len)?;
+    let mut l = Launch::new(dev, OP);
+    let ids = l.input("ids [T, k_max]", ids, n_slots)?;
+    let input = l.input(input_what, input, input_len)?;
+    let output = l.output(output_what, output, output_len)?;
     if num_tokens == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (ids_ptr, _g0) = ids.device_ptr(stream);
-    let (in_ptr, _g1) = input.device_ptr(stream);
-    let (out_ptr, _g2) = output.device_ptr_mut(stream);
     let (slots, dense) = match way {
-        Conversion::ToDense => (in_ptr, out_ptr),
-        Conversion::ToSlots => (out_ptr, in_ptr),
+        Conversion::ToDense => (input.cast_mut(), output),
+        Conversion::ToSlots => (output, input.cast_mut()),
     };
     let args = ffi::molora_slots_dense_args {
-        ids: ids_ptr as *const i32,
-        slots: slots as *mut f32,
-        dense: dense as *mut f32,
+        ids,
+        slots,
+        dense,
         num_tokens: num_tokens as i32,
         k_max: k_max as i32,
         num_experts: num_experts as i32,
     };
     // SAFETY: ids and slots hold T·k_max and dense T·E elements (checked; both products fit an i32);
-    // the guards keep the three buffers alive and ordered on the stream. The kernels read ids only to
-    // compare them or, in range, to index dense's row; they write only `output` (dense for ToDense,
-    // slots for ToSlots), which the kernel never reads.
-    let code = unsafe {
-        match way {
-            Conversion::ToDense => ffi::molora_slots_to_dense_f32(&args, dev.raw_stream()),
-            Conversion::ToSlots => ffi::molora_dense_to_slots_f32(&args, dev.raw_stream()),
-        }
+    // the launch keeps the three buffers alive and ordered. The kernels read ids only to compare
+    // them or, in range, to index dense's row; they write only `output` (dense for ToDense, slots
+    // for ToSlots), which the kernel never reads: the input's pointer is `*mut` only because the
+    // argument struct serves both directions.
+    let kernel = match way {
+        Conversion::ToDense => &SLOTS_TO_DENSE,
+        Conversion::ToSlots => &DENSE_TO_SLOTS,
     };
-    check_launch(OP, code)
+    unsafe { l.run(kernel, &args) }
 }

@@ -2,103 +2,134 @@
 //! scatter/combine fused) and over sequence segments (SGMV), and SAML's weight-space mixing. Each op
 //! is the GPU counterpart of the [`crate::cpu`] function of the same name, with device buffers.
 
-use std::os::raw::c_int;
-
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
-use super::device::{check_launch, Device};
+use super::device::Device;
 use super::dispatch::DevicePlan;
 use super::ffi;
+use super::launch::{Kernel, Launch};
+use super::memory::{Buffer, DeviceRead, DeviceWrite};
 use crate::cpu::dispatch::check_scale;
 use crate::error::check_len;
 use crate::{AdapterSegments, DType, Element, Error, LoraShape, Result};
 
-type Launcher<A> = unsafe extern "C" fn(*const A, ffi::molora_stream_t) -> c_int;
-
 /// An element type with CUDA kernels: f32, f16 and bf16.
 pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
     #[doc(hidden)]
-    const SHRINK: Launcher<ffi::molora_lora_shrink_args>;
+    const SHRINK: Kernel<ffi::molora_lora_shrink_args>;
     #[doc(hidden)]
-    const EXPAND: Launcher<ffi::molora_lora_expand_args>;
+    const EXPAND: Kernel<ffi::molora_lora_expand_args>;
     #[doc(hidden)]
-    const MIX: Launcher<ffi::molora_mix_args>;
+    const MIX: Kernel<ffi::molora_mix_args>;
     #[doc(hidden)]
-    const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args>;
+    const ROUTER_LOGITS: Kernel<ffi::molora_router_logits_args>;
     #[doc(hidden)]
-    const QUANTIZE_NF4: Launcher<ffi::molora_quantize_args>;
+    const QUANTIZE_NF4: Kernel<ffi::molora_quantize_args>;
     #[doc(hidden)]
-    const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args>;
+    const QUANTIZE_INT8: Kernel<ffi::molora_quantize_args>;
     #[doc(hidden)]
-    const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args>;
+    const QUANT_MATMUL: Kernel<ffi::molora_quant_matmul_args>;
     #[doc(hidden)]
-    const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args>;
+    const LORA_BACKWARD: Kernel<ffi::molora_lora_backward_args>;
     #[doc(hidden)]
-    const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args>;
+    const ROUTER_BACKWARD: Kernel<ffi::molora_router_backward_args>;
     #[doc(hidden)]
-    const MIX_BACKWARD: Launcher<ffi::molora_mix_backward_args>;
+    const MIX_BACKWARD: Kernel<ffi::molora_mix_backward_args>;
     #[doc(hidden)]
-    const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args>;
+    const GATHER_ROWS: Kernel<ffi::molora_gather_rows_args>;
     #[doc(hidden)]
-    const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args>;
+    const SCATTER_COMBINE: Kernel<ffi::molora_scatter_combine_args>;
     #[doc(hidden)]
-    const LORA_BACKWARD_DENSE: Launcher<ffi::molora_lora_backward_dense_args>;
+    const LORA_BACKWARD_DENSE: Kernel<ffi::molora_lora_backward_dense_args>;
 }
 
 impl CudaElement for f32 {
-    const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f32;
-    const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_f32;
-    const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_f32;
-    const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_f32;
-    const QUANTIZE_NF4: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_nf4_f32;
-    const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_f32;
-    const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_f32;
-    const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_f32;
-    const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
-        ffi::molora_router_backward_f32;
-    const MIX_BACKWARD: Launcher<ffi::molora_mix_backward_args> = ffi::molora_mix_backward_f32;
-    const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_f32;
-    const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
-        ffi::molora_scatter_combine_f32;
-    const LORA_BACKWARD_DENSE: Launcher<ffi::molora_lora_backward_dense_args> =
-        ffi::molora_lora_backward_dense_f32;
+    const SHRINK: Kernel<ffi::molora_lora_shrink_args> =
+        kernel!(molora_lora_shrink_f32, molora_emu_lora_shrink_f32);
+    const EXPAND: Kernel<ffi::molora_lora_expand_args> =
+        kernel!(molora_lora_expand_f32, molora_emu_lora_expand_f32);
+    const MIX: Kernel<ffi::molora_mix_args> = kernel!(molora_mix_f32, molora_emu_mix_f32);
+    const ROUTER_LOGITS: Kernel<ffi::molora_router_logits_args> =
+        kernel!(molora_router_logits_f32, molora_emu_router_logits_f32);
+    const QUANTIZE_NF4: Kernel<ffi::molora_quantize_args> =
+        kernel!(molora_quantize_nf4_f32, molora_emu_quantize_nf4_f32);
+    const QUANTIZE_INT8: Kernel<ffi::molora_quantize_args> =
+        kernel!(molora_quantize_int8_f32, molora_emu_quantize_int8_f32);
+    const QUANT_MATMUL: Kernel<ffi::molora_quant_matmul_args> =
+        kernel!(molora_quant_matmul_f32, molora_emu_quant_matmul_f32);
+    const LORA_BACKWARD: Kernel<ffi::molora_lora_backward_args> =
+        kernel!(molora_lora_backward_f32, molora_emu_lora_backward_f32);
+    const ROUTER_BACKWARD: Kernel<ffi::molora_router_backward_args> =
+        kernel!(molora_router_backward_f32, molora_emu_router_backward_f32);
+    const MIX_BACKWARD: Kernel<ffi::molora_mix_backward_args> =
+        kernel!(molora_mix_backward_f32, molora_emu_mix_backward_f32);
+    const GATHER_ROWS: Kernel<ffi::molora_gather_rows_args> =
+        kernel!(molora_gather_rows_f32, molora_emu_gather_rows_f32);
+    const SCATTER_COMBINE: Kernel<ffi::molora_scatter_combine_args> =
+        kernel!(molora_scatter_combine_f32, molora_emu_scatter_combine_f32);
+    const LORA_BACKWARD_DENSE: Kernel<ffi::molora_lora_backward_dense_args> = kernel!(
+        molora_lora_backward_dense_f32,
+        molora_emu_lora_backward_dense_f32
+    );
 }
 impl CudaElement for f16 {
-    const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_f16;
-    const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_f16;
-    const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_f16;
-    const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_f16;
-    const QUANTIZE_NF4: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_nf4_f16;
-    const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_f16;
-    const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_f16;
-    const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_f16;
-    const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
-        ffi::molora_router_backward_f16;
-    const MIX_BACKWARD: Launcher<ffi::molora_mix_backward_args> = ffi::molora_mix_backward_f16;
-    const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_f16;
-    const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
-        ffi::molora_scatter_combine_f16;
-    const LORA_BACKWARD_DENSE: Launcher<ffi::molora_lora_backward_dense_args> =
-        ffi::molora_lora_backward_dense_f16;
+    const SHRINK: Kernel<ffi::molora_lora_shrink_args> =
+        kernel!(molora_lora_shrink_f16, molora_emu_lora_shrink_f16);
+    const EXPAND: Kernel<ffi::molora_lora_expand_args> =
+        kernel!(molora_lora_expand_f16, molora_emu_lora_expand_f16);
+    const MIX: Kernel<ffi::molora_mix_args> = kernel!(molora_mix_f16, molora_emu_mix_f16);
+    const ROUTER_LOGITS: Kernel<ffi::molora_router_logits_args> =
+        kernel!(molora_router_logits_f16, molora_emu_router_logits_f16);
+    const QUANTIZE_NF4: Kernel<ffi::molora_quantize_args> =
+        kernel!(molora_quantize_nf4_f16, molora_emu_quantize_nf4_f16);
+    const QUANTIZE_INT8: Kernel<ffi::molora_quantize_args> =
+        kernel!(molora_quantize_int8_f16, molora_emu_quantize_int8_f16);
+    const QUANT_MATMUL: Kernel<ffi::molora_quant_matmul_args> =
+        kernel!(molora_quant_matmul_f16, molora_emu_quant_matmul_f16);
+    const LORA_BACKWARD: Kernel<ffi::molora_lora_backward_args> =
+        kernel!(molora_lora_backward_f16, molora_emu_lora_backward_f16);
+    const ROUTER_BACKWARD: Kernel<ffi::molora_router_backward_args> =
+        kernel!(molora_router_backward_f16, molora_emu_router_backward_f16);
+    const MIX_BACKWARD: Kernel<ffi::molora_mix_backward_args> =
+        kernel!(molora_mix_backward_f16, molora_emu_mix_backward_f16);
+    const GATHER_ROWS: Kernel<ffi::molora_gather_rows_args> =
+        kernel!(molora_gather_rows_f16, molora_emu_gather_rows_f16);
+    const SCATTER_COMBINE: Kernel<ffi::molora_scatter_combine_args> =
+        kernel!(molora_scatter_combine_f16, molora_emu_scatter_combine_f16);
+    const LORA_BACKWARD_DENSE: Kernel<ffi::molora_lora_backward_dense_args> = kernel!(
+        molora_lora_backward_dense_f16,
+        molora_emu_lora_backward_dense_f16
+    );
 }
 impl CudaElement for bf16 {
-    const SHRINK: Launcher<ffi::molora_lora_shrink_args> = ffi::molora_lora_shrink_bf16;
-    const EXPAND: Launcher<ffi::molora_lora_expand_args> = ffi::molora_lora_expand_bf16;
-    const MIX: Launcher<ffi::molora_mix_args> = ffi::molora_mix_bf16;
-    const ROUTER_LOGITS: Launcher<ffi::molora_router_logits_args> = ffi::molora_router_logits_bf16;
-    const QUANTIZE_NF4: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_nf4_bf16;
-    const QUANTIZE_INT8: Launcher<ffi::molora_quantize_args> = ffi::molora_quantize_int8_bf16;
-    const QUANT_MATMUL: Launcher<ffi::molora_quant_matmul_args> = ffi::molora_quant_matmul_bf16;
-    const LORA_BACKWARD: Launcher<ffi::molora_lora_backward_args> = ffi::molora_lora_backward_bf16;
-    const ROUTER_BACKWARD: Launcher<ffi::molora_router_backward_args> =
-        ffi::molora_router_backward_bf16;
-    const MIX_BACKWARD: Launcher<ffi::molora_mix_backward_args> = ffi::molora_mix_backward_bf16;
-    const GATHER_ROWS: Launcher<ffi::molora_gather_rows_args> = ffi::molora_gather_rows_bf16;
-    const SCATTER_COMBINE: Launcher<ffi::molora_scatter_combine_args> =
-        ffi::molora_scatter_combine_bf16;
-    const LORA_BACKWARD_DENSE: Launcher<ffi::molora_lora_backward_dense_args> =
-        ffi::molora_lora_backward_dense_bf16;
+    const SHRINK: Kernel<ffi::molora_lora_shrink_args> =
+        kernel!(molora_lora_shrink_bf16, molora_emu_lora_shrink_bf16);
+    const EXPAND: Kernel<ffi::molora_lora_expand_args> =
+        kernel!(molora_lora_expand_bf16, molora_emu_lora_expand_bf16);
+    const MIX: Kernel<ffi::molora_mix_args> = kernel!(molora_mix_bf16, molora_emu_mix_bf16);
+    const ROUTER_LOGITS: Kernel<ffi::molora_router_logits_args> =
+        kernel!(molora_router_logits_bf16, molora_emu_router_logits_bf16);
+    const QUANTIZE_NF4: Kernel<ffi::molora_quantize_args> =
+        kernel!(molora_quantize_nf4_bf16, molora_emu_quantize_nf4_bf16);
+    const QUANTIZE_INT8: Kernel<ffi::molora_quantize_args> =
+        kernel!(molora_quantize_int8_bf16, molora_emu_quantize_int8_bf16);
+    const QUANT_MATMUL: Kernel<ffi::molora_quant_matmul_args> =
+        kernel!(molora_quant_matmul_bf16, molora_emu_quant_matmul_bf16);
+    const LORA_BACKWARD: Kernel<ffi::molora_lora_backward_args> =
+        kernel!(molora_lora_backward_bf16, molora_emu_lora_backward_bf16);
+    const ROUTER_BACKWARD: Kernel<ffi::molora_router_backward_args> =
+        kernel!(molora_router_backward_bf16, molora_emu_router_backward_bf16);
+    const MIX_BACKWARD: Kernel<ffi::molora_mix_backward_args> =
+        kernel!(molora_mix_backward_bf16, molora_emu_mix_backward_bf16);
+    const GATHER_ROWS: Kernel<ffi::molora_gather_rows_args> =
+        kernel!(molora_gather_rows_bf16, molora_emu_gather_rows_bf16);
+    const SCATTER_COMBINE: Kernel<ffi::molora_scatter_combine_args> =
+        kernel!(molora_scatter_combine_bf16, molora_emu_scatter_combine_bf16);
+    const LORA_BACKWARD_DENSE: Kernel<ffi::molora_lora_backward_dense_args> = kernel!(
+        molora_lora_backward_dense_bf16,
+        molora_emu_lora_backward_dense_bf16
+    );
 }
 
 /// Sequence segments with one adapter each, in device memory (from a validated [`AdapterSegments`]).
@@ -107,8 +138,8 @@ pub struct DeviceSegments {
     num_rows: usize,
     num_segments: usize,
     num_adapters: usize,
-    offsets: CudaSlice<i32>,
-    adapter_ids: CudaSlice<i32>,
+    offsets: Buffer<i32>,
+    adapter_ids: Buffer<i32>,
 }
 
 impl DeviceSegments {
@@ -127,6 +158,14 @@ impl DeviceSegments {
     }
     pub fn num_segments(&self) -> usize {
         self.num_segments
+    }
+
+    /// Device addresses of the offsets and adapter ids, for a launch.
+    fn bind<'a>(&'a self, l: &mut Launch<'a>) -> Result<(*const i32, *const i32)> {
+        Ok((
+            l.input_any("segment offsets", &self.offsets)?,
+            l.input_any("segment adapter ids", &self.adapter_ids)?,
+        ))
     }
 }
 
@@ -202,7 +241,7 @@ pub const fn staged_expand_max_columns(elem_bytes: usize) -> usize {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+enum LoraKernel {
     Shrink,
     Expand,
 }
@@ -213,19 +252,19 @@ enum Kernel {
 fn resolve_path<T: CudaElement>(
     op: &'static str,
     path: KernelPath,
-    kernel: Kernel,
+    kernel: LoraKernel,
     shape: &LoraShape,
-    ptrs: &[u64],
+    ptrs: &[*const T],
 ) -> Result<i32> {
     let (dim_name, dim) = match kernel {
-        Kernel::Shrink => ("d_in", shape.d_in),
-        Kernel::Expand => ("rank", shape.rank),
+        LoraKernel::Shrink => ("d_in", shape.d_in),
+        LoraKernel::Expand => ("rank", shape.rank),
     };
     let columns = shape.num_experts * shape.rank;
     // The variants that exist for one of the two kernels only.
     let only_for = match path {
-        KernelPath::TensorCore | KernelPath::Rows => Some(Kernel::Shrink),
-        KernelPath::Staged => Some(Kernel::Expand),
+        KernelPath::TensorCore | KernelPath::Rows => Some(LoraKernel::Shrink),
+        KernelPath::Staged => Some(LoraKernel::Expand),
         KernelPath::Auto | KernelPath::Plain | KernelPath::Vectorized => None,
     };
     if let Some(other) = only_for.filter(|&k| k != kernel) {
@@ -248,7 +287,7 @@ fn resolve_path<T: CudaElement>(
                     ),
                 });
             }
-            if let Some(p) = ptrs.iter().find(|&&p| p % 16 != 0) {
+            if let Some(p) = ptrs.iter().map(|&p| p as usize).find(|&p| p % 16 != 0) {
                 return Err(Error::Unsupported {
                     op,
                     what: format!(
@@ -292,11 +331,11 @@ fn resolve_path<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn shrink_experts<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
-    a: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
     shape: &LoraShape,
     plan: &DevicePlan,
-    h: &mut impl DevicePtrMut<f32>,
+    h: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     shrink_experts_on(dev, x, a, shape, plan, h, KernelPath::Auto)
 }
@@ -306,39 +345,36 @@ pub fn shrink_experts<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn shrink_experts_on<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
-    a: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
     shape: &LoraShape,
     plan: &DevicePlan,
-    h: &mut impl DevicePtrMut<f32>,
+    h: &mut impl DeviceWrite<f32>,
     path: KernelPath,
 ) -> Result<()> {
     const OP: &str = "shrink_experts";
     check_experts(OP, shape, plan.num_experts())?;
     let slots = plan.num_tokens() * plan.k_max();
-    check_len("x [T, d_in]", plan.num_tokens() * shape.d_in, x.len())?;
-    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
-    check_len("h [T * k_max, r]", slots * shape.rank, h.len())?;
     let max_rows = fits_i32("T * k_max", slots)?;
     fits_i32("T * k_max * r", slots * shape.rank)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, Kernel::Shrink, shape, &[])?;
+    resolve_path::<T>(OP, path, LoraKernel::Shrink, shape, &[])?;
+    let mut l = Launch::new(dev, OP);
+    let x = l.input("x [T, d_in]", x, plan.num_tokens() * shape.d_in)?;
+    let a = l.input("A [E, r, d_in]", a, shape.a_len())?;
+    let h = l.output("h [T * k_max, r]", h, slots * shape.rank)?;
+    let (offsets, sorted) = plan.bind_sorted(&mut l)?;
     if slots == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (a_ptr, _g1) = a.device_ptr(stream);
-    let (h_ptr, _g2) = h.device_ptr_mut(stream);
-    let (off_ptr, sorted_ptr, _g3) = plan.offsets_and_sorted(stream);
-    let path = resolve_path::<T>(OP, path, Kernel::Shrink, shape, &[x_ptr, a_ptr])?;
+    let path = resolve_path::<T>(OP, path, LoraKernel::Shrink, shape, &[x, a])?;
     let args = ffi::molora_lora_shrink_args {
-        x: x_ptr as *const _,
-        a: a_ptr as *const _,
-        h: h_ptr as *mut f32,
-        run_offsets: off_ptr as *const i32,
+        x: x.cast(),
+        a: a.cast(),
+        h,
+        run_offsets: offsets,
         run_weight: std::ptr::null(),
-        row_src: sorted_ptr as *const i32,
+        row_src: sorted,
         src_div: plan.k_max() as i32,
         max_rows,
         num_runs: shape.num_experts as i32,
@@ -351,9 +387,9 @@ pub fn shrink_experts_on<T: CudaElement>(
     // SAFETY: x holds T·d_in, A E·r·d_in and h T·k_max·r elements (checked above); the plan was
     // allocated for this T, k_max and E, so its offsets hold E + 1 and its sorted slots T·k_max
     // entries, each a slot index < T·k_max (or -1 past the pairs, never read); dividing by k_max gives
-    // a token < T. All sizes fit an i32. The guards keep the buffers alive and ordered on `stream`.
-    let code = unsafe { T::SHRINK(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // a token < T. All sizes fit an i32. The launch keeps the buffers alive and ordered until the
+    // kernel is enqueued.
+    unsafe { l.run(&T::SHRINK, &args) }
 }
 
 /// Grouped expand with the scatter and weighted combine fused, deterministic:
@@ -363,14 +399,14 @@ pub fn shrink_experts_on<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn expand_experts<T: CudaElement>(
     dev: &Device,
-    h: &impl DevicePtr<f32>,
-    b: &impl DevicePtr<T>,
+    h: &impl DeviceRead<f32>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
     plan: &DevicePlan,
-    ids: &impl DevicePtr<i32>,
-    weights: &impl DevicePtr<f32>,
+    ids: &impl DeviceRead<i32>,
+    weights: &impl DeviceRead<f32>,
     scale: f32,
-    y: &mut impl DevicePtrMut<T>,
+    y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     expand_experts_on(
         dev,
@@ -391,14 +427,14 @@ pub fn expand_experts<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn expand_experts_on<T: CudaElement>(
     dev: &Device,
-    h: &impl DevicePtr<f32>,
-    b: &impl DevicePtr<T>,
+    h: &impl DeviceRead<f32>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
     plan: &DevicePlan,
-    ids: &impl DevicePtr<i32>,
-    weights: &impl DevicePtr<f32>,
+    ids: &impl DeviceRead<i32>,
+    weights: &impl DeviceRead<f32>,
     scale: f32,
-    y: &mut impl DevicePtrMut<T>,
+    y: &mut impl DeviceWrite<T>,
     path: KernelPath,
 ) -> Result<()> {
     const OP: &str = "expand_experts";
@@ -406,32 +442,27 @@ pub fn expand_experts_on<T: CudaElement>(
     check_scale(scale)?;
     let (t, k_max) = (plan.num_tokens(), plan.k_max());
     let slots = t * k_max;
-    check_len("h [T * k_max, r]", slots * shape.rank, h.len())?;
-    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
-    check_len("routing ids [T, k_max]", slots, ids.len())?;
-    check_len("routing weights [T, k_max]", slots, weights.len())?;
-    check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, Kernel::Expand, shape, &[])?;
+    resolve_path::<T>(OP, path, LoraKernel::Expand, shape, &[])?;
+    let mut l = Launch::new(dev, OP);
+    let h = l.input("h [T * k_max, r]", h, slots * shape.rank)?;
+    let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
+    let ids = l.input("routing ids [T, k_max]", ids, slots)?;
+    let weights = l.input("routing weights [T, k_max]", weights, slots)?;
+    let y = l.output("y [T, d_out]", y, t * shape.d_out)?;
+    let inverse = plan.bind_inverse(&mut l)?;
     if t == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (h_ptr, _g0) = h.device_ptr(stream);
-    let (b_ptr, _g1) = b.device_ptr(stream);
-    let (ids_ptr, _g2) = ids.device_ptr(stream);
-    let (w_ptr, _g3) = weights.device_ptr(stream);
-    let (y_ptr, _g4) = y.device_ptr_mut(stream);
-    let (inv_ptr, _g5) = plan.inverse(stream);
-    let path = resolve_path::<T>(OP, path, Kernel::Expand, shape, &[b_ptr])?;
+    let path = resolve_path::<T>(OP, path, LoraKernel::Expand, shape, &[b])?;
     let args = ffi::molora_lora_expand_args {
-        h: h_ptr as *const f32,
-        b: b_ptr as *const _,
-        y: y_ptr as *mut _,
-        ids: ids_ptr as *const i32,
-        weights: w_ptr as *const f32,
-        slot_to_sorted: inv_ptr as *const i32,
+        h,
+        b: b.cast(),
+        y: y.cast(),
+        ids,
+        weights,
+        slot_to_sorted: inverse,
         k_max: k_max as i32,
         h_dense: 0,
         seg_offsets: std::ptr::null(),
@@ -446,9 +477,8 @@ pub fn expand_experts_on<T: CudaElement>(
     };
     // SAFETY: lengths checked above (h T·k_max·r, B E·d_out·r, ids/weights T·k_max, y T·d_out); the
     // plan's inverse holds T·k_max positions, each -1 or < T·k_max (a row of h). The kernel skips
-    // ids outside [0, E). Sizes fit an i32; the guards keep buffers alive and ordered on `stream`.
-    let code = unsafe { T::EXPAND(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    // ids outside [0, E). Sizes fit an i32; the launch keeps the buffers alive and ordered.
+    unsafe { l.run(&T::EXPAND, &args) }
 }
 
 /// Segmented (SGMV) shrink: `h[t, j] = Σ_i x[t, i]·A[adapter(seg(t)), j, i]`, zero rows for adapter
@@ -457,11 +487,11 @@ pub fn expand_experts_on<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn shrink_segments<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
-    a: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
     shape: &LoraShape,
     segs: &DeviceSegments,
-    h: &mut impl DevicePtrMut<f32>,
+    h: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     shrink_segments_on(dev, x, a, shape, segs, h, KernelPath::Auto)
 }
@@ -471,38 +501,34 @@ pub fn shrink_segments<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn shrink_segments_on<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
-    a: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
     shape: &LoraShape,
     segs: &DeviceSegments,
-    h: &mut impl DevicePtrMut<f32>,
+    h: &mut impl DeviceWrite<f32>,
     path: KernelPath,
 ) -> Result<()> {
     const OP: &str = "shrink_segments";
     check_experts(OP, shape, segs.num_adapters)?;
     let t = segs.num_rows;
-    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
-    check_len("A [N, r, d_in]", shape.a_len(), a.len())?;
-    check_len("h [T, r]", t * shape.rank, h.len())?;
     fits_i32("T * r", t * shape.rank)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, Kernel::Shrink, shape, &[])?;
+    resolve_path::<T>(OP, path, LoraKernel::Shrink, shape, &[])?;
+    let mut l = Launch::new(dev, OP);
+    let x = l.input("x [T, d_in]", x, t * shape.d_in)?;
+    let a = l.input("A [N, r, d_in]", a, shape.a_len())?;
+    let h = l.output("h [T, r]", h, t * shape.rank)?;
+    let (offsets, adapters) = segs.bind(&mut l)?;
     if t == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (a_ptr, _g1) = a.device_ptr(stream);
-    let (h_ptr, _g2) = h.device_ptr_mut(stream);
-    let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
-    let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
-    let path = resolve_path::<T>(OP, path, Kernel::Shrink, shape, &[x_ptr, a_ptr])?;
+    let path = resolve_path::<T>(OP, path, LoraKernel::Shrink, shape, &[x, a])?;
     let args = ffi::molora_lora_shrink_args {
-        x: x_ptr as *const _,
-        a: a_ptr as *const _,
-        h: h_ptr as *mut f32,
-        run_offsets: off_ptr as *const i32,
-        run_weight: ad_ptr as *const i32,
+        x: x.cast(),
+        a: a.cast(),
+        h,
+        run_offsets: offsets,
+        run_weight: adapters,
         row_src: std::ptr::null(),
         src_div: 1,
         max_rows: t as i32,
@@ -515,8 +541,7 @@ pub fn shrink_segments_on<T: CudaElement>(
     };
     // SAFETY: the segments were validated on the host (offsets from 0 non-decreasing to T, adapter
     // ids in [-1, N)) and uploaded whole; x, A and h have the lengths checked above; sizes fit an i32.
-    let code = unsafe { T::SHRINK(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    unsafe { l.run(&T::SHRINK, &args) }
 }
 
 /// Segmented (SGMV) expand: `y[t, o] = round(y[t, o] + scale·Σ_j h[t, j]·B[adapter(seg(t)), o, j])`,
@@ -524,12 +549,12 @@ pub fn shrink_segments_on<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn expand_segments<T: CudaElement>(
     dev: &Device,
-    h: &impl DevicePtr<f32>,
-    b: &impl DevicePtr<T>,
+    h: &impl DeviceRead<f32>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
     segs: &DeviceSegments,
     scale: f32,
-    y: &mut impl DevicePtrMut<T>,
+    y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     expand_segments_on(dev, h, b, shape, segs, scale, y, KernelPath::Auto)
 }
@@ -539,45 +564,41 @@ pub fn expand_segments<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn expand_segments_on<T: CudaElement>(
     dev: &Device,
-    h: &impl DevicePtr<f32>,
-    b: &impl DevicePtr<T>,
+    h: &impl DeviceRead<f32>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
     segs: &DeviceSegments,
     scale: f32,
-    y: &mut impl DevicePtrMut<T>,
+    y: &mut impl DeviceWrite<T>,
     path: KernelPath,
 ) -> Result<()> {
     const OP: &str = "expand_segments";
     check_experts(OP, shape, segs.num_adapters)?;
     check_scale(scale)?;
     let t = segs.num_rows;
-    check_len("h [T, r]", t * shape.rank, h.len())?;
-    check_len("B [N, d_out, r]", shape.b_len(), b.len())?;
-    check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, Kernel::Expand, shape, &[])?;
+    resolve_path::<T>(OP, path, LoraKernel::Expand, shape, &[])?;
+    let mut l = Launch::new(dev, OP);
+    let h = l.input("h [T, r]", h, t * shape.rank)?;
+    let b = l.input("B [N, d_out, r]", b, shape.b_len())?;
+    let y = l.output("y [T, d_out]", y, t * shape.d_out)?;
+    let (offsets, adapters) = segs.bind(&mut l)?;
     if t == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (h_ptr, _g0) = h.device_ptr(stream);
-    let (b_ptr, _g1) = b.device_ptr(stream);
-    let (y_ptr, _g2) = y.device_ptr_mut(stream);
-    let (off_ptr, _g3) = segs.offsets.device_ptr(stream);
-    let (ad_ptr, _g4) = segs.adapter_ids.device_ptr(stream);
-    let path = resolve_path::<T>(OP, path, Kernel::Expand, shape, &[b_ptr])?;
+    let path = resolve_path::<T>(OP, path, LoraKernel::Expand, shape, &[b])?;
     let args = ffi::molora_lora_expand_args {
-        h: h_ptr as *const f32,
-        b: b_ptr as *const _,
-        y: y_ptr as *mut _,
+        h,
+        b: b.cast(),
+        y: y.cast(),
         ids: std::ptr::null(),
         weights: std::ptr::null(),
         slot_to_sorted: std::ptr::null(),
         k_max: 0,
         h_dense: 0,
-        seg_offsets: off_ptr as *const i32,
-        adapter_ids: ad_ptr as *const i32,
+        seg_offsets: offsets,
+        adapter_ids: adapters,
         num_segments: segs.num_segments as i32,
         scale,
         num_tokens: t as i32,
@@ -587,8 +608,7 @@ pub fn expand_segments_on<T: CudaElement>(
         path,
     };
     // SAFETY: as for `shrink_segments`: validated segments uploaded whole, lengths checked above.
-    let code = unsafe { T::EXPAND(&args, dev.raw_stream()) };
-    check_launch(OP, code)
+    unsafe { l.run(&T::EXPAND, &args) }
 }
 
 /// SAML weight-space mixing: `Ā_s = Σ_e p_se·A_e` (`[S, r, d_in]`) and `B̄_s = Σ_e p_se·B_e`
@@ -598,50 +618,45 @@ pub fn expand_segments_on<T: CudaElement>(
 #[allow(clippy::too_many_arguments)]
 pub fn mix_experts<T: CudaElement>(
     dev: &Device,
-    a: &impl DevicePtr<T>,
-    b: &impl DevicePtr<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
-    probs: &impl DevicePtr<f32>,
+    probs: &impl DeviceRead<f32>,
     num_seqs: usize,
-    a_mixed: &mut impl DevicePtrMut<T>,
-    b_mixed: &mut impl DevicePtrMut<T>,
+    a_mixed: &mut impl DeviceWrite<T>,
+    b_mixed: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     const OP: &str = "mix_experts";
     let e = shape.num_experts;
     let per_a = shape.rank * shape.d_in;
     let per_b = shape.d_out * shape.rank;
-    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
-    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
-    check_len("probs [S, E]", num_seqs * e, probs.len())?;
-    check_len("mixed A [S, r, d_in]", num_seqs * per_a, a_mixed.len())?;
-    check_len("mixed B [S, d_out, r]", num_seqs * per_b, b_mixed.len())?;
     if num_seqs > 65535 {
         return Err(Error::Unsupported {
             op: OP,
             what: format!("{num_seqs} sequences (the mixing kernel handles up to 65535)"),
         });
     }
+    let mut l = Launch::new(dev, OP);
+    let a = l.input("A [E, r, d_in]", a, shape.a_len())?;
+    let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
+    let probs = l.input("probs [S, E]", probs, num_seqs * e)?;
+    let a_mixed = l.output("mixed A [S, r, d_in]", a_mixed, num_seqs * per_a)?;
+    let b_mixed = l.output("mixed B [S, d_out, r]", b_mixed, num_seqs * per_b)?;
     if num_seqs == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (p_ptr, _g0) = probs.device_ptr(stream);
-    for (w, out, per) in [
-        (a.device_ptr(stream), a_mixed.device_ptr_mut(stream), per_a),
-        (b.device_ptr(stream), b_mixed.device_ptr_mut(stream), per_b),
-    ] {
+    for (w, out, per) in [(a, a_mixed, per_a), (b, b_mixed, per_b)] {
         let args = ffi::molora_mix_args {
-            w: w.0 as *const _,
-            probs: p_ptr as *const f32,
-            out: out.0 as *mut _,
+            w: w.cast(),
+            probs,
+            out: out.cast(),
             num_experts: e as i32,
             num_seqs: num_seqs as i32,
             per_expert: per as i64,
         };
         // SAFETY: w holds E·per, out S·per and probs S·E elements (checked above); S <= 65535 and
-        // E·per fits an i32 (LoraShape). The guards (w.1, out.1, _g0) live until after the launch.
-        let code = unsafe { T::MIX(&args, dev.raw_stream()) };
-        check_launch(OP, code)?;
+        // E·per fits an i32 (LoraShape). The launch keeps every buffer alive until after both runs.
+        unsafe { l.run(&T::MIX, &args) }?;
     }
     Ok(())
 }
@@ -675,8 +690,8 @@ impl LoraPath {
 pub struct DenseGatedWorkspace {
     pub(crate) num_tokens: usize,
     pub(crate) columns: usize,
-    pub(crate) h: CudaSlice<f32>,
-    offsets: CudaSlice<i32>,
+    pub(crate) h: Buffer<f32>,
+    offsets: Buffer<i32>,
 }
 
 impl DenseGatedWorkspace {
@@ -707,25 +722,20 @@ impl DenseGatedWorkspace {
 #[allow(clippy::too_many_arguments)]
 pub fn lora_dense_gated<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
-    a: &impl DevicePtr<T>,
-    b: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
     shape: &LoraShape,
-    ids: &impl DevicePtr<i32>,
-    weights: &impl DevicePtr<f32>,
+    ids: &impl DeviceRead<i32>,
+    weights: &impl DeviceRead<f32>,
     k_max: usize,
     scale: f32,
     ws: &mut DenseGatedWorkspace,
-    y: &mut impl DevicePtrMut<T>,
+    y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     const OP: &str = "lora_dense_gated";
     check_scale(scale)?;
     let t = ws.num_tokens;
-    // The workspace, x and A are checked by `dense_gated_shrink`, before it launches anything.
-    check_len("B [E, d_out, r]", shape.b_len(), b.len())?;
-    check_len("routing ids [T, k_max]", t * k_max, ids.len())?;
-    check_len("routing weights [T, k_max]", t * k_max, weights.len())?;
-    check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     fits_i32("T * d_out", t * shape.d_out)?;
     if k_max == 0 {
         return Err(Error::InvalidDim {
@@ -734,22 +744,23 @@ pub fn lora_dense_gated<T: CudaElement>(
             reason: "a routing needs at least one slot per token",
         });
     }
+    let mut l = Launch::new(dev, OP);
+    let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
+    let ids = l.input("routing ids [T, k_max]", ids, t * k_max)?;
+    let weights = l.input("routing weights [T, k_max]", weights, t * k_max)?;
+    let y = l.output("y [T, d_out]", y, t * shape.d_out)?;
+    // The workspace, x and A are checked by `dense_gated_shrink`, before it launches anything.
     dense_gated_shrink(dev, x, a, shape, ws)?;
+    let h = l.input_any("dense-gated workspace h", &ws.h)?;
     if t == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (b_ptr, _g2) = b.device_ptr(stream);
-    let (ids_ptr, _g3) = ids.device_ptr(stream);
-    let (w_ptr, _g4) = weights.device_ptr(stream);
-    let (y_ptr, _g5) = y.device_ptr_mut(stream);
-    let (h_ptr, _g6) = ws.h.device_ptr(stream);
     let expand = ffi::molora_lora_expand_args {
-        h: h_ptr as *const f32,
-        b: b_ptr as *const _,
-        y: y_ptr as *mut _,
-        ids: ids_ptr as *const i32,
-        weights: w_ptr as *const f32,
+        h,
+        b: b.cast(),
+        y: y.cast(),
+        ids,
+        weights,
         slot_to_sorted: std::ptr::null(),
         k_max: k_max as i32,
         h_dense: 1,
@@ -765,16 +776,15 @@ pub fn lora_dense_gated<T: CudaElement>(
     };
     // SAFETY: h is [T, E·r] as written above; ids/weights hold T·k_max, B E·d_out·r and y T·d_out
     // elements (checked); the kernel skips ids outside [0, E).
-    let code = unsafe { T::EXPAND(&expand, dev.raw_stream()) };
-    check_launch(OP, code)
+    unsafe { l.run(&T::EXPAND, &expand) }
 }
 
 /// The first half of [`lora_dense_gated`]: every expert's shrink `H = x·A_allᵀ` `[T, E·r]` into the
 /// workspace, which the expand and the dense-gated backward read.
 pub(crate) fn dense_gated_shrink<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
-    a: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
     shape: &LoraShape,
     ws: &mut DenseGatedWorkspace,
 ) -> Result<()> {
@@ -785,21 +795,19 @@ pub(crate) fn dense_gated_shrink<T: CudaElement>(
         shape.num_experts * shape.rank,
         ws.columns,
     )?;
-    check_len("x [T, d_in]", t * shape.d_in, x.len())?;
-    check_len("A [E, r, d_in]", shape.a_len(), a.len())?;
+    let mut l = Launch::new(dev, OP);
+    let x = l.input("x [T, d_in]", x, t * shape.d_in)?;
+    let a = l.input("A [E, r, d_in]", a, shape.a_len())?;
+    let h = l.output_any("dense-gated workspace h", &mut ws.h)?;
+    let offsets = l.input_any("dense-gated workspace offsets", &ws.offsets)?;
     if t == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (a_ptr, _g1) = a.device_ptr(stream);
-    let (h_ptr, _g2) = ws.h.device_ptr_mut(stream);
-    let (off_ptr, _g3) = ws.offsets.device_ptr(stream);
     let shrink = ffi::molora_lora_shrink_args {
-        x: x_ptr as *const _,
-        a: a_ptr as *const _,
-        h: h_ptr as *mut f32,
-        run_offsets: off_ptr as *const i32,
+        x: x.cast(),
+        a: a.cast(),
+        h,
+        run_offsets: offsets,
         run_weight: std::ptr::null(),
         row_src: std::ptr::null(),
         src_div: 1,
@@ -813,6 +821,5 @@ pub(crate) fn dense_gated_shrink<T: CudaElement>(
     };
     // SAFETY: x holds T·d_in and A E·r·d_in elements (checked), read as one [E·r, d_in] weight; the
     // workspace holds T·E·r (+1) floats of h and the offsets [0, T], allocated for this T and E·r.
-    let code = unsafe { T::SHRINK(&shrink, dev.raw_stream()) };
-    check_launch(OP, code)
+    unsafe { l.run(&T::SHRINK, &shrink) }
 }

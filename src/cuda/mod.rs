@@ -1,13 +1,20 @@
-//! The CUDA path: safe wrappers over the kernels of `cuda/*.cu`, on cudarc 0.19 devices, streams and
-//! buffers.
+//! The CUDA path: safe wrappers over the kernels of `cuda/*.cu`, on a [`Device`] that is a GPU
+//! (cudarc 0.19 contexts, streams and buffers) or, with the `emu` feature, the emulated device (the
+//! same kernels compiled for the host, every access checked).
 //!
-//! Every op validates shapes, lengths and parameters before its one `unsafe` block, enqueues its
-//! kernels on the [`Device`]'s stream and returns without synchronising with the host.
+//! Every op validates shapes, lengths, parameters and the memory kind of its buffers before its one
+//! `unsafe` block, enqueues its kernels on the [`Device`]'s stream (or runs them, on the emulated
+//! device) and returns without synchronising with the host. Ops take buffers through [`DeviceRead`]
+//! and [`DeviceWrite`]: molora's [`Buffer`] and its views on either device, cudarc's `CudaSlice`,
+//! `CudaView` and `CudaViewMut` on a GPU.
 //!
 //! Without the `cuda` feature this module still exists: [`device_available`] is `false` and
 //! [`Device::new`] returns [`Error::CudaNotCompiled`](crate::Error::CudaNotCompiled), so callers need no
 //! `cfg` of their own.
 
+#[cfg(feature = "cuda")]
+#[macro_use]
+mod launch;
 #[cfg(feature = "cuda")]
 mod backward;
 #[cfg(feature = "cuda")]
@@ -16,8 +23,12 @@ pub mod bench;
 mod device;
 #[cfg(feature = "cuda")]
 mod dispatch;
+#[cfg(feature = "emu")]
+mod emu;
 #[cfg(feature = "cuda")]
 pub mod ffi;
+#[cfg(feature = "emu")]
+pub mod ffi_emu;
 #[cfg(feature = "cuda")]
 mod forward;
 #[cfg(feature = "cuda")]
@@ -25,7 +36,11 @@ mod gating;
 #[cfg(feature = "cuda")]
 mod lora;
 #[cfg(feature = "cuda")]
+mod memory;
+#[cfg(feature = "cuda")]
 mod quant;
+#[cfg(feature = "cuda")]
+mod selftest;
 
 #[cfg(feature = "cuda")]
 pub use backward::{
@@ -36,6 +51,8 @@ pub use backward::{
 /// The cudarc version molora's CUDA ops take buffers of.
 #[cfg(feature = "cuda")]
 pub use cudarc;
+#[cfg(feature = "emu")]
+pub use device::set_emulated_arch;
 #[cfg(feature = "cuda")]
 pub use device::{device_available, Device};
 #[cfg(feature = "cuda")]
@@ -57,9 +74,13 @@ pub use lora::{
     LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
 #[cfg(feature = "cuda")]
+pub use memory::{Buffer, BufferView, BufferViewMut, DeviceRead, DeviceWrite};
+#[cfg(feature = "cuda")]
 pub use quant::{
     quant_matmul, quant_matmul_on, quantize_int8, quantize_nf4, DeviceQuantWeight, QuantKernel,
 };
+#[cfg(feature = "cuda")]
+pub use selftest::{run_selftest, SelfTest};
 
 #[cfg(not(feature = "cuda"))]
 mod disabled {
@@ -80,6 +101,14 @@ mod disabled {
         /// Always [`Error::CudaNotCompiled`].
         pub fn new(_ordinal: usize) -> Result<Device> {
             Err(Error::CudaNotCompiled { op: "Device::new" })
+        }
+
+        /// Always [`Error::EmuNotCompiled`] (the emulated device comes with the `emu` feature,
+        /// which implies `cuda`).
+        pub fn emulated() -> Result<Device> {
+            Err(Error::EmuNotCompiled {
+                op: "Device::emulated",
+            })
         }
     }
 }

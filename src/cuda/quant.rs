@@ -3,11 +3,11 @@
 //! [`crate::cpu::quantize_nf4`], [`crate::cpu::quantize_int8`], [`crate::cpu::nf4_matmul`] and
 //! [`crate::cpu::int8_matmul`].
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-
-use super::device::{check_launch, Device};
+use super::device::Device;
 use super::ffi;
+use super::launch::Launch;
 use super::lora::CudaElement;
+use super::memory::{check_memory, Buffer, DeviceRead, DeviceWrite};
 use crate::cpu::quant::check_dims;
 use crate::cpu::{Int8Weight, Nf4Weight, NF4_BLOCK};
 use crate::error::check_len;
@@ -20,15 +20,15 @@ pub enum DeviceQuantWeight {
     Nf4 {
         rows: usize,
         cols: usize,
-        packed: CudaSlice<u8>,
-        absmax: CudaSlice<f32>,
+        packed: Buffer<u8>,
+        absmax: Buffer<f32>,
     },
     /// Int8 codes `[rows, cols]` and one scale per row.
     Int8 {
         rows: usize,
         cols: usize,
-        q: CudaSlice<i8>,
-        scales: CudaSlice<f32>,
+        q: Buffer<i8>,
+        scales: Buffer<f32>,
     },
 }
 
@@ -102,31 +102,33 @@ impl DeviceQuantWeight {
 /// unspecified codes.
 pub fn quantize_nf4<T: CudaElement>(
     dev: &Device,
-    w: &impl DevicePtr<T>,
+    w: &impl DeviceRead<T>,
     rows: usize,
     cols: usize,
 ) -> Result<DeviceQuantWeight> {
+    const OP: &str = "quantize_nf4";
     let n = check_dims(rows, cols)?;
     check_len("weight [rows, cols]", n, w.len())?;
+    // The input's memory kind before anything is allocated.
+    check_memory(dev, "weight [rows, cols]", w)?;
     let mut packed = dev.zeros::<u8>(n.div_ceil(2))?;
     let mut absmax = dev.zeros::<f32>(n.div_ceil(NF4_BLOCK))?;
     {
-        let stream = dev.stream();
-        let (w_ptr, _g0) = w.device_ptr(stream);
-        let (p_ptr, _g1) = packed.device_ptr_mut(stream);
-        let (s_ptr, _g2) = absmax.device_ptr_mut(stream);
+        let mut l = Launch::new(dev, OP);
+        let w = l.input("weight [rows, cols]", w, n)?;
+        let packed = l.output_any("NF4 codes", &mut packed)?;
+        let scales = l.output_any("NF4 absmax", &mut absmax)?;
         let args = ffi::molora_quantize_args {
-            w: w_ptr as *const _,
-            packed: p_ptr as *mut u8,
+            w: w.cast(),
+            packed,
             q: std::ptr::null_mut(),
-            scales: s_ptr as *mut f32,
+            scales,
             rows: rows as i32,
             cols: cols as i32,
         };
         // SAFETY: w holds rows·cols elements (checked), packed ceil(n/2) bytes and absmax ceil(n/64)
-        // floats (allocated above); n fits an i32. The guards order the buffers on `stream`.
-        let code = unsafe { T::QUANTIZE_NF4(&args, dev.raw_stream()) };
-        check_launch("quantize_nf4", code)?;
+        // floats (allocated above); n fits an i32. The launch orders the buffers on the device.
+        unsafe { l.run(&T::QUANTIZE_NF4, &args) }?;
     }
     Ok(DeviceQuantWeight::Nf4 {
         rows,
@@ -139,30 +141,32 @@ pub fn quantize_nf4<T: CudaElement>(
 /// Int8 per-channel quantisation on the GPU, bit for bit as [`crate::cpu::quantize_int8`].
 pub fn quantize_int8<T: CudaElement>(
     dev: &Device,
-    w: &impl DevicePtr<T>,
+    w: &impl DeviceRead<T>,
     rows: usize,
     cols: usize,
 ) -> Result<DeviceQuantWeight> {
+    const OP: &str = "quantize_int8";
     let n = check_dims(rows, cols)?;
     check_len("weight [rows, cols]", n, w.len())?;
+    // The input's memory kind before anything is allocated.
+    check_memory(dev, "weight [rows, cols]", w)?;
     let mut q = dev.zeros::<i8>(n)?;
     let mut scales = dev.zeros::<f32>(rows)?;
     {
-        let stream = dev.stream();
-        let (w_ptr, _g0) = w.device_ptr(stream);
-        let (q_ptr, _g1) = q.device_ptr_mut(stream);
-        let (s_ptr, _g2) = scales.device_ptr_mut(stream);
+        let mut l = Launch::new(dev, OP);
+        let w = l.input("weight [rows, cols]", w, n)?;
+        let q = l.output_any("int8 codes", &mut q)?;
+        let scales = l.output_any("int8 scales", &mut scales)?;
         let args = ffi::molora_quantize_args {
-            w: w_ptr as *const _,
+            w: w.cast(),
             packed: std::ptr::null_mut(),
-            q: q_ptr as *mut i8,
-            scales: s_ptr as *mut f32,
+            q,
+            scales,
             rows: rows as i32,
             cols: cols as i32,
         };
         // SAFETY: w and q hold rows·cols elements, scales rows floats; n fits an i32.
-        let code = unsafe { T::QUANTIZE_INT8(&args, dev.raw_stream()) };
-        check_launch("quantize_int8", code)?;
+        unsafe { l.run(&T::QUANTIZE_INT8, &args) }?;
     }
     Ok(DeviceQuantWeight::Int8 {
         rows,
@@ -190,11 +194,11 @@ pub enum QuantKernel {
 /// [`crate::cpu::int8_matmul`].
 pub fn quant_matmul<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
     num_tokens: usize,
     w: &DeviceQuantWeight,
-    bias: Option<&CudaView<'_, T>>,
-    y: &mut impl DevicePtrMut<f32>,
+    bias: Option<&dyn DeviceRead<T>>,
+    y: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     quant_matmul_on(dev, x, num_tokens, w, bias, y, QuantKernel::Auto)
 }
@@ -202,19 +206,15 @@ pub fn quant_matmul<T: CudaElement>(
 /// [`quant_matmul`] on an explicit kernel ([`QuantKernel`]).
 pub fn quant_matmul_on<T: CudaElement>(
     dev: &Device,
-    x: &impl DevicePtr<T>,
+    x: &impl DeviceRead<T>,
     num_tokens: usize,
     w: &DeviceQuantWeight,
-    bias: Option<&CudaView<'_, T>>,
-    y: &mut impl DevicePtrMut<f32>,
+    bias: Option<&dyn DeviceRead<T>>,
+    y: &mut impl DeviceWrite<f32>,
     kernel: QuantKernel,
 ) -> Result<()> {
+    const OP: &str = "quant_matmul";
     let (rows, cols) = (w.rows(), w.cols());
-    check_len("x [T, d_in]", num_tokens * cols, x.len())?;
-    if let Some(b) = bias {
-        check_len("bias [d_out]", rows, b.len())?;
-    }
-    check_len("y [T, d_out]", num_tokens * rows, y.len())?;
     let kernel = match kernel {
         QuantKernel::Auto if num_tokens <= 16 => QuantKernel::Gemv,
         QuantKernel::Auto => QuantKernel::Gemm,
@@ -224,38 +224,44 @@ pub fn quant_matmul_on<T: CudaElement>(
         QuantKernel::Gemv => (16, ffi::MOLORA_QUANT_KERNEL_GEMV),
         _ => (64, ffi::MOLORA_QUANT_KERNEL_GEMM),
     };
-    if num_tokens * rows.max(cols) > i32::MAX as usize || num_tokens.div_ceil(tile) > 65535 {
+    let fits = num_tokens
+        .checked_mul(rows.max(cols))
+        .is_some_and(|n| n <= i32::MAX as usize);
+    if !fits || num_tokens.div_ceil(tile) > 65535 {
         return Err(Error::Unsupported {
-            op: "quant_matmul",
+            op: OP,
             what: format!("{num_tokens} tokens of {cols} -> {rows} on the {kernel:?} kernel (indices must fit an i32, at most 65535·{tile} tokens)"),
         });
     }
+    let mut l = Launch::new(dev, OP);
+    let x = l.input("x [T, d_in]", x, num_tokens * cols)?;
+    let bias = match bias {
+        Some(b) => l.input("bias [d_out]", b, rows)?,
+        None => std::ptr::null(),
+    };
+    let y = l.output("y [T, d_out]", y, num_tokens * rows)?;
+    let (packed, q, scales) = match w {
+        DeviceQuantWeight::Nf4 { packed, absmax, .. } => (
+            l.input_any("NF4 codes", packed)?,
+            std::ptr::null(),
+            l.input_any("NF4 absmax", absmax)?,
+        ),
+        DeviceQuantWeight::Int8 { q, scales, .. } => (
+            std::ptr::null(),
+            l.input_any("int8 codes", q)?,
+            l.input_any("int8 scales", scales)?,
+        ),
+    };
     if num_tokens == 0 {
         return Ok(());
     }
-    let stream = dev.stream();
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (y_ptr, _g1) = y.device_ptr_mut(stream);
-    let b = bias.map(|b| b.device_ptr(stream));
-    let (packed, q, scales) = match w {
-        DeviceQuantWeight::Nf4 { packed, absmax, .. } => (
-            Some(packed.device_ptr(stream)),
-            None,
-            absmax.device_ptr(stream),
-        ),
-        DeviceQuantWeight::Int8 { q, scales, .. } => {
-            (None, Some(q.device_ptr(stream)), scales.device_ptr(stream))
-        }
-    };
     let args = ffi::molora_quant_matmul_args {
-        x: x_ptr as *const _,
-        packed: packed
-            .as_ref()
-            .map_or(std::ptr::null(), |p| p.0 as *const u8),
-        q: q.as_ref().map_or(std::ptr::null(), |p| p.0 as *const i8),
-        scales: scales.0 as *const f32,
-        bias: b.as_ref().map_or(std::ptr::null(), |p| p.0 as *const _),
-        y: y_ptr as *mut f32,
+        x: x.cast(),
+        packed,
+        q,
+        scales,
+        bias: bias.cast(),
+        y,
         num_tokens: num_tokens as i32,
         rows: rows as i32,
         cols: cols as i32,
@@ -263,7 +269,6 @@ pub fn quant_matmul_on<T: CudaElement>(
     };
     // SAFETY: x holds T·cols, y T·rows, bias rows elements (checked); the weight's buffers were
     // allocated for rows·cols (codes) and its scales, exactly one of packed / q is set; all indices
-    // fit an i32 and the token tiles fit the grid. The guards order every buffer on `stream`.
-    let code = unsafe { T::QUANT_MATMUL(&args, dev.raw_stream()) };
-    check_launch("quant_matmul", code)
+    // fit an i32 and the token tiles fit the grid. The launch orders every buffer on the device.
+    unsafe { l.run(&T::QUANT_MATMUL, &args) }
 }
