@@ -134,6 +134,24 @@ mod emu {
                 .flat_map(|j| j.join().expect("emulated kernel compile panicked"))
                 .collect()
         });
+        // The instrumentation leaves block copies and fills (struct copies, 16-byte vector loads) as
+        // calls of memcpy/memset/memmove: point the kernels' calls at the emulator's checked versions.
+        let objcopy = std::env::var_os("OBJCOPY").unwrap_or_else(|| "objcopy".into());
+        for obj in &objects {
+            let status = std::process::Command::new(&objcopy)
+                .args([
+                    "--redefine-sym",
+                    "memcpy=molora_emu_checked_memcpy",
+                    "--redefine-sym",
+                    "memmove=molora_emu_checked_memmove",
+                    "--redefine-sym",
+                    "memset=molora_emu_checked_memset",
+                ])
+                .arg(obj)
+                .status()
+                .unwrap_or_else(|e| panic!("molora: the `emu` feature needs objcopy (binutils): {e}"));
+            assert!(status.success(), "molora: objcopy failed on {}", obj.display());
+        }
         objects.extend(
             cc::Build::new()
                 .cpp(true)

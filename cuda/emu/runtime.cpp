@@ -1196,6 +1196,26 @@ EMU_HOOKS(16)
 void __tsan_read_range(void *p, unsigned long n) { emu::hook_access(p, n, false, __builtin_return_address(0)); }
 void __tsan_write_range(void *p, unsigned long n) { emu::hook_access(p, n, true, __builtin_return_address(0)); }
 void __tsan_vptr_update(void **, void *) {}
+// Block copies and fills of instrumented code: the instrumentation turns them into calls of memcpy,
+// memset and memmove (or __tsan_mem*), which build.rs renames in the kernels' objects to these checked
+// versions, so that a 16-byte vector load or a struct copy is checked like any other access.
+void *molora_emu_checked_memcpy(void *dst, const void *src, size_t n) {
+    emu::hook_access(src, n, false, __builtin_return_address(0));
+    emu::hook_access(dst, n, true, __builtin_return_address(0));
+    return std::memcpy(dst, src, n);
+}
+void *molora_emu_checked_memmove(void *dst, const void *src, size_t n) {
+    emu::hook_access(src, n, false, __builtin_return_address(0));
+    emu::hook_access(dst, n, true, __builtin_return_address(0));
+    return std::memmove(dst, src, n);
+}
+void *molora_emu_checked_memset(void *dst, int v, size_t n) {
+    emu::hook_access(dst, n, true, __builtin_return_address(0));
+    return std::memset(dst, v, n);
+}
+void *__tsan_memcpy(void *dst, const void *src, size_t n) { return molora_emu_checked_memcpy(dst, src, n); }
+void *__tsan_memmove(void *dst, const void *src, size_t n) { return molora_emu_checked_memmove(dst, src, n); }
+void *__tsan_memset(void *dst, int v, size_t n) { return molora_emu_checked_memset(dst, v, n); }
 void __tsan_vptr_read(void **) {}
 
 }  // extern "C"

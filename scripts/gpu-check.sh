@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (a machine with a GPU, the CUDA driver and compute-sanitizer; no Rust
+# needed). Build the bundle first, on any machine with the toolkit:
+#
+#   ../shared/gpu/bundle --features emu        # every test, bench, binary and example into .gpu/
+#
+# then, on the GPU machine, from the project's root (with .gpu carried along):
+#
+#   scripts/gpu-check.sh                       # ≤ 8 minutes on an H200; logs under $OUT
+#
+# 1. every test binary with MOLORA_REQUIRE_GPU=1 (GPU tests fail instead of skipping), full case
+#    counts; tests/emu_selftest.rs holds the GPU to the same primitive answers as the emulated device;
+# 2. the kernel suite on the emulated device too (MOLORA_DEVICE=emu), as CI runs it;
+# 3. compute-sanitizer memcheck over the CUDA test binaries and racecheck over the LoRA and backward
+#    ones, with MOLORA_TEST_CASES=2;
+# 4. the GPU bench tables (`molora bench --device cuda` when the binary was built, else the example).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
+[ -d .gpu/bin ] || { echo "gpu-check.sh: no .gpu/bin (run ../shared/gpu/bundle --features emu first)" >&2; exit 2; }
+fail=0
+summary=()
+note() { summary+=("$*"); echo "$*"; }
+
+cuda_tests=$(ls .gpu/bin/test-cuda_* .gpu/bin/test-emu_selftest 2>/dev/null)
+
+echo "== 1. tests on the GPU (MOLORA_REQUIRE_GPU=1)"
+for t in $cuda_tests; do
+  if MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu "$t" --test-threads=1 >"$out/$(basename "$t").log" 2>&1; then
+    note "gpu  ok   $(basename "$t"): $(grep '^test result:' "$out/$(basename "$t").log" | tail -1)"
+  else
+    fail=1; note "gpu  FAIL $(basename "$t") (log: $(basename "$t").log)"; tail -30 "$out/$(basename "$t").log"
+  fi
+done
+
+echo "== 2. the same suite on the emulated device"
+for t in $cuda_tests; do
+  if MOLORA_DEVICE=emu MOLORA_TEST_CASES=3 "$t" --test-threads=2 >"$out/emu-$(basename "$t").log" 2>&1; then
+    note "emu  ok   $(basename "$t"): $(grep '^test result:' "$out/emu-$(basename "$t").log" | tail -1)"
+  else
+    fail=1; note "emu  FAIL $(basename "$t")"; tail -30 "$out/emu-$(basename "$t").log"
+  fi
+done
+
+echo "== 3. compute-sanitizer (MOLORA_TEST_CASES=2)"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  for t in $(ls .gpu/bin/test-cuda_* | grep -v cuda_graph); do
+    if MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu MOLORA_TEST_CASES=2 compute-sanitizer --tool memcheck --error-exitcode 99 \
+        "$t" --test-threads=1 >"$out/memcheck-$(basename "$t").log" 2>&1; then
+      note "memcheck  ok   $(basename "$t")"
+    else
+      fail=1; note "memcheck  FAIL $(basename "$t")"; tail -30 "$out/memcheck-$(basename "$t").log"
+    fi
+  done
+  for t in .gpu/bin/test-cuda_lora .gpu/bin/test-cuda_backward; do
+    [ -x "$t" ] || continue
+    if MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu MOLORA_TEST_CASES=1 compute-sanitizer --tool racecheck --error-exitcode 99 \
+        "$t" --test-threads=1 >"$out/racecheck-$(basename "$t").log" 2>&1; then
+      note "racecheck ok   $(basename "$t")"
+    else
+      fail=1; note "racecheck FAIL $(basename "$t")"; tail -30 "$out/racecheck-$(basename "$t").log"
+    fi
+  done
+else
+  note "compute-sanitizer not found: sanitizer runs skipped"
+fi
+
+echo "== 4. bench tables"
+if [ -x .gpu/bin/bin-molora ]; then
+  .gpu/bin/bin-molora bench --device cuda 2>&1 | tee "$out/bench.log" || fail=1
+elif [ -x .gpu/bin/bin-02_gpu_bench ]; then
+  .gpu/bin/bin-02_gpu_bench 2>&1 | tee "$out/bench.log" || fail=1
+else
+  note "no bench binary in the bundle"
+fi
+
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+exit $fail
