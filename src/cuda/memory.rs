@@ -709,3 +709,53 @@ impl<T> DeviceRead<T> for CudaViewMut<'_, T> {
     }
 }
 impl<T> DeviceWrite<T> for CudaViewMut<'_, T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::bounds;
+    use crate::Error;
+
+    #[test]
+    fn ranges_resolve_or_name_the_bad_range() {
+        assert_eq!(bounds(.., 5), Ok((0, 5)));
+        assert_eq!(bounds(1..=3, 5), Ok((1, 4)));
+        assert_eq!(bounds(5.., 5), Ok((5, 5)));
+        assert_eq!(bounds(..0, 0), Ok((0, 0)));
+        assert_eq!(
+            bounds(2..6, 5),
+            Err(Error::OutOfBounds {
+                start: 2,
+                end: 6,
+                len: 5
+            })
+        );
+        let (start, end) = (3, 1);
+        assert_eq!(
+            bounds(start..end, 5),
+            Err(Error::OutOfBounds {
+                start: 3,
+                end: 1,
+                len: 5
+            })
+        );
+        assert_eq!(
+            bounds(..=usize::MAX, 5),
+            Err(Error::OutOfBounds {
+                start: 0,
+                end: usize::MAX,
+                len: 5
+            })
+        );
+        let excluded = (
+            std::ops::Bound::Excluded(usize::MAX),
+            std::ops::Bound::Unbounded,
+        );
+        assert!(matches!(
+            bounds(excluded, 5),
+            Err(Error::OutOfBounds {
+                start: usize::MAX,
+                ..
+            })
+        ));
+    }
+}
