@@ -133,6 +133,9 @@ __global__ void __launch_bounds__(kGatingWarps * kWarp) gating_kernel(molora_gat
         }
         if (best_id >= E) break;  // nothing left (threshold) or a NaN row (top-k)
         kept_sum += threshold ? static_cast<double>(best_p) - static_cast<double>(tau) : static_cast<double>(best_p);
+        // Every lane has read p in warp_argmax; the shuffles since order no memory, so the warp syncs
+        // before lane 0 marks the expert taken (a write-after-read race otherwise).
+        __syncwarp();
         if (lane == 0) {
             ids[s] = best_id;
             w[s] = best_p;

@@ -123,7 +123,8 @@ void syncthreads(const char *file, int line);
 // A collective of the lanes of `mask`: every lane deposits `mine`; the last to arrive calls
 // complete(lane_data, mask, ctx) with the 32 lanes' pointers (null for lanes outside the mask), then
 // every lane returns. `key` must be the same for all lanes (e.g. a shared pointer and a stride).
-// `orders_memory`: the collective orders the lanes' memory accesses (`__syncwarp`).
+// `orders_memory`: the collective orders the lanes' memory accesses (`__syncwarp`, as CUDA documents;
+// shuffles and votes do not).
 using Complete = void (*)(void *const *lane_data, unsigned mask);
 void warp_collective(const char *what, const char *file, int line, unsigned mask, uint64_t key, void *mine,
                      Complete complete, bool orders_memory);

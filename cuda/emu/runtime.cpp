@@ -9,7 +9,8 @@
 //   unaddressable), misaligned wmma/ldmatrix pointers, cp.async out of bounds.
 // - initcheck: a load of a device or shared byte that no copy, memset or store has written.
 // - racecheck: two threads of a block accessing the same shared byte, at least one writing, with no
-//   __syncthreads() between them (and, for two lanes of one warp, no __syncwarp()).
+//   __syncthreads() between them (and, for two lanes of one warp, no __syncwarp(): shuffles and votes
+//   exchange registers but, as documented, order no memory).
 // - synccheck: a barrier some threads of the block can never reach (a thread exited or waits at another
 //   __syncthreads()), warp collectives whose named lanes never arrive or disagree on the mask.
 // - launch checks: block and grid dimensions, dynamic shared memory over 48 KiB without the opt-in, and
@@ -581,7 +582,10 @@ std::string describe_shared(uintptr_t a) {
     long best_dist = 0;
     for (const SharedArray &s : w.arrays) {
         const uintptr_t lo = reinterpret_cast<uintptr_t>(s.ptr), hi = lo + s.bytes;
-        if (a >= lo && a < hi) return format("inside shared array '%s' (%zu bytes, declared at %s:%d)", s.name, s.bytes, short_file(s.file), s.line);
+        if (a >= lo && a < hi) {
+            if (!s.line) return format("inside the block's %zu bytes of dynamic shared memory, at offset %lu", s.bytes, static_cast<unsigned long>(a - lo));
+            return format("inside shared array '%s' (%zu bytes, declared at %s:%d)", s.name, s.bytes, short_file(s.file), s.line);
+        }
         const long d = a >= hi ? static_cast<long>(a - hi) : -static_cast<long>(lo - a);
         if (!best || std::labs(d) < std::labs(best_dist)) {
             best = &s;
@@ -589,6 +593,8 @@ std::string describe_shared(uintptr_t a) {
         }
     }
     if (!best) return "shared memory, where the block has no array";
+    if (!best->line)
+        return format("%ld bytes %s the block's %zu bytes of dynamic shared memory", std::labs(best_dist), best_dist >= 0 ? "past the end of" : "before", best->bytes);
     if (best_dist >= 0)
         return format("%ld bytes past the end of shared array '%s' (%zu bytes, declared at %s:%d)", best_dist, best->name, best->bytes, short_file(best->file), best->line);
     return format("%ld bytes before shared array '%s' (%zu bytes, declared at %s:%d)", -best_dist, best->name, best->bytes, short_file(best->file), best->line);
@@ -925,6 +931,10 @@ void warp_collective(const char *what, const char *file, int line, unsigned mask
         PendingOp done = *op;
         ops.erase(ops.begin() + (op - ops.data()));
         done.complete(done.data, done.mask);
+        // __syncwarp orders the memory accesses of the lanes it names (the CUDA programming guide); the
+        // shuffles, votes and matrix operations do not, so a lane's write to shared memory after a
+        // shuffle still races with another lane's read before it. (The warp's whole epoch advances,
+        // also for lanes outside a partial mask.)
         if (done.orders) ++w.warp_epoch[warp];
         for (int l = 0; l < 32; ++l) {
             if ((done.mask & (1u << l)) && static_cast<unsigned>(l) != lane) make_ready(w, warp * 32 + l);
