@@ -54,7 +54,9 @@ mod emu {
     }
 
     pub fn build() {
-        let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+        let manifest = PathBuf::from(
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+        );
         let cuda_dir = manifest.join("cuda");
         let include = cuda_dir.join("include");
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -65,7 +67,9 @@ mod emu {
         // `#define molora_X molora_emu_X` for every function of molora.h.
         let header = ["molora.h", "molora_selftest.h"]
             .iter()
-            .map(|h| std::fs::read_to_string(include.join(h)).expect("read the headers of cuda/include"))
+            .map(|h| {
+                std::fs::read_to_string(include.join(h)).expect("read the headers of cuda/include")
+            })
             .collect::<Vec<_>>()
             .join("\n");
         let mut names: Vec<String> = Vec::new();
@@ -93,7 +97,10 @@ mod emu {
             .filter(|p| p.extension().is_some_and(|x| x == "cu"))
             .collect();
         sources.sort();
-        for entry in std::fs::read_dir(cuda_dir.join("emu")).expect("cuda/emu exists").flatten() {
+        for entry in std::fs::read_dir(cuda_dir.join("emu"))
+            .expect("cuda/emu exists")
+            .flatten()
+        {
             println!("cargo:rerun-if-changed={}", entry.path().display());
         }
         // Emulated kernels are optimised (they are slow enough as it is) and carry line tables, which the
@@ -149,8 +156,14 @@ mod emu {
                 ])
                 .arg(obj)
                 .status()
-                .unwrap_or_else(|e| panic!("molora: the `emu` feature needs objcopy (binutils): {e}"));
-            assert!(status.success(), "molora: objcopy failed on {}", obj.display());
+                .unwrap_or_else(|e| {
+                    panic!("molora: the `emu` feature needs objcopy (binutils): {e}")
+                });
+            assert!(
+                status.success(),
+                "molora: objcopy failed on {}",
+                obj.display()
+            );
         }
         objects.extend(
             cc::Build::new()
@@ -190,7 +203,9 @@ mod emu {
             .derive_default(true)
             .layout_tests(false)
             .generate()
-            .unwrap_or_else(|e| panic!("molora: bindgen could not read the emulator's headers: {e}"));
+            .unwrap_or_else(|e| {
+                panic!("molora: bindgen could not read the emulator's headers: {e}")
+            });
         bindings
             .write_to_file(out.join("molora_emu_ffi.rs"))
             .expect("write molora_emu_ffi.rs");
@@ -263,7 +278,9 @@ mod cuda {
     /// The toolkit `build` uses (for the emulated build's CUDA headers).
     #[cfg_attr(not(feature = "emu"), allow(dead_code))]
     pub fn cuda_home() -> PathBuf {
-        find_cuda_home().unwrap_or_else(|| panic!("molora: no CUDA toolkit found (see the `cuda` feature's message)"))
+        find_cuda_home().unwrap_or_else(|| {
+            panic!("molora: no CUDA toolkit found (see the `cuda` feature's message)")
+        })
     }
 
     pub fn build() {

@@ -1,17 +1,52 @@
 #!/usr/bin/env bash
-# The project's test command (README), and what CI runs: format, lints with and without `cuda` and
-# with `candle-cuda`, the test suite on the CPU, and the test suite built with the CUDA kernels (GPU
-# tests skip with a printed line when no GPU is present; MOLORA_REQUIRE_GPU=1 makes them fail
-# instead).
+# The project's test command (README), and what CI runs: format, lints with and without `cuda`/`emu`
+# and with `candle-cuda`, the test suite on the CPU, and the kernel suite (tests/cuda_*.rs and
+# tests/emu_selftest.rs) on the emulated device: every kernel of cuda/ compiled for the CPU and checked
+# (memory, races, barriers, uninitialised reads) against the CPU reference.
+#
+#   scripts/test.sh        everything (what .ci/run calls)
+#   scripts/test.sh emu    the kernel suite on the emulated device alone
+#
+# MOLORA_EMU_CASES (default 3) is the number of cases of each property test on the emulated device (the
+# shapes keep their odd sizes and tails; a GPU run takes the full counts). GPU tests run on a GPU when
+# one is present (MOLORA_DEVICE=gpu|emu forces one); MOLORA_REQUIRE_GPU=1 makes a missing GPU a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
+mode="${1:-all}"
+case "$mode" in
+  all|emu) ;;
+  *) echo "usage: scripts/test.sh [emu]" >&2; exit 2 ;;
+esac
 
 CUDA_HOME=$(scripts/cuda-toolkit.sh)
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
 
 step() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
+log=$(mktemp)
+emu_log=$(mktemp)
+trap 'rm -f "$log" "$emu_log"' EXIT
+
+# The kernel suite on the emulated device; ends with `emu: N passed, M failed, K skipped`.
+emu_suite() {
+  step "kernel suite on the emulated device (MOLORA_DEVICE=emu, ${MOLORA_EMU_CASES:-3} cases per property)"
+  local t0 rc=0
+  t0=$(date +%s)
+  MOLORA_DEVICE=emu MOLORA_TEST_CASES="${MOLORA_EMU_CASES:-3}" \
+    cargo test --features emu --lib --test 'cuda_*' --test emu_selftest 2>&1 | tee "$emu_log" || rc=$?
+  cat "$emu_log" >> "$log"
+  awk -v secs=$(( $(date +%s) - t0 )) '
+    /^test result:/ { p += $4; f += $6 }
+    /^skipping / { s += 1 }
+    END { printf "emu: %d passed, %d failed, %d skipped (%d s)\n", p, f, s, secs }' "$emu_log"
+  return "$rc"
+}
+
+if [ "$mode" = emu ]; then
+  emu_suite
+  exit 0
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -19,8 +54,8 @@ cargo fmt --all -- --check
 step "cargo clippy (CPU)"
 cargo clippy --all-targets -- -D warnings
 
-step "cargo clippy (cuda)"
-cargo clippy --all-targets --features cuda -- -D warnings
+step "cargo clippy (cuda, emu)"
+cargo clippy --all-targets --features emu -- -D warnings
 
 # candle's CUDA backend links the CUDA libraries (libcuda, cuBLAS, cuRAND, NVRTC), which a machine
 # without a GPU lacks, so this build is linted, not linked or run. Its nvcc for candle's own kernels
@@ -31,18 +66,14 @@ MOLORA_CUDA_ARCHS=80 CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}" NVCC="$PWD/scrip
   cargo clippy --all-targets --features candle-cuda -- -D warnings
 
 step "cargo doc (warnings are errors)"
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda
-
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features emu
 
 step "cargo test (CPU)"
 cargo test 2>&1 | tee -a "$log"
 
-step "cargo test (cuda)"
-cargo test --features cuda 2>&1 | tee -a "$log"
+emu_suite
 
 skipped=$(grep -c '^skipping ' "$log" || true)
-step "all checks passed in $(( $(date +%s) - start )) s ($skipped GPU test cases skipped: no GPU)"
+step "all checks passed in $(( $(date +%s) - start )) s ($skipped test cases skipped: GPU-only)"
 # One closing line for both runs: the totals of every `test result:` line above.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "molora: %d passed, %d failed\n", p, f }' "$log"
