@@ -1,5 +1,5 @@
 // Tensor-core and asynchronous-copy primitives (sm_80 and newer): mma.sync m16n8k16 with f32
-// accumulators, ldmatrix, cp.async with commit/wait groups. Inline PTX on nvcc; on the emulated device
+// accumulators, ldmatrix, cp.async with commit/wait groups, programmatic dependent launch. Inline PTX on nvcc; on the emulated device
 // (MOLORA_EMU) the emulation of cuda/emu/emu.cuh, which keeps every lane's fragment elements where the
 // PTX ISA's layouts put them, so kernels are checked against the same layouts the hardware uses.
 //
@@ -99,6 +99,21 @@ __device__ __forceinline__ void cp_async_wait() {
     ::emu::cp_async_wait(N);
 #else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Programmatic dependent launch (sm_90): pdl_wait() blocks until the grids this launch depends on have
+// completed or triggered, pdl_launch_dependents() lets the dependent launch start early. No-ops before
+// sm_90 and on the emulated device, where every launch runs to completion before the next one starts
+// (so a kernel that reads a predecessor's output before pdl_wait() is not caught there).
+__device__ __forceinline__ void pdl_wait() {
+#if !defined(MOLORA_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if !defined(MOLORA_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 

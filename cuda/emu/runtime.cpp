@@ -54,10 +54,21 @@ constexpr int kErrLaunchFailure = 719;
 
 thread_local std::string tl_report;
 thread_local int tl_last_error = 0;
+// A kernel failed a check (like a fault that corrupts a GPU context): later launches on this thread do
+// not run until the error is read with cudaGetLastError, so one bug gives one report.
+thread_local bool tl_fault = false;
 
+// A failed launch: the report, and the error that cudaGetLastError returns next.
 int set_error(int code, std::string msg) {
     tl_report = std::move(msg);
     if (tl_last_error == 0) tl_last_error = code;
+    return code;
+}
+
+// A failed call that returns its error itself (memory, cudaFuncSetAttribute): the report only, so that
+// no later launch reads a stale error.
+int set_report(int code, std::string msg) {
+    tl_report = std::move(msg);
     return code;
 }
 
@@ -450,6 +461,7 @@ void finding(int code, const char *check, const std::string &msg, bool stop) {
         std::string who = w.cur ? " by " + thread_name(w, *w.cur) : "";
         set_error(code, format("molora emulator: %s: kernel %s: %s%s", check, w.kernel, msg.c_str(), who.c_str()));
         w.fail_code = code;
+        tl_fault = true;
     }
     w.failed = true;
     if (stop && w.cur) abort_thread();
@@ -711,7 +723,7 @@ void hook_access(const void *p, size_t n, bool write, const void *pc) { hook(p, 
 
 // ---- entry points of emu.cuh ------------------------------------------------------------------------
 void run_kernel(const char *name, const void *func, dim3 grid, dim3 block, size_t dynamic_smem, Body body, void *params) {
-    if (tl_last_error != 0) return;  // an earlier launch failed: like a faulted context, run nothing more
+    if (tl_fault) return;  // an earlier launch failed a check and nobody has read the error yet
     Worker &w = worker();
     w.as_lane = -1;
     if (w.in_launch) {
@@ -1059,13 +1071,13 @@ bool find_live(const void *p, size_t n, const char *what, uintptr_t *start_out) 
             return true;
         }
         if (a >= prev->first && a < prev->first + std::max<size_t>(al.bytes, 1)) {
-            set_error(kErrInvalidValue,
+            set_report(kErrInvalidValue,
                       format("molora emulator: %s of %zu bytes at %p overruns the %s%zu-byte device buffer at 0x%lx", what, n, p,
                              al.live ? "" : "freed ", al.bytes, static_cast<unsigned long>(prev->first)));
             return false;
         }
     }
-    set_error(kErrInvalidValue, format("molora emulator: %s of %zu bytes at %p: not device memory of the emulated device", what, n, p));
+    set_report(kErrInvalidValue, format("molora emulator: %s of %zu bytes at %p: not device memory of the emulated device", what, n, p));
     return false;
 }
 }  // namespace
@@ -1073,12 +1085,12 @@ bool find_live(const void *p, size_t n, const char *what, uintptr_t *start_out) 
 extern "C" {
 
 int molora_emu_malloc(void **ptr, size_t bytes) {
-    if (!ptr) return set_error(kErrInvalidValue, "molora emulator: molora_emu_malloc with a null result pointer");
+    if (!ptr) return set_report(kErrInvalidValue, "molora emulator: molora_emu_malloc with a null result pointer");
     Arena &ar = arena();
-    if (!g_arena_ok) return set_error(kErrMemoryAllocation, "molora emulator: could not reserve the arena");
+    if (!g_arena_ok) return set_report(kErrMemoryAllocation, "molora emulator: could not reserve the arena");
     std::lock_guard<std::mutex> lock(ar.mu);
     char *p = ar.carve(bytes, 256);
-    if (!p) return set_error(kErrMemoryAllocation, format("molora emulator: the arena cannot hold %zu more bytes", bytes));
+    if (!p) return set_report(kErrMemoryAllocation, format("molora emulator: the arena cannot hold %zu more bytes", bytes));
     std::memset(shadow_of(reinterpret_cast<uintptr_t>(p)), kUnwritten, bytes);
     ar.allocs[reinterpret_cast<uintptr_t>(p)] = Alloc{bytes, true, false, nullptr, nullptr, 0};
     *ptr = p;
@@ -1091,7 +1103,7 @@ int molora_emu_free(void *ptr) {
     std::lock_guard<std::mutex> lock(ar.mu);
     auto it = ar.allocs.find(reinterpret_cast<uintptr_t>(ptr));
     if (it == ar.allocs.end() || !it->second.live || it->second.shared)
-        return set_error(kErrInvalidValue, format("molora emulator: free of %p, which is not a live device buffer", ptr));
+        return set_report(kErrInvalidValue, format("molora emulator: free of %p, which is not a live device buffer", ptr));
     it->second.live = false;
     std::memset(shadow_of(it->first), kNoAccess, it->second.bytes);
     release_pages(static_cast<char *>(ptr), it->second.bytes);
@@ -1142,7 +1154,7 @@ size_t molora_emu_last_report(char *buf, size_t cap) {
 }
 
 int molora_emu_set_arch(int cc) {
-    if (optin_smem_limit(cc) == 0) return set_error(kErrInvalidValue, format("molora emulator: unknown architecture sm_%d", cc));
+    if (optin_smem_limit(cc) == 0) return set_report(kErrInvalidValue, format("molora emulator: unknown architecture sm_%d", cc));
     g_arch.store(cc);
     return 0;
 }
@@ -1151,7 +1163,7 @@ cudaError_t molora_emu_cudaFuncSetAttribute(const void *func, cudaFuncAttribute 
     if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
         const size_t limit = optin_smem_limit(g_arch.load());
         if (value < 0 || static_cast<size_t>(value) > limit) {
-            set_error(kErrInvalidValue,
+            set_report(kErrInvalidValue,
                       format("molora emulator: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, %d): over the %zu bytes "
                              "sm_%d allows",
                              value, limit, g_arch.load()));
@@ -1166,23 +1178,25 @@ cudaError_t molora_emu_cudaFuncSetAttribute(const void *func, cudaFuncAttribute 
 cudaError_t molora_emu_cudaGetLastError(void) {
     const int e = tl_last_error;
     tl_last_error = 0;
+    tl_fault = false;
     return static_cast<cudaError_t>(e);
 }
 
 cudaError_t molora_emu_cudaPeekAtLastError(void) { return static_cast<cudaError_t>(tl_last_error); }
 
 cudaError_t molora_emu_cudaMemsetAsync(void *dst, int value, size_t bytes, cudaStream_t) {
-    if (tl_last_error != 0) return static_cast<cudaError_t>(tl_last_error);
+    if (tl_fault) return static_cast<cudaError_t>(tl_last_error);
+    // The error is returned, not recorded for cudaGetLastError (the launchers return it themselves).
     return static_cast<cudaError_t>(molora_emu_memset(dst, value, bytes));
 }
 
 cudaError_t molora_emu_cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
-    if (tl_last_error != 0) return static_cast<cudaError_t>(tl_last_error);
+    if (tl_fault) return static_cast<cudaError_t>(tl_last_error);
     switch (kind) {
         case cudaMemcpyHostToDevice: return static_cast<cudaError_t>(molora_emu_memcpy_htod(dst, src, bytes));
         case cudaMemcpyDeviceToHost: return static_cast<cudaError_t>(molora_emu_memcpy_dtoh(dst, src, bytes));
         case cudaMemcpyDeviceToDevice: return static_cast<cudaError_t>(molora_emu_memcpy_dtod(dst, src, bytes));
-        default: return static_cast<cudaError_t>(set_error(kErrInvalidValue, "molora emulator: cudaMemcpyAsync kind not emulated"));
+        default: return static_cast<cudaError_t>(set_report(kErrInvalidValue, "molora emulator: cudaMemcpyAsync kind not emulated"));
     }
 }
 
