@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+};
 
 use super::memory::{gpu_view, gpu_view_mut, Buffer, DeviceRead, DeviceWrite, Memory};
 use crate::error::check_len;
@@ -55,6 +57,22 @@ pub(crate) enum Backend {
 
 fn drv(e: cudarc::driver::DriverError) -> Error {
     Error::Driver(e.to_string())
+}
+
+/// An empty GPU buffer: a GPU cannot allocate zero bytes, so it holds one element, zeroed (so that
+/// even [`Buffer::as_cuda_slice`], which hands it out, never shows stale memory), which no length,
+/// view or address of the buffer covers.
+fn empty_gpu_buffer<T: DeviceRepr>(stream: &Arc<CudaStream>) -> Result<Buffer<T>> {
+    // SAFETY: the element is zeroed below before anything can read it; `T: DeviceRepr` is plain data.
+    let mut placeholder: CudaSlice<T> = unsafe { stream.alloc(1) }.map_err(drv)?;
+    let bytes = std::mem::size_of::<T>();
+    let (ptr, record) = placeholder.device_ptr_mut(stream);
+    // SAFETY: `ptr` is the start of the live allocation of `bytes` bytes just made, and the fill is
+    // enqueued on the stream it was allocated on (`record` orders later users after it).
+    unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }
+        .map_err(drv)?;
+    drop(record);
+    Ok(Buffer::empty_gpu(placeholder))
 }
 
 impl Device {
@@ -154,9 +172,11 @@ impl Device {
         self.gpu("Device::stream").map(|(_, stream)| stream)
     }
 
-    /// Copies a host slice to a new device buffer (enqueued on a GPU's stream).
+    /// Copies a host slice to a new device buffer (enqueued on a GPU's stream). An empty slice makes
+    /// an empty buffer, on a GPU too (see [`Buffer`]).
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<Buffer<T>> {
         match &self.backend {
+            Backend::Gpu { stream, .. } if host.is_empty() => empty_gpu_buffer(stream),
             Backend::Gpu { stream, .. } => stream.clone_htod(host).map(Buffer::from).map_err(drv),
             #[cfg(feature = "emu")]
             Backend::Emulated => {
@@ -165,10 +185,11 @@ impl Device {
         }
     }
 
-    /// A zeroed device buffer of `len` elements. A GPU cannot allocate zero bytes (`len = 0` is a
-    /// driver error there); the emulated device can.
+    /// A zeroed device buffer of `len` elements; `len = 0` makes an empty buffer, on a GPU too (which
+    /// cannot allocate zero bytes: see [`Buffer`]).
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<Buffer<T>> {
         match &self.backend {
+            Backend::Gpu { stream, .. } if len == 0 => empty_gpu_buffer(stream),
             Backend::Gpu { stream, .. } => stream.alloc_zeros(len).map(Buffer::from).map_err(drv),
             #[cfg(feature = "emu")]
             Backend::Emulated => {
@@ -195,12 +216,18 @@ impl Device {
         }
     }
 
-    /// Copies a device buffer (or view) back to the host; this waits for the stream.
+    /// Copies a device buffer (or view) back to the host; this waits for the stream. An empty one
+    /// gives an empty vector.
     pub fn download<T: DeviceRepr, B: DeviceRead<T> + ?Sized>(&self, src: &B) -> Result<Vec<T>> {
         match &self.backend {
-            Backend::Gpu { stream, .. } => stream
-                .clone_dtoh(&gpu_view("download source", src)?)
-                .map_err(drv),
+            Backend::Gpu { stream, .. } => {
+                let view = gpu_view("download source", src)?;
+                if view.is_empty() {
+                    // No copy of zero bytes for the driver; the wait still happens.
+                    return stream.synchronize().map(|()| Vec::new()).map_err(drv);
+                }
+                stream.clone_dtoh(&view).map_err(drv)
+            }
             #[cfg(feature = "emu")]
             Backend::Emulated => {
                 let addr = super::memory::emu_addr("download source", src)?;
@@ -233,9 +260,10 @@ impl Device {
         check_len("host destination of download_into", src.len(), host.len())?;
         match &self.backend {
             Backend::Gpu { stream, .. } => {
-                stream
-                    .memcpy_dtoh(&gpu_view("download source", src)?, host)
-                    .map_err(drv)?;
+                let view = gpu_view("download source", src)?;
+                if !view.is_empty() {
+                    stream.memcpy_dtoh(&view, host).map_err(drv)?;
+                }
                 // An asynchronous copy into pageable memory need not have finished when it returns.
                 stream.synchronize().map_err(drv)
             }
@@ -256,9 +284,13 @@ impl Device {
     ) -> Result<()> {
         check_len("device destination of upload_into", host.len(), dst.len())?;
         match &self.backend {
-            Backend::Gpu { stream, .. } => stream
-                .memcpy_htod(host, &mut gpu_view_mut("upload destination", dst)?)
-                .map_err(drv),
+            Backend::Gpu { stream, .. } => {
+                let mut view = gpu_view_mut("upload destination", dst)?;
+                if host.is_empty() {
+                    return Ok(());
+                }
+                stream.memcpy_htod(host, &mut view).map_err(drv)
+            }
             #[cfg(feature = "emu")]
             Backend::Emulated => {
                 let addr = super::memory::emu_addr("upload destination", dst)?;
@@ -275,12 +307,14 @@ impl Device {
     ) -> Result<()> {
         check_len("destination of the device copy", src.len(), dst.len())?;
         match &self.backend {
-            Backend::Gpu { stream, .. } => stream
-                .memcpy_dtod(
-                    &gpu_view("copy source", src)?,
-                    &mut gpu_view_mut("copy destination", dst)?,
-                )
-                .map_err(drv),
+            Backend::Gpu { stream, .. } => {
+                let from = gpu_view("copy source", src)?;
+                let mut to = gpu_view_mut("copy destination", dst)?;
+                if from.is_empty() {
+                    return Ok(());
+                }
+                stream.memcpy_dtod(&from, &mut to).map_err(drv)
+            }
             #[cfg(feature = "emu")]
             Backend::Emulated => {
                 let from = super::memory::emu_addr("copy source", src)?;
@@ -296,9 +330,13 @@ impl Device {
         dst: &mut B,
     ) -> Result<()> {
         match &self.backend {
-            Backend::Gpu { stream, .. } => stream
-                .memset_zeros(&mut gpu_view_mut("memset destination", dst)?)
-                .map_err(drv),
+            Backend::Gpu { stream, .. } => {
+                let mut view = gpu_view_mut("memset destination", dst)?;
+                if view.is_empty() {
+                    return Ok(());
+                }
+                stream.memset_zeros(&mut view).map_err(drv)
+            }
             #[cfg(feature = "emu")]
             Backend::Emulated => {
                 let addr = super::memory::emu_addr("memset destination", dst)?;

@@ -204,12 +204,19 @@ fn offset<T>(addr: u64, start: usize) -> u64 {
 /// Device memory owned by molora: a cudarc `CudaSlice` on a GPU device, or an allocation of the
 /// emulated device (feature `emu`), freed on drop. Made by [`Device::upload`], [`Device::zeros`], or
 /// from a `CudaSlice`; every element is initialised.
+///
+/// A buffer may be empty on both kinds of device. A GPU cannot allocate zero bytes, so an empty GPU
+/// buffer holds a one-element allocation behind the scenes; its length, its views and the addresses
+/// the ops take all have length 0 (only [`Buffer::as_cuda_slice`] and its siblings hand out that
+/// allocation itself).
 pub struct Buffer<T> {
     inner: BufferInner<T>,
 }
 
 enum BufferInner<T> {
-    Gpu(CudaSlice<T>),
+    /// GPU memory of `len` elements: all of `slice`, or none of it for an empty buffer (whose slice
+    /// is the one element a GPU must allocate). `len <= slice.len()` always.
+    Gpu { slice: CudaSlice<T>, len: usize },
     #[cfg(feature = "emu")]
     Emu(EmuAlloc<T>),
 }
@@ -222,10 +229,20 @@ impl<T> Buffer<T> {
         }
     }
 
+    /// An empty buffer over `placeholder`, the one element a GPU allocates for it.
+    pub(crate) fn empty_gpu(placeholder: CudaSlice<T>) -> Self {
+        Buffer {
+            inner: BufferInner::Gpu {
+                slice: placeholder,
+                len: 0,
+            },
+        }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         match &self.inner {
-            BufferInner::Gpu(s) => DeviceSlice::len(s),
+            BufferInner::Gpu { len, .. } => *len,
             #[cfg(feature = "emu")]
             BufferInner::Emu(a) => a.len(),
         }
@@ -242,7 +259,7 @@ impl<T> Buffer<T> {
 
     fn memory(&self) -> Memory {
         match &self.inner {
-            BufferInner::Gpu(_) => Memory::Gpu,
+            BufferInner::Gpu { .. } => Memory::Gpu,
             #[cfg(feature = "emu")]
             BufferInner::Emu(_) => Memory::Emulated,
         }
@@ -252,7 +269,7 @@ impl<T> Buffer<T> {
     pub fn view(&self) -> BufferView<'_, T> {
         BufferView {
             inner: match &self.inner {
-                BufferInner::Gpu(s) => ViewInner::Gpu(s.as_view()),
+                BufferInner::Gpu { slice, len } => ViewInner::Gpu(whole(slice, *len)),
                 #[cfg(feature = "emu")]
                 BufferInner::Emu(a) => ViewInner::Emu {
                     addr: a.addr(),
@@ -267,7 +284,7 @@ impl<T> Buffer<T> {
     pub fn view_mut(&mut self) -> BufferViewMut<'_, T> {
         BufferViewMut {
             inner: match &mut self.inner {
-                BufferInner::Gpu(s) => ViewMutInner::Gpu(s.as_view_mut()),
+                BufferInner::Gpu { slice, len } => ViewMutInner::Gpu(whole_mut(slice, *len)),
                 #[cfg(feature = "emu")]
                 BufferInner::Emu(a) => ViewMutInner::Emu {
                     addr: a.addr(),
@@ -289,13 +306,12 @@ impl<T> Buffer<T> {
         let (start, end) = bounds(range, len)?;
         Ok(BufferViewMut {
             inner: match &mut self.inner {
-                BufferInner::Gpu(s) => {
-                    ViewMutInner::Gpu(s.try_slice_mut(start..end).ok_or(Error::OutOfBounds {
-                        start,
-                        end,
-                        len,
-                    })?)
-                }
+                // `end <= len <= slice.len()`: within the logical length, so never the placeholder.
+                BufferInner::Gpu { slice, .. } => ViewMutInner::Gpu(
+                    slice
+                        .try_slice_mut(start..end)
+                        .ok_or(Error::OutOfBounds { start, end, len })?,
+                ),
                 #[cfg(feature = "emu")]
                 BufferInner::Emu(a) => ViewMutInner::Emu {
                     addr: offset::<T>(a.addr(), start),
@@ -315,28 +331,31 @@ impl<T> Buffer<T> {
             .unwrap_or_else(|_| self.view())
     }
 
-    /// The cudarc buffer of GPU memory; `None` for emulated memory.
+    /// The cudarc buffer of GPU memory; `None` for emulated memory. For an empty buffer it is the
+    /// one-element allocation behind it (a GPU cannot allocate zero bytes), longer than the buffer.
     pub fn as_cuda_slice(&self) -> Option<&CudaSlice<T>> {
         match &self.inner {
-            BufferInner::Gpu(s) => Some(s),
+            BufferInner::Gpu { slice, .. } => Some(slice),
             #[cfg(feature = "emu")]
             BufferInner::Emu(_) => None,
         }
     }
 
-    /// The cudarc buffer of GPU memory, mutably; `None` for emulated memory.
+    /// The cudarc buffer of GPU memory, mutably; `None` for emulated memory. For an empty buffer it
+    /// is the one-element allocation behind it, as for [`Buffer::as_cuda_slice`].
     pub fn as_cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
         match &mut self.inner {
-            BufferInner::Gpu(s) => Some(s),
+            BufferInner::Gpu { slice, .. } => Some(slice),
             #[cfg(feature = "emu")]
             BufferInner::Emu(_) => None,
         }
     }
 
-    /// The cudarc buffer of GPU memory, or [`Error::DeviceMismatch`] for emulated memory.
+    /// The cudarc buffer of GPU memory, or [`Error::DeviceMismatch`] for emulated memory. For an
+    /// empty buffer it is the one-element allocation behind it, as for [`Buffer::as_cuda_slice`].
     pub fn into_cuda_slice(self) -> Result<CudaSlice<T>> {
         match self.inner {
-            BufferInner::Gpu(s) => Ok(s),
+            BufferInner::Gpu { slice, .. } => Ok(slice),
             #[cfg(feature = "emu")]
             BufferInner::Emu(_) => Err(mismatch(
                 "Buffer::into_cuda_slice",
@@ -348,10 +367,31 @@ impl<T> Buffer<T> {
 }
 
 impl<T> From<CudaSlice<T>> for Buffer<T> {
+    /// A buffer of all of `slice`'s elements.
     fn from(slice: CudaSlice<T>) -> Self {
+        let len = DeviceSlice::len(&slice);
         Buffer {
-            inner: BufferInner::Gpu(slice),
+            inner: BufferInner::Gpu { slice, len },
         }
+    }
+}
+
+/// The first `len` elements of `slice` (all but an empty buffer's placeholder), for `len <=
+/// slice.len()`.
+fn whole<T>(slice: &CudaSlice<T>, len: usize) -> CudaView<'_, T> {
+    if len == DeviceSlice::len(slice) {
+        slice.as_view()
+    } else {
+        slice.slice(..len)
+    }
+}
+
+/// As [`whole`], mutably.
+fn whole_mut<T>(slice: &mut CudaSlice<T>, len: usize) -> CudaViewMut<'_, T> {
+    if len == DeviceSlice::len(slice) {
+        slice.as_view_mut()
+    } else {
+        slice.slice_mut(..len)
     }
 }
 
@@ -369,19 +409,27 @@ impl<T> sealed::Read<T> for Buffer<T> {
         Buffer::memory(self)
     }
     fn gpu_view(&self) -> Option<CudaView<'_, T>> {
-        self.as_cuda_slice().map(CudaSlice::as_view)
+        match &self.inner {
+            BufferInner::Gpu { slice, len } => Some(whole(slice, *len)),
+            #[cfg(feature = "emu")]
+            BufferInner::Emu(_) => None,
+        }
     }
     #[cfg(feature = "emu")]
     fn emu_addr(&self) -> Option<u64> {
         match &self.inner {
-            BufferInner::Gpu(_) => None,
+            BufferInner::Gpu { .. } => None,
             BufferInner::Emu(a) => Some(a.addr()),
         }
     }
 }
 impl<T> sealed::Write<T> for Buffer<T> {
     fn gpu_view_mut(&mut self) -> Option<CudaViewMut<'_, T>> {
-        self.as_cuda_slice_mut().map(CudaSlice::as_view_mut)
+        match &mut self.inner {
+            BufferInner::Gpu { slice, len } => Some(whole_mut(slice, *len)),
+            #[cfg(feature = "emu")]
+            BufferInner::Emu(_) => None,
+        }
     }
 }
 impl<T> DeviceRead<T> for Buffer<T> {
