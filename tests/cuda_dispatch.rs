@@ -43,13 +43,10 @@ mod gpu {
 
     fn check(dev: &Device, r: &Routing) -> Result<(), String> {
         let want = cpu::dispatch(r).map_err(|e| e.to_string())?;
-        let mut padded = r.ids().to_vec();
-        padded.push(-1);
-        let ids = dev.upload(&padded).map_err(|e| e.to_string())?;
+        let ids = dev.upload(r.ids()).map_err(|e| e.to_string())?;
         let mut plan = DevicePlan::new(dev, r.num_tokens(), r.k_max(), r.num_experts())
             .map_err(|e| e.to_string())?;
-        dispatch(dev, &ids.slice(0..r.ids().len()).unwrap(), &mut plan)
-            .map_err(|e| e.to_string())?;
+        dispatch(dev, &ids, &mut plan).map_err(|e| e.to_string())?;
         let got = plan.to_host(dev).map_err(|e| e.to_string())?;
         if got == want {
             Ok(())
@@ -81,16 +78,9 @@ mod gpu {
         let plan_cpu = cpu::dispatch(r).map_err(s)?;
         let pairs = plan_cpu.num_pairs();
         let mut rng = Rng::new(seed);
-        // Uploads carry one spare element: the driver cannot allocate zero bytes.
-        let upload = |v: &[T]| {
-            let mut v = v.to_vec();
-            v.push(T::from_f32(0.0));
-            dev.upload(&v)
-        };
-        let mut ids = r.ids().to_vec();
-        ids.push(-1);
+        // Every buffer below is exactly its size (empty when T = 0).
         // Weights of empty slots are NaN: they must never be read.
-        let mut w: Vec<f32> = r
+        let w: Vec<f32> = r
             .ids()
             .iter()
             .map(|&id| {
@@ -101,33 +91,19 @@ mod gpu {
                 }
             })
             .collect();
-        w.push(0.0);
-        let routing = Routing::new(
-            t,
-            k_max,
-            r.num_experts(),
-            r.ids().to_vec(),
-            w[..slots].to_vec(),
-        )
-        .map_err(s)?;
-        let d_ids = dev.upload(&ids).map_err(s)?;
+        let routing =
+            Routing::new(t, k_max, r.num_experts(), r.ids().to_vec(), w.clone()).map_err(s)?;
+        let d_ids = dev.upload(r.ids()).map_err(s)?;
         let d_w = dev.upload(&w).map_err(s)?;
         let mut plan = DevicePlan::new(dev, t, k_max, r.num_experts()).map_err(s)?;
-        dispatch(dev, &d_ids.slice(0..slots).unwrap(), &mut plan).map_err(s)?;
+        dispatch(dev, &d_ids, &mut plan).map_err(s)?;
 
         // Gather: a copy, bit for bit.
         let x: Vec<T> = rng.values(t * d, 1.0);
         let want = cpu::gather_rows(&x, t, d, &plan_cpu).map_err(s)?;
-        let d_x = upload(&x).map_err(s)?;
-        let mut out = upload(&vec![T::from_f32(0.0); slots * d]).map_err(s)?;
-        gather_rows(
-            dev,
-            &d_x.slice(0..t * d).unwrap(),
-            d,
-            &plan,
-            &mut out.slice_mut(0..slots * d).unwrap(),
-        )
-        .map_err(s)?;
+        let d_x = dev.upload(&x).map_err(s)?;
+        let mut out = dev.upload(&vec![T::from_f32(0.0); slots * d]).map_err(s)?;
+        gather_rows(dev, &d_x, d, &plan, &mut out).map_err(s)?;
         let got = dev.download(&out).map_err(s)?;
         for (i, (g, w)) in got[..pairs * d].iter().zip(&want).enumerate() {
             if g.to_f32().to_bits() != w.to_f32().to_bits() {
@@ -152,39 +128,21 @@ mod gpu {
         let y0: Vec<T> = rng.values(t * d, 1.0);
         let mut y_want = y0.clone();
         cpu::scatter_combine(&rows_ref, d, &plan_cpu, &routing, 0.75, &mut y_want).map_err(s)?;
-        let mut d_y = upload(&y0).map_err(s)?;
+        let mut d_y = dev.upload(&y0).map_err(s)?;
         if rows_f32 {
             let mut padded = rows.clone();
-            padded.resize(slots * d + 1, f32::NAN);
+            padded.resize(slots * d, f32::NAN);
             let d_rows = dev.upload(&padded).map_err(s)?;
-            scatter_combine(
-                dev,
-                &d_rows.slice(0..slots * d).unwrap(),
-                d,
-                &plan,
-                &d_ids.slice(0..slots).unwrap(),
-                &d_w.slice(0..slots).unwrap(),
-                0.75,
-                &mut d_y.slice_mut(0..t * d).unwrap(),
-            )
-            .map_err(s)?;
+            scatter_combine(dev, &d_rows, d, &plan, &d_ids, &d_w, 0.75, &mut d_y).map_err(s)?;
         } else {
             let mut padded = rows_t.clone();
-            padded.resize(slots * d + 1, T::from_f32(f32::NAN));
+            padded.resize(slots * d, T::from_f32(f32::NAN));
             let d_rows = dev.upload(&padded).map_err(s)?;
-            scatter_combine(
-                dev,
-                &d_rows.slice(0..slots * d).unwrap(),
-                d,
-                &plan,
-                &d_ids.slice(0..slots).unwrap(),
-                &d_w.slice(0..slots).unwrap(),
-                0.75,
-                &mut d_y.slice_mut(0..t * d).unwrap(),
-            )
-            .map_err(s)?;
+            scatter_combine(dev, &d_rows, d, &plan, &d_ids, &d_w, 0.75, &mut d_y).map_err(s)?;
         }
-        let got: Vec<f32> = dev.download(&d_y).map_err(s)?[..t * d]
+        let got: Vec<f32> = dev
+            .download(&d_y)
+            .map_err(s)?
             .iter()
             .map(|v| v.to_f32())
             .collect();

@@ -43,7 +43,7 @@ fn emulated_device_reports_that_emu_is_not_compiled() {
 mod gpu {
     use super::test_device;
     use molora::cpu::{self, Activation};
-    use molora::cuda::{top_k_gating, Buffer, Device, MAX_GATING_EXPERTS};
+    use molora::cuda::{top_k_gating, Buffer, BufferViewMut, Device, MAX_GATING_EXPERTS};
     use molora::testing::{compare, Tolerance};
     use molora::{DType, Error};
     use proptest::prelude::*;
@@ -81,43 +81,53 @@ mod gpu {
     /// [`compare_ids`]), the routing must satisfy the top-k invariants, weights agree within the
     /// f32 tolerance, and nothing past the `[T, k]` outputs is written.
     fn check(dev: &Device, c: &Case) -> Result<(), String> {
-        let probs =
-            cpu::activate(&c.z, c.t, c.e, c.act, c.temperature).map_err(|e| e.to_string())?;
-        let want = cpu::top_k(&probs, c.t, c.e, c.k, c.renormalize).map_err(|e| e.to_string())?;
-        // The driver cannot allocate zero bytes: pad every buffer by one element and pass views of
-        // the exact length. Outputs start as sentinels, so an unwritten slot or a write past the
-        // end shows.
+        let s = |e: Error| e.to_string();
+        let probs = cpu::activate(&c.z, c.t, c.e, c.act, c.temperature).map_err(s)?;
+        let want = cpu::top_k(&probs, c.t, c.e, c.k, c.renormalize).map_err(s)?;
+        // Every buffer exactly its size (empty when T = 0), so any access past one is outside its
+        // allocation (caught by the emulator and compute-sanitizer). Outputs start as sentinels, so
+        // an unwritten slot shows.
         let n = c.t * c.k;
-        let mut padded = c.z.clone();
-        padded.push(0.0);
-        let logits = dev.upload(&padded).map_err(|e| e.to_string())?;
-        let mut ids = dev.upload(&vec![-7i32; n + 1]).map_err(|e| e.to_string())?;
-        let mut w = dev
-            .upload(&vec![f32::NAN; n + 1])
-            .map_err(|e| e.to_string())?;
-        top_k_gating(
-            dev,
-            &logits.slice(0..c.z.len()).unwrap(),
-            c.t,
-            c.e,
-            c.act,
-            c.temperature,
-            c.k,
-            c.renormalize,
-            &mut ids.slice_mut(0..n).unwrap(),
-            &mut w.slice_mut(0..n).unwrap(),
-        )
-        .map_err(|e| e.to_string())?;
-        let mut got_ids = dev.download(&ids).map_err(|e| e.to_string())?;
-        let mut got_w = dev.download(&w).map_err(|e| e.to_string())?;
-        if got_ids[n] != -7 || !got_w[n].is_nan() {
+        let logits = dev.upload(&c.z).map_err(s)?;
+        let mut ids = dev.upload(&vec![-7i32; n]).map_err(s)?;
+        let mut w = dev.upload(&vec![f32::NAN; n]).map_err(s)?;
+        let run = |ids: &mut BufferViewMut<'_, i32>, w: &mut BufferViewMut<'_, f32>| {
+            top_k_gating(
+                dev,
+                &logits,
+                c.t,
+                c.e,
+                c.act,
+                c.temperature,
+                c.k,
+                c.renormalize,
+                ids,
+                w,
+            )
+            .map_err(s)
+        };
+        run(&mut ids.view_mut(), &mut w.view_mut())?;
+        let got_ids = dev.download(&ids).map_err(s)?;
+        let got_w = dev.download(&w).map_err(s)?;
+        // The one deliberate exception: the same call into views of the first n elements of
+        // buffers one sentinel longer, so that a write past the outputs also shows on a GPU run
+        // without compute-sanitizer (on the emulator the exact buffers above already catch it).
+        let mut ids_tail = dev.upload(&vec![-7i32; n + 1]).map_err(s)?;
+        let mut w_tail = dev.upload(&vec![f32::NAN; n + 1]).map_err(s)?;
+        run(
+            &mut ids_tail.slice_mut(0..n).map_err(s)?,
+            &mut w_tail.slice_mut(0..n).map_err(s)?,
+        )?;
+        let (tail_ids, tail_w) = (
+            dev.download(&ids_tail).map_err(s)?,
+            dev.download(&w_tail).map_err(s)?,
+        );
+        if tail_ids[n] != -7 || !tail_w[n].is_nan() {
             return Err(format!(
                 "written past the [T, k] outputs: id {}, weight {}",
-                got_ids[n], got_w[n]
+                tail_ids[n], tail_w[n]
             ));
         }
-        got_ids.truncate(n);
-        got_w.truncate(n);
         let what = format!(
             "top-k ids (T = {}, E = {}, k = {}, {:?}, temperature {}, renormalize {})",
             c.t, c.e, c.k, c.act, c.temperature, c.renormalize
@@ -197,9 +207,7 @@ mod gpu {
                 renormalize: c.renormalize,
             },
         ];
-        let mut padded = c.z.clone();
-        padded.push(0.0);
-        let dl = dev.upload(&padded).map_err(s)?;
+        let dl = dev.upload(&c.z).map_err(s)?;
         for combine in combines {
             let mut probs = cpu::activate(&c.z, c.t, c.e, c.act, c.temperature).map_err(s)?;
             if let Some(cb) = combine {
@@ -220,25 +228,23 @@ mod gpu {
                 .map_err(s)?;
                 let dgate = DeviceGate::from_gate(gate, c.e).map_err(s)?;
                 let n = c.t * dgate.k_max(c.e);
-                let mut ids = dev.zeros::<i32>(n + 1).map_err(s)?;
-                let mut w = dev.zeros::<f32>(n + 1).map_err(s)?;
+                let mut ids = dev.zeros::<i32>(n).map_err(s)?;
+                let mut w = dev.zeros::<f32>(n).map_err(s)?;
                 gating(
                     dev,
-                    &dl.slice(0..c.z.len()).unwrap(),
+                    &dl,
                     c.t,
                     c.e,
                     c.act,
                     c.temperature,
                     combine.map(|cb| (&dglobal, cb)),
                     &dgate,
-                    &mut ids.slice_mut(0..n).unwrap(),
-                    &mut w.slice_mut(0..n).unwrap(),
+                    &mut ids,
+                    &mut w,
                 )
                 .map_err(s)?;
-                let mut got_ids = dev.download(&ids).map_err(s)?;
-                let mut got_w = dev.download(&w).map_err(s)?;
-                got_ids.truncate(n);
-                got_w.truncate(n);
+                let got_ids = dev.download(&ids).map_err(s)?;
+                let got_w = dev.download(&w).map_err(s)?;
                 let what = format!("{gate:?} with {combine:?}");
                 compare_ids(
                     &what,
@@ -259,7 +265,7 @@ mod gpu {
         }
         // Router logits (bf16 inputs) and the input-dependent threshold.
         let d_in = 1 + (seed as usize % 97);
-        let x: Vec<half::bf16> = logits(c.t * d_in + 1, seed ^ 11, 0, 1.0)
+        let x: Vec<half::bf16> = logits(c.t * d_in, seed ^ 11, 0, 1.0)
             .iter()
             .map(|&v| half::bf16::from_f32(v))
             .collect();
@@ -268,42 +274,39 @@ mod gpu {
             .map(|&v| half::bf16::from_f32(v))
             .collect();
         let w_tau = logits(d_in, seed ^ 17, 0, 0.5);
-        let want_logits =
-            cpu::router_logits(&x[..c.t * d_in], c.t, d_in, &wg, None, c.e).map_err(s)?;
+        let want_logits = cpu::router_logits(&x, c.t, d_in, &wg, None, c.e).map_err(s)?;
         let spec = cpu::ThresholdSpec::InputDependent {
             w: w_tau.clone(),
             b: 0.25,
         };
-        let want_taus =
-            cpu::threshold_values(&spec, Some(&x[..c.t * d_in]), c.t, d_in, c.e).map_err(s)?;
-        if c.t > 0 {
-            let dx = dev.upload(&x).map_err(s)?;
-            let dwg = dev.upload(&wg).map_err(s)?;
-            let dwt = dev.upload(&w_tau).map_err(s)?;
-            let mut dlog = dev.zeros::<f32>(c.t * c.e).map_err(s)?;
-            let mut dtaus = dev.zeros::<f32>(c.t).map_err(s)?;
-            router_logits(
-                dev,
-                &dx.slice(0..c.t * d_in).unwrap(),
-                c.t,
-                d_in,
-                &dwg,
-                None,
-                c.e,
-                &mut dlog,
-                Some((&dwt.slice(0..d_in).unwrap(), 0.25, &mut dtaus)),
-            )
-            .map_err(s)?;
-            let got = dev.download(&dlog).map_err(s)?;
-            let tol = Tolerance::for_dtype(DType::F32).scaled((d_in as f32).sqrt());
-            compare("router logits", &got, &want_logits, tol)?;
-            compare(
-                "input-dependent taus",
-                &dev.download(&dtaus).map_err(s)?,
-                &want_taus,
-                tol,
-            )?;
-        }
+        let want_taus = cpu::threshold_values(&spec, Some(&x), c.t, d_in, c.e).map_err(s)?;
+        // T = 0 too: x, the logits and the taus are then empty buffers.
+        let dx = dev.upload(&x).map_err(s)?;
+        let dwg = dev.upload(&wg).map_err(s)?;
+        let dwt = dev.upload(&w_tau).map_err(s)?;
+        let mut dlog = dev.zeros::<f32>(c.t * c.e).map_err(s)?;
+        let mut dtaus = dev.zeros::<f32>(c.t).map_err(s)?;
+        router_logits(
+            dev,
+            &dx,
+            c.t,
+            d_in,
+            &dwg,
+            None,
+            c.e,
+            &mut dlog,
+            Some((&dwt, 0.25, &mut dtaus)),
+        )
+        .map_err(s)?;
+        let got = dev.download(&dlog).map_err(s)?;
+        let tol = Tolerance::for_dtype(DType::F32).scaled((d_in as f32).sqrt());
+        compare("router logits", &got, &want_logits, tol)?;
+        compare(
+            "input-dependent taus",
+            &dev.download(&dtaus).map_err(s)?,
+            &want_taus,
+            tol,
+        )?;
         Ok(())
     }
 
@@ -643,7 +646,8 @@ mod gpu {
         let Some(mut b) = Bad::new("top_k_gating_with_no_tokens_is_a_no_op") else {
             return;
         };
-        // Zero-length views (the driver cannot allocate zero bytes).
+        // Deliberately zero-length views of the sentinel-filled buffers, so that `untouched` shows
+        // the call wrote nothing (empty buffers of their own are covered by the property tests).
         let Bad { dev, z, ids, w } = &mut b;
         let r = top_k_gating(
             dev,
@@ -679,16 +683,10 @@ mod gpu {
             .map(|v| (0.5 + 0.4 * v) / e as f32)
             .collect();
         let grad = logits(t * e, seed ^ 5, 0, 1.0);
-        let pad = |v: &[f32]| {
-            let mut p = v.to_vec();
-            p.push(0.0);
-            p
-        };
-        let dp_ = dev.upload(&pad(&probs)).map_err(s)?;
-        let dtaus = dev.upload(&pad(&taus)).map_err(s)?;
-        let dgrad = dev.upload(&pad(&grad)).map_err(s)?;
-        let p_view = dp_.slice(0..t * e).unwrap();
-        let tau_view = dtaus.slice(0..t).unwrap();
+        // Every buffer exactly its size (empty when T = 0).
+        let p_view = dev.upload(&probs).map_err(s)?;
+        let dtaus = dev.upload(&taus).map_err(s)?;
+        let dgrad = dev.upload(&grad).map_err(s)?;
         let gates = [
             (
                 DeviceGate::TopK {
@@ -700,7 +698,7 @@ mod gpu {
                 c.renormalize,
             ),
             (
-                DeviceGate::ThresholdPerToken(tau_view.slice(..).unwrap()),
+                DeviceGate::ThresholdPerToken(dtaus.view()),
                 cpu::threshold_gate(&probs, t, e, &taus).map_err(s)?,
                 Some(taus.as_slice()),
                 true,
@@ -709,48 +707,26 @@ mod gpu {
         for (gate, want, want_taus, renormalize) in gates {
             let k_max = gate.k_max(e);
             let n = t * k_max;
-            let mut ids = dev.upload(&vec![-7i32; n + 1]).map_err(s)?;
-            let mut w = dev.upload(&vec![f32::NAN; n + 1]).map_err(s)?;
-            gate_probabilities(
-                dev,
-                &p_view,
-                t,
-                e,
-                &gate,
-                &mut ids.slice_mut(0..n).unwrap(),
-                &mut w.slice_mut(0..n).unwrap(),
-            )
-            .map_err(s)?;
+            let mut ids = dev.upload(&vec![-7i32; n]).map_err(s)?;
+            let mut w = dev.upload(&vec![f32::NAN; n]).map_err(s)?;
+            gate_probabilities(dev, &p_view, t, e, &gate, &mut ids, &mut w).map_err(s)?;
             let what = format!("{gate:?} over probabilities (T = {t}, E = {e})");
             let got_ids = dev.download(&ids).map_err(s)?;
             // The same f32 probabilities on both sides: the ids agree exactly, ties included.
-            if got_ids[..n] != *want.ids() {
-                return Err(format!(
-                    "{what}: ids {:?} vs CPU {:?}",
-                    &got_ids[..n],
-                    want.ids()
-                ));
+            if got_ids != *want.ids() {
+                return Err(format!("{what}: ids {:?} vs CPU {:?}", got_ids, want.ids()));
             }
             let got_w = dev.download(&w).map_err(s)?;
             compare(
                 &what,
-                &got_w[..n],
+                &got_w,
                 want.weights(),
                 Tolerance::for_dtype(DType::F32),
             )?;
 
             // Slots → dense and back.
-            let mut dense = dev.upload(&vec![f32::NAN; t * e + 1]).map_err(s)?;
-            slots_to_dense(
-                dev,
-                &ids.slice(0..n).unwrap(),
-                &w.slice(0..n).unwrap(),
-                t,
-                k_max,
-                e,
-                &mut dense.slice_mut(0..t * e).unwrap(),
-            )
-            .map_err(s)?;
+            let mut dense = dev.upload(&vec![f32::NAN; t * e]).map_err(s)?;
+            slots_to_dense(dev, &ids, &w, t, k_max, e, &mut dense).map_err(s)?;
             let mut want_dense = vec![0.0f32; t * e];
             for tok in 0..t {
                 for slot in 0..k_max {
@@ -763,21 +739,12 @@ mod gpu {
             let got_dense = dev.download(&dense).map_err(s)?;
             compare(
                 "slots_to_dense",
-                &got_dense[..t * e],
+                &got_dense,
                 &want_dense,
                 Tolerance::for_dtype(DType::F32),
             )?;
-            let mut dw = dev.upload(&vec![f32::NAN; n + 1]).map_err(s)?;
-            dense_to_slots(
-                dev,
-                &ids.slice(0..n).unwrap(),
-                &dgrad.slice(0..t * e).unwrap(),
-                t,
-                k_max,
-                e,
-                &mut dw.slice_mut(0..n).unwrap(),
-            )
-            .map_err(s)?;
+            let mut dw = dev.upload(&vec![f32::NAN; n]).map_err(s)?;
+            dense_to_slots(dev, &ids, &dgrad, t, k_max, e, &mut dw).map_err(s)?;
             let want_dw: Vec<f32> = (0..n)
                 .map(|i| {
                     let id = want.ids()[i];
@@ -789,12 +756,8 @@ mod gpu {
                 })
                 .collect();
             let got_dw = dev.download(&dw).map_err(s)?;
-            if got_dw[..n] != *want_dw {
-                return Err(format!(
-                    "dense_to_slots: {:?} vs {:?}",
-                    &got_dw[..n],
-                    want_dw
-                ));
+            if got_dw != want_dw {
+                return Err(format!("dense_to_slots: {got_dw:?} vs {want_dw:?}"));
             }
 
             // Backward.
@@ -808,10 +771,9 @@ mod gpu {
                 &want_dw,
             )
             .map_err(s)?;
-            let mut dp = dev.upload(&vec![f32::NAN; t * e + 1]).map_err(s)?;
-            // One element of padding (a device allocation is never empty); the op takes dτ [T].
-            let mut dtau_buf = dev.zeros::<f32>(t + 1).map_err(s)?;
-            let mut dtau = dtau_buf.slice_mut(0..t).map_err(s)?;
+            let mut dp = dev.upload(&vec![f32::NAN; t * e]).map_err(s)?;
+            // The op takes dτ [T] (empty when T = 0).
+            let mut dtau = dev.zeros::<f32>(t).map_err(s)?;
             let threshold = want_taus.is_some();
             gate_probabilities_backward(
                 dev,
@@ -819,16 +781,16 @@ mod gpu {
                 t,
                 e,
                 &gate,
-                &ids.slice(0..n).unwrap(),
-                &dw.slice(0..n).unwrap(),
-                &mut dp.slice_mut(0..t * e).unwrap(),
+                &ids,
+                &dw,
+                &mut dp,
                 threshold.then_some(&mut dtau),
             )
             .map_err(s)?;
             let tol = Tolerance::for_dtype(DType::F32).scaled(4.0);
             compare(
                 &format!("{what}: dp"),
-                &dev.download(&dp).map_err(s)?[..t * e],
+                &dev.download(&dp).map_err(s)?,
                 &want_dp,
                 tol,
             )?;

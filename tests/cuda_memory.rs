@@ -1,12 +1,12 @@
 //! Device memory on both kinds of device: `Buffer` and its views (uploads, downloads, copies, fills,
-//! range-checked slices), the cudarc interop (`as_cuda_slice`, `into_cuda_slice`, `From<CudaSlice>`),
+//! range-checked slices), empty buffers (on a GPU too) going into ops, the cudarc interop (`as_cuda_slice`, `into_cuda_slice`, `From<CudaSlice>`),
 //! and the memory-kind check every op makes: an emulated buffer on a GPU device, or GPU memory on the
 //! emulated device, is an `Error::DeviceMismatch` naming the argument (run where both devices exist).
 
 #[cfg(feature = "cuda")]
 mod memory {
     use molora::cpu::Activation;
-    use molora::cuda::{top_k_gating, Buffer, Device, DeviceRead};
+    use molora::cuda::{router_logits, top_k_gating, Buffer, Device, DeviceRead};
     use molora::testing::test_device;
     use molora::Error;
 
@@ -32,6 +32,7 @@ mod memory {
         assert_eq!(dev.download(&buf.slice(..).unwrap()).unwrap(), host);
         assert_eq!(dev.download(&buf.view()).unwrap(), host);
         assert!(buf.slice(10..).unwrap().is_empty());
+        assert!(dev.download(&buf.slice(4..4).unwrap()).unwrap().is_empty());
 
         // Out-of-range slices are errors carrying the range, never panics.
         assert_eq!(
@@ -146,10 +147,6 @@ mod memory {
                 })
             ));
             assert!(dev.context().is_err() && dev.stream().is_err());
-            // The emulated device allocates zero bytes, which a GPU cannot.
-            let empty = dev.zeros::<f32>(0).unwrap();
-            assert!(empty.is_empty());
-            assert!(dev.download(&empty).unwrap().is_empty());
         } else {
             assert!(buf.as_cuda_slice().is_some());
             let slice = buf.into_cuda_slice().unwrap();
@@ -157,6 +154,102 @@ mod memory {
             assert_eq!(dev.download(&back).unwrap(), [1.0, 2.0]);
             assert!(dev.context().is_ok() && dev.stream().is_ok());
         }
+    }
+
+    /// Empty buffers on both devices (on a GPU, which cannot allocate zero bytes, a placeholder
+    /// element no length or view covers): uploads, zeros, downloads, views, copies and fills of zero
+    /// elements, and ops with T = 0 taking them.
+    #[test]
+    fn empty_buffers_round_trip_and_go_into_ops() {
+        let Some(dev) = test_device("empty_buffers_round_trip_and_go_into_ops") else {
+            return;
+        };
+        let up = dev.upload::<f32>(&[]).unwrap();
+        assert_eq!(up.len(), 0);
+        assert!(up.is_empty() && DeviceRead::is_empty(&up));
+        assert_eq!(up.is_emulated(), dev.is_emulated());
+        assert_eq!(dev.download(&up).unwrap(), Vec::<f32>::new());
+        let debug = format!("{up:?}");
+        assert!(debug.contains("len: 0"), "{debug}");
+        let mut z = dev.zeros::<i32>(0).unwrap();
+        assert!(z.is_empty());
+        assert_eq!(dev.download(&z).unwrap(), Vec::<i32>::new());
+        let mut none: [i32; 0] = [];
+        dev.download_into(&z, &mut none).unwrap();
+
+        // Views of an empty buffer are empty; any non-empty range is out of bounds.
+        assert!(z.view().is_empty());
+        assert!(z.slice(..).unwrap().is_empty());
+        assert!(z.slice(0..0).unwrap().slice(..).unwrap().is_empty());
+        assert!(z.view_mut().is_empty());
+        assert!(z.slice_mut(..).unwrap().is_empty());
+        assert_eq!(
+            z.slice(0..1).err(),
+            Some(Error::OutOfBounds {
+                start: 0,
+                end: 1,
+                len: 0
+            })
+        );
+        assert!(matches!(
+            z.slice_mut(1..),
+            Err(Error::OutOfBounds { start: 1, .. })
+        ));
+        assert_eq!(
+            dev.download(&z.slice(..).unwrap()).unwrap(),
+            Vec::<i32>::new()
+        );
+
+        // Copies and fills of zero elements; lengths are still checked.
+        dev.upload_into(&[], &mut z).unwrap();
+        dev.upload_into(&[], &mut z.slice_mut(..).unwrap()).unwrap();
+        dev.memset_zeros(&mut z).unwrap();
+        let other = dev.upload::<i32>(&[]).unwrap();
+        dev.copy(&other, &mut z).unwrap();
+        let full = dev.upload(&[5i32, 6]).unwrap();
+        dev.copy(&full.slice(1..1).unwrap(), &mut z).unwrap();
+        assert!(matches!(
+            dev.upload_into(&[1], &mut z),
+            Err(Error::LengthMismatch {
+                expected: 1,
+                got: 0,
+                ..
+            })
+        ));
+        assert!(matches!(
+            dev.copy(&full, &mut z),
+            Err(Error::LengthMismatch { .. })
+        ));
+        assert_eq!(dev.download(&full).unwrap(), [5, 6]);
+
+        // Ops with T = 0 take empty buffers of their own (next to non-empty weights).
+        let logits = dev.upload::<f32>(&[]).unwrap();
+        let (mut ids, mut w) = (dev.zeros::<i32>(0).unwrap(), dev.zeros::<f32>(0).unwrap());
+        top_k_gating(
+            &dev,
+            &logits,
+            0,
+            4,
+            Activation::Softmax,
+            1.0,
+            2,
+            true,
+            &mut ids,
+            &mut w,
+        )
+        .unwrap();
+        let x = dev.upload::<f32>(&[]).unwrap();
+        let w_g = dev.upload(&[0.5f32; 4 * 3]).unwrap();
+        let mut out = dev.zeros::<f32>(0).unwrap();
+        router_logits(&dev, &x, 0, 3, &w_g, None, 4, &mut out, None).unwrap();
+        assert!(dev.download(&out).unwrap().is_empty());
+        assert!(dev.download(&ids).unwrap().is_empty());
+        // An empty buffer where the op needs elements is a length error, not a launch.
+        assert!(matches!(
+            router_logits(&dev, &x, 2, 3, &w_g, None, 4, &mut out, None),
+            Err(Error::LengthMismatch { got: 0, .. })
+        ));
+        dev.synchronize().unwrap();
     }
 
     /// Logits `[2, 3]`, ids and weights `[2, 1]` on `dev`.

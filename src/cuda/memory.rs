@@ -308,9 +308,11 @@ impl<T> Buffer<T> {
             inner: match &mut self.inner {
                 // `end <= len <= slice.len()`: within the logical length, so never the placeholder.
                 BufferInner::Gpu { slice, .. } => ViewMutInner::Gpu(
-                    slice
-                        .try_slice_mut(start..end)
-                        .ok_or(Error::OutOfBounds { start, end, len })?,
+                    slice.try_slice_mut(start..end).ok_or(Error::OutOfBounds {
+                        start,
+                        end,
+                        len,
+                    })?,
                 ),
                 #[cfg(feature = "emu")]
                 BufferInner::Emu(a) => ViewMutInner::Emu {
