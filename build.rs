@@ -91,12 +91,7 @@ mod emu {
         let rename_h = out.join("molora_emu_rename.h");
         std::fs::write(&rename_h, rename).expect("write molora_emu_rename.h");
 
-        let mut sources: Vec<PathBuf> = std::fs::read_dir(&cuda_dir)
-            .expect("cuda/ exists")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-            .collect();
-        sources.sort();
+        let sources = super::cuda::cu_sources(&cuda_dir);
         for entry in std::fs::read_dir(cuda_dir.join("emu"))
             .expect("cuda/emu exists")
             .flatten()
@@ -132,15 +127,7 @@ mod emu {
                 .file(source);
             b
         };
-        let mut objects: Vec<PathBuf> = std::thread::scope(|scope| {
-            let jobs: Vec<_> = sources
-                .iter()
-                .map(|s| scope.spawn(move || kernels(s).compile_intermediates()))
-                .collect();
-            jobs.into_iter()
-                .flat_map(|j| j.join().expect("emulated kernel compile panicked"))
-                .collect()
-        });
+        let mut objects = super::cuda::compile_each(&sources, kernels);
         // The instrumentation leaves block copies and fills (struct copies, 16-byte vector loads) as
         // calls of memcpy/memset/memmove: point the kernels' calls at the emulator's checked versions.
         let objcopy = std::env::var_os("OBJCOPY").unwrap_or_else(|| "objcopy".into());
@@ -275,6 +262,34 @@ mod cuda {
         flags
     }
 
+    /// The `.cu` files of `dir`, sorted.
+    pub fn cu_sources(dir: &Path) -> Vec<PathBuf> {
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("cuda/ exists")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+            .collect();
+        sources.sort();
+        sources
+    }
+
+    /// Each source compiled by its own `cc::Build` (from `build_for`), in parallel; the objects.
+    pub fn compile_each(
+        sources: &[PathBuf],
+        build_for: impl Fn(&Path) -> cc::Build + Sync,
+    ) -> Vec<PathBuf> {
+        let build_for = &build_for;
+        std::thread::scope(|scope| {
+            let jobs: Vec<_> = sources
+                .iter()
+                .map(|s| scope.spawn(move || build_for(s).compile_intermediates()))
+                .collect();
+            jobs.into_iter()
+                .flat_map(|j| j.join().expect("a kernel compile job panicked"))
+                .collect()
+        })
+    }
+
     /// The toolkit `build` uses (for the emulated build's CUDA headers).
     #[cfg_attr(not(feature = "emu"), allow(dead_code))]
     pub fn cuda_home() -> PathBuf {
@@ -314,12 +329,7 @@ mod cuda {
             );
         };
 
-        let mut sources: Vec<PathBuf> = std::fs::read_dir(&cuda_dir)
-            .expect("cuda/ exists")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-            .collect();
-        sources.sort();
+        let sources = cu_sources(&cuda_dir);
         for entry in std::fs::read_dir(&cuda_dir)
             .expect("cuda/ exists")
             .flatten()
@@ -371,15 +381,7 @@ mod cuda {
             b
         };
         // nvcc per file, in parallel; then one archive.
-        let objects: Vec<PathBuf> = std::thread::scope(|scope| {
-            let jobs: Vec<_> = sources
-                .iter()
-                .map(|s| scope.spawn(move || build_for(s).compile_intermediates()))
-                .collect();
-            jobs.into_iter()
-                .flat_map(|j| j.join().expect("nvcc job panicked"))
-                .collect()
-        });
+        let objects = compile_each(&sources, build_for);
         cc::Build::new().objects(&objects).compile("molora_kernels");
 
         let mut searched: Vec<PathBuf> = Vec::new();
