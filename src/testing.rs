@@ -167,7 +167,8 @@ pub fn cases(n: u32) -> u32 {
 /// skip shows in every run's log (scripts count the lines starting with `skipping `).
 fn skip(test: &str, why: &str) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipping {test}: {why}");
+    // One write of the whole line, so that it is not split by the harness's own output.
+    let _ = std::io::stderr().write_all(format!("skipping {test}: {why}\n").as_bytes());
 }
 
 /// Whether `MOLORA_REQUIRE_GPU=1`: a GPU run, which must not pass by skipping or by emulating.
