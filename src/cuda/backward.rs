@@ -34,7 +34,27 @@ pub struct DeviceLoraGrads {
     u: Buffer<f32>,
 }
 
+/// Device addresses of a [`DeviceLoraGrads`]' buffers, bound to one launch.
+struct GradPtrs {
+    u: *mut f32,
+    da: *mut f32,
+    db: *mut f32,
+    dx: *mut f32,
+    dw: *mut f32,
+}
+
 impl DeviceLoraGrads {
+    /// Binds the workspace and the four gradient buffers to a launch that writes them.
+    fn bind<'a>(&'a mut self, l: &mut Launch<'a>) -> Result<GradPtrs> {
+        Ok(GradPtrs {
+            u: l.output_any("gradient workspace u", &mut self.u)?,
+            da: l.output_any("dA buffer", &mut self.da)?,
+            db: l.output_any("dB buffer", &mut self.db)?,
+            dx: l.output_any("dx buffer", &mut self.dx)?,
+            dw: l.output_any("dw buffer", &mut self.dw)?,
+        })
+    }
+
     pub fn new(dev: &Device, num_tokens: usize, k_max: usize, shape: &LoraShape) -> Result<Self> {
         let slots = checked_i32("num_tokens * k_max", num_tokens, k_max)?;
         Ok(DeviceLoraGrads {
@@ -189,11 +209,7 @@ pub fn lora_backward_experts<T: CudaElement>(
     let dy = l.input("dy [T, d_out]", dy, t * shape.d_out)?;
     let (expert_offsets, sorted_slots) = plan.bind_sorted(&mut l)?;
     let slot_to_sorted = plan.bind_inverse(&mut l)?;
-    let u = l.output_any("gradient workspace u", &mut grads.u)?;
-    let da = l.output_any("dA buffer", &mut grads.da)?;
-    let db = l.output_any("dB buffer", &mut grads.db)?;
-    let dx = l.output_any("dx buffer", &mut grads.dx)?;
-    let dw = l.output_any("dw buffer", &mut grads.dw)?;
+    let GradPtrs { u, da, db, dx, dw } = grads.bind(&mut l)?;
     let args = ffi::molora_lora_backward_args {
         x: x.cast(),
         a: a.cast(),
@@ -272,11 +288,7 @@ pub fn lora_backward_dense_gated<T: CudaElement>(
     let weights = l.input("routing weights [T, k_max]", weights, t * k_max)?;
     let dy = l.input("dy [T, d_out]", dy, t * shape.d_out)?;
     let h = l.input_any("dense-gated workspace h", &ws.h)?;
-    let u = l.output_any("gradient workspace u", &mut grads.u)?;
-    let da = l.output_any("dA buffer", &mut grads.da)?;
-    let db = l.output_any("dB buffer", &mut grads.db)?;
-    let dx = l.output_any("dx buffer", &mut grads.dx)?;
-    let dw = l.output_any("dw buffer", &mut grads.dw)?;
+    let GradPtrs { u, da, db, dx, dw } = grads.bind(&mut l)?;
     let args = ffi::molora_lora_backward_dense_args {
         x: x.cast(),
         a: a.cast(),
@@ -472,9 +484,7 @@ fn gating_backward_impl(
         crate::cpu::gating::check_k(*k, num_experts)?;
     }
     if let Some((g, combine)) = &hierarchy {
-        crate::cpu::gating::check_combine(*combine)?;
-        check_len("global posterior experts", num_experts, g.num_experts)?;
-        check_len("global posterior segment rows", num_tokens, g.num_rows)?;
+        g.check_for(*combine, num_tokens, num_experts)?;
     }
     let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
     let mut l = Launch::new(dev, OP);
@@ -499,11 +509,7 @@ fn gating_backward_impl(
         None => (std::ptr::null_mut(), std::ptr::null_mut(), false),
     };
     let global = match &hierarchy {
-        Some((g, _)) => Some((
-            l.input_any("global posterior offsets", &g.offsets)?,
-            l.input_any("global posterior probabilities", &g.probs)?,
-            g.num_seqs,
-        )),
+        Some((g, _)) => Some(g.bind(&mut l)?),
         None => None,
     };
     if num_tokens == 0 && !has_dlambda {

@@ -46,6 +46,32 @@ impl DeviceSeqRouting {
             probs: dev.upload(r.probs())?,
         })
     }
+
+    /// The checks of a hierarchical gate over `num_tokens` rows of `num_experts` experts: the
+    /// combination is known, and the posterior covers exactly those rows and experts.
+    pub(crate) fn check_for(
+        &self,
+        combine: HierarchicalCombine,
+        num_tokens: usize,
+        num_experts: usize,
+    ) -> Result<()> {
+        check_combine(combine)?;
+        check_len("global posterior experts", num_experts, self.num_experts)?;
+        check_len("global posterior segment rows", num_tokens, self.num_rows)
+    }
+
+    /// Device addresses of the offsets `[S + 1]` and probabilities `[S, E]`, for a launch that reads
+    /// them, and the number of sequences `S`.
+    pub(crate) fn bind<'a>(
+        &'a self,
+        l: &mut Launch<'a>,
+    ) -> Result<(*const i32, *const f32, usize)> {
+        Ok((
+            l.input_any("global posterior offsets", &self.offsets)?,
+            l.input_any("global posterior probabilities", &self.probs)?,
+            self.num_seqs,
+        ))
+    }
 }
 
 /// The gate of [`gating`], with the threshold in the form the kernel takes.
@@ -206,9 +232,7 @@ fn gating_impl(
         DeviceGate::Dense => {}
     }
     if let Some((g, combine)) = &hierarchy {
-        check_combine(*combine)?;
-        check_len("global posterior experts", num_experts, g.num_experts)?;
-        check_len("global posterior segment rows", num_tokens, g.num_rows)?;
+        g.check_for(*combine, num_tokens, num_experts)?;
     }
     let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
     let n_slots = num_tokens * k_max;
@@ -217,11 +241,7 @@ fn gating_impl(
     let ids = l.output("ids [T, k_max]", ids, n_slots)?;
     let weights = l.output("weights [T, k_max]", weights, n_slots)?;
     let global = match &hierarchy {
-        Some((g, _)) => Some((
-            l.input_any("global posterior offsets", &g.offsets)?,
-            l.input_any("global posterior probabilities", &g.probs)?,
-            g.num_seqs,
-        )),
+        Some((g, _)) => Some(g.bind(&mut l)?),
         None => None,
     };
     let taus = match gate {
