@@ -354,26 +354,19 @@ inline unsigned __brev(unsigned v) {
     for (int i = 0; i < 32; ++i) r |= ((v >> i) & 1u) << (31 - i);
     return r;
 }
-inline float __int_as_float(int v) {
-    float f;
-    std::memcpy(&f, &v, 4);
-    return f;
+namespace emu {
+template <typename To, typename From>
+inline To bits_as(From v) {
+    static_assert(sizeof(To) == sizeof(From), "a reinterpretation keeps the size");
+    To t;
+    std::memcpy(&t, &v, sizeof(To));
+    return t;
 }
-inline int __float_as_int(float f) {
-    int v;
-    std::memcpy(&v, &f, 4);
-    return v;
-}
-inline float __uint_as_float(unsigned v) {
-    float f;
-    std::memcpy(&f, &v, 4);
-    return f;
-}
-inline unsigned __float_as_uint(float f) {
-    unsigned v;
-    std::memcpy(&v, &f, 4);
-    return v;
-}
+}  // namespace emu
+inline float __int_as_float(int v) { return emu::bits_as<float>(v); }
+inline int __float_as_int(float f) { return emu::bits_as<int>(f); }
+inline float __uint_as_float(unsigned v) { return emu::bits_as<float>(v); }
+inline unsigned __float_as_uint(float f) { return emu::bits_as<unsigned>(f); }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __powf(float x, float y) { return powf(x, y); }
@@ -551,12 +544,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, TC> &d, const fragment<matrix_a,
 namespace emu {
 
 inline float half_bits_to_f32(uint16_t bits, bool bf16) {
-    if (bf16) {
-        const uint32_t u = static_cast<uint32_t>(bits) << 16;
-        float f;
-        std::memcpy(&f, &u, 4);
-        return f;
-    }
+    if (bf16) return bits_as<float>(static_cast<uint32_t>(bits) << 16);
     __half_raw raw;
     raw.x = bits;
     return __half2float(__half(raw));

@@ -134,10 +134,6 @@ constexpr size_t kRedzone = 256;
 struct Alloc {
     size_t bytes;
     bool live;
-    bool shared;
-    const char *name;  // shared arrays: the declared name
-    const char *file;
-    int line;
 };
 
 struct Arena {
@@ -145,7 +141,7 @@ struct Arena {
     uint8_t *shadow = nullptr;
     size_t next = 0;
     std::mutex mu;
-    std::map<uintptr_t, Alloc> allocs;  // start address -> allocation (device buffers and shared windows)
+    std::map<uintptr_t, Alloc> allocs;  // start address -> device buffer (freed ones stay, for reports)
     bool init() {
         if (base) return true;
         void *b = mmap(nullptr, kArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -201,8 +197,6 @@ std::string describe(uintptr_t a) {
     auto it = ar.allocs.upper_bound(a);
     std::string s;
     auto name = [](uintptr_t start, const Alloc &al) {
-        if (al.shared)
-            return format("shared array '%s' (%zu bytes, declared at %s:%d)", al.name, al.bytes, al.file, al.line);
         return format("%s%zu-byte device buffer at 0x%lx", al.live ? "" : "freed ", al.bytes, static_cast<unsigned long>(start));
     };
     if (it != ar.allocs.begin()) {
@@ -294,7 +288,6 @@ struct Context {
     ucontext_t uc;
 };
 inline void switch_to(Context &from, Context &to) { swapcontext(&from.uc, &to.uc); }
-void (*g_entry)(void *) = nullptr;
 void uc_trampoline(unsigned hi, unsigned lo, unsigned ehi, unsigned elo) {
     void *arg = reinterpret_cast<void *>((static_cast<uintptr_t>(hi) << 32) | lo);
     auto entry = reinterpret_cast<void (*)(void *)>((static_cast<uintptr_t>(ehi) << 32) | elo);
@@ -423,12 +416,9 @@ struct Worker {
     char *dynamic = nullptr;
     // launch
     const char *kernel = nullptr;
-    const void *func = nullptr;
-    size_t dynamic_bytes = 0;
     Body body = nullptr;
     void *params = nullptr;
     bool failed = false;
-    int fail_code = 0;
     Thread *cur = nullptr;
     int as_lane = -1;
     bool in_launch = false;
@@ -438,10 +428,8 @@ Worker &worker() {
     return w;
 }
 
-std::string thread_name(const Worker &w, const Thread &t) {
-    return format("thread (%u,%u,%u) of block (%u,%u,%u)", t.coords.thread.x, t.coords.thread.y, t.coords.thread.z,
-                  t.coords.block.x, t.coords.block.y, t.coords.block.z);
-    (void)w;
+std::string name_of(const Thread &t) {
+    return format("thread (%u,%u,%u)", t.coords.thread.x, t.coords.thread.y, t.coords.thread.z);
 }
 
 [[noreturn]] void abort_thread() {
@@ -458,9 +446,10 @@ void finding(int code, const char *check, const std::string &msg, bool stop) {
         return;
     }
     if (!w.failed) {
-        std::string who = w.cur ? " by " + thread_name(w, *w.cur) : "";
+        std::string who = w.cur ? format(" by %s of block (%u,%u,%u)", name_of(*w.cur).c_str(), w.cur->coords.block.x,
+                                         w.cur->coords.block.y, w.cur->coords.block.z)
+                                : "";
         set_error(code, format("molora emulator: %s: kernel %s: %s%s", check, w.kernel, msg.c_str(), who.c_str()));
-        w.fail_code = code;
         tl_fault = true;
     }
     w.failed = true;
@@ -501,10 +490,6 @@ std::string describe_wait(const Thread &t) {
         case State::Ready: return "is ready";
     }
     return "";
-}
-
-std::string name_of(const Thread &t) {
-    return format("thread (%u,%u,%u)", t.coords.thread.x, t.coords.thread.y, t.coords.thread.z);
 }
 
 // Nothing can run but not every thread has exited: say why.
@@ -714,8 +699,6 @@ inline void hook(const void *p, size_t n, bool write, const void *pc) {
     check_access(a, n, write, pc);
 }
 
-// A range the runtime itself reads or writes on a thread's behalf (atomics, cp.async).
-void runtime_access(const void *p, size_t n, bool write, const void *pc) { hook(p, n, write, pc); }
 
 }  // namespace
 
@@ -769,12 +752,9 @@ void run_kernel(const char *name, const void *func, dim3 grid, dim3 block, size_
     }
     tl_report.clear();
     w.kernel = name;
-    w.func = func;
-    w.dynamic_bytes = dynamic_smem;
     w.body = body;
     w.params = params;
     w.failed = false;
-    w.fail_code = 0;
     w.in_launch = true;
     w.nthreads = static_cast<unsigned>(threads);
     while (w.stacks.size() < threads) w.stacks.push_back(std::make_unique<Stack>());
@@ -1009,10 +989,10 @@ void cp_async_wait(int pending) {
         const AsyncCopy &c = t->copies[i];
         char buf[16] = {0};
         if (c.src_bytes > 0) {
-            runtime_access(c.src, static_cast<size_t>(c.src_bytes), false, nullptr);
+            hook(c.src, static_cast<size_t>(c.src_bytes), false, nullptr);
             std::memcpy(buf, c.src, static_cast<size_t>(c.src_bytes));
         }
-        runtime_access(c.dst, static_cast<size_t>(c.bytes), true, nullptr);
+        hook(c.dst, static_cast<size_t>(c.bytes), true, nullptr);
         std::memcpy(c.dst, buf, static_cast<size_t>(c.bytes));
     }
     t->copies.erase(t->copies.begin(), t->copies.begin() + static_cast<long>(end));
@@ -1022,7 +1002,7 @@ void cp_async_wait(int pending) {
 
 #define EMU_RMW(NAME, T, EXPR)                                            \
     T NAME(T *p, T v) {                                                   \
-        runtime_access(p, sizeof(T), false, __builtin_return_address(0)); \
+        hook(p, sizeof(T), false, __builtin_return_address(0)); \
         const T old = *p;                                                 \
         *p = (EXPR);                                                      \
         std::memset(shadow_of(reinterpret_cast<uintptr_t>(p)), kWritten, in_arena(reinterpret_cast<uintptr_t>(p)) ? sizeof(T) : 0); \
@@ -1040,13 +1020,13 @@ EMU_RMW(atomic_exch_u32, unsigned, v)
 EMU_RMW(atomic_exch_f32, float, v)
 #undef EMU_RMW
 int atomic_cas_i32(int *p, int compare, int v) {
-    runtime_access(p, 4, false, __builtin_return_address(0));
+    hook(p, 4, false, __builtin_return_address(0));
     const int old = *p;
     if (old == compare) *p = v;
     return old;
 }
 unsigned atomic_cas_u32(unsigned *p, unsigned compare, unsigned v) {
-    runtime_access(p, 4, false, __builtin_return_address(0));
+    hook(p, 4, false, __builtin_return_address(0));
     const unsigned old = *p;
     if (old == compare) *p = v;
     return old;
@@ -1066,7 +1046,7 @@ bool find_live(const void *p, size_t n, const char *what, uintptr_t *start_out) 
     if (it != g_arena.allocs.begin()) {
         auto prev = std::prev(it);
         const Alloc &al = prev->second;
-        if (al.live && !al.shared && a >= prev->first && a + n <= prev->first + al.bytes && a + n >= a) {
+        if (al.live && a >= prev->first && a + n <= prev->first + al.bytes && a + n >= a) {
             if (start_out) *start_out = prev->first;
             return true;
         }
@@ -1092,7 +1072,7 @@ int molora_emu_malloc(void **ptr, size_t bytes) {
     char *p = ar.carve(bytes, 256);
     if (!p) return set_report(kErrMemoryAllocation, format("molora emulator: the arena cannot hold %zu more bytes", bytes));
     std::memset(shadow_of(reinterpret_cast<uintptr_t>(p)), kUnwritten, bytes);
-    ar.allocs[reinterpret_cast<uintptr_t>(p)] = Alloc{bytes, true, false, nullptr, nullptr, 0};
+    ar.allocs[reinterpret_cast<uintptr_t>(p)] = Alloc{bytes, true};
     *ptr = p;
     return 0;
 }
@@ -1102,7 +1082,7 @@ int molora_emu_free(void *ptr) {
     Arena &ar = arena();
     std::lock_guard<std::mutex> lock(ar.mu);
     auto it = ar.allocs.find(reinterpret_cast<uintptr_t>(ptr));
-    if (it == ar.allocs.end() || !it->second.live || it->second.shared)
+    if (it == ar.allocs.end() || !it->second.live)
         return set_report(kErrInvalidValue, format("molora emulator: free of %p, which is not a live device buffer", ptr));
     it->second.live = false;
     std::memset(shadow_of(it->first), kNoAccess, it->second.bytes);
