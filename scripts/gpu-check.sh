@@ -23,44 +23,38 @@ fail=0
 summary=()
 note() { summary+=("$*"); echo "$*"; }
 
+# check LABEL LOG COMMAND...: runs the command with its output in $out/LOG, notes ok/FAIL.
+check() {
+  local label=$1 log=$2; shift 2
+  if "$@" >"$out/$log" 2>&1; then
+    note "$label ok   ${log%.log}: $(grep '^test result:' "$out/$log" | tail -1)"
+  else
+    fail=1; note "$label FAIL ${log%.log} (log: $log)"; tail -30 "$out/$log"
+  fi
+}
+
 cuda_tests=$(ls .gpu/bin/test-cuda_* .gpu/bin/test-emu_selftest 2>/dev/null)
 
 echo "== 1. tests on the GPU (MOLORA_REQUIRE_GPU=1)"
 for t in $cuda_tests; do
-  if MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu "$t" --test-threads=1 >"$out/$(basename "$t").log" 2>&1; then
-    note "gpu  ok   $(basename "$t"): $(grep '^test result:' "$out/$(basename "$t").log" | tail -1)"
-  else
-    fail=1; note "gpu  FAIL $(basename "$t") (log: $(basename "$t").log)"; tail -30 "$out/$(basename "$t").log"
-  fi
+  check gpu "$(basename "$t").log" env MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu "$t" --test-threads=1
 done
 
 echo "== 2. the same suite on the emulated device"
 for t in $cuda_tests; do
-  if MOLORA_DEVICE=emu MOLORA_TEST_CASES=3 "$t" --test-threads=2 >"$out/emu-$(basename "$t").log" 2>&1; then
-    note "emu  ok   $(basename "$t"): $(grep '^test result:' "$out/emu-$(basename "$t").log" | tail -1)"
-  else
-    fail=1; note "emu  FAIL $(basename "$t")"; tail -30 "$out/emu-$(basename "$t").log"
-  fi
+  check emu "emu-$(basename "$t").log" env MOLORA_DEVICE=emu "$t" --test-threads=2
 done
 
-echo "== 3. compute-sanitizer (MOLORA_TEST_CASES=2)"
+echo "== 3. compute-sanitizer (MOLORA_TEST_CASES=2, racecheck 1)"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   for t in $(ls .gpu/bin/test-cuda_* | grep -v cuda_graph); do
-    if MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu MOLORA_TEST_CASES=2 compute-sanitizer --tool memcheck --error-exitcode 99 \
-        "$t" --test-threads=1 >"$out/memcheck-$(basename "$t").log" 2>&1; then
-      note "memcheck  ok   $(basename "$t")"
-    else
-      fail=1; note "memcheck  FAIL $(basename "$t")"; tail -30 "$out/memcheck-$(basename "$t").log"
-    fi
+    check memcheck "memcheck-$(basename "$t").log" env MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu MOLORA_TEST_CASES=2 \
+      compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1
   done
   for t in .gpu/bin/test-cuda_lora .gpu/bin/test-cuda_backward; do
     [ -x "$t" ] || continue
-    if MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu MOLORA_TEST_CASES=1 compute-sanitizer --tool racecheck --error-exitcode 99 \
-        "$t" --test-threads=1 >"$out/racecheck-$(basename "$t").log" 2>&1; then
-      note "racecheck ok   $(basename "$t")"
-    else
-      fail=1; note "racecheck FAIL $(basename "$t")"; tail -30 "$out/racecheck-$(basename "$t").log"
-    fi
+    check racecheck "racecheck-$(basename "$t").log" env MOLORA_REQUIRE_GPU=1 MOLORA_DEVICE=gpu MOLORA_TEST_CASES=1 \
+      compute-sanitizer --tool racecheck --error-exitcode 99 "$t" --test-threads=1
   done
 else
   note "compute-sanitizer not found: sanitizer runs skipped"
