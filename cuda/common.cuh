@@ -12,6 +12,8 @@
 #endif
 #include <stdint.h>
 
+#include <atomic>
+
 #include "molora.h"
 
 // Shared memory. One declaration for nvcc and the emulated device, which allocates every array of a
@@ -33,14 +35,94 @@
 
 namespace molora {
 
-// Launches kernel K: `K<<<grid, block, smem, stream>>>(args...)` on nvcc, the emulator's launch on the
-// emulated device. Errors are read afterwards with last_launch_error(), as with <<<>>>.
+// The error of the last molora::launch on this host thread (0 = enqueued). Kept here rather than read
+// back with cudaGetLastError, which also returns an earlier asynchronous error of another op.
+inline thread_local int tl_launch_error = 0;
+
+// Launches kernel K: cudaLaunchKernelEx on nvcc (which returns the launch's own error), the emulator's
+// launch on the emulated device. Its error is read with last_launch_error(). With `pdl` (sm_90) the
+// launch may start before its predecessor on the stream has finished: K must call pdl_wait()
+// (cuda/tc.cuh) before it reads anything the predecessor writes.
 template <auto K, typename... A>
-inline void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A... args) {
+inline int launch_ex(bool pdl, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A... args) {
 #ifdef MOLORA_EMU
+    (void)pdl;
     ::emu::launch<K>(grid, block, smem, stream, args...);
+    tl_launch_error = static_cast<int>(cudaGetLastError());
 #else
-    K<<<grid, block, smem, stream>>>(args...);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    if (pdl) {
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    tl_launch_error = static_cast<int>(cudaLaunchKernelEx(&cfg, K, args...));
+#endif
+    return tl_launch_error;
+}
+template <auto K, typename... A>
+inline int launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A... args) {
+    return launch_ex<K>(false, grid, block, smem, stream, args...);
+}
+
+// Launch epilogue: the error of the last launch on this thread (a configuration error, an exhausted
+// resource), not an earlier asynchronous error of another op.
+inline int last_launch_error() {
+    const int e = tl_launch_error;
+    tl_launch_error = 0;
+    return e;
+}
+
+// The device's shared-memory limit per block with the opt-in (99 KiB on sm_86/89, 227 KiB on sm_90),
+// read once per device; 0 when it cannot be read. Launchers choose a variant that fits by it.
+inline int max_block_smem() {
+#ifdef MOLORA_EMU
+    int v = 0;
+    return cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0) == cudaSuccess ? v : 0;
+#else
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> cache[kMaxDevices] = {};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 0;
+    if (dev >= kMaxDevices) {
+        int v = 0;
+        return cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess ? v : 0;
+    }
+    int v = cache[dev].load(std::memory_order_relaxed);
+    if (v == 0 && cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess)
+        cache[dev].store(v, std::memory_order_relaxed);
+    return v;
+#endif
+}
+
+// Lets kernel K use `bytes` of dynamic shared memory: cudaFuncSetAttribute once per device and kernel
+// (again only for a larger size), not on every launch. Returns the CUDA error.
+template <auto K>
+inline int allow_dynamic_smem(int bytes) {
+    if (bytes <= 0) return 0;
+#ifdef MOLORA_EMU
+    // The emulated architecture can change between launches (molora_emu_set_arch): no cache.
+    return static_cast<int>(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+#else
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> granted[kMaxDevices] = {};
+    int dev = 0;
+    const cudaError_t ge = cudaGetDevice(&dev);
+    if (ge != cudaSuccess) return static_cast<int>(ge);
+    if (dev >= 0 && dev < kMaxDevices && granted[dev].load(std::memory_order_relaxed) >= bytes) return 0;
+    const cudaError_t err = cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) {
+        int cur = granted[dev].load(std::memory_order_relaxed);
+        while (cur < bytes && !granted[dev].compare_exchange_weak(cur, bytes, std::memory_order_relaxed)) {
+        }
+    }
+    return static_cast<int>(err);
 #endif
 }
 
@@ -96,8 +178,5 @@ template <> inline int shrink_typed<__half>(const molora_lora_shrink_args *a, mo
 template <> inline int shrink_typed<__nv_bfloat16>(const molora_lora_shrink_args *a, molora_stream_t s) {
     return molora_lora_shrink_bf16(a, s);
 }
-
-// Launch epilogue: the error of the launch just enqueued (configuration errors show up here).
-inline int last_launch_error() { return static_cast<int>(cudaGetLastError()); }
 
 }  // namespace molora

@@ -702,15 +702,23 @@ inline bool shrink_prefers_rows(int max_rows, bool k16) { return !k16 || max_row
 template <typename T, int kBN, bool kBT>
 int launch_shrink_tcs(const molora_lora_shrink_args &a, cudaStream_t s) {
     const int smem = tc_smem_bytes<kBN, kBT>(static_cast<int>(sizeof(T)));
-    // Past 40 KiB of dynamic shared memory (48 KiB with the static part) the kernel must opt in.
-    if (smem > 40 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(lora_shrink_tcs_kernel<T, kBN, kBT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        if (err != cudaSuccess) return static_cast<int>(err);
-    }
+    const int err = allow_dynamic_smem<lora_shrink_tcs_kernel<T, kBN, kBT>>(smem);
+    if (err) return err;
     const dim3 grid((a.max_rows + kTcRows - 1) / kTcRows, (a.rank + kBN - 1) / kBN);
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
     launch<lora_shrink_tcs_kernel<T, kBN, kBT>>(grid, kTcThreads, smem, s, a);
     return last_launch_error();
+}
+
+// The pipelined tensor-core shrink with the widest column tile that the rank needs and the device's
+// shared memory holds: 64 columns take 107 KiB, more than the 99 KiB of sm_86/89, which then run
+// 32-column tiles (90 to 96 KiB) over twice as many blocks.
+template <typename T, bool kBT>
+int launch_shrink_tcs_fit(const molora_lora_shrink_args &a, cudaStream_t s) {
+    if (a.rank <= 16) return launch_shrink_tcs<T, 16, kBT>(a, s);
+    const int limit = max_block_smem();
+    if (a.rank <= 32 || tc_smem_bytes<64, kBT>(static_cast<int>(sizeof(T))) > limit) return launch_shrink_tcs<T, 32, kBT>(a, s);
+    return launch_shrink_tcs<T, 64, kBT>(a, s);
 }
 
 template <typename T>
@@ -730,11 +738,7 @@ int launch_shrink(const molora_lora_shrink_args *args, molora_stream_t stream) {
             return static_cast<int>(cudaErrorInvalidValue);
         if (a.max_rows == 0) return 0;
         cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-        if constexpr (k16) {
-            if (a.rank <= 16) return launch_shrink_tcs<T, 16, true>(a, st);
-            if (a.rank <= 32) return launch_shrink_tcs<T, 32, true>(a, st);
-            return launch_shrink_tcs<T, 64, true>(a, st);
-        }
+        if constexpr (k16) return launch_shrink_tcs_fit<T, true>(a, st);
         return static_cast<int>(cudaErrorInvalidValue);
     }
     int path = a.path;
@@ -756,11 +760,7 @@ int launch_shrink(const molora_lora_shrink_args *args, molora_stream_t stream) {
     } else if (path == MOLORA_LORA_PATH_TENSOR) {
         if constexpr (k16) {
             // The pipelined kernel needs 16-byte copies; other shapes take the one-stage kernel.
-            if (aligned) {
-                if (a.rank <= 16) return launch_shrink_tcs<T, 16, false>(a, s);
-                if (a.rank <= 32) return launch_shrink_tcs<T, 32, false>(a, s);
-                return launch_shrink_tcs<T, 64, false>(a, s);
-            }
+            if (aligned) return launch_shrink_tcs_fit<T, false>(a, s);
             launch<lora_shrink_tc_kernel<T>>(blocks, kShrinkThreads, 0, s, a);
         }
     } else if (path == MOLORA_LORA_PATH_VECTOR) {
@@ -783,12 +783,13 @@ inline int expand_tokens_per_block(int num_tokens, int col_tiles) {
     return static_cast<int>(tpb);
 }
 
-template <typename T> bool staged_fits(const molora_lora_expand_args &a) {
-    return staged_b_bytes(static_cast<int64_t>(a.num_weights) * a.rank, sizeof(T)) <= kStMaxBBytes;
-}
-
-template <typename T, int kRank>
-int launch_expand_staged(const molora_lora_expand_args &a, cudaStream_t s) {
+// The staged expand's sub-chunk of tokens, whether it stages h, and its shared memory in bytes.
+struct StagedPlan {
+    int sub;
+    int stage_h;
+    int64_t smem;
+};
+template <typename T> StagedPlan staged_plan(const molora_lora_expand_args &a) {
     const int k_eff = a.ids ? a.k_max : 1;
     int sub = k_eff >= kStSlots ? 1 : min(32, kStSlots / k_eff);
     int stage_h = static_cast<int64_t>(sub) * k_eff * a.rank <= kStHFloats;
@@ -796,20 +797,30 @@ int launch_expand_staged(const molora_lora_expand_args &a, cudaStream_t s) {
         sub = kStHFloats / (k_eff * a.rank);
         stage_h = 1;
     }
-    const int64_t smem64 = staged_b_bytes(static_cast<int64_t>(a.num_weights) * a.rank, sizeof(T)) +
-                           static_cast<int64_t>(sub) * k_eff * (8 + 4 + 4) +
-                           (stage_h ? static_cast<int64_t>(sub) * k_eff * a.rank * 4 : 0);
-    if (smem64 > 160 * 1024) return static_cast<int>(cudaErrorInvalidValue);
-    const int smem = static_cast<int>(smem64);
-    if (smem > 40 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(lora_expand_staged_kernel<T, kRank>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        if (err != cudaSuccess) return static_cast<int>(err);
-    }
+    const int64_t smem = staged_b_bytes(static_cast<int64_t>(a.num_weights) * a.rank, sizeof(T)) +
+                         static_cast<int64_t>(sub) * k_eff * (8 + 4 + 4) +
+                         (stage_h ? static_cast<int64_t>(sub) * k_eff * a.rank * 4 : 0);
+    return {sub, stage_h, smem};
+}
+
+// B's columns fit the staged expand's shared memory, and the whole plan fits the device's.
+template <typename T> bool staged_fits(const molora_lora_expand_args &a) {
+    return staged_b_bytes(static_cast<int64_t>(a.num_weights) * a.rank, sizeof(T)) <= kStMaxBBytes &&
+           staged_plan<T>(a).smem <= max_block_smem();
+}
+
+template <typename T, int kRank>
+int launch_expand_staged(const molora_lora_expand_args &a, cudaStream_t s) {
+    const StagedPlan plan = staged_plan<T>(a);
+    if (plan.smem > max_block_smem()) return static_cast<int>(cudaErrorInvalidValue);
+    const int smem = static_cast<int>(plan.smem);
+    const int err = allow_dynamic_smem<lora_expand_staged_kernel<T, kRank>>(smem);
+    if (err) return err;
     const int col_tiles = (a.d_out + kStCols - 1) / kStCols;
     const int tpb = expand_tokens_per_block(a.num_tokens, col_tiles);
     const dim3 grid(col_tiles, (a.num_tokens + tpb - 1) / tpb);
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
-    launch<lora_expand_staged_kernel<T, kRank>>(grid, kStThreads, smem, s, a, tpb, sub, stage_h);
+    launch<lora_expand_staged_kernel<T, kRank>>(grid, kStThreads, smem, s, a, tpb, plan.sub, plan.stage_h);
     return last_launch_error();
 }
 

@@ -8,9 +8,10 @@ mod gpu {
     use molora::cuda::cudarc::driver::DeviceRepr;
     use molora::cuda::{
         dispatch, expand_experts, expand_experts_on, expand_segments, expand_segments_on,
-        lora_dense_gated, mix_experts, shrink_experts, shrink_experts_on, shrink_segments,
-        shrink_segments_on, staged_expand_max_columns, Buffer, CudaElement, DenseGatedWorkspace,
-        Device, DevicePlan, DeviceSegments, KernelPath, DENSE_GATED_MAX_COLUMNS,
+        lora_dense_gated, lora_dense_gated_on, mix_experts, shrink_experts, shrink_experts_on,
+        shrink_segments, shrink_segments_on, staged_expand_max_columns, Buffer, CudaElement,
+        DenseGatedWorkspace, Device, DevicePlan, DeviceSegments, KernelPath,
+        DENSE_GATED_MAX_COLUMNS,
     };
     use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
@@ -435,6 +436,201 @@ mod gpu {
                 }
             }
         }
+    }
+
+    /// The tensor-core dense-gated kernels (K1 shrink with the gate in its epilogue, split over
+    /// `d_in` `splits` ways; K2 expand on mma) against the CPU: `h` (f32, ungated) and `y`; two runs
+    /// on one workspace give the same bits (the split-K tickets reset themselves); tokens with only
+    /// empty slots keep their row bit for bit.
+    fn dense_gated_tc_case<T: CudaElement>(
+        dev: &Device,
+        c: &Case,
+        splits: usize,
+    ) -> Result<(), String> {
+        let mut rng = Rng::new(c.seed ^ 0x7c);
+        let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).map_err(|e| e.to_string())?;
+        let x: Vec<T> = rng.values(c.t * c.d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.3);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.3);
+        let y0: Vec<T> = rng.values(c.t * c.d_out, 1.0);
+        let r = routing(c, &mut rng);
+        let scale = 0.9f32;
+        let plan = cpu::dispatch(&r).map_err(|e| e.to_string())?;
+        let h_sorted = cpu::shrink_experts(&x, &a, &shape, &plan).map_err(|e| e.to_string())?;
+        let mut y_want = y0.clone();
+        cpu::expand_experts(&h_sorted, &b, &shape, &plan, &r, scale, &mut y_want)
+            .map_err(|e| e.to_string())?;
+        // Every expert's shrink of every token: h[t, e·r + j] = Σ_i x[t, i]·A[e, j, i].
+        let n = c.e * c.r;
+        let mut h_want = vec![0.0f32; c.t * n];
+        for t in 0..c.t {
+            for col in 0..n {
+                h_want[t * n + col] = (0..c.d_in)
+                    .map(|i| x[t * c.d_in + i].to_f32() * a[col * c.d_in + i].to_f32())
+                    .sum();
+            }
+        }
+        let (dx, da, db) = (up(dev, &x), up(dev, &a), up(dev, &b));
+        let dids = up(dev, r.ids());
+        let dw = up(dev, r.weights());
+        let mut ws = DenseGatedWorkspace::with_splits(dev, c.t, &shape, splits)
+            .map_err(|e| e.to_string())?;
+        let mut runs = vec![];
+        for _ in 0..2 {
+            let mut dy = up(dev, &y0);
+            lora_dense_gated_on(
+                dev,
+                &dx,
+                &da,
+                &db,
+                &shape,
+                &dids,
+                &dw,
+                c.k_max,
+                scale,
+                &mut ws,
+                &mut dy,
+                KernelPath::TensorCore,
+            )
+            .map_err(|e| e.to_string())?;
+            runs.push(down(dev, &dy, y0.len()));
+        }
+        if f32s(&runs[0]) != f32s(&runs[1]) {
+            return Err("two runs on one workspace differ".into());
+        }
+        let h_got = dev
+            .download(&ws.h().map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let tol = Tolerance::for_dtype(T::DTYPE).scaled(((c.d_in.max(c.r)) as f32).sqrt());
+        compare("h (every expert)", &h_got, &h_want, tol)?;
+        compare(
+            "y (tensor-core dense-gated)",
+            &f32s(&runs[0]),
+            &f32s(&y_want),
+            tol,
+        )?;
+        for t in 0..c.t {
+            if (0..c.k_max).all(|s| r.id(t, s) < 0) {
+                let row = t * c.d_out..(t + 1) * c.d_out;
+                if f32s(&runs[0][row.clone()]) != f32s(&y0[row]) {
+                    return Err(format!(
+                        "token {t} has only empty slots but its row changed"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dense_gated_tc_cases() -> impl Strategy<Value = (Case, usize)> {
+        // d_in and r multiples of 8 (the kernels' contract), T and d_out with tails of the 64- and
+        // 128-row tiles, E·r up to 512 (both shrink tile widths, several column tiles), split-K
+        // from none to one k-step per split.
+        (
+            case(),
+            prop_oneof![Just(8usize), Just(40), Just(64), Just(136), Just(264)],
+            prop_oneof![Just(8usize), Just(16), Just(24), Just(64)],
+            prop_oneof![
+                Just(1usize),
+                Just(63),
+                Just(64),
+                Just(65),
+                Just(129),
+                0usize..=200
+            ],
+            prop_oneof![Just(1usize), Just(2), Just(3), Just(64)],
+        )
+            .prop_map(|(mut c, d_in, r, t, splits)| {
+                c.d_in = d_in;
+                c.r = r;
+                c.e = c.e.min(512 / r);
+                c.t = t;
+                (c, splits.min(d_in.div_ceil(32)))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
+        #[test]
+        fn dense_gated_tensor_core_matches_cpu((c, splits) in dense_gated_tc_cases()) {
+            let Some(dev) = test_device("dense_gated_tensor_core_matches_cpu") else { return Ok(()) };
+            for (dtype, result) in [
+                ("f16", dense_gated_tc_case::<half::f16>(&dev, &c, splits)),
+                ("bf16", dense_gated_tc_case::<half::bf16>(&dev, &c, splits)),
+            ] {
+                if let Err(msg) = result {
+                    prop_assert!(false, "{dtype}, splits {splits}: {msg} ({c:?})");
+                }
+            }
+        }
+    }
+
+    /// The tensor-core dense-gated path refuses what it cannot take, naming it, before any launch.
+    #[test]
+    fn dense_gated_tensor_core_refusals() {
+        let Some(dev) = test_device("dense_gated_tensor_core_refusals") else {
+            return;
+        };
+        let run = |e: usize, r: usize, d_in: usize, f32_inputs: bool| -> String {
+            let shape = LoraShape::new(e, r, d_in, 16).expect("shape");
+            let mut ws = DenseGatedWorkspace::new(&dev, 4, &shape).expect("workspace");
+            let ids = up(&dev, &[0i32; 4]);
+            let w = up(&dev, &[1.0f32; 4]);
+            let res = if f32_inputs {
+                let x = up(&dev, &vec![0.0f32; 4 * d_in]);
+                let a = up(&dev, &vec![0.0f32; shape.a_len()]);
+                let b = up(&dev, &vec![0.0f32; shape.b_len()]);
+                let mut y = up(&dev, &[0.0f32; 64]);
+                lora_dense_gated_on(
+                    &dev,
+                    &x,
+                    &a,
+                    &b,
+                    &shape,
+                    &ids,
+                    &w,
+                    1,
+                    1.0,
+                    &mut ws,
+                    &mut y,
+                    KernelPath::TensorCore,
+                )
+            } else {
+                let x = up(&dev, &vec![half::bf16::ZERO; 4 * d_in]);
+                let a = up(&dev, &vec![half::bf16::ZERO; shape.a_len()]);
+                let b = up(&dev, &vec![half::bf16::ZERO; shape.b_len()]);
+                let mut y = up(&dev, &[half::bf16::ZERO; 64]);
+                lora_dense_gated_on(
+                    &dev,
+                    &x,
+                    &a,
+                    &b,
+                    &shape,
+                    &ids,
+                    &w,
+                    1,
+                    1.0,
+                    &mut ws,
+                    &mut y,
+                    KernelPath::TensorCore,
+                )
+            };
+            match res {
+                Ok(()) => "ok".into(),
+                Err(e) => e.to_string(),
+            }
+        };
+        let msg = run(2, 8, 16, true);
+        assert!(msg.contains("F32"), "{msg}");
+        let msg = run(2, 8, 12, false);
+        assert!(msg.contains("d_in = 12"), "{msg}");
+        let msg = run(2, 6, 16, false);
+        assert!(msg.contains("r = 6"), "{msg}");
+        assert_eq!(run(2, 8, 16, false), "ok");
+        let shape = LoraShape::new(2, 8, 64, 16).expect("shape");
+        let err = DenseGatedWorkspace::with_splits(&dev, 4, &shape, 3)
+            .expect_err("3 splits of 2 k-steps");
+        assert!(err.to_string().contains("splits"), "{err}");
     }
 
     proptest! {

@@ -33,6 +33,7 @@
 #define cudaGetLastError molora_emu_cudaGetLastError
 #define cudaPeekAtLastError molora_emu_cudaPeekAtLastError
 #define cudaFuncSetAttribute molora_emu_cudaFuncSetAttribute
+#define cudaDeviceGetAttribute molora_emu_cudaDeviceGetAttribute
 #define cudaMemsetAsync molora_emu_cudaMemsetAsync
 #define cudaMemcpyAsync molora_emu_cudaMemcpyAsync
 
@@ -93,6 +94,7 @@ extern "C" {
 extern __thread const emu::Coords *molora_emu_coords;
 cudaError_t molora_emu_cudaFuncSetAttribute(const void *func, cudaFuncAttribute attr, int value);
 cudaError_t molora_emu_cudaGetLastError(void);
+cudaError_t molora_emu_cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device);
 cudaError_t molora_emu_cudaPeekAtLastError(void);
 }
 
@@ -338,6 +340,11 @@ inline float atomicExch(float *p, float v) { return emu::atomic_exch_f32(p, v); 
 
 template <typename T>
 inline T __ldg(const T *p) {
+    return *p;
+}
+// Loads that bypass L1 (global memory written by other blocks of the same grid).
+template <typename T>
+inline T __ldcg(const T *p) {
     return *p;
 }
 // Blocks run one after another and each finishes before the next starts: there is no order between

@@ -1155,6 +1155,14 @@ cudaError_t molora_emu_cudaFuncSetAttribute(const void *func, cudaFuncAttribute 
     return cudaSuccess;
 }
 
+cudaError_t molora_emu_cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device) {
+    // The emulated architecture's limits; the one device is number 0.
+    if (value == nullptr || device != 0 || attr != cudaDevAttrMaxSharedMemoryPerBlockOptin)
+        return static_cast<cudaError_t>(kErrInvalidValue);
+    *value = static_cast<int>(optin_smem_limit(g_arch.load()));
+    return cudaSuccess;
+}
+
 cudaError_t molora_emu_cudaGetLastError(void) {
     const int e = tl_last_error;
     tl_last_error = 0;

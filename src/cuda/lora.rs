@@ -9,7 +9,7 @@ use super::device::Device;
 use super::dispatch::DevicePlan;
 use super::ffi;
 use super::launch::{Kernel, Launch};
-use super::memory::{Buffer, DeviceRead, DeviceWrite};
+use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
 use crate::cpu::dispatch::check_scale;
 use crate::error::check_len;
 use crate::{AdapterSegments, DType, Element, Error, LoraShape, Result};
@@ -42,6 +42,9 @@ pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
     const SCATTER_COMBINE: Kernel<ffi::molora_scatter_combine_args>;
     #[doc(hidden)]
     const LORA_BACKWARD_DENSE: Kernel<ffi::molora_lora_backward_dense_args>;
+    /// The dense-gated LoRA part on tensor cores (`cuda/dense_gated.cu`); none for f32.
+    #[doc(hidden)]
+    const DENSE_GATED_TC: Option<Kernel<ffi::molora_dense_gated_args>>;
 }
 
 impl CudaElement for f32 {
@@ -72,6 +75,7 @@ impl CudaElement for f32 {
         molora_lora_backward_dense_f32,
         molora_emu_lora_backward_dense_f32
     );
+    const DENSE_GATED_TC: Option<Kernel<ffi::molora_dense_gated_args>> = None;
 }
 impl CudaElement for f16 {
     const SHRINK: Kernel<ffi::molora_lora_shrink_args> =
@@ -101,6 +105,8 @@ impl CudaElement for f16 {
         molora_lora_backward_dense_f16,
         molora_emu_lora_backward_dense_f16
     );
+    const DENSE_GATED_TC: Option<Kernel<ffi::molora_dense_gated_args>> =
+        Some(kernel!(molora_dense_gated_f16, molora_emu_dense_gated_f16));
 }
 impl CudaElement for bf16 {
     const SHRINK: Kernel<ffi::molora_lora_shrink_args> =
@@ -130,6 +136,10 @@ impl CudaElement for bf16 {
         molora_lora_backward_dense_bf16,
         molora_emu_lora_backward_dense_bf16
     );
+    const DENSE_GATED_TC: Option<Kernel<ffi::molora_dense_gated_args>> = Some(kernel!(
+        molora_dense_gated_bf16,
+        molora_emu_dense_gated_bf16
+    ));
 }
 
 /// Sequence segments with one adapter each, in device memory (from a validated [`AdapterSegments`]).
@@ -684,18 +694,81 @@ impl LoraPath {
     }
 }
 
-/// Workspace of the dense-gated path for `T` tokens: every expert's shrink `[T, E·r]` (f32) and the
-/// one-run offsets `[0, T]`. Allocate once per shape; [`lora_dense_gated`] allocates nothing.
+/// Workspace of the dense-gated path for `T` tokens: every expert's shrink `h` `[T, E·r]` (f32, which
+/// the backward reads), the gated `hg = g ⊙ h` `[T, E·r]` in the element type (the tensor-core
+/// expand's operand), the split-K partials and tickets of the tensor-core shrink, and the one-run
+/// offsets `[0, T]` of the CUDA-core shrink. Allocate once per shape; [`lora_dense_gated`] allocates
+/// nothing.
 #[derive(Debug)]
 pub struct DenseGatedWorkspace {
     pub(crate) num_tokens: usize,
     pub(crate) columns: usize,
     pub(crate) h: Buffer<f32>,
+    hg: Buffer<u16>,
+    splits: usize,
+    partials: Buffer<f32>,
+    tickets: Buffer<i32>,
     offsets: Buffer<i32>,
 }
 
+/// Multiprocessors of the device (132 on the emulated device, an H100/H200's count).
+fn multiprocessors(dev: &Device) -> usize {
+    match dev.backend() {
+        super::device::Backend::Gpu { ctx, .. } => ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(132),
+        #[cfg(feature = "emu")]
+        super::device::Backend::Emulated => 132,
+    }
+}
+
+/// Split-K factor of the tensor-core dense-gated shrink: enough blocks for two per multiprocessor
+/// when the `64 × BN` output tiles alone do not give them, each split at least 8 k-steps of 32
+/// (`d_in` ≥ 256 per split), at most 8.
+pub fn dense_gated_splits(
+    num_tokens: usize,
+    columns: usize,
+    d_in: usize,
+    multiprocessors: usize,
+) -> usize {
+    let tiles = dense_gated_tiles(num_tokens, columns);
+    let k_tiles = d_in.div_ceil(32).max(1);
+    let want = (2 * multiprocessors).div_ceil(tiles.max(1));
+    want.min(k_tiles / 8).clamp(1, 8)
+}
+
+/// Output tiles of the tensor-core dense-gated shrink (`64 × 64` for `E·r ≤ 64`, else `64 × 128`).
+fn dense_gated_tiles(num_tokens: usize, columns: usize) -> usize {
+    let bn = if columns <= 64 { 64 } else { 128 };
+    num_tokens.div_ceil(ffi::MOLORA_DG_SHRINK_BM as usize) * columns.div_ceil(bn)
+}
+
 impl DenseGatedWorkspace {
+    /// The workspace for `num_tokens` tokens of `shape`, with the split-K factor
+    /// [`dense_gated_splits`] picks for the device.
     pub fn new(dev: &Device, num_tokens: usize, shape: &LoraShape) -> Result<Self> {
+        let splits = dense_gated_splits(
+            num_tokens,
+            shape.num_experts * shape.rank,
+            shape.d_in,
+            multiprocessors(dev),
+        );
+        Self::with_splits(dev, num_tokens, shape, splits)
+    }
+
+    /// [`DenseGatedWorkspace::new`] with the tensor-core shrink split `splits` ways over `d_in`
+    /// (1 ..= `ceil(d_in / 32)`, else [`Error::InvalidDim`]); for tests and the bench's sweep.
+    pub fn with_splits(
+        dev: &Device,
+        num_tokens: usize,
+        shape: &LoraShape,
+        splits: usize,
+    ) -> Result<Self> {
         let columns = shape.num_experts * shape.rank;
         if columns > DENSE_GATED_MAX_COLUMNS {
             return Err(Error::Unsupported {
@@ -705,13 +778,39 @@ impl DenseGatedWorkspace {
                 ),
             });
         }
-        fits_i32("T * E * r", num_tokens * columns)?;
+        if splits == 0 || splits > shape.d_in.div_ceil(32) {
+            return Err(Error::InvalidDim {
+                what: "splits",
+                value: splits,
+                reason: "the shrink splits d_in into 1 ..= ceil(d_in / 32) parts",
+            });
+        }
+        let n = fits_i32("T * E * r", num_tokens * columns)? as usize;
+        let partials = if splits > 1 {
+            fits_i32("splits * T * E * r", splits * n)? as usize
+        } else {
+            1
+        };
         Ok(DenseGatedWorkspace {
             num_tokens,
             columns,
-            h: dev.zeros(num_tokens * columns + 1)?,
+            h: dev.zeros(n + 1)?,
+            hg: dev.zeros(n + 8)?,
+            splits,
+            partials: dev.zeros(partials)?,
+            tickets: dev.zeros(dense_gated_tiles(num_tokens, columns).max(1))?,
             offsets: dev.upload(&[0, num_tokens as i32])?,
         })
+    }
+
+    /// The split-K factor the tensor-core shrink runs with.
+    pub fn splits(&self) -> usize {
+        self.splits
+    }
+
+    /// Every expert's shrink of the last run, `h` `[T, E·r]` f32 (ungated; the backward reads it).
+    pub fn h(&self) -> Result<BufferView<'_, f32>> {
+        self.h.slice(0..self.num_tokens * self.columns)
     }
 }
 
@@ -719,6 +818,7 @@ impl DenseGatedWorkspace {
 /// view of the stacked `A` (one shrink over all experts), then the fused expand reading each active
 /// slot's columns of `H`: `y[t, o] = round(y[t, o] + scale·Σ_s w_ts·Σ_j H[t, e_ts·r + j]·B[e_ts, o, j])`.
 /// The same result as [`shrink_experts`] + [`expand_experts`] with the same routing; two launches.
+/// [`lora_dense_gated_on`] with [`KernelPath::Auto`]: the tensor-core kernels where they apply.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_dense_gated<T: CudaElement>(
     dev: &Device,
@@ -733,10 +833,68 @@ pub fn lora_dense_gated<T: CudaElement>(
     ws: &mut DenseGatedWorkspace,
     y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
+    lora_dense_gated_on(
+        dev,
+        x,
+        a,
+        b,
+        shape,
+        ids,
+        weights,
+        k_max,
+        scale,
+        ws,
+        y,
+        KernelPath::Auto,
+    )
+}
+
+/// Why the tensor-core dense-gated kernels cannot take this call, or `None` when they can: f16/bf16,
+/// `d_in` and `r` multiples of 8, `x`, `A`, `B` 16-byte aligned.
+fn dense_gated_tc_refusal<T: CudaElement>(shape: &LoraShape, ptrs: &[*const T]) -> Option<String> {
+    if T::DENSE_GATED_TC.is_none() {
+        return Some(format!("{:?} inputs (it takes f16 and bf16)", T::DTYPE));
+    }
+    if shape.d_in % 8 != 0 || shape.rank % 8 != 0 {
+        return Some(format!(
+            "d_in = {}, r = {} (both must be multiples of 8)",
+            shape.d_in, shape.rank
+        ));
+    }
+    ptrs.iter()
+        .map(|&p| p as usize)
+        .find(|&p| p % 16 != 0)
+        .map(|p| format!("a buffer at device address {p:#x} (needs 16-byte alignment)"))
+}
+
+/// [`lora_dense_gated`] on a chosen variant. [`KernelPath::TensorCore`]: K1, one mma.sync GEMM over
+/// `x·A_allᵀ` whose epilogue writes `H` and the gated `hg = g ⊙ H` (`g[t, e] = Σ_{s: e_ts = e} w_ts`,
+/// rounded once to the element type), split over `d_in` when the tiles alone do not fill the GPU
+/// (summed in a fixed order: deterministic); K2, `y += scale·hg·B_allᵀ` as one mma.sync GEMM with
+/// `K = E·r` (f16/bf16, `d_in` and `r` multiples of 8, 16-byte aligned `x`, `A`, `B`; otherwise
+/// [`Error::Unsupported`] naming why). [`KernelPath::Auto`]: the tensor-core kernels where they
+/// apply, else the CUDA-core shrink and expand. [`KernelPath::Plain`], [`KernelPath::Vectorized`],
+/// [`KernelPath::Staged`]: the CUDA-core shrink (its own rule) and that expand.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_dense_gated_on<T: CudaElement>(
+    dev: &Device,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
+    shape: &LoraShape,
+    ids: &impl DeviceRead<i32>,
+    weights: &impl DeviceRead<f32>,
+    k_max: usize,
+    scale: f32,
+    ws: &mut DenseGatedWorkspace,
+    y: &mut impl DeviceWrite<T>,
+    path: KernelPath,
+) -> Result<()> {
     const OP: &str = "lora_dense_gated";
     check_scale(scale)?;
     let t = ws.num_tokens;
     fits_i32("T * d_out", t * shape.d_out)?;
+    fits_i32("T * d_in", t * shape.d_in)?;
     if k_max == 0 {
         return Err(Error::InvalidDim {
             what: "k_max",
@@ -744,11 +902,89 @@ pub fn lora_dense_gated<T: CudaElement>(
             reason: "a routing needs at least one slot per token",
         });
     }
+    check_len(
+        "workspace columns (E * r)",
+        shape.num_experts * shape.rank,
+        ws.columns,
+    )?;
+    if path == KernelPath::Rows {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: "the Rows kernel (a shrink variant) as the dense-gated expand".into(),
+        });
+    }
+    if matches!(path, KernelPath::Auto | KernelPath::TensorCore) {
+        let mut l = Launch::new(dev, OP);
+        let xp = l.input("x [T, d_in]", x, t * shape.d_in)?;
+        let ap = l.input("A [E, r, d_in]", a, shape.a_len())?;
+        let bp = l.input("B [E, d_out, r]", b, shape.b_len())?;
+        let refusal = dense_gated_tc_refusal::<T>(shape, &[xp, ap, bp]);
+        match (refusal, T::DENSE_GATED_TC) {
+            (None, Some(kernel)) => {
+                let idp = l.input("routing ids [T, k_max]", ids, t * k_max)?;
+                let wp = l.input("routing weights [T, k_max]", weights, t * k_max)?;
+                let yp = l.output("y [T, d_out]", y, t * shape.d_out)?;
+                let splits = ws.splits;
+                let h = l.output_any("dense-gated workspace h", &mut ws.h)?;
+                let hg = l.output_any("dense-gated workspace hg", &mut ws.hg)?;
+                let partials = l.output_any("dense-gated workspace partials", &mut ws.partials)?;
+                let tickets = l.output_any("dense-gated workspace tickets", &mut ws.tickets)?;
+                if t == 0 {
+                    return Ok(());
+                }
+                let args = ffi::molora_dense_gated_args {
+                    x: xp.cast(),
+                    a: ap.cast(),
+                    b: bp.cast(),
+                    y: yp.cast(),
+                    ids: idp,
+                    weights: wp,
+                    h,
+                    hg: hg.cast(),
+                    partials: if splits > 1 {
+                        partials
+                    } else {
+                        std::ptr::null_mut()
+                    },
+                    tickets,
+                    k_max: k_max as i32,
+                    num_tokens: t as i32,
+                    num_experts: shape.num_experts as i32,
+                    rank: shape.rank as i32,
+                    d_in: shape.d_in as i32,
+                    d_out: shape.d_out as i32,
+                    splits: splits as i32,
+                    scale,
+                };
+                // SAFETY: x, A, B, ids, weights and y hold the checked lengths; the workspace was
+                // allocated for this T and E·r with `splits` partial planes and a zeroed ticket per
+                // shrink tile (kernels leave them zeroed); alignment and the multiples of 8 were
+                // checked above; ids outside [0, E) are skipped by the kernels.
+                return unsafe { l.run(&kernel, &args) };
+            }
+            (Some(why), _) if path == KernelPath::TensorCore => {
+                return Err(Error::Unsupported {
+                    op: OP,
+                    what: format!("the tensor-core dense-gated kernels with {why}"),
+                });
+            }
+            _ => {}
+        }
+    }
+    let expand_path = if path == KernelPath::TensorCore {
+        KernelPath::Auto
+    } else {
+        path
+    };
+    let code = resolve_path::<T>(OP, expand_path, LoraKernel::Expand, shape, &[])?;
     let mut l = Launch::new(dev, OP);
     let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
     let ids = l.input("routing ids [T, k_max]", ids, t * k_max)?;
     let weights = l.input("routing weights [T, k_max]", weights, t * k_max)?;
     let y = l.output("y [T, d_out]", y, t * shape.d_out)?;
+    if expand_path == KernelPath::Vectorized {
+        resolve_path::<T>(OP, expand_path, LoraKernel::Expand, shape, &[b])?;
+    }
     // The workspace, x and A are checked by `dense_gated_shrink`, before it launches anything.
     dense_gated_shrink(dev, x, a, shape, ws)?;
     let h = l.input_any("dense-gated workspace h", &ws.h)?;
@@ -772,7 +1008,7 @@ pub fn lora_dense_gated<T: CudaElement>(
         num_weights: shape.num_experts as i32,
         rank: shape.rank as i32,
         d_out: shape.d_out as i32,
-        path: ffi::MOLORA_LORA_PATH_AUTO as i32,
+        path: code,
     };
     // SAFETY: h is [T, E·r] as written above; ids/weights hold T·k_max, B E·d_out·r and y T·d_out
     // elements (checked); the kernel skips ids outside [0, E).

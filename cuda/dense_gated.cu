@@ -1,0 +1,186 @@
+// The dense-gated LoRA part on tensor cores: K1 = every expert's shrink as one mma.sync GEMM over
+// x·A_allᵀ (split-K over d_in with a deterministic, self-resetting reduction) whose epilogue writes h
+// (f32, for the backward) and the gated hg = g ⊙ h; K2 = y += scale · hg·B_allᵀ as one mma.sync GEMM
+// with K = E·r, y read and written once. See molora_dense_gated_args in molora.h.
+
+#include "common.cuh"
+#include "gemm.cuh"
+
+namespace molora {
+namespace {
+
+constexpr int kShrinkBM = MOLORA_DG_SHRINK_BM;
+
+template <typename T, int BN> using DgShrink = TileGemm<T, kShrinkBM, BN, 2, 2, 4>;
+template <typename T> using DgExpand = TileGemm<T, 128, 128, 4, 2, 3>;
+
+// K-contiguous row loaders: the address of 8 elements at (row, k), or nullptr past the matrix.
+template <typename T>
+struct RowMajor {
+    const T *p;
+    int rows, cols;  // cols: the row length (a multiple of 8)
+    __device__ const T *operator()(int row, int k) const {
+        return row < rows && k < cols ? p + static_cast<int64_t>(row) * cols + k : nullptr;
+    }
+};
+// B of the expand: row n = output column o, k = e·rank + j at B[e, o, j] (rank a multiple of 8, so
+// 8 consecutive k stay inside one expert).
+template <typename T>
+struct StackedB {
+    const T *p;
+    int d_out, rank, n_cols;  // n_cols = E·rank
+    __device__ const T *operator()(int o, int k) const {
+        if (o >= d_out || k >= n_cols) return nullptr;
+        const int e = k / rank, j = k % rank;
+        return p + (static_cast<int64_t>(e) * d_out + o) * rank + j;
+    }
+};
+
+// K1 epilogue of one element: h, and hg gated by the token's slots (slot order).
+template <typename T>
+__device__ __forceinline__ void shrink_store(const molora_dense_gated_args &a, int n_cols, int t, int c, float v) {
+    const int64_t at = static_cast<int64_t>(t) * n_cols + c;
+    a.h[at] = v;
+    const int e = c / a.rank;
+    const int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k_max;
+    const float *w = a.weights + static_cast<int64_t>(t) * a.k_max;
+    float g = 0.0f;
+    for (int s = 0; s < a.k_max; ++s)
+        if (ids[s] == e) g += w[s];
+    static_cast<T *>(a.hg)[at] = from_f32<T>(g * v);
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(DgShrink<T, BN>::THREADS) dg_shrink_kernel(molora_dense_gated_args a) {
+    using G = DgShrink<T, BN>;
+    MOLORA_DYNAMIC_SHARED(128, unsigned char, dg_shrink_smem);
+    T *smem = reinterpret_cast<T *>(dg_shrink_smem);
+    MOLORA_SHARED(int, last, );
+    const int n_cols = a.num_experts * a.rank;
+    const int m0 = blockIdx.x * kShrinkBM, n0 = blockIdx.y * BN, split = blockIdx.z;
+    const int k_tiles = (a.d_in + G::BK - 1) / G::BK;
+    const int per = (k_tiles + a.splits - 1) / a.splits;
+    const int kt0 = min(k_tiles, split * per), kt1 = min(k_tiles, kt0 + per);
+    const T *x = static_cast<const T *>(a.x);
+    const RowMajor<T> al{x, a.num_tokens, a.d_in};
+    const RowMajor<T> bl{static_cast<const T *>(a.a), n_cols, a.d_in};
+    typename G::Acc acc;
+    G::zero(acc);
+    G::run(smem, al, bl, m0, n0, kt0, kt1, x, acc);
+    if (a.splits == 1) {
+        G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
+            const int t = m0 + r, col = n0 + c;
+            if (t >= a.num_tokens) return;
+            if (col < n_cols) shrink_store<T>(a, n_cols, t, col, v0);
+            if (col + 1 < n_cols) shrink_store<T>(a, n_cols, t, col + 1, v1);
+        });
+        return;
+    }
+    // Split-K: publish this split's partial tile; the tile's last block to arrive sums all of them in
+    // split order (the same order whichever block is last) and resets the ticket.
+    const int64_t plane = static_cast<int64_t>(a.num_tokens) * n_cols;
+    float *mine = a.partials + split * plane;
+    G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
+        const int t = m0 + r, col = n0 + c;
+        if (t >= a.num_tokens) return;
+        if (col < n_cols) mine[static_cast<int64_t>(t) * n_cols + col] = v0;
+        if (col + 1 < n_cols) mine[static_cast<int64_t>(t) * n_cols + col + 1] = v1;
+    });
+    __threadfence();
+    __syncthreads();
+    const int tile = blockIdx.x * gridDim.y + blockIdx.y;
+    if (threadIdx.x == 0) {
+        const int prev = atomicAdd(&a.tickets[tile], 1);
+        last = prev == a.splits - 1;
+        if (last) a.tickets[tile] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    G::for_each_acc(acc, [&](int r, int c, float, float) {
+        const int t = m0 + r;
+        if (t >= a.num_tokens) return;
+        for (int q = 0; q < 2; ++q) {
+            const int col = n0 + c + q;
+            if (col >= n_cols) continue;
+            const int64_t at = static_cast<int64_t>(t) * n_cols + col;
+            float v = 0.0f;
+            for (int s = 0; s < a.splits; ++s) v += __ldcg(a.partials + s * plane + at);
+            shrink_store<T>(a, n_cols, t, col, v);
+        }
+    });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(DgExpand<T>::THREADS) dg_expand_kernel(molora_dense_gated_args a) {
+    using G = DgExpand<T>;
+    MOLORA_DYNAMIC_SHARED(128, unsigned char, dg_expand_smem);
+    T *smem = reinterpret_cast<T *>(dg_expand_smem);
+    const int n_cols = a.num_experts * a.rank;
+    const int n0 = blockIdx.x * 128, m0 = blockIdx.y * 128;
+    const T *hg = static_cast<const T *>(a.hg);
+    const RowMajor<T> al{hg, a.num_tokens, n_cols};
+    const StackedB<T> bl{static_cast<const T *>(a.b), a.d_out, a.rank, n_cols};
+    typename G::Acc acc;
+    G::zero(acc);
+    G::run(smem, al, bl, m0, n0, 0, (n_cols + G::BK - 1) / G::BK, hg, acc);
+    T *y = static_cast<T *>(a.y);
+    G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
+        const int t = m0 + r, o = n0 + c;
+        if (t >= a.num_tokens) return;
+        T *yp = y + static_cast<int64_t>(t) * a.d_out + o;
+        // A zero sum (no active slot) leaves y as it is, as the CPU path does.
+        if (o < a.d_out && v0 != 0.0f) yp[0] = from_f32<T>(to_f32(yp[0]) + a.scale * v0);
+        if (o + 1 < a.d_out && v1 != 0.0f) yp[1] = from_f32<T>(to_f32(yp[1]) + a.scale * v1);
+    });
+}
+
+template <typename T, int BN>
+int launch_dg_shrink(const molora_dense_gated_args &a, cudaStream_t s) {
+    using G = DgShrink<T, BN>;
+    const int n_cols = a.num_experts * a.rank;
+    const dim3 grid((a.num_tokens + kShrinkBM - 1) / kShrinkBM, (n_cols + BN - 1) / BN, a.splits);
+    if (grid.y > 65535u || grid.z > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+    const int err = allow_dynamic_smem<dg_shrink_kernel<T, BN>>(G::SMEM_BYTES);
+    if (err) return err;
+    launch<dg_shrink_kernel<T, BN>>(grid, G::THREADS, G::SMEM_BYTES, s, a);
+    return last_launch_error();
+}
+
+template <typename T>
+int launch_dense_gated(const molora_dense_gated_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_dense_gated_args a = *args;
+    if (a.num_tokens < 0 || a.num_experts < 1 || a.rank < 1 || a.d_in < 1 || a.d_out < 1 || a.k_max < 1 ||
+        a.rank % 8 != 0 || a.d_in % 8 != 0 || a.splits < 1 || a.splits > (a.d_in + 31) / 32 ||
+        (a.splits > 1 && (!a.partials || !a.tickets)) || !a.x || !a.a || !a.b || !a.y || !a.ids || !a.weights ||
+        !a.h || !a.hg)
+        return static_cast<int>(cudaErrorInvalidValue);
+    for (const void *p : {a.x, a.a, a.b, static_cast<const void *>(a.hg)})
+        if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return static_cast<int>(cudaErrorInvalidValue);
+    if (static_cast<int64_t>(a.num_experts) * a.rank > 65535 * 128) return static_cast<int>(cudaErrorInvalidValue);
+    if (a.num_tokens == 0) return 0;
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    const int n_cols = a.num_experts * a.rank;
+    const int err = n_cols <= 64 ? launch_dg_shrink<T, 64>(a, s) : launch_dg_shrink<T, 128>(a, s);
+    if (err) return err;
+    using G = DgExpand<T>;
+    const dim3 grid((a.d_out + 127) / 128, (a.num_tokens + 127) / 128);
+    if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+    const int e2 = allow_dynamic_smem<dg_expand_kernel<T>>(G::SMEM_BYTES);
+    if (e2) return e2;
+    launch<dg_expand_kernel<T>>(grid, G::THREADS, G::SMEM_BYTES, s, a);
+    return last_launch_error();
+}
+
+}  // namespace
+}  // namespace molora
+
+extern "C" {
+int molora_dense_gated_f16(const molora_dense_gated_args *a, molora_stream_t s) {
+    return molora::launch_dense_gated<__half>(a, s);
+}
+int molora_dense_gated_bf16(const molora_dense_gated_args *a, molora_stream_t s) {
+    return molora::launch_dense_gated<__nv_bfloat16>(a, s);
+}
+}

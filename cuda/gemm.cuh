@@ -1,0 +1,134 @@
+// The block-tile GEMM of molora's tensor-core kernels (sm_80 and newer, f16/bf16 inputs, f32
+// accumulators):
+//
+//   acc[m, n] += Σ_{k in [k0, k1)} A(m, k) · B(n, k)     for the block's BM × BN tile
+//
+// Both operands are K-contiguous in runs of 8 elements ("TN"): a loader maps (row, k) with k a multiple
+// of 8 to the address of 8 contiguous elements, or to nullptr where the tile reaches past the matrix
+// (those 16 bytes are zero-filled), so gathers and strided layouts (LoRA B stacked per expert) are the
+// loader's business, not the main loop's. A STAGES-deep cp.async pipeline fills shared memory
+// (rows padded by 16 bytes: ldmatrix reads of 8 rows hit 8 distinct bank groups) while the warps run
+// ldmatrix + mma.sync m16n8k16 on the stage loaded STAGES - 1 steps before.
+//
+// Warps form a WM × WN grid; warp (wm, wn) owns rows [wm·BM/WM, +BM/WM) and columns [wn·BN/WN, +BN/WN),
+// as MT × NT tiles of 16 × 8. Accumulator element acc[mt][nt][i] is at
+//   row = wm·BM/WM + 16·mt + lane/4 + 8·(i/2),  col = wn·BN/WN + 8·nt + 2·(lane%4) + i%2
+// (the mma.m16n8k16 C layout); for_each_acc visits them in pairs of adjacent columns.
+#pragma once
+
+#include "common.cuh"
+#include "tc.cuh"
+
+namespace molora {
+
+template <typename T, int BM, int BN, int WM, int WN, int STAGES>
+struct TileGemm {
+    static constexpr int BK = 32;             // k per stage
+    static constexpr int PITCH = BK + 8;      // elements per staged row (80 bytes)
+    static constexpr int THREADS = WM * WN * kWarp;
+    static constexpr int MT = BM / WM / 16;   // 16-row tiles per warp
+    static constexpr int NT = BN / WN / 8;    // 8-column tiles per warp
+    static constexpr int STAGE_ELEMS = (BM + BN) * PITCH;
+    static constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * static_cast<int>(sizeof(T));
+    static constexpr int CHUNKS = (BM + BN) * (BK / 8);  // 16-byte copies per stage
+    static_assert(BM % (16 * WM) == 0 && BN % (16 * WN) == 0, "warp tiles of whole 16 x 16 blocks");
+    static_assert(NT % 2 == 0, "B fragments are loaded two 8-column tiles at a time");
+    static_assert(STAGES >= 2, "a pipeline of at least two stages");
+
+    using Acc = float[MT][NT][4];
+
+    __device__ static void zero(Acc &acc) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+    }
+
+    // Stage `st` <- the k-tile starting at k (rows m0.., n0.. of A and B).
+    template <class AL, class BL>
+    __device__ static void load_stage(T *smem, int st, const AL &al, const BL &bl, int m0, int n0, int k, const T *any) {
+        T *as = smem + st * STAGE_ELEMS;
+        T *bs = as + BM * PITCH;
+        for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
+            const int row = c / (BK / 8), kc = (c % (BK / 8)) * 8;
+            const T *src;
+            T *dst;
+            if (row < BM) {
+                src = al(m0 + row, k + kc);
+                dst = as + row * PITCH + kc;
+            } else {
+                src = bl(n0 + row - BM, k + kc);
+                dst = bs + (row - BM) * PITCH + kc;
+            }
+            cp_async16(dst, src ? src : any, src != nullptr);
+        }
+    }
+
+    // acc += A·Bᵀ over k-tiles [kt0, kt1) (k = 32·kt); `any` is a valid global address for the
+    // zero-filled copies. Leaves shared memory free for the caller (all copies waited, barrier passed).
+    template <class AL, class BL>
+    __device__ static void run(T *smem, const AL &al, const BL &bl, int m0, int n0, int kt0, int kt1, const T *any,
+                               Acc &acc) {
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+        const int wm0 = (warp / WN) * (BM / WM), wn0 = (warp % WN) * (BN / WN);
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (kt0 + s < kt1) load_stage(smem, s, al, bl, m0, n0, (kt0 + s) * BK, any);
+            cp_async_commit();
+        }
+        for (int kt = kt0; kt < kt1; ++kt) {
+            cp_async_wait<STAGES - 2>();
+            __syncthreads();  // stage kt has landed for every thread; stage kt - 1 is free again
+            const int next = kt + STAGES - 1;
+            if (next < kt1) load_stage(smem, (next - kt0) % STAGES, al, bl, m0, n0, next * BK, any);
+            cp_async_commit();
+            const T *as = smem + ((kt - kt0) % STAGES) * STAGE_ELEMS;
+            const T *bs = as + BM * PITCH;
+#pragma unroll
+            for (int kk = 0; kk < BK; kk += 16) {
+                uint32_t af[MT][4];
+                uint32_t bf[NT][2];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int row = wm0 + mt * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
+                    ldmatrix<4>(af[mt], as + row * PITCH + kk + 8 * (lane / 16));
+                }
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    uint32_t r[4];
+                    const int row = wn0 + np * 16 + (lane % 8) + 8 * (lane / 16);
+                    ldmatrix<4>(r, bs + row * PITCH + kk + 8 * ((lane / 8) % 2));
+                    bf[2 * np][0] = r[0];
+                    bf[2 * np][1] = r[1];
+                    bf[2 * np + 1][0] = r[2];
+                    bf[2 * np + 1][1] = r[3];
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) mma_m16n8k16<T>(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+            }
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+
+    // f(row, col, v0, v1): the accumulators of (row, col) and (row, col + 1), tile-local coordinates.
+    template <class F>
+    __device__ static void for_each_acc(const Acc &acc, F &&f) {
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+        const int wm0 = (warp / WN) * (BM / WM), wn0 = (warp % WN) * (BN / WN);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    f(wm0 + mt * 16 + lane / 4 + 8 * h, wn0 + nt * 8 + 2 * (lane % 4), acc[mt][nt][2 * h],
+                      acc[mt][nt][2 * h + 1]);
+    }
+};
+
+}  // namespace molora
