@@ -421,6 +421,28 @@ __device__ __forceinline__ double warp_sum_double(double v) {
     return v;
 }
 
+// dp[ids[s]] += value(s) for every slot s in [0, k_max) whose id is in [0, E), by the whole warp and
+// deterministically. A routing may repeat an expert within a token (callers may pass one), so a lane
+// per slot would race on dp[e]; instead the warp reads 32 slots at a time (a slot per lane), then
+// steps through them in slot order, and only the lane owning expert e (e ≡ lane mod 32, the lane that
+// zeroed dp[e]) adds each one. Every dp[e] therefore sums its slots in slot order, as the CPU does.
+// k_max is uniform across the warp, so every lane takes part in every shuffle.
+template <class Value>
+__device__ __forceinline__ void scatter_slots(float *dp, const int32_t *ids, int k_max, int E, int lane, Value value) {
+    for (int base = 0; base < k_max; base += kWarp) {
+        const int s = base + lane;
+        const int id = s < k_max ? ids[s] : -1;
+        const bool valid = id >= 0 && id < E;
+        const float v = valid ? value(s) : 0.0f;
+        const int n = min(kWarp, k_max - base);
+        for (int j = 0; j < n; ++j) {
+            const int e = __shfl_sync(kFullMask, valid ? id : -1, j);
+            const float vj = __shfl_sync(kFullMask, v, j);
+            if (e >= 0 && e % kWarp == lane) dp[e] += vj;
+        }
+    }
+}
+
 __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(molora_gating_backward_args a) {
     MOLORA_DYNAMIC_SHARED(16, float, smem);  // [warps][3·E]: l (local probabilities), p (combined), dp
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -475,9 +497,8 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
     const int32_t *ids = a.ids + static_cast<int64_t>(t) * a.k_max;
     const float *dw = a.dw + static_cast<int64_t>(t) * a.k_max;
     if (a.gate == MOLORA_GATE_DENSE || (a.gate == MOLORA_GATE_TOPK && !a.renormalize)) {
-        // Each expert appears at most once per token in these gates' outputs; a lane owns a slot.
-        for (int s = lane; s < a.k_max; s += kWarp)
-            if (ids[s] >= 0 && ids[s] < E) dp[ids[s]] += dw[s];
+        // dp_e = Σ of dw over the slots holding e (more than one where a routing repeats e).
+        scatter_slots(dp, ids, a.k_max, E, lane, [&](int s) { return dw[s]; });
     } else {
         const bool thr = a.gate == MOLORA_GATE_THRESHOLD;
         const double tau = thr ? static_cast<double>(a.taus ? a.taus[t] : a.tau) : 0.0;
@@ -502,12 +523,12 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
         }
         wdw = warp_sum_double(wdw);
         double dtau = 0.0;
-        if (z_sum > 0.0 && !fallback) {
-            for (int s = lane; s < a.k_max; s += kWarp) {
-                const int e = ids[s];
-                if (e >= 0 && e < E) {
-                    dp[e] += static_cast<float>((dw[s] - wdw) / z_sum);
-                    if (thr) {
+        if (z_sum > 0.0 && !fallback) {  // uniform across the warp (butterfly sums)
+            scatter_slots(dp, ids, a.k_max, E, lane, [&](int s) { return static_cast<float>((dw[s] - wdw) / z_sum); });
+            if (thr) {
+                for (int s = lane; s < a.k_max; s += kWarp) {
+                    const int e = ids[s];
+                    if (e >= 0 && e < E) {
                         const double w = (static_cast<double>(p[e]) - tau) / z_sum;
                         dtau += dw[s] * (n * w - 1.0) / z_sum;
                     }

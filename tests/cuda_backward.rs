@@ -1,5 +1,6 @@
 //! Gating and router backward on the GPU against the CPU backward (f32), for top-k (renormalised
-//! or not), dense and threshold gates with softmax or sigmoid routers; the same through HDMoLE's
+//! or not), dense and threshold gates with softmax or sigmoid routers, also for routings that
+//! repeat an expert within a token (the gate alone too); the same through HDMoLE's
 //! hierarchical combination (λ-mix with dλ, product-and-renormalise including rows whose product is
 //! zero); and SAML's weight-space mixing backward (dA, dB, dp) for every dtype.
 
@@ -8,9 +9,10 @@ mod gpu {
     use half::{bf16, f16};
     use molora::cpu::{self, backward, Activation, Gate, HierarchicalCombine, ThresholdSpec};
     use molora::cuda::{
-        dispatch, gating, gating_backward, gating_backward_hierarchical, lora_backward_experts,
-        mix_backward, mix_experts, router_backward, shrink_segments, CudaElement, Device,
-        DeviceGate, DeviceLoraGrads, DevicePlan, DeviceSegments, DeviceSeqRouting, DlambdaOut,
+        dispatch, gate_probabilities_backward, gating, gating_backward,
+        gating_backward_hierarchical, lora_backward_experts, mix_backward, mix_experts,
+        router_backward, shrink_segments, CudaElement, Device, DeviceGate, DeviceLoraGrads,
+        DevicePlan, DeviceSegments, DeviceSeqRouting, DlambdaOut,
     };
     use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{AdapterSegments, DType, LoraShape, Segments, SeqRouting};
@@ -85,6 +87,127 @@ mod gpu {
                 if let Err(m) = compare(what, &got, &want, tol) {
                     prop_assert!(false, "{}", m);
                 }
+            }
+        }
+    }
+
+    /// A routing that repeats an expert within a token (callers may pass one to the gating backward):
+    /// every slot of an expert adds to its `dp`, in slot order on the CPU, and the device must agree,
+    /// with no two lanes updating one expert (racecheck on the emulated device) and the same bits on a
+    /// second run. Dense and top-k gates (renormalised or not, `k` below and above a warp) and a
+    /// threshold gate; E = 40, so experts 3 and 35 share a lane of the warp and slots go past 32.
+    #[test]
+    fn gating_backward_with_repeated_ids_matches_cpu() {
+        let Some(dev) = test_device("gating_backward_with_repeated_ids_matches_cpu") else {
+            return;
+        };
+        let (t, e) = (6usize, 40usize);
+        let temp = 1.3f32;
+        let mut rng = Rng::new(0x05EE_D1D5);
+        let logits: Vec<f32> = rng.values(t * e, 3.0);
+        let p = cpu::activate(&logits, t, e, Activation::Softmax, temp).unwrap();
+        let (dl, dprobs) = (dev.upload(&logits).unwrap(), dev.upload(&p).unwrap());
+        let tau = 0.01f32;
+        let gates = [
+            DeviceGate::Dense,
+            DeviceGate::TopK {
+                k: 5,
+                renormalize: false,
+            },
+            DeviceGate::TopK {
+                k: 37,
+                renormalize: false,
+            },
+            DeviceGate::TopK {
+                k: 5,
+                renormalize: true,
+            },
+            DeviceGate::TopK {
+                k: 37,
+                renormalize: true,
+            },
+            DeviceGate::Threshold(tau),
+        ];
+        for gate in &gates {
+            let k_max = gate.k_max(e);
+            let mut ids_h = Vec::with_capacity(t * k_max);
+            for tok in 0..t {
+                let row: Vec<i32> = (0..k_max)
+                    .map(|s| match tok {
+                        0 => 3,
+                        1 => [3, 35, 3, -1, 35, 7][s % 6],
+                        2 => [39, 7][s % 2],
+                        _ if s == 0 => rng.below(e) as i32,
+                        _ => rng.below(e + 1) as i32 - 1,
+                    })
+                    .collect();
+                ids_h.extend_from_slice(&row);
+                // The last slot repeats the first, so every token holds a repeat.
+                if let (Some(&first), Some(last)) = (row.first(), ids_h.last_mut()) {
+                    *last = first;
+                }
+            }
+            let dw: Vec<f32> = rng.values(t * k_max, 1.0);
+            let (ids, ddw) = (dev.upload(&ids_h).unwrap(), dev.upload(&dw).unwrap());
+
+            let (taus, renorm) = match gate {
+                DeviceGate::Threshold(tau) => (Some(vec![*tau; t]), true),
+                DeviceGate::TopK { renormalize, .. } => (None, *renormalize),
+                _ => (None, false),
+            };
+            let (dp_want, dtau_want) =
+                backward::gate_backward(&p, e, &ids_h, k_max, taus.as_deref(), renorm, &dw)
+                    .unwrap();
+            let dz_want = backward::softmax_backward(&p, &dp_want, e, temp).unwrap();
+            let tol = Tolerance::for_dtype(DType::F32).scaled(10.0);
+
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut dz = dev.zeros::<f32>(t * e).unwrap();
+                let mut dtau = dev.zeros::<f32>(t).unwrap();
+                gating_backward(
+                    &dev,
+                    &dl,
+                    t,
+                    e,
+                    Activation::Softmax,
+                    temp,
+                    gate,
+                    &ids,
+                    &ddw,
+                    &mut dz,
+                    Some(&mut dtau),
+                )
+                .unwrap_or_else(|err| panic!("{gate:?}: {err}"));
+                runs.push((dev.download(&dz).unwrap(), dev.download(&dtau).unwrap()));
+            }
+            let (dz, dtau) = &runs[0];
+            if let Err(m) = compare("dz", dz, &dz_want, tol) {
+                panic!("{gate:?}: {m}");
+            }
+            if taus.is_some() {
+                if let Err(m) = compare("dτ", dtau, &dtau_want, tol) {
+                    panic!("{gate:?}: {m}");
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(
+                bits(dz),
+                bits(&runs[1].0),
+                "{gate:?}: dz differs between runs"
+            );
+            assert_eq!(
+                bits(dtau),
+                bits(&runs[1].1),
+                "{gate:?}: dτ differs between runs"
+            );
+
+            // The same through the gate alone: dp straight from the probabilities.
+            let mut dp = dev.zeros::<f32>(t * e).unwrap();
+            gate_probabilities_backward(&dev, &dprobs, t, e, gate, &ids, &ddw, &mut dp, None)
+                .unwrap_or_else(|err| panic!("{gate:?}: {err}"));
+            if let Err(m) = compare("dp", &dev.download(&dp).unwrap(), &dp_want, tol) {
+                panic!("{gate:?}: {m}");
             }
         }
     }
