@@ -76,10 +76,21 @@ fn empty_gpu_buffer<T: DeviceRepr>(stream: &Arc<CudaStream>) -> Result<Buffer<T>
 }
 
 impl Device {
-    /// Opens GPU `ordinal` and uses its default stream.
+    /// Opens GPU `ordinal` on a stream of its own: a new non-blocking stream, not the legacy default
+    /// stream, so that the ops enqueued on it can be captured into a CUDA graph. Being non-blocking,
+    /// it does not wait for work on the legacy default stream (nor that for it): order such work
+    /// with [`Device::synchronize`] or cudarc's events ([`Device::stream`]).
+    ///
+    /// Creating the stream puts cudarc's context in its multi-stream mode, in which every buffer
+    /// records and waits on cudarc's events at each use, so that a buffer used on another stream
+    /// is ordered after its last use here. A capture must not wait on events recorded before it:
+    /// whoever captures turns that tracking off on [`Device::context`]
+    /// (`CudaContext::disable_event_tracking`, unsafe) before making the buffers the captured ops
+    /// use, and then orders any other stream's use of them itself.
     ///
     /// Errors: [`Error::NoDevice`] when the driver library is missing or `ordinal` is not below the
-    /// device count, [`Error::Driver`] when the driver fails to count devices or create the context.
+    /// device count, [`Error::Driver`] when the driver fails to count devices or create the context
+    /// or the stream.
     pub fn new(ordinal: usize) -> Result<Device> {
         if !driver_library_present() {
             return Err(Error::NoDevice {
@@ -93,7 +104,7 @@ impl Device {
             });
         }
         let ctx = CudaContext::new(ordinal).map_err(drv)?;
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream().map_err(drv)?;
         Ok(Device {
             backend: Backend::Gpu { ctx, stream },
         })
