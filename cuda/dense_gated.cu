@@ -23,14 +23,27 @@ struct RowMajor {
         return row < rows && k < cols ? p + static_cast<int64_t>(row) * cols + k : nullptr;
     }
 };
+// hg of the expand as one [T, terms·N] operand: k < N reads plane 0, k in [N, 2N) plane 1.
+template <typename T>
+struct GatedH {
+    const T *p;
+    int rows, n_cols, terms;
+    __device__ const T *operator()(int row, int k) const {
+        if (row >= rows || k >= terms * n_cols) return nullptr;
+        const int q = k >= n_cols;
+        return p + (static_cast<int64_t>(q) * rows + row) * n_cols + (k - q * n_cols);
+    }
+};
 // B of the expand: row n = output column o, k = e·rank + j at B[e, o, j] (rank a multiple of 8, so
 // 8 consecutive k stay inside one expert).
 template <typename T>
 struct StackedB {
     const T *p;
     int d_out, rank, n_cols;  // n_cols = E·rank
+    int terms;
     __device__ const T *operator()(int o, int k) const {
-        if (o >= d_out || k >= n_cols) return nullptr;
+        if (o >= d_out || k >= terms * n_cols) return nullptr;
+        if (k >= n_cols) k -= n_cols;  // the second term of hg meets the same B
         const int e = k / rank, j = k % rank;
         return p + (static_cast<int64_t>(e) * d_out + o) * rank + j;
     }
@@ -47,7 +60,11 @@ __device__ __forceinline__ void shrink_store(const molora_dense_gated_args &a, i
     float g = 0.0f;
     for (int s = 0; s < a.k_max; ++s)
         if (ids[s] == e) g += w[s];
-    static_cast<T *>(a.hg)[at] = from_f32<T>(g * v);
+    const float gv = g * v;
+    const T hi = from_f32<T>(gv);
+    T *hg = static_cast<T *>(a.hg);
+    hg[at] = hi;
+    if (a.hg_terms == 2) hg[static_cast<int64_t>(a.num_tokens) * n_cols + at] = from_f32<T>(gv - to_f32(hi));
 }
 
 template <typename T, int BN>
@@ -66,7 +83,11 @@ __global__ void __launch_bounds__(DgShrink<T, BN>::THREADS) dg_shrink_kernel(mol
     const RowMajor<T> bl{static_cast<const T *>(a.a), n_cols, a.d_in};
     typename G::Acc acc;
     G::zero(acc);
-    G::run(smem, al, bl, m0, n0, kt0, kt1, x, acc);
+    G::run(smem, al, bl, m0, n0, kt0, kt1, x, acc, /*wait_a=*/false);
+    // x and A are inputs of the whole layer; the routing and every buffer written below may still be
+    // in use by the predecessor (PDL): wait for it here, then let K2 start staging B.
+    pdl_wait();
+    pdl_launch_dependents();
     if (a.splits == 1) {
         G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
             const int t = m0 + r, col = n0 + c;
@@ -119,11 +140,12 @@ __global__ void __launch_bounds__(DgExpand<T>::THREADS) dg_expand_kernel(molora_
     const int n_cols = a.num_experts * a.rank;
     const int n0 = blockIdx.x * 128, m0 = blockIdx.y * 128;
     const T *hg = static_cast<const T *>(a.hg);
-    const RowMajor<T> al{hg, a.num_tokens, n_cols};
-    const StackedB<T> bl{static_cast<const T *>(a.b), a.d_out, a.rank, n_cols};
+    const GatedH<T> al{hg, a.num_tokens, n_cols, a.hg_terms};
+    const StackedB<T> bl{static_cast<const T *>(a.b), a.d_out, a.rank, n_cols, a.hg_terms};
     typename G::Acc acc;
     G::zero(acc);
-    G::run(smem, al, bl, m0, n0, 0, (n_cols + G::BK - 1) / G::BK, hg, acc);
+    // B does not depend on K1: its first stages are copied before waiting for K1 (PDL), hg after.
+    G::run(smem, al, bl, m0, n0, 0, (a.hg_terms * n_cols + G::BK - 1) / G::BK, hg, acc, /*wait_a=*/true);
     T *y = static_cast<T *>(a.y);
     G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
         const int t = m0 + r, o = n0 + c;
@@ -143,7 +165,7 @@ int launch_dg_shrink(const molora_dense_gated_args &a, cudaStream_t s) {
     if (grid.y > 65535u || grid.z > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
     const int err = allow_dynamic_smem<dg_shrink_kernel<T, BN>>(G::SMEM_BYTES);
     if (err) return err;
-    launch<dg_shrink_kernel<T, BN>>(grid, G::THREADS, G::SMEM_BYTES, s, a);
+    launch_ex<dg_shrink_kernel<T, BN>>(a.pdl != 0, grid, G::THREADS, G::SMEM_BYTES, s, a);
     return last_launch_error();
 }
 
@@ -153,12 +175,13 @@ int launch_dense_gated(const molora_dense_gated_args *args, molora_stream_t stre
     const molora_dense_gated_args a = *args;
     if (a.num_tokens < 0 || a.num_experts < 1 || a.rank < 1 || a.d_in < 1 || a.d_out < 1 || a.k_max < 1 ||
         a.rank % 8 != 0 || a.d_in % 8 != 0 || a.splits < 1 || a.splits > (a.d_in + 31) / 32 ||
+        (a.hg_terms != 1 && a.hg_terms != 2) || (a.pdl != 0 && a.pdl != 1) ||
         (a.splits > 1 && (!a.partials || !a.tickets)) || !a.x || !a.a || !a.b || !a.y || !a.ids || !a.weights ||
         !a.h || !a.hg)
         return static_cast<int>(cudaErrorInvalidValue);
     for (const void *p : {a.x, a.a, a.b, static_cast<const void *>(a.hg)})
         if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return static_cast<int>(cudaErrorInvalidValue);
-    if (static_cast<int64_t>(a.num_experts) * a.rank > 65535 * 128) return static_cast<int>(cudaErrorInvalidValue);
+    if (static_cast<int64_t>(a.num_experts) * a.rank * a.hg_terms > 65535 * 128) return static_cast<int>(cudaErrorInvalidValue);
     if (a.num_tokens == 0) return 0;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int n_cols = a.num_experts * a.rank;
@@ -169,7 +192,7 @@ int launch_dense_gated(const molora_dense_gated_args *args, molora_stream_t stre
     if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
     const int e2 = allow_dynamic_smem<dg_expand_kernel<T>>(G::SMEM_BYTES);
     if (e2) return e2;
-    launch<dg_expand_kernel<T>>(grid, G::THREADS, G::SMEM_BYTES, s, a);
+    launch_ex<dg_expand_kernel<T>>(true, grid, G::THREADS, G::SMEM_BYTES, s, a);
     return last_launch_error();
 }
 

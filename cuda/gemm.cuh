@@ -46,12 +46,16 @@ struct TileGemm {
                 for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
     }
 
-    // Stage `st` <- the k-tile starting at k (rows m0.., n0.. of A and B).
+    static constexpr int kLoadA = 1, kLoadB = 2;
+
+    // Stage `st` <- the k-tile starting at k (rows m0.., n0.. of A and B; `which` of the two).
     template <class AL, class BL>
-    __device__ static void load_stage(T *smem, int st, const AL &al, const BL &bl, int m0, int n0, int k, const T *any) {
+    __device__ static void load_stage(T *smem, int st, const AL &al, const BL &bl, int m0, int n0, int k, const T *any,
+                                      int which = kLoadA | kLoadB) {
         T *as = smem + st * STAGE_ELEMS;
         T *bs = as + BM * PITCH;
-        for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
+        const int c0 = (which & kLoadA) ? 0 : BM * (BK / 8), c1 = (which & kLoadB) ? CHUNKS : BM * (BK / 8);
+        for (int c = c0 + static_cast<int>(threadIdx.x); c < c1; c += THREADS) {
             const int row = c / (BK / 8), kc = (c % (BK / 8)) * 8;
             const T *src;
             T *dst;
@@ -68,21 +72,34 @@ struct TileGemm {
 
     // acc += A·Bᵀ over k-tiles [kt0, kt1) (k = 32·kt); `any` is a valid global address for the
     // zero-filled copies. Leaves shared memory free for the caller (all copies waited, barrier passed).
+    // wait_a: A is the predecessor kernel's output (programmatic dependent launch): the first stages'
+    // B tiles are copied, then pdl_wait(), then their A tiles (one commit group for the prologue).
     template <class AL, class BL>
     __device__ static void run(T *smem, const AL &al, const BL &bl, int m0, int n0, int kt0, int kt1, const T *any,
-                               Acc &acc) {
+                               Acc &acc, bool wait_a) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int wm0 = (warp / WN) * (BM / WM), wn0 = (warp % WN) * (BN / WN);
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (kt0 + s < kt1) load_stage(smem, s, al, bl, m0, n0, (kt0 + s) * BK, any);
+        if (wait_a) {
+            for (int s = 0; s < STAGES - 1; ++s)
+                if (kt0 + s < kt1) load_stage(smem, s, al, bl, m0, n0, (kt0 + s) * BK, any, kLoadB);
+            pdl_wait();
+            for (int s = 0; s < STAGES - 1; ++s)
+                if (kt0 + s < kt1) load_stage(smem, s, al, bl, m0, n0, (kt0 + s) * BK, any, kLoadA);
             cp_async_commit();
+            // Empty groups keep the count that cp_async_wait<STAGES - 2> below relies on.
+            for (int s = 1; s < STAGES - 1; ++s) cp_async_commit();
+        } else {
+#pragma unroll
+            for (int s = 0; s < STAGES - 1; ++s) {
+                if (kt0 + s < kt1) load_stage(smem, s, al, bl, m0, n0, (kt0 + s) * BK, any, kLoadA | kLoadB);
+                cp_async_commit();
+            }
         }
         for (int kt = kt0; kt < kt1; ++kt) {
             cp_async_wait<STAGES - 2>();
             __syncthreads();  // stage kt has landed for every thread; stage kt - 1 is free again
             const int next = kt + STAGES - 1;
-            if (next < kt1) load_stage(smem, (next - kt0) % STAGES, al, bl, m0, n0, next * BK, any);
+            if (next < kt1) load_stage(smem, (next - kt0) % STAGES, al, bl, m0, n0, next * BK, any, kLoadA | kLoadB);
             cp_async_commit();
             const T *as = smem + ((kt - kt0) % STAGES) * STAGE_ELEMS;
             const T *bs = as + BM * PITCH;

@@ -10,7 +10,7 @@ mod gpu {
         dispatch, expand_experts, expand_experts_on, expand_segments, expand_segments_on,
         lora_dense_gated, lora_dense_gated_on, mix_experts, shrink_experts, shrink_experts_on,
         shrink_segments, shrink_segments_on, staged_expand_max_columns, Buffer, CudaElement,
-        DenseGatedWorkspace, Device, DevicePlan, DeviceSegments, KernelPath,
+        DenseGatedConfig, DenseGatedWorkspace, Device, DevicePlan, DeviceSegments, KernelPath,
         DENSE_GATED_MAX_COLUMNS,
     };
     use molora::testing::{compare, test_device, Rng, Tolerance};
@@ -446,6 +446,7 @@ mod gpu {
         dev: &Device,
         c: &Case,
         splits: usize,
+        two_term_h: bool,
     ) -> Result<(), String> {
         let mut rng = Rng::new(c.seed ^ 0x7c);
         let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).map_err(|e| e.to_string())?;
@@ -473,7 +474,8 @@ mod gpu {
         let (dx, da, db) = (up(dev, &x), up(dev, &a), up(dev, &b));
         let dids = up(dev, r.ids());
         let dw = up(dev, r.weights());
-        let mut ws = DenseGatedWorkspace::with_splits(dev, c.t, &shape, splits)
+        let config = DenseGatedConfig { splits, two_term_h };
+        let mut ws = DenseGatedWorkspace::with_config(dev, c.t, &shape, config)
             .map_err(|e| e.to_string())?;
         let mut runs = vec![];
         for _ in 0..2 {
@@ -522,7 +524,7 @@ mod gpu {
         Ok(())
     }
 
-    fn dense_gated_tc_cases() -> impl Strategy<Value = (Case, usize)> {
+    fn dense_gated_tc_cases() -> impl Strategy<Value = (Case, usize, bool)> {
         // d_in and r multiples of 8 (the kernels' contract), T and d_out with tails of the 64- and
         // 128-row tiles, E·r up to 512 (both shrink tile widths, several column tiles), split-K
         // from none to one k-step per split.
@@ -539,28 +541,134 @@ mod gpu {
                 0usize..=200
             ],
             prop_oneof![Just(1usize), Just(2), Just(3), Just(64)],
+            any::<bool>(),
         )
-            .prop_map(|(mut c, d_in, r, t, splits)| {
+            .prop_map(|(mut c, d_in, r, t, splits, two_term_h)| {
                 c.d_in = d_in;
                 c.r = r;
                 c.e = c.e.min(512 / r);
                 c.t = t;
-                (c, splits.min(d_in.div_ceil(32)))
+                (c, splits.min(d_in.div_ceil(32)), two_term_h)
             })
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
-        fn dense_gated_tensor_core_matches_cpu((c, splits) in dense_gated_tc_cases()) {
+        fn dense_gated_tensor_core_matches_cpu((c, splits, two) in dense_gated_tc_cases()) {
             let Some(dev) = test_device("dense_gated_tensor_core_matches_cpu") else { return Ok(()) };
             for (dtype, result) in [
-                ("f16", dense_gated_tc_case::<half::f16>(&dev, &c, splits)),
-                ("bf16", dense_gated_tc_case::<half::bf16>(&dev, &c, splits)),
+                ("f16", dense_gated_tc_case::<half::f16>(&dev, &c, splits, two)),
+                ("bf16", dense_gated_tc_case::<half::bf16>(&dev, &c, splits, two)),
             ] {
                 if let Err(msg) = result {
-                    prop_assert!(false, "{dtype}, splits {splits}: {msg} ({c:?})");
+                    prop_assert!(false, "{dtype}, splits {splits}, two-term h {two}: {msg} ({c:?})");
                 }
+            }
+        }
+    }
+
+    /// Precision of the tensor-core dense-gated path, whose expand multiplies `hg = g ⊙ h` rounded
+    /// once to the element type, against the CUDA-core path (f32 `h` between shrink and expand),
+    /// both measured against an f64 reference on the same inputs, at the output (rounded to the
+    /// element type as every path rounds it). Printed with `--nocapture`; the tensor-core error must
+    /// stay within twice the CUDA-core path's plus the output rounding's.
+    fn precision_drift<T: CudaElement>(dev: &Device) -> Result<String, String> {
+        let (t, e, r, d_in, d_out, k) = (96usize, 8usize, 16usize, 1024usize, 256usize, 2usize);
+        let mut rng = Rng::new(0xd41f7);
+        let shape = LoraShape::new(e, r, d_in, d_out).map_err(|e| e.to_string())?;
+        let x: Vec<T> = rng.values(t * d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.05);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.05);
+        let mut ids = vec![];
+        let mut w = vec![];
+        for _ in 0..t {
+            let e0 = rng.below(e);
+            ids.extend([e0 as i32, ((e0 + 1 + rng.below(e - 1)) % e) as i32]);
+            let p = rng.uniform() as f32;
+            w.extend([p, 1.0 - p]);
+        }
+        let scale = 2.0f32;
+        // f64 reference of the delta (y starts at zero).
+        let mut want = vec![0.0f64; t * d_out];
+        for tok in 0..t {
+            for s in 0..k {
+                let ex = ids[tok * k + s] as usize;
+                let h: Vec<f64> = (0..r)
+                    .map(|j| {
+                        (0..d_in)
+                            .map(|i| {
+                                x[tok * d_in + i].to_f32() as f64
+                                    * a[(ex * r + j) * d_in + i].to_f32() as f64
+                            })
+                            .sum()
+                    })
+                    .collect();
+                for o in 0..d_out {
+                    let d: f64 = (0..r)
+                        .map(|j| h[j] * b[(ex * d_out + o) * r + j].to_f32() as f64)
+                        .sum();
+                    want[tok * d_out + o] += scale as f64 * w[tok * k + s] as f64 * d;
+                }
+            }
+        }
+        let rms = |got: &[f64]| -> f64 {
+            let num: f64 = got.iter().zip(&want).map(|(g, w)| (g - w) * (g - w)).sum();
+            let den: f64 = want.iter().map(|w| w * w).sum();
+            (num / den).sqrt()
+        };
+        let rounded: Vec<f64> = want
+            .iter()
+            .map(|&v| T::from_f32(v as f32).to_f32() as f64)
+            .collect();
+        let (dx, da, db) = (up(dev, &x), up(dev, &a), up(dev, &b));
+        let (dids, dw) = (up(dev, &ids), up(dev, &w));
+        let mut errs = vec![];
+        for (path, two_term_h) in [
+            (KernelPath::TensorCore, false),
+            (KernelPath::TensorCore, true),
+            (KernelPath::Staged, false),
+        ] {
+            let config = DenseGatedConfig {
+                two_term_h,
+                ..DenseGatedConfig::for_shape(dev, t, &shape)
+            };
+            let mut ws = DenseGatedWorkspace::with_config(dev, t, &shape, config)
+                .map_err(|e| e.to_string())?;
+            let mut dy = up(dev, &vec![T::from_f32(0.0); t * d_out]);
+            lora_dense_gated_on(
+                dev, &dx, &da, &db, &shape, &dids, &dw, k, scale, &mut ws, &mut dy, path,
+            )
+            .map_err(|e| e.to_string())?;
+            let got: Vec<f64> = down(dev, &dy, t * d_out)
+                .iter()
+                .map(|v| v.to_f32() as f64)
+                .collect();
+            errs.push(rms(&got));
+        }
+        let out = rms(&rounded);
+        let line = format!(
+            "{:?}: relative RMS error against f64 — tensor-core, g⊙h rounded once {:.3e}; tensor-core, g⊙h in two terms {:.3e}; CUDA-core (f32 h) {:.3e}; output rounding alone {:.3e}",
+            T::DTYPE, errs[0], errs[1], errs[2], out
+        );
+        if errs[0] > 2.0 * errs[2] + out || errs[1] > 1.05 * errs[2] + 0.05 * out {
+            return Err(line);
+        }
+        Ok(line)
+    }
+
+    #[test]
+    fn dense_gated_tensor_core_precision() {
+        let Some(dev) = test_device("dense_gated_tensor_core_precision") else {
+            return;
+        };
+        for r in [
+            precision_drift::<half::bf16>(&dev),
+            precision_drift::<half::f16>(&dev),
+        ] {
+            match r {
+                Ok(line) => println!("{line}"),
+                Err(line) => panic!("drift over the bound: {line}"),
             }
         }
     }
@@ -628,7 +736,11 @@ mod gpu {
         assert!(msg.contains("r = 6"), "{msg}");
         assert_eq!(run(2, 8, 16, false), "ok");
         let shape = LoraShape::new(2, 8, 64, 16).expect("shape");
-        let err = DenseGatedWorkspace::with_splits(&dev, 4, &shape, 3)
+        let config = DenseGatedConfig {
+            splits: 3,
+            two_term_h: false,
+        };
+        let err = DenseGatedWorkspace::with_config(&dev, 4, &shape, config)
             .expect_err("3 splits of 2 k-steps");
         assert!(err.to_string().contains("splits"), "{err}");
     }

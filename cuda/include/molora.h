@@ -394,18 +394,26 @@ int molora_mix_bf16(const molora_mix_args *args, molora_stream_t stream);
  * The dense-gated LoRA part on tensor cores (f16/bf16), two kernels, no dispatch:
  *
  *   K1  h[t, c]  = Σ_i x[t, i] · A_all[c, i]                  c < N = num_experts·rank, A_all = A as [N, d_in]
- *       hg[t, c] = round(g[t, c / rank] · h[t, c]),  g[t, e] = Σ_{s: ids[t,s] = e} weights[t,s]
- *   K2  y[t, o]  = round(y[t, o] + scale · Σ_c hg[t, c] · B[c / rank, o, c % rank])   (when the sum is not 0)
+ *       v = g[t, c / rank] · h[t, c],  g[t, e] = Σ_{s: ids[t,s] = e} weights[t,s]
+ *       hg[0][t, c] = round(v);  with hg_terms = 2 also hg[1][t, c] = round(v - hg[0][t, c])
+ *   K2  y[t, o]  = round(y[t, o] + scale · Σ_q Σ_c hg[q][t, c] · B[c / rank, o, c % rank])   (when the sum is not 0)
  *
  * K1 is an mma.sync GEMM over 64-token × MOLORA_DG_SHRINK_BN(N)-column tiles whose epilogue gates;
  * with splits > 1 the d_in range is split over `splits` blocks per tile, each writing its f32 partial
  * tile to partials[split] ([splits, T, N]), and the last block of a tile to arrive (a ticket per tile,
  * reset to zero by that block, so every launch leaves tickets zeroed: graph-safe) sums the partials in
  * split order (deterministic) and runs the epilogue. K2 is an mma.sync GEMM over 128 × 128 output
- * tiles with K = N; y is read and written once. h stays f32 (the backward reads it); the expand's
- * operand hg is rounded once to the element type (its relative error 2^-9 for bf16, 2^-12 for f16).
- * Needs d_in and rank multiples of 8 and x, A, B 16-byte aligned; otherwise cudaErrorInvalidValue.
- * Ids outside [0, num_experts) are skipped.
+ * tiles with K = hg_terms·N; y is read and written once. h stays f32 (the backward reads it); the
+ * expand's operand g ⊙ h is rounded once to the element type (hg_terms = 1: relative error 2^-9 for
+ * bf16, 2^-12 for f16) or split into two terms (hg_terms = 2: about 2^-17 / 2^-22, at twice the
+ * expand's products). Needs d_in and rank multiples of 8 and x, A, B, hg 16-byte aligned; otherwise
+ * cudaErrorInvalidValue. Ids outside [0, num_experts) are skipped.
+ *
+ * pdl = 1 (sm_90): both kernels are launched with programmatic stream serialization. K1 then reads
+ * x and A before its predecessor on the stream has finished, and waits for it only before it reads
+ * ids/weights and writes anything: set it only when the predecessor is the gating kernel that
+ * produced the routing (MoleLoraForward does). K2 is always launched so: it stages its first tiles of
+ * B while K1 finishes and waits for K1 before it reads hg or y.
  */
 #define MOLORA_DG_SHRINK_BM 64
 #define MOLORA_DG_SHRINK_BN(n) ((n) <= 64 ? 64 : 128)
@@ -417,7 +425,7 @@ typedef struct molora_dense_gated_args {
     const int32_t *ids;     /* [T, k_max] */
     const float *weights;   /* [T, k_max] */
     float *h;               /* [T, N] f32 out */
-    void *hg;               /* [T, N] element type out */
+    void *hg;               /* [hg_terms, T, N] element type out */
     float *partials;        /* [splits, T, N] f32 (NULL when splits = 1) */
     int32_t *tickets;       /* [ceil(T / MOLORA_DG_SHRINK_BM) · ceil(N / MOLORA_DG_SHRINK_BN(N))], zeroed once */
     int32_t k_max;
@@ -427,6 +435,8 @@ typedef struct molora_dense_gated_args {
     int32_t d_in;
     int32_t d_out;
     int32_t splits;         /* 1 ..= ceil(d_in / 32) */
+    int32_t hg_terms;       /* 1 or 2 */
+    int32_t pdl;            /* 0 or 1 */
     float scale;
 } molora_dense_gated_args;
 

@@ -13,7 +13,8 @@ use super::device::Device;
 use super::dispatch::{dispatch, DevicePlan};
 use super::gating::{gating, router_logits, DeviceGate};
 use super::lora::{
-    expand_experts, lora_dense_gated, shrink_experts, CudaElement, DenseGatedWorkspace, LoraPath,
+    dense_gated_impl, expand_experts, shrink_experts, CudaElement, DenseGatedWorkspace, KernelPath,
+    LoraPath,
 };
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
 use crate::cpu::Activation;
@@ -156,7 +157,9 @@ impl MoleLoraForward {
                 shrink_experts(dev, x, a, &shape, plan, h)?;
                 expand_experts(dev, h, b, &shape, plan, &self.ids, &self.weights, scale, y)
             }
-            Path::DenseGated(ws) => lora_dense_gated(
+            // The gating just enqueued wrote the routing; x and A come from before the router:
+            // the tensor-core shrink may overlap the gating's tail (programmatic dependent launch).
+            Path::DenseGated(ws) => dense_gated_impl(
                 dev,
                 x,
                 a,
@@ -168,6 +171,8 @@ impl MoleLoraForward {
                 scale,
                 ws,
                 y,
+                KernelPath::Auto,
+                true,
             ),
         }
     }

@@ -705,7 +705,7 @@ pub struct DenseGatedWorkspace {
     pub(crate) columns: usize,
     pub(crate) h: Buffer<f32>,
     hg: Buffer<u16>,
-    splits: usize,
+    config: DenseGatedConfig,
     partials: Buffer<f32>,
     tickets: Buffer<i32>,
     offsets: Buffer<i32>,
@@ -729,7 +729,7 @@ fn multiprocessors(dev: &Device) -> usize {
 
 /// Split-K factor of the tensor-core dense-gated shrink: enough blocks for two per multiprocessor
 /// when the `64 × BN` output tiles alone do not give them, each split at least 8 k-steps of 32
-/// (`d_in` ≥ 256 per split), at most 8.
+/// (`d_in` ≥ 256 per split), at most 16.
 pub fn dense_gated_splits(
     num_tokens: usize,
     columns: usize,
@@ -739,7 +739,7 @@ pub fn dense_gated_splits(
     let tiles = dense_gated_tiles(num_tokens, columns);
     let k_tiles = d_in.div_ceil(32).max(1);
     let want = (2 * multiprocessors).div_ceil(tiles.max(1));
-    want.min(k_tiles / 8).clamp(1, 8)
+    want.min(k_tiles / 8).clamp(1, 16)
 }
 
 /// Output tiles of the tensor-core dense-gated shrink (`64 × 64` for `E·r ≤ 64`, else `64 × 128`).
@@ -748,27 +748,54 @@ fn dense_gated_tiles(num_tokens: usize, columns: usize) -> usize {
     num_tokens.div_ceil(ffi::MOLORA_DG_SHRINK_BM as usize) * columns.div_ceil(bn)
 }
 
+/// How the tensor-core dense-gated kernels run: the shrink's split over `d_in` and whether the
+/// expand's operand `g ⊙ h` is rounded once to the element type or split into two terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DenseGatedConfig {
+    /// The shrink's split-K factor, 1 ..= `ceil(d_in / 32)`.
+    pub splits: usize,
+    /// `g ⊙ h` as two terms of the element type (hi + lo, about 16 significant bits for bf16): the
+    /// output's error is then the output rounding's alone (`tests/cuda_lora.rs` measures it), at
+    /// twice the expand's products. Off: one rounding (relative RMS error 1.4× the output
+    /// rounding's, measured there).
+    pub two_term_h: bool,
+}
+
+impl DenseGatedConfig {
+    /// The default for `num_tokens` tokens of `shape` on `dev`: [`dense_gated_splits`], one term.
+    pub fn for_shape(dev: &Device, num_tokens: usize, shape: &LoraShape) -> Self {
+        DenseGatedConfig {
+            splits: dense_gated_splits(
+                num_tokens,
+                shape.num_experts * shape.rank,
+                shape.d_in,
+                multiprocessors(dev),
+            ),
+            two_term_h: false,
+        }
+    }
+}
+
 impl DenseGatedWorkspace {
-    /// The workspace for `num_tokens` tokens of `shape`, with the split-K factor
-    /// [`dense_gated_splits`] picks for the device.
+    /// The workspace for `num_tokens` tokens of `shape`, configured by [`DenseGatedConfig::for_shape`].
     pub fn new(dev: &Device, num_tokens: usize, shape: &LoraShape) -> Result<Self> {
-        let splits = dense_gated_splits(
+        Self::with_config(
+            dev,
             num_tokens,
-            shape.num_experts * shape.rank,
-            shape.d_in,
-            multiprocessors(dev),
-        );
-        Self::with_splits(dev, num_tokens, shape, splits)
+            shape,
+            DenseGatedConfig::for_shape(dev, num_tokens, shape),
+        )
     }
 
-    /// [`DenseGatedWorkspace::new`] with the tensor-core shrink split `splits` ways over `d_in`
-    /// (1 ..= `ceil(d_in / 32)`, else [`Error::InvalidDim`]); for tests and the bench's sweep.
-    pub fn with_splits(
+    /// [`DenseGatedWorkspace::new`] with a chosen configuration ([`Error::InvalidDim`] for a split
+    /// count outside 1 ..= `ceil(d_in / 32)`); for precision, tests and the bench's sweep.
+    pub fn with_config(
         dev: &Device,
         num_tokens: usize,
         shape: &LoraShape,
-        splits: usize,
+        config: DenseGatedConfig,
     ) -> Result<Self> {
+        let splits = config.splits;
         let columns = shape.num_experts * shape.rank;
         if columns > DENSE_GATED_MAX_COLUMNS {
             return Err(Error::Unsupported {
@@ -786,6 +813,8 @@ impl DenseGatedWorkspace {
             });
         }
         let n = fits_i32("T * E * r", num_tokens * columns)? as usize;
+        let terms = if config.two_term_h { 2 } else { 1 };
+        let hg = fits_i32("2 * T * E * r", terms * n)? as usize;
         let partials = if splits > 1 {
             fits_i32("splits * T * E * r", splits * n)? as usize
         } else {
@@ -795,17 +824,17 @@ impl DenseGatedWorkspace {
             num_tokens,
             columns,
             h: dev.zeros(n + 1)?,
-            hg: dev.zeros(n + 8)?,
-            splits,
+            hg: dev.zeros(hg + 8)?,
+            config,
             partials: dev.zeros(partials)?,
             tickets: dev.zeros(dense_gated_tiles(num_tokens, columns).max(1))?,
             offsets: dev.upload(&[0, num_tokens as i32])?,
         })
     }
 
-    /// The split-K factor the tensor-core shrink runs with.
-    pub fn splits(&self) -> usize {
-        self.splits
+    /// The configuration the tensor-core kernels run with.
+    pub fn config(&self) -> DenseGatedConfig {
+        self.config
     }
 
     /// Every expert's shrink of the last run, `h` `[T, E·r]` f32 (ungated; the backward reads it).
@@ -890,6 +919,30 @@ pub fn lora_dense_gated_on<T: CudaElement>(
     y: &mut impl DeviceWrite<T>,
     path: KernelPath,
 ) -> Result<()> {
+    dense_gated_impl(
+        dev, x, a, b, shape, ids, weights, k_max, scale, ws, y, path, false,
+    )
+}
+
+/// [`lora_dense_gated_on`]; `after_gating`: the kernel before this call on the stream is the gating
+/// that wrote `ids`/`weights`, and nothing before it is still running that writes `x` or `A`, so the
+/// tensor-core shrink may start before it ends (programmatic dependent launch; `MoleLoraForward`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_gated_impl<T: CudaElement>(
+    dev: &Device,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
+    shape: &LoraShape,
+    ids: &impl DeviceRead<i32>,
+    weights: &impl DeviceRead<f32>,
+    k_max: usize,
+    scale: f32,
+    ws: &mut DenseGatedWorkspace,
+    y: &mut impl DeviceWrite<T>,
+    path: KernelPath,
+    pdl: bool,
+) -> Result<()> {
     const OP: &str = "lora_dense_gated";
     check_scale(scale)?;
     let t = ws.num_tokens;
@@ -924,7 +977,7 @@ pub fn lora_dense_gated_on<T: CudaElement>(
                 let idp = l.input("routing ids [T, k_max]", ids, t * k_max)?;
                 let wp = l.input("routing weights [T, k_max]", weights, t * k_max)?;
                 let yp = l.output("y [T, d_out]", y, t * shape.d_out)?;
-                let splits = ws.splits;
+                let DenseGatedConfig { splits, two_term_h } = ws.config;
                 let h = l.output_any("dense-gated workspace h", &mut ws.h)?;
                 let hg = l.output_any("dense-gated workspace hg", &mut ws.hg)?;
                 let partials = l.output_any("dense-gated workspace partials", &mut ws.partials)?;
@@ -954,6 +1007,8 @@ pub fn lora_dense_gated_on<T: CudaElement>(
                     d_in: shape.d_in as i32,
                     d_out: shape.d_out as i32,
                     splits: splits as i32,
+                    hg_terms: if two_term_h { 2 } else { 1 },
+                    pdl: pdl as i32,
                     scale,
                 };
                 // SAFETY: x, A, B, ids, weights and y hold the checked lengths; the workspace was

@@ -70,7 +70,7 @@ pub(crate) use lora::dense_gated_shrink;
 pub use lora::{
     dense_gated_splits, expand_experts, expand_experts_on, expand_segments, expand_segments_on,
     lora_dense_gated, lora_dense_gated_on, mix_experts, shrink_experts, shrink_experts_on,
-    shrink_segments, shrink_segments_on, staged_expand_max_columns, CudaElement,
+    shrink_segments, shrink_segments_on, staged_expand_max_columns, CudaElement, DenseGatedConfig,
     DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
 #[cfg(feature = "cuda")]
