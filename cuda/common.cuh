@@ -35,6 +35,24 @@
 
 namespace molora {
 
+#ifndef MOLORA_EMU
+// Whether the current device has programmatic dependent launch (compute capability 9.0 and newer),
+// read once per device.
+inline bool pdl_supported() {
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> cache[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return false;
+    int v = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
+    if (v == 0) {
+        int major = 0;
+        v = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 ? 2 : 1;
+        if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+    }
+    return v == 2;
+}
+#endif
+
 // The error of the last molora::launch on this host thread (0 = enqueued). Kept here rather than read
 // back with cudaGetLastError, which also returns an earlier asynchronous error of another op.
 inline thread_local int tl_launch_error = 0;
@@ -56,7 +74,7 @@ inline int launch_ex(bool pdl, dim3 grid, dim3 block, size_t smem, cudaStream_t 
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
-    if (pdl) {
+    if (pdl && pdl_supported()) {
         attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[0].val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = attr;

@@ -1,11 +1,13 @@
-//! GPU benchmark of the LoRA part of a MoLE layer: prints the Markdown table of
+//! GPU benchmark of the LoRA part of a MoLE layer: prints the Markdown tables of
 //! [`molora::cuda::bench::run`] (ours on both paths, GB/s, fraction of the memory floor, the cuBLAS
-//! per-expert loop (a) and the dense all-experts cuBLAS version (b), the base GEMM, and our backward
-//! with the memory it works in) for the shapes of [`molora::cuda::bench::issue_cases`].
+//! per-expert loop (a) and the dense all-experts cuBLAS version (b), the base GEMM, our backward
+//! with the memory it works in, and the graph replay; the kernel variants; the dense-gated sweep)
+//! for the shapes of [`molora::cuda::bench::issue_cases`].
 //!
 //! `cargo run --release --no-default-features --features cuda --example 02_gpu_bench [-- f16|bf16|f32 [ITERS [T]]]`
-//! (bf16 and 100 iterations by default, every case or only those with `T` tokens; `MOLORA_BW_GBPS` sets the bandwidth of the memory floor,
-//! default 3000, the H100's; `MOLORA_BENCH_NO_BACKWARD=1` skips the backward columns).
+//! (bf16 and 100 iterations by default, every case or only those with `T` tokens; the memory floor's
+//! bandwidth is measured in the run unless `MOLORA_BW_GBPS` gives it; `MOLORA_BENCH_NO_BACKWARD=1`
+//! skips the backward columns).
 
 use molora::cuda::bench::{run, BenchOptions};
 use molora::DType;
@@ -38,7 +40,7 @@ fn main_inner() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     if let Ok(bw) = std::env::var("MOLORA_BW_GBPS") {
-        opts.bandwidth_gbps = bw.parse()?;
+        opts.bandwidth_gbps = Some(bw.parse()?);
     }
     opts.backward = std::env::var("MOLORA_BENCH_NO_BACKWARD").map_or(true, |v| v != "1");
     print!("{}", run(&opts)?);

@@ -22,7 +22,7 @@ mod gpu {
         opts.cases.clear();
         assert!(matches!(run(&opts), Err(Error::InvalidDim { .. })));
         let mut opts = BenchOptions::new(DType::BF16);
-        opts.bandwidth_gbps = 0.0;
+        opts.bandwidth_gbps = Some(0.0);
         assert!(matches!(
             run(&opts),
             Err(Error::InvalidParameter {
@@ -47,6 +47,9 @@ mod gpu {
             BenchCase::new(70, 64, 64, 40, 16, 3, TopK), // E·r = 640: segmented only
             BenchCase::new(97, 48, 80, 5, 4, 2, Threshold),
             BenchCase::new(300, 40, 56, 3, 2, 1, PerSequence { seq_len: 64 }),
+            // The tensor-core dense-gated path (f16/bf16), and the same shape misaligned (off it).
+            BenchCase::new(200, 64, 72, 4, 8, 2, TopK),
+            BenchCase::new(50, 64, 72, 4, 8, 2, TopK).misaligned(),
         ];
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let opts = BenchOptions {
@@ -55,9 +58,11 @@ mod gpu {
                 ..BenchOptions::new(dtype)
             };
             let table = run(&opts).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
-            // Title, main table, title of the kernel-variant table, that table.
+            // Title, main table, title of the kernel-variant table, that table; for f16/bf16 the
+            // title and rows of the dense-gated sweep (the one aligned tensor-core case).
             let parts: Vec<&str> = table.split("\n\n").collect();
-            assert_eq!(parts.len(), 4, "{dtype:?}:\n{table}");
+            let tc = dtype != DType::F32;
+            assert_eq!(parts.len(), if tc { 6 } else { 4 }, "{dtype:?}:\n{table}");
             let rows_of = |part: &str| -> Vec<String> {
                 part.lines()
                     .filter(|l| l.starts_with("| ") && !l.starts_with("| T "))
@@ -68,7 +73,20 @@ mod gpu {
             assert_eq!(rows.len(), cases.len(), "{dtype:?}:\n{table}");
             for (row, case) in rows.iter().zip(&cases) {
                 let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
-                assert_eq!(cols.len(), 19, "{dtype:?}: {row}");
+                assert_eq!(cols.len(), 20, "{dtype:?}: {row}");
+                let tc_row = tc && case.d_in == 64 && !case.misaligned;
+                assert_eq!(
+                    cols[7].ends_with("(dg-tc)"),
+                    tc_row,
+                    "{dtype:?}: the path of {row}"
+                );
+                // The graph replay is measured for every case with experts (all have T ≤ 256).
+                if !matches!(case.routing, PerSequence { .. }) {
+                    assert!(
+                        cols[19].parse::<f64>().is_ok_and(|v| v > 0.0),
+                        "{dtype:?}: graph replay of {row}"
+                    );
+                }
                 assert_eq!(cols[0], case.tokens.to_string(), "{row}");
                 // Our time, baseline (a), the base GEMM and the backward are always measured.
                 for i in [7, 11, 15, 16] {
@@ -109,6 +127,28 @@ mod gpu {
                     e_r > staged_expand_max_columns(dtype.size_in_bytes()),
                     "{dtype:?}: staged column of {row}"
                 );
+            }
+            if tc {
+                let sweep = rows_of(parts[5]);
+                assert_eq!(sweep.len(), 1, "{dtype:?}:\n{table}");
+                let cols: Vec<&str> = sweep[0]
+                    .trim_matches('|')
+                    .split('|')
+                    .map(str::trim)
+                    .collect();
+                assert_eq!(cols.len(), 14, "{dtype:?}: {}", sweep[0]);
+                // CUDA cores, splits 1 and 2 (d_in = 64 has two k-steps), two-term: measured;
+                // splits 4, 8, 16: refused.
+                for i in [5, 6, 7, 11] {
+                    assert!(
+                        cols[i].parse::<f64>().is_ok_and(|v| v > 0.0),
+                        "{dtype:?}: column {i} of {}",
+                        sweep[0]
+                    );
+                }
+                for i in [8, 9, 10] {
+                    assert_eq!(cols[i], "—", "{dtype:?}: column {i} of {}", sweep[0]);
+                }
             }
         }
     }

@@ -20,6 +20,10 @@
 //!   `Y += H·B_allᵀ`, two GEMMs; the gate weights are left out, so it is a lower bound of that
 //!   baseline;
 //! * the **base GEMM** `X·W0ᵀ` for scale (a whole layer is base + LoRA part);
+//! * **graph replay**, for rows of at most [`GRAPH_MAX_TOKENS`] tokens with experts (not SAML): the
+//!   forward of "ours" as [`MoleLoraForward::run`] enqueues it (router logits → gating → the LoRA
+//!   part on the path "ours" took), captured once into a CUDA graph, then the graph replayed; "—"
+//!   for larger `T`, SAML rows, or where the capture fails (the reason goes to stderr, once);
 //! * with [`BenchOptions::backward`], **our backward** of the LoRA part on the path of "ours"
 //!   (grouped LoRA backward on the segmented plan, or the dense-gated backward; then the gating and
 //!   router backward; for SAML the mixed adapters' backward and
@@ -30,7 +34,7 @@
 //! on the segmented plan, the measurements that the `Auto` rule is to be tuned by.
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::{bf16, f16};
 
 use super::backward::{
@@ -39,13 +43,14 @@ use super::backward::{
 };
 use super::device::Device;
 use super::dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan};
+use super::forward::{DeviceRouter, MoleLoraForward};
 use super::gating::{gating, router_logits, DeviceGate};
 use super::lora::{
-    expand_experts, expand_experts_on, expand_segments, lora_dense_gated, mix_experts,
-    shrink_experts, shrink_experts_on, shrink_segments, CudaElement, DenseGatedWorkspace,
-    DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
+    expand_experts, expand_experts_on, expand_segments, lora_dense_gated, lora_dense_gated_on,
+    mix_experts, shrink_experts, shrink_experts_on, shrink_segments, CudaElement, DenseGatedConfig,
+    DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
-use super::memory::{gpu_view, gpu_view_mut, Buffer, DeviceRead, DeviceWrite};
+use super::memory::{gpu_view, gpu_view_mut, Buffer, BufferView, DeviceRead, DeviceWrite};
 use super::DeviceLoraGrads;
 use crate::cpu::{Activation, Gate, ThresholdSpec};
 use crate::testing::Rng;
@@ -74,6 +79,9 @@ pub struct BenchCase {
     /// Slots per token of a top-k routing (ignored by the other routings).
     pub k: usize,
     pub routing: BenchRouting,
+    /// `x`, `A` and `B` start one element past a 16-byte boundary (the views a framework hands over
+    /// when it slices a tensor), so that kernels needing aligned 16-byte loads must fall back.
+    pub misaligned: bool,
 }
 
 impl BenchCase {
@@ -94,6 +102,15 @@ impl BenchCase {
             rank,
             k,
             routing,
+            misaligned: false,
+        }
+    }
+
+    /// The same case with `x`, `A` and `B` misaligned by one element.
+    pub const fn misaligned(self) -> Self {
+        BenchCase {
+            misaligned: true,
+            ..self
         }
     }
 }
@@ -101,7 +118,8 @@ impl BenchCase {
 /// The shapes of the CUDA-kernel issue: `T ∈ {1, 16, 256, 4096, 16384}` at 4096→4096, E 8, r 16,
 /// k 2; (4096, 1280→1280, E 4, r 8, k 1); (4096, 1280→5120, E 4, r 32, k 2); (8192, 3584→3584, E 8,
 /// r 64, k 2); (4096, 4096→4096, E 32, r 16, k 4); threshold and SAML (sequences of 256) routing on
-/// the first shape at T = 4096.
+/// the first shape at T = 4096; and the first shape at T = 4096 off the fast paths' conditions:
+/// `d` not a multiple of 8 (4100→4100), an odd rank (15), and misaligned `x`, `A`, `B`.
 pub fn issue_cases() -> Vec<BenchCase> {
     use BenchRouting::*;
     let mut cases: Vec<BenchCase> = [1, 16, 256, 4096, 16384]
@@ -115,6 +133,9 @@ pub fn issue_cases() -> Vec<BenchCase> {
         BenchCase::new(4096, 4096, 4096, 32, 16, 4, TopK),
         BenchCase::new(4096, 4096, 4096, 8, 16, 2, Threshold),
         BenchCase::new(4096, 4096, 4096, 8, 16, 2, PerSequence { seq_len: 256 }),
+        BenchCase::new(4096, 4100, 4100, 8, 16, 2, TopK),
+        BenchCase::new(4096, 4096, 4096, 8, 15, 2, TopK),
+        BenchCase::new(4096, 4096, 4096, 8, 16, 2, TopK).misaligned(),
     ]);
     cases
 }
@@ -127,8 +148,9 @@ pub struct BenchOptions {
     pub cases: Vec<BenchCase>,
     /// Timed iterations per measurement for `T < 4096`; a fifth of them (at least 1) from 4096 on.
     pub iters: usize,
-    /// Copy bandwidth of the GPU for the memory floor, in GB/s (3000 for an H100's HBM3).
-    pub bandwidth_gbps: f64,
+    /// Bandwidth of the memory floor in GB/s; `None`: measured in the same run, as a device-to-device
+    /// copy of 512 MiB (bytes read + written over its time).
+    pub bandwidth_gbps: Option<f64>,
     /// Also time our backward of the LoRA part.
     pub backward: bool,
     /// CUDA device ordinal.
@@ -139,13 +161,14 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// The issue's shapes ([`issue_cases`]) in `dtype`, 100 iterations, 3000 GB/s, with backward.
+    /// The issue's shapes ([`issue_cases`]) in `dtype`, 100 iterations, the bandwidth measured, with
+    /// backward.
     pub fn new(dtype: DType) -> Self {
         BenchOptions {
             dtype,
             cases: issue_cases(),
             iters: 100,
-            bandwidth_gbps: 3000.0,
+            bandwidth_gbps: None,
             backward: true,
             device: 0,
             progress: false,
@@ -172,37 +195,63 @@ pub fn run(opts: &BenchOptions) -> Result<String> {
             reason: "the benchmark needs at least one case and one iteration",
         });
     }
-    if !(opts.bandwidth_gbps.is_finite() && opts.bandwidth_gbps > 0.0) {
+    if let Some(bw) = opts
+        .bandwidth_gbps
+        .filter(|bw| !(bw.is_finite() && *bw > 0.0))
+    {
         return Err(Error::InvalidParameter {
             what: "bandwidth_gbps",
-            value: opts.bandwidth_gbps as f32,
+            value: bw as f32,
             reason: "must be finite and > 0",
         });
     }
     let dev = Device::new(opts.device)?;
-    let (_, stream) = dev.gpu(BENCH)?;
+    let (ctx, stream) = dev.gpu(BENCH)?;
+    // SAFETY: every buffer of the benchmark is made after this call, on the device's one stream, and
+    // used only on it (cuBLAS is bound to it too), so none needs cudarc's cross-stream events. Without
+    // them a buffer's use records and waits on no event: a graph capture cannot wait on events
+    // recorded before it began, and the eager timings carry no event calls.
+    unsafe { ctx.disable_event_tracking() };
     let blas = CudaBlas::new(stream.clone()).map_err(blas_err)?;
+    let (bandwidth, bw_source) = match opts.bandwidth_gbps {
+        Some(bw) => (bw, "given"),
+        None => (
+            copy_bandwidth_gbps(&dev)?,
+            "measured: a 512 MiB device-to-device copy",
+        ),
+    };
+    let opts = &BenchOptions {
+        bandwidth_gbps: Some(bandwidth),
+        ..opts.clone()
+    };
     let mut out = format!(
-        "LoRA part of a MoLE layer, {:?}, memory floor at {} GB/s; times in µs (CUDA events, mean of {} \
+        "LoRA part of a MoLE layer, {:?}, memory floor at {:.0} GB/s ({bw_source}); times in µs (CUDA events, mean of {} \
          iterations, {} from T = 4096); ours = the path LoraPath::for_shape picks (seg = segmented, \
-         dg = dense-gated); (a) = cuBLAS per-expert loop, (b) = dense all-experts cuBLAS\n\n",
+         dg = dense-gated on CUDA cores, dg-tc = dense-gated on tensor cores); (a) = cuBLAS per-expert loop, (b) = dense all-experts cuBLAS; graph replay \
+         = the forward of ours (MoleLoraForward::run) captured once in a CUDA graph, per replay, for \
+         T ≤ {GRAPH_MAX_TOKENS}\n\n",
         opts.dtype,
-        opts.bandwidth_gbps,
+        bandwidth,
         opts.iters,
         opts.iters.div_ceil(5),
     );
     out.push_str(
         "| T | d_in→d_out | E | r | routing | segmented | dense-gated | ours | GB/s | floor | ours / floor \
          | (a) cuBLAS loop | (a) / ours | (b) dense cuBLAS | (b) / ours | base GEMM | backward | bwd / fwd \
-         | bwd buffers MiB |\n",
+         | bwd buffers MiB | graph replay |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
     let mut variant_rows = Vec::new();
+    let mut sweep_rows = Vec::new();
+    // The reasons a capture failed, each written to stderr the first time it comes.
+    let mut capture_failures = Vec::new();
     for case in &opts.cases {
-        let (row, variants) = match opts.dtype {
-            DType::F32 => bench_case::<f32>(&dev, &blas, case, opts)?,
-            DType::F16 => bench_case::<f16>(&dev, &blas, case, opts)?,
-            DType::BF16 => bench_case::<bf16>(&dev, &blas, case, opts)?,
+        let (row, variants, sweep) = match opts.dtype {
+            DType::F32 => bench_case::<f32>(&dev, &blas, case, opts, &mut capture_failures)?,
+            DType::F16 => bench_case::<f16>(&dev, &blas, case, opts, &mut capture_failures)?,
+            DType::BF16 => bench_case::<bf16>(&dev, &blas, case, opts, &mut capture_failures)?,
         };
         if opts.progress {
             eprintln!("{row}");
@@ -210,6 +259,7 @@ pub fn run(opts: &BenchOptions) -> Result<String> {
         out.push_str(&row);
         out.push('\n');
         variant_rows.extend(variants);
+        sweep_rows.extend(sweep);
     }
     if !variant_rows.is_empty() {
         out.push_str(
@@ -220,6 +270,21 @@ pub fn run(opts: &BenchOptions) -> Result<String> {
              |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for row in variant_rows {
+            out.push_str(&row);
+            out.push('\n');
+        }
+    }
+    if !sweep_rows.is_empty() {
+        out.push_str(
+            "\nThe dense-gated LoRA part (routing excluded: the same ids and weights for every column; µs) on \
+             CUDA cores (the shrink, then the expand its rule picks) and on tensor cores with every split-K \
+             factor of the shrink, g⊙h in one term, and in two terms at the default split; default = the split \
+             DenseGatedConfig::for_shape picks, best = the fastest tensor-core configuration\n\n\
+             | T | d_in→d_out | E | r | routing | CUDA cores | tc split 1 | tc split 2 | tc split 4 | tc split 8 \
+             | tc split 16 | tc two-term | default split | best |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for row in sweep_rows {
             out.push_str(&row);
             out.push('\n');
         }
@@ -258,6 +323,64 @@ fn time_us(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Res
     end.record(stream).map_err(drv)?;
     end.synchronize().map_err(drv)?;
     Ok(start.elapsed_ms(&end).map_err(drv)? as f64 * 1000.0 / iters as f64)
+}
+
+/// The device's copy bandwidth in GB/s: a 512 MiB device-to-device copy, bytes read + written over
+/// its mean time (10 copies after warm-up).
+fn copy_bandwidth_gbps(dev: &Device) -> Result<f64> {
+    const BYTES: usize = 512 << 20;
+    let src = dev.zeros::<u32>(BYTES / 4)?;
+    let mut dst = dev.zeros::<u32>(BYTES / 4)?;
+    let us = time_us(dev, 10, || dev.copy(&src, &mut dst))?;
+    Ok(2.0 * BYTES as f64 / (us * 1e-6) / 1e9)
+}
+
+/// Rows of at most this many tokens also time the forward replayed from a CUDA graph (where launch
+/// overhead, which a graph removes, is a large part of the time).
+pub const GRAPH_MAX_TOKENS: usize = 256;
+
+/// The forward of "ours" ([`MoleLoraForward::run`] on `path`: router logits, gating and the LoRA
+/// part into `y`) captured once into a CUDA graph, as `tests/cuda_graph.rs` captures one, then the
+/// mean time of a replay in µs by [`time_us`]. `Ok(Err(reason))` where the capture fails (the row
+/// shows "—"); `Err` for a failure outside the capture (making the workspace, the eager run before
+/// it, timing the replays).
+#[allow(clippy::too_many_arguments)]
+fn graph_replay_us<T: CudaElement>(
+    dev: &Device,
+    iters: usize,
+    path: LoraPath,
+    shape: &LoraShape,
+    t: usize,
+    x: &impl DeviceRead<T>,
+    router: &DeviceRouter<'_, T>,
+    gate: &DeviceGate<'_>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
+    scale: f32,
+    y: &mut Buffer<T>,
+) -> Result<std::result::Result<f64, String>> {
+    let mut fwd = MoleLoraForward::new(dev, t, shape, gate.k_max(shape.num_experts), path)?;
+    // One eager run, so that whatever a first launch does (loading a kernel, setting its shared
+    // memory) happens outside the capture, and the captured work is known to run.
+    fwd.run(dev, x, router, gate, a, b, scale, y)?;
+    dev.synchronize()?;
+    let (_, stream) = dev.gpu(BENCH)?;
+    if let Err(e) = stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+        return Ok(Err(format!("beginning the capture failed: {e}")));
+    }
+    let ran = fwd.run(dev, x, router, gate, a, b, scale, y);
+    // The capture ends whatever the run gave, so that the stream leaves capture mode.
+    let ended = stream
+        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    let graph = match (ran, ended) {
+        (Err(e), _) => return Ok(Err(format!("the forward failed while capturing: {e}"))),
+        (Ok(()), Err(e)) => return Ok(Err(format!("ending the capture failed: {e}"))),
+        (Ok(()), Ok(None)) => return Ok(Err("the capture recorded no work".into())),
+        (Ok(()), Ok(Some(graph))) => graph,
+    };
+    // The graph holds the addresses of fwd's, x's, the weights' and y's memory: it is dropped at
+    // the end of this function, before fwd, and after time_us has waited for the last replay.
+    time_us(dev, iters, || graph.launch().map_err(drv)).map(Ok)
 }
 
 /// Row-major `C[M, N] = A[M, K]·B[N, K]ᵀ + beta·C` through column-major cuBLAS (`Cᵀ = B·Aᵀ`).
@@ -307,6 +430,9 @@ where
 }
 
 struct Row {
+    /// µs of the dense-gated part alone: CUDA cores, tensor cores at splits 1, 2, 4, 8, 16, two-term
+    /// at the default split; the default split.
+    sweep: Option<([Option<f64>; 7], usize)>,
     seg: Option<f64>,
     dense_gated: Option<f64>,
     ours: f64,
@@ -315,6 +441,8 @@ struct Row {
     base_b: Option<f64>,
     base_gemm: f64,
     bwd: Option<(f64, usize)>,
+    /// µs per replay of the forward of "ours" captured in a CUDA graph (None: not measured).
+    graph: Option<f64>,
     /// Shrink plain / vectorised / tensor cores, expand plain / vectorised (None where refused).
     variants: Option<[Option<f64>; 7]>,
 }
@@ -324,7 +452,8 @@ fn bench_case<T: CudaElement>(
     blas: &CudaBlas,
     case: &BenchCase,
     opts: &BenchOptions,
-) -> Result<(String, Option<String>)>
+    capture_failures: &mut Vec<String>,
+) -> Result<(String, Option<String>, Option<String>)>
 where
     CudaBlas: Gemm<T>,
 {
@@ -336,6 +465,7 @@ where
         rank: r,
         k,
         routing,
+        misaligned,
     } = *case;
     if t == 0 {
         return Err(Error::InvalidDim {
@@ -351,9 +481,14 @@ where
         opts.iters
     };
     let values = |n: usize, seed: u64, scale: f32| -> Vec<T> { Rng::new(seed).values(n, scale) };
-    let x = dev.upload(&values(t * d_in, 1, 1.0))?;
-    let a = dev.upload(&values(shape.a_len(), 2, 0.02))?;
-    let b = dev.upload(&values(shape.b_len(), 3, 0.02))?;
+    // Misaligned cases read x, A and B from one element into their allocations.
+    let off = usize::from(misaligned);
+    let (xb, ab, bb) = (
+        dev.upload(&values(t * d_in + off, 1, 1.0))?,
+        dev.upload(&values(shape.a_len() + off, 2, 0.02))?,
+        dev.upload(&values(shape.b_len() + off, 3, 0.02))?,
+    );
+    let (x, a, b) = (xb.slice(off..)?, ab.slice(off..)?, bb.slice(off..)?);
     let mut y = dev.upload(&values(t * d_out, 5, 1.0))?;
     let scale = 2.0f32;
 
@@ -407,9 +542,49 @@ where
             } else {
                 None
             };
-            let (ours, ours_path) = match (LoraPath::for_shape(&shape), dense_gated) {
-                (LoraPath::DenseGated, Some(us)) => (us, "dg"),
-                _ => (seg, "seg"),
+            let tc = T::DENSE_GATED_TC.is_some() && d_in % 8 == 0 && r % 8 == 0 && !misaligned;
+            let (ours, ours_path, path) = match (LoraPath::for_shape(&shape, T::DTYPE), dense_gated)
+            {
+                (LoraPath::DenseGated, Some(us)) => {
+                    (us, if tc { "dg-tc" } else { "dg" }, LoraPath::DenseGated)
+                }
+                _ => (seg, "seg", LoraPath::Segmented),
+            };
+            // The dense-gated configurations on this routing (the sweep that sets the rules).
+            route(&mut logits, &mut ids, &mut w)?;
+            let sweep = if tc && e * r <= DENSE_GATED_MAX_COLUMNS {
+                Some(dense_gated_sweep(
+                    dev, iters, &shape, t, &x, &a, &b, &ids, &w, k_max, scale, &mut y,
+                )?)
+            } else {
+                None
+            };
+
+            // The same forward on that path, replayed from a CUDA graph.
+            let graph = if t <= GRAPH_MAX_TOKENS {
+                let router = DeviceRouter {
+                    w_g: w_g.slice(..)?,
+                    b_g: None,
+                    activation: act,
+                    temperature: 1.0,
+                };
+                match graph_replay_us(
+                    dev, iters, path, &shape, t, &x, &router, &gate, &a, &b, scale, &mut y,
+                )? {
+                    Ok(us) => Some(us),
+                    Err(reason) => {
+                        if !capture_failures.contains(&reason) {
+                            eprintln!(
+                                "cuda::bench: graph replay not measured (\"—\") where the capture \
+                                 fails, first at T = {t}, {d_in}→{d_out}, E {e}, r {r}: {reason}"
+                            );
+                            capture_failures.push(reason);
+                        }
+                        None
+                    }
+                }
+            } else {
+                None
             };
 
             // Each kernel variant of the grouped shrink and expand alone on this routing's plan.
@@ -494,7 +669,7 @@ where
                 dispatch(dev, &ids, &mut plan)?;
                 shrink_experts(dev, &x, &a, &shape, &plan, &mut h)?;
                 let dense_ws = match ws.as_mut() {
-                    Some(ws) if ours_path == "dg" => {
+                    Some(ws) if ours_path.starts_with("dg") => {
                         let mut y_tmp = dev.zeros::<T>(t * d_out)?;
                         lora_dense_gated(
                             dev, &x, &a, &b, &shape, &ids, &w, k_max, scale, ws, &mut y_tmp,
@@ -557,6 +732,7 @@ where
             };
             let base_b = Some(dense_baseline(dev, blas, &shape, t, iters, &x, &mut y)?);
             Row {
+                sweep,
                 seg: Some(seg),
                 dense_gated,
                 ours,
@@ -565,6 +741,7 @@ where
                 base_b,
                 base_gemm: 0.0,
                 bwd,
+                graph,
                 variants: Some(variants),
             }
         }
@@ -579,7 +756,8 @@ where
 
     let elt = std::mem::size_of::<T>() as f64;
     let bytes = (t * d_in + 2 * t * d_out + e * r * (d_in + d_out)) as f64 * elt;
-    let floor_us = bytes / (opts.bandwidth_gbps * 1e9) * 1e6;
+    // `run` always passes the bandwidth in (given or measured).
+    let floor_us = bytes / (opts.bandwidth_gbps.unwrap_or(f64::NAN) * 1e9) * 1e6;
     let routing_name = match routing {
         BenchRouting::TopK => format!("top-{k}"),
         BenchRouting::Threshold => "threshold σ(0)/E".into(),
@@ -600,8 +778,21 @@ where
         Some(us) => (format!("{us:.1}"), format!("{:.2}×", us / row.ours)),
         None => ("—".into(), "—".into()),
     };
+    let sweep = row.sweep.map(|(v, default_split)| {
+        let cells: Vec<String> = v.iter().map(|&u| opt(u)).collect();
+        let best = [1usize, 2, 4, 8, 16]
+            .iter()
+            .zip(&v[1..6])
+            .filter_map(|(&sp, &u)| u.map(|u| (sp, u)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or_else(|| "—".to_string(), |(sp, u)| format!("{u:.1} (split {sp})"));
+        format!(
+            "| {t} | {d_in}→{d_out} | {e} | {r} | {routing_name} | {} | {default_split} | {best} |",
+            cells.join(" | ")
+        )
+    });
     let main = format!(
-        "| {t} | {d_in}→{d_out} | {e} | {r} | {routing_name} | {} | {} | {:.1} ({}) | {:.0} | {floor_us:.1} | {:.2}× | {:.1} | {:.2}× | {b_us} | {b_ratio} | {:.1} | {bwd} | {bwd_ratio} | {bwd_mib} |",
+        "| {t} | {d_in}→{d_out} | {e} | {r} | {routing_name} | {} | {} | {:.1} ({}) | {:.0} | {floor_us:.1} | {:.2}× | {:.1} | {:.2}× | {b_us} | {b_ratio} | {:.1} | {bwd} | {bwd_ratio} | {bwd_mib} | {} |",
         opt(row.seg),
         opt(row.dense_gated),
         row.ours,
@@ -611,6 +802,7 @@ where
         row.base_a,
         row.base_a / row.ours,
         row.base_gemm,
+        opt(row.graph),
     );
     let variants = row.variants.map(|v| {
         let cells: Vec<String> = v.iter().map(|&u| opt(u)).collect();
@@ -619,7 +811,79 @@ where
             cells.join(" | ")
         )
     });
-    Ok((main, variants))
+    Ok((main, variants, sweep))
+}
+
+/// The dense-gated LoRA part alone on a fixed routing: on CUDA cores, and on tensor cores with each
+/// split-K factor the shape takes and with g⊙h in two terms; plus the default split.
+#[allow(clippy::too_many_arguments)]
+fn dense_gated_sweep<T: CudaElement>(
+    dev: &Device,
+    iters: usize,
+    shape: &LoraShape,
+    t: usize,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
+    ids: &Buffer<i32>,
+    w: &Buffer<f32>,
+    k_max: usize,
+    scale: f32,
+    y: &mut Buffer<T>,
+) -> Result<([Option<f64>; 7], usize)> {
+    let default = DenseGatedConfig::for_shape(dev, t, shape);
+    let mut out = [None; 7];
+    // CUDA cores: the fastest expand variant that takes the shape (staged where B fits).
+    let mut ws = DenseGatedWorkspace::new(dev, t, shape)?;
+    for path in [
+        KernelPath::Staged,
+        KernelPath::Vectorized,
+        KernelPath::Plain,
+    ] {
+        let mut run =
+            || lora_dense_gated_on(dev, x, a, b, shape, ids, w, k_max, scale, &mut ws, y, path);
+        match run() {
+            Err(Error::Unsupported { .. }) => continue,
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        let us = time_us(dev, iters, run)?;
+        out[0] = Some(out[0].map_or(us, |p: f64| p.min(us)));
+    }
+    let configs = [1usize, 2, 4, 8, 16]
+        .iter()
+        .map(|&splits| DenseGatedConfig {
+            splits,
+            two_term_h: false,
+        })
+        .chain([DenseGatedConfig {
+            two_term_h: true,
+            ..default
+        }]);
+    for (slot, config) in (1..).zip(configs) {
+        let mut ws = match DenseGatedWorkspace::with_config(dev, t, shape, config) {
+            Ok(ws) => ws,
+            Err(Error::InvalidDim { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        out[slot] = Some(time_us(dev, iters, || {
+            lora_dense_gated_on(
+                dev,
+                x,
+                a,
+                b,
+                shape,
+                ids,
+                w,
+                k_max,
+                scale,
+                &mut ws,
+                y,
+                KernelPath::TensorCore,
+            )
+        })?);
+    }
+    Ok((out, default.splits))
 }
 
 /// Baseline (b): `H = X·A_allᵀ` `[T, E·r]`, `Y += H·B_allᵀ` (`B_all` `[d_out, E·r]`), two GEMMs.
@@ -630,7 +894,7 @@ fn dense_baseline<T: CudaElement>(
     shape: &LoraShape,
     t: usize,
     iters: usize,
-    x: &Buffer<T>,
+    x: &impl DeviceRead<T>,
     y: &mut Buffer<T>,
 ) -> Result<f64>
 where
@@ -656,9 +920,9 @@ fn bench_saml<T: CudaElement>(
     t: usize,
     seq_len: usize,
     iters: usize,
-    x: &Buffer<T>,
-    a: &Buffer<T>,
-    b: &Buffer<T>,
+    x: &BufferView<'_, T>,
+    a: &BufferView<'_, T>,
+    b: &BufferView<'_, T>,
     y: &mut Buffer<T>,
     opts: &BenchOptions,
 ) -> Result<Row>
@@ -790,6 +1054,7 @@ where
         None
     };
     Ok(Row {
+        sweep: None,
         seg: Some(ours),
         dense_gated: None,
         ours,
@@ -798,6 +1063,7 @@ where
         base_b: None,
         base_gemm: 0.0,
         bwd,
+        graph: None,
         variants: None,
     })
 }

@@ -675,9 +675,12 @@ pub fn mix_experts<T: CudaElement>(
 pub const DENSE_GATED_MAX_COLUMNS: usize = 512;
 
 /// Which LoRA forward path suits a shape: [`LoraPath::DenseGated`] (all experts' shrink as one pass
-/// over `x`, no dispatch, two launches) when `E·r <= 256`, else [`LoraPath::Segmented`] (dispatch,
-/// then shrink / expand over expert segments, five launches). The threshold is a starting point to
-/// be tuned by measurement; both paths give the same result and are reachable explicitly.
+/// over `x`, no dispatch, two launches) when `E·r <= 256`, and up to `E·r <= 512` when its
+/// tensor-core kernels apply (f16/bf16, `d_in` and `r` multiples of 8: their cost grows with `E·r`
+/// but stays near the memory floor while `E·r` is a few hundred), else [`LoraPath::Segmented`]
+/// (dispatch, then shrink / expand over expert segments, five launches). The thresholds are set
+/// from the kernels' work, not yet from a measured sweep (`cuda::bench` prints one); both paths give
+/// the same result and are reachable explicitly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraPath {
     DenseGated,
@@ -685,8 +688,10 @@ pub enum LoraPath {
 }
 
 impl LoraPath {
-    pub fn for_shape(shape: &LoraShape) -> Self {
-        if shape.num_experts * shape.rank <= 256 {
+    pub fn for_shape(shape: &LoraShape, dtype: DType) -> Self {
+        let columns = shape.num_experts * shape.rank;
+        let tensor_cores = dtype != DType::F32 && shape.d_in % 8 == 0 && shape.rank % 8 == 0;
+        if columns <= 256 || (tensor_cores && columns <= DENSE_GATED_MAX_COLUMNS) {
             LoraPath::DenseGated
         } else {
             LoraPath::Segmented
