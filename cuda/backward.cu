@@ -4,6 +4,7 @@
 // Every output element is owned by one thread; no float atomics. Grids depend on shapes only.
 
 #include "common.cuh"
+#include "gemm.cuh"
 
 namespace molora {
 namespace {
@@ -888,6 +889,148 @@ __global__ void __launch_bounds__(kDgThreads) dg_dx_kernel(molora_lora_backward_
     a.dx[idx] = a.scale * acc;
 }
 
+// ---- the dense-gated backward on tensor cores ---------------------------------------------------
+// Ũ = round(G ⊙ U), Ĥ = round(G ⊙ H): one thread per element.
+template <typename T>
+__global__ void __launch_bounds__(kDgThreads) dg_gated_operands_kernel(molora_lora_backward_dense_args a) {
+    const int C = a.num_experts * a.rank;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kDgThreads + threadIdx.x;
+    if (idx >= static_cast<int64_t>(a.num_tokens) * C) return;
+    const int64_t t = idx / C;
+    const int e = static_cast<int>(idx % C) / a.rank;
+    const float g = a.gate[t * a.num_experts + e];
+    static_cast<T *>(a.ug)[idx] = from_f32<T>(g * a.u[idx]);
+    static_cast<T *>(a.hg)[idx] = from_f32<T>(g * a.h[idx]);
+}
+
+// Loaders of cuda/gemm.cuh. KMajor: element (row, k) at p[row·ld + k], 8 contiguous along k.
+// Strided: element (col, k) at p[k·ld + col], 8 contiguous along col (the transposed operands).
+template <typename T>
+struct KMajor {
+    const T *p;
+    int rows, cols, ld;
+    __device__ const T *operator()(int row, int k) const {
+        return row < rows && k < cols ? p + static_cast<int64_t>(row) * ld + k : nullptr;
+    }
+};
+template <typename T>
+struct Strided {
+    const T *p;
+    int cols, ks, ld;
+    __device__ const T *operator()(int col, int k) const {
+        return col < cols && k < ks ? p + static_cast<int64_t>(k) * ld + col : nullptr;
+    }
+};
+
+template <typename T> using DgDxGemm = TileGemm<T, 128, 128, 4, 2, 3, false, true>;
+template <typename T, int BN> using DgWGemm = TileGemm<T, 64, BN, 2, 2, 4, true, true>;
+
+// dx = scale·Ũ·A_all: [T, C]·[C, d_in].
+template <typename T>
+__global__ void __launch_bounds__(DgDxGemm<T>::THREADS) dg_dx_tc_kernel(molora_lora_backward_dense_args a) {
+    using G = DgDxGemm<T>;
+    MOLORA_DYNAMIC_SHARED(128, unsigned char, dg_dx_smem);
+    T *smem = reinterpret_cast<T *>(dg_dx_smem);
+    const int C = a.num_experts * a.rank;
+    const int n0 = blockIdx.x * 128, m0 = blockIdx.y * 128;
+    const T *ug = static_cast<const T *>(a.ug);
+    const KMajor<T> al{ug, a.num_tokens, C, C};
+    const Strided<T> bl{static_cast<const T *>(a.a), a.d_in, C, a.d_in};
+    typename G::Acc acc;
+    G::zero(acc);
+    G::run(smem, al, bl, m0, n0, 0, (C + G::BK - 1) / G::BK, ug, acc, false);
+    G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
+        const int t = m0 + r, i = n0 + c;
+        if (t >= a.num_tokens) return;
+        float *dx = a.dx + static_cast<int64_t>(t) * a.d_in + i;
+        if (i < a.d_in) dx[0] = a.scale * v0;
+        if (i + 1 < a.d_in) dx[1] = a.scale * v1;
+    });
+}
+
+// The weight gradients, sums over T split over blockIdx.z: kDa: dA[c, i] = scale·Σ_t Ũ[t, c]·x[t, i];
+// else dB[e, o, j] = scale·Σ_t dy[t, o]·Ĥ[t, e·r + j].
+template <typename T, int BN, bool kDa>
+__global__ void __launch_bounds__(DgWGemm<T, BN>::THREADS) dg_weight_tc_kernel(molora_lora_backward_dense_args a) {
+    using G = DgWGemm<T, BN>;
+    MOLORA_DYNAMIC_SHARED(128, unsigned char, dg_w_smem);
+    T *smem = reinterpret_cast<T *>(dg_w_smem);
+    const int C = a.num_experts * a.rank;
+    const int M = kDa ? C : a.d_out, N = kDa ? a.d_in : C;
+    const int m0 = blockIdx.x * 64, n0 = blockIdx.y * BN, split = blockIdx.z;
+    const int k_tiles = (a.num_tokens + G::BK - 1) / G::BK;
+    const int per = (k_tiles + a.splits - 1) / a.splits;
+    const int kt0 = min(k_tiles, split * per), kt1 = min(k_tiles, kt0 + per);
+    const Strided<T> al = kDa ? Strided<T>{static_cast<const T *>(a.ug), C, a.num_tokens, C}
+                              : Strided<T>{static_cast<const T *>(a.dy), a.d_out, a.num_tokens, a.d_out};
+    const Strided<T> bl = kDa ? Strided<T>{static_cast<const T *>(a.x), a.d_in, a.num_tokens, a.d_in}
+                              : Strided<T>{static_cast<const T *>(a.hg), C, a.num_tokens, C};
+    typename G::Acc acc;
+    G::zero(acc);
+    G::run(smem, al, bl, m0, n0, kt0, kt1, static_cast<const T *>(a.hg), acc, false);
+    auto store = [&](int m, int n, float v) {
+        if (kDa) {
+            a.da[static_cast<int64_t>(m) * a.d_in + n] = a.scale * v;
+        } else {
+            const int e = n / a.rank, j = n % a.rank;
+            a.db[(static_cast<int64_t>(e) * a.d_out + m) * a.rank + j] = a.scale * v;
+        }
+    };
+    if (a.splits == 1) {
+        G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
+            const int m = m0 + r, n = n0 + c;
+            if (m >= M) return;
+            if (n < N) store(m, n, v0);
+            if (n + 1 < N) store(m, n + 1, v1);
+        });
+        return;
+    }
+    const int tile = blockIdx.x * gridDim.y + blockIdx.y;
+    G::split_k_epilogue(acc, a.partials, M, N, N, m0, n0, split, a.splits, a.tickets + tile, store);
+}
+
+template <typename T, int BN, bool kDa>
+int launch_dg_weight_tc(const molora_lora_backward_dense_args &a, cudaStream_t s) {
+    using G = DgWGemm<T, BN>;
+    const int C = a.num_experts * a.rank;
+    const int M = kDa ? C : a.d_out, N = kDa ? a.d_in : C;
+    const dim3 grid((M + 63) / 64, (N + BN - 1) / BN, a.splits);
+    if (grid.y > 65535u || grid.z > 65535u || static_cast<int64_t>(grid.x) * grid.y > a.num_tickets)
+        return static_cast<int>(cudaErrorInvalidValue);
+    const int err = allow_dynamic_smem<dg_weight_tc_kernel<T, BN, kDa>>(G::SMEM_BYTES);
+    if (err) return err;
+    launch<dg_weight_tc_kernel<T, BN, kDa>>(grid, G::THREADS, G::SMEM_BYTES, s, a);
+    return last_launch_error();
+}
+
+template <typename T, bool kDa>
+int launch_dg_weight_tc(const molora_lora_backward_dense_args &a, cudaStream_t s) {
+    const int N = kDa ? a.d_in : a.num_experts * a.rank;
+    return N <= 64 ? launch_dg_weight_tc<T, 64, kDa>(a, s) : launch_dg_weight_tc<T, 128, kDa>(a, s);
+}
+
+// After U, the gate and dw: Ũ and Ĥ, then dx, dA and dB on tensor cores.
+template <typename T>
+int launch_backward_dense_tc(const molora_lora_backward_dense_args &a, cudaStream_t s) {
+    const int64_t n = static_cast<int64_t>(a.num_tokens) * a.num_experts * a.rank;
+    if (n > 0) {
+        launch<dg_gated_operands_kernel<T>>(static_cast<unsigned>((n + kDgThreads - 1) / kDgThreads), kDgThreads, 0, s, a);
+        int err = last_launch_error();
+        if (err) return err;
+        using G = DgDxGemm<T>;
+        const dim3 grid((a.d_in + 127) / 128, (a.num_tokens + 127) / 128);
+        if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+        err = allow_dynamic_smem<dg_dx_tc_kernel<T>>(G::SMEM_BYTES);
+        if (err) return err;
+        launch<dg_dx_tc_kernel<T>>(grid, G::THREADS, G::SMEM_BYTES, s, a);
+        err = last_launch_error();
+        if (err) return err;
+    }
+    const int err = launch_dg_weight_tc<T, true>(a, s);
+    if (err) return err;
+    return launch_dg_weight_tc<T, false>(a, s);
+}
+
 template <typename T>
 int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -895,6 +1038,13 @@ int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_st
     if (a.num_tokens < 0 || a.k_max < 1 || a.num_experts < 1 || a.rank < 1 || a.d_in < 1 || a.d_out < 1 ||
         static_cast<int64_t>(a.num_experts) * a.rank > kDgCols)
         return static_cast<int>(cudaErrorInvalidValue);
+    if (a.ug) {
+        bool ok = sizeof(T) == 2 && a.hg && a.tickets && a.d_in % 8 == 0 && a.d_out % 8 == 0 && a.rank % 8 == 0 &&
+                  a.splits >= 1 && a.splits <= max(1, (a.num_tokens + 31) / 32) && (a.splits == 1 || a.partials);
+        for (const void *p : {a.x, a.a, a.b, a.dy, static_cast<const void *>(a.ug), static_cast<const void *>(a.hg)})
+            ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+        if (!ok) return static_cast<int>(cudaErrorInvalidValue);
+    }
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (a.num_tokens > 0) {
         int err = u_on_tensor_cores<T>(a.dy, a.b, a.u, nullptr, 1, nullptr, 1, a.num_tokens,
@@ -907,6 +1057,10 @@ int launch_backward_dense(const molora_lora_backward_dense_args *args, molora_st
             err = last_launch_error();
         }
         if (err) return err;
+    }
+    if (a.ug) {
+        if constexpr (sizeof(T) == 2) return launch_backward_dense_tc<T>(a, s);
+        return static_cast<int>(cudaErrorInvalidValue);
     }
     const int64_t n_dx = static_cast<int64_t>(a.num_tokens) * a.d_in;
     RowGemmArgs g{};

@@ -72,7 +72,6 @@ __global__ void __launch_bounds__(DgShrink<T, BN>::THREADS) dg_shrink_kernel(mol
     using G = DgShrink<T, BN>;
     MOLORA_DYNAMIC_SHARED(128, unsigned char, dg_shrink_smem);
     T *smem = reinterpret_cast<T *>(dg_shrink_smem);
-    MOLORA_SHARED(int, last, );
     const int n_cols = a.num_experts * a.rank;
     const int m0 = blockIdx.x * kShrinkBM, n0 = blockIdx.y * BN, split = blockIdx.z;
     const int k_tiles = (a.d_in + G::BK - 1) / G::BK;
@@ -97,39 +96,10 @@ __global__ void __launch_bounds__(DgShrink<T, BN>::THREADS) dg_shrink_kernel(mol
         });
         return;
     }
-    // Split-K: publish this split's partial tile; the tile's last block to arrive sums all of them in
-    // split order (the same order whichever block is last) and resets the ticket.
-    const int64_t plane = static_cast<int64_t>(a.num_tokens) * n_cols;
-    float *mine = a.partials + split * plane;
-    G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
-        const int t = m0 + r, col = n0 + c;
-        if (t >= a.num_tokens) return;
-        if (col < n_cols) mine[static_cast<int64_t>(t) * n_cols + col] = v0;
-        if (col + 1 < n_cols) mine[static_cast<int64_t>(t) * n_cols + col + 1] = v1;
-    });
-    __threadfence();
-    __syncthreads();
+    // Split-K: the tile's last block to arrive sums the partials in split order and gates.
     const int tile = blockIdx.x * gridDim.y + blockIdx.y;
-    if (threadIdx.x == 0) {
-        const int prev = atomicAdd(&a.tickets[tile], 1);
-        last = prev == a.splits - 1;
-        if (last) a.tickets[tile] = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    G::for_each_acc(acc, [&](int r, int c, float, float) {
-        const int t = m0 + r;
-        if (t >= a.num_tokens) return;
-        for (int q = 0; q < 2; ++q) {
-            const int col = n0 + c + q;
-            if (col >= n_cols) continue;
-            const int64_t at = static_cast<int64_t>(t) * n_cols + col;
-            float v = 0.0f;
-            for (int s = 0; s < a.splits; ++s) v += __ldcg(a.partials + s * plane + at);
-            shrink_store<T>(a, n_cols, t, col, v);
-        }
-    });
+    G::split_k_epilogue(acc, a.partials, a.num_tokens, n_cols, n_cols, m0, n0, split, a.splits, a.tickets + tile,
+                        [&](int t, int col, float v) { shrink_store<T>(a, n_cols, t, col, v); });
 }
 
 template <typename T>

@@ -3,12 +3,14 @@
 //
 //   acc[m, n] += Σ_{k in [k0, k1)} A(m, k) · B(n, k)     for the block's BM × BN tile
 //
-// Both operands are K-contiguous in runs of 8 elements ("TN"): a loader maps (row, k) with k a multiple
-// of 8 to the address of 8 contiguous elements, or to nullptr where the tile reaches past the matrix
-// (those 16 bytes are zero-filled), so gathers and strided layouts (LoRA B stacked per expert) are the
-// loader's business, not the main loop's. A STAGES-deep cp.async pipeline fills shared memory
-// (rows padded by 16 bytes: ldmatrix reads of 8 rows hit 8 distinct bank groups) while the warps run
-// ldmatrix + mma.sync m16n8k16 on the stage loaded STAGES - 1 steps before.
+// Each operand is contiguous in runs of 8 elements along K (the default) or along its own dimension
+// (kATrans: A(m..m+7, k) contiguous; kBTrans: B(n..n+7, k) contiguous). A loader maps (m or n, k) with
+// the contiguous coordinate a multiple of 8 to the address of those 8 elements, or to nullptr where
+// the tile reaches past the matrix (those 16 bytes are zero-filled), so gathers and strided layouts
+// (LoRA B stacked per expert) are the loader's business, not the main loop's. A STAGES-deep cp.async
+// pipeline fills shared memory (rows padded by 16 bytes: ldmatrix reads of 8 rows hit 8 distinct bank
+// groups) while the warps run ldmatrix (.trans for the transposed operands) + mma.sync m16n8k16 on the
+// stage loaded STAGES - 1 steps before.
 //
 // Warps form a WM × WN grid; warp (wm, wn) owns rows [wm·BM/WM, +BM/WM) and columns [wn·BN/WN, +BN/WN),
 // as MT × NT tiles of 16 × 8. Accumulator element acc[mt][nt][i] is at
@@ -21,16 +23,20 @@
 
 namespace molora {
 
-template <typename T, int BM, int BN, int WM, int WN, int STAGES>
+template <typename T, int BM, int BN, int WM, int WN, int STAGES, bool kATrans = false, bool kBTrans = false>
 struct TileGemm {
     static constexpr int BK = 32;             // k per stage
-    static constexpr int PITCH = BK + 8;      // elements per staged row (80 bytes)
+    static constexpr int PITCH = BK + 8;      // elements per staged row of a K-contiguous tile (80 bytes)
+    static constexpr int PITCH_A = kATrans ? BM + 8 : PITCH;  // staged A: [BM][BK + 8] or [BK][BM + 8]
+    static constexpr int PITCH_B = kBTrans ? BN + 8 : PITCH;
     static constexpr int THREADS = WM * WN * kWarp;
     static constexpr int MT = BM / WM / 16;   // 16-row tiles per warp
     static constexpr int NT = BN / WN / 8;    // 8-column tiles per warp
-    static constexpr int STAGE_ELEMS = (BM + BN) * PITCH;
+    static constexpr int A_ELEMS = kATrans ? BK * PITCH_A : BM * PITCH;
+    static constexpr int STAGE_ELEMS = A_ELEMS + (kBTrans ? BK * PITCH_B : BN * PITCH);
     static constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * static_cast<int>(sizeof(T));
-    static constexpr int CHUNKS = (BM + BN) * (BK / 8);  // 16-byte copies per stage
+    static constexpr int A_CHUNKS = BM * BK / 8;           // 16-byte copies per stage
+    static constexpr int CHUNKS = (BM + BN) * BK / 8;
     static_assert(BM % (16 * WM) == 0 && BN % (16 * WN) == 0, "warp tiles of whole 16 x 16 blocks");
     static_assert(NT % 2 == 0, "B fragments are loaded two 8-column tiles at a time");
     static_assert(STAGES >= 2, "a pipeline of at least two stages");
@@ -53,18 +59,32 @@ struct TileGemm {
     __device__ static void load_stage(T *smem, int st, const AL &al, const BL &bl, int m0, int n0, int k, const T *any,
                                       int which = kLoadA | kLoadB) {
         T *as = smem + st * STAGE_ELEMS;
-        T *bs = as + BM * PITCH;
-        const int c0 = (which & kLoadA) ? 0 : BM * (BK / 8), c1 = (which & kLoadB) ? CHUNKS : BM * (BK / 8);
+        T *bs = as + A_ELEMS;
+        const int c0 = (which & kLoadA) ? 0 : A_CHUNKS, c1 = (which & kLoadB) ? CHUNKS : A_CHUNKS;
         for (int c = c0 + static_cast<int>(threadIdx.x); c < c1; c += THREADS) {
-            const int row = c / (BK / 8), kc = (c % (BK / 8)) * 8;
             const T *src;
             T *dst;
-            if (row < BM) {
-                src = al(m0 + row, k + kc);
-                dst = as + row * PITCH + kc;
+            if (c < A_CHUNKS) {
+                if constexpr (kATrans) {
+                    const int kr = c / (BM / 8), mc = (c % (BM / 8)) * 8;
+                    src = al(m0 + mc, k + kr);
+                    dst = as + kr * PITCH_A + mc;
+                } else {
+                    const int row = c / (BK / 8), kc = (c % (BK / 8)) * 8;
+                    src = al(m0 + row, k + kc);
+                    dst = as + row * PITCH + kc;
+                }
             } else {
-                src = bl(n0 + row - BM, k + kc);
-                dst = bs + (row - BM) * PITCH + kc;
+                const int cb = c - A_CHUNKS;
+                if constexpr (kBTrans) {
+                    const int kr = cb / (BN / 8), nc = (cb % (BN / 8)) * 8;
+                    src = bl(n0 + nc, k + kr);
+                    dst = bs + kr * PITCH_B + nc;
+                } else {
+                    const int row = cb / (BK / 8), kc = (cb % (BK / 8)) * 8;
+                    src = bl(n0 + row, k + kc);
+                    dst = bs + row * PITCH + kc;
+                }
             }
             cp_async16(dst, src ? src : any, src != nullptr);
         }
@@ -102,21 +122,34 @@ struct TileGemm {
             if (next < kt1) load_stage(smem, (next - kt0) % STAGES, al, bl, m0, n0, next * BK, any, kLoadA | kLoadB);
             cp_async_commit();
             const T *as = smem + ((kt - kt0) % STAGES) * STAGE_ELEMS;
-            const T *bs = as + BM * PITCH;
+            const T *bs = as + A_ELEMS;
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 16) {
                 uint32_t af[MT][4];
                 uint32_t bf[NT][2];
+                // Matrix q = lane / 8 of each x4 load: A (m 0-7 | 8-15) × (k 0-7 | 8-15) as q % 2, q / 2;
+                // B (k 0-7 | 8-15) × (n 0-7 | 8-15) as q % 2, q / 2. A transposed tile holds rows of
+                // k, and ldmatrix.trans hands each lane the elements the fragment layout wants.
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    const int row = wm0 + mt * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
-                    ldmatrix<4>(af[mt], as + row * PITCH + kk + 8 * (lane / 16));
+                    if constexpr (kATrans) {
+                        const int kr = kk + (lane % 8) + 8 * (lane / 16);
+                        ldmatrix<4, true>(af[mt], as + kr * PITCH_A + wm0 + mt * 16 + 8 * ((lane / 8) % 2));
+                    } else {
+                        const int row = wm0 + mt * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
+                        ldmatrix<4>(af[mt], as + row * PITCH + kk + 8 * (lane / 16));
+                    }
                 }
 #pragma unroll
                 for (int np = 0; np < NT / 2; ++np) {
                     uint32_t r[4];
-                    const int row = wn0 + np * 16 + (lane % 8) + 8 * (lane / 16);
-                    ldmatrix<4>(r, bs + row * PITCH + kk + 8 * ((lane / 8) % 2));
+                    if constexpr (kBTrans) {
+                        const int kr = kk + (lane % 8) + 8 * ((lane / 8) % 2);
+                        ldmatrix<4, true>(r, bs + kr * PITCH_B + wn0 + np * 16 + 8 * (lane / 16));
+                    } else {
+                        const int row = wn0 + np * 16 + (lane % 8) + 8 * (lane / 16);
+                        ldmatrix<4>(r, bs + row * PITCH + kk + 8 * ((lane / 8) % 2));
+                    }
                     bf[2 * np][0] = r[0];
                     bf[2 * np][1] = r[1];
                     bf[2 * np + 1][0] = r[2];
@@ -130,6 +163,47 @@ struct TileGemm {
         }
         cp_async_wait<0>();
         __syncthreads();
+    }
+
+    // Split-K over blocks blockIdx.z = split of `splits`: each block publishes its partial tile into
+    // partials[split] ([splits][rows][ld] f32, the output's (m, n) at m·ld + n, m < rows, n < cols),
+    // and the tile's last block to arrive (ticket: an int that starts at zero and that this call
+    // leaves at zero) sums the partials in split order and calls f(m, n, v) for each of its elements
+    // (global coordinates). Deterministic, whichever block is last. Returns in every block.
+    template <class F>
+    __device__ static void split_k_epilogue(const Acc &acc, float *partials, int rows, int cols, int ld, int m0,
+                                            int n0, int split, int splits, int *ticket, F &&f) {
+        MOLORA_SHARED(int, split_k_last, );
+        const int64_t plane = static_cast<int64_t>(rows) * ld;
+        float *mine = partials + split * plane;
+        for_each_acc(acc, [&](int r, int c, float v0, float v1) {
+            const int m = m0 + r, n = n0 + c;
+            if (m >= rows) return;
+            if (n < cols) mine[static_cast<int64_t>(m) * ld + n] = v0;
+            if (n + 1 < cols) mine[static_cast<int64_t>(m) * ld + n + 1] = v1;
+        });
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const int prev = atomicAdd(ticket, 1);
+            split_k_last = prev == splits - 1;
+            if (split_k_last) *ticket = 0;
+        }
+        __syncthreads();
+        if (!split_k_last) return;
+        __threadfence();
+        for_each_acc(acc, [&](int r, int c, float, float) {
+            const int m = m0 + r;
+            if (m >= rows) return;
+            for (int q = 0; q < 2; ++q) {
+                const int n = n0 + c + q;
+                if (n >= cols) continue;
+                const int64_t at = static_cast<int64_t>(m) * ld + n;
+                float v = 0.0f;
+                for (int sp = 0; sp < splits; ++sp) v += __ldcg(partials + sp * plane + at);
+                f(m, n, v);
+            }
+        });
     }
 
     // f(row, col, v0, v1): the accumulators of (row, col) and (row, col + 1), tile-local coordinates.

@@ -564,6 +564,13 @@ int molora_lora_backward_bf16(const molora_lora_backward_args *args, molora_stre
  * f32: dA [E, rank, d_in], dB [E, d_out, rank], dx [T, d_in], dw [T, k_max]; x, A, B, dy of the
  * launcher's element type. C <= MOLORA_DENSE_GATED_MAX_COLUMNS, else cudaErrorInvalidValue. The grids
  * depend on the shapes only; T = 0 writes dA = dB = 0.
+ *
+ * Tensor cores (ug != NULL; f16/bf16, d_in, d_out and rank multiples of 8, x, A, B, dy, ug, hg 16-byte
+ * aligned, otherwise cudaErrorInvalidValue): with Ũ = round(G ⊙ U) and Ĥ = round(G ⊙ H) in the
+ * element type (ug, hg [T, C]), dx = scale·Ũ·A_all, dA = scale·Ũᵀ·x and dB = scale·dyᵀ·Ĥ are
+ * mma.sync GEMMs (f32 accumulation); dA and dB split their sum over T `splits` ways into partials
+ * ([splits, max(C·d_in, d_out·C)] f32) summed in split order by each tile's last block (tickets: at
+ * least num_tickets = max(ceil(C/64)·ceil(d_in/64), ceil(d_out/64)·ceil(C/64)) ints, zero, left zero).
  */
 #define MOLORA_DENSE_GATED_MAX_COLUMNS 512
 
@@ -588,6 +595,12 @@ typedef struct molora_lora_backward_dense_args {
     int32_t rank;
     int32_t d_in;
     int32_t d_out;
+    void *ug;              /* [T, C] element type, or NULL: the CUDA-core kernels */
+    void *hg;              /* [T, C] element type (with ug) */
+    float *partials;       /* [splits, max(C·d_in, d_out·C)] f32 (with ug, when splits > 1) */
+    int32_t *tickets;      /* [num_tickets] (with ug) */
+    int32_t num_tickets;
+    int32_t splits;        /* 1 ..= max(1, ceil(T / 32)) (with ug) */
 } molora_lora_backward_dense_args;
 
 int molora_lora_backward_dense_f32(const molora_lora_backward_dense_args *args, molora_stream_t stream);

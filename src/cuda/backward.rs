@@ -32,6 +32,61 @@ pub struct DeviceLoraGrads {
     dx: Buffer<f32>,
     dw: Buffer<f32>,
     u: Buffer<f32>,
+    /// The dense-gated backward on tensor cores (allocated by `new_dense_gated`, one element
+    /// elsewhere): `G ⊙ U` and `G ⊙ H` in the element type, the split-T partials and tickets.
+    tc: DenseTcWorkspace,
+}
+
+#[derive(Debug)]
+struct DenseTcWorkspace {
+    ug: Buffer<u16>,
+    hg: Buffer<u16>,
+    partials: Buffer<f32>,
+    tickets: Buffer<i32>,
+    num_tickets: usize,
+    splits: usize,
+}
+
+impl DenseTcWorkspace {
+    fn none(dev: &Device) -> Result<Self> {
+        Ok(DenseTcWorkspace {
+            ug: dev.zeros(1)?,
+            hg: dev.zeros(1)?,
+            partials: dev.zeros(1)?,
+            tickets: dev.zeros(1)?,
+            num_tickets: 0,
+            splits: 1,
+        })
+    }
+
+    /// For `T` tokens of `shape`: the split of the sums over `T` gives about two blocks per
+    /// multiprocessor of an H100/H200 (132) over the smaller of the dA and dB grids, each split at
+    /// least 4 steps of 32 tokens, at most 32 splits.
+    fn new(dev: &Device, t: usize, shape: &LoraShape) -> Result<Self> {
+        let c = shape.num_experts * shape.rank;
+        let n = checked_i32("num_tokens * E·r", t, c)?;
+        let tiles = |m: usize, n: usize| m.div_ceil(64) * n.div_ceil(64);
+        let num_tickets = tiles(c, shape.d_in).max(tiles(shape.d_out, c));
+        let fewest = (c.div_ceil(64) * shape.d_in.div_ceil(128))
+            .min(shape.d_out.div_ceil(64) * c.div_ceil(128))
+            .max(1);
+        let k_steps = t.div_ceil(32);
+        let splits = 264usize.div_ceil(fewest).min(k_steps / 4).clamp(1, 32);
+        let plane = checked_i32("E·r * max(d_in, d_out)", c, shape.d_in.max(shape.d_out))?;
+        let partials = if splits > 1 {
+            checked_i32("splits * E·r * max(d_in, d_out)", splits, plane)?
+        } else {
+            1
+        };
+        Ok(DenseTcWorkspace {
+            ug: dev.zeros(n + 8)?,
+            hg: dev.zeros(n + 8)?,
+            partials: dev.zeros(partials)?,
+            tickets: dev.zeros(num_tickets.max(1))?,
+            num_tickets,
+            splits,
+        })
+    }
 }
 
 /// Device addresses of a [`DeviceLoraGrads`]' buffers, bound to one launch.
@@ -41,6 +96,10 @@ struct GradPtrs {
     db: *mut f32,
     dx: *mut f32,
     dw: *mut f32,
+    ug: *mut u16,
+    hg: *mut u16,
+    partials: *mut f32,
+    tickets: *mut i32,
 }
 
 impl DeviceLoraGrads {
@@ -52,6 +111,10 @@ impl DeviceLoraGrads {
             db: l.output_any("dB buffer", &mut self.db)?,
             dx: l.output_any("dx buffer", &mut self.dx)?,
             dw: l.output_any("dw buffer", &mut self.dw)?,
+            ug: l.output_any("dense-gated backward workspace G⊙U", &mut self.tc.ug)?,
+            hg: l.output_any("dense-gated backward workspace G⊙H", &mut self.tc.hg)?,
+            partials: l.output_any("dense-gated backward partials", &mut self.tc.partials)?,
+            tickets: l.output_any("dense-gated backward tickets", &mut self.tc.tickets)?,
         })
     }
 
@@ -67,6 +130,7 @@ impl DeviceLoraGrads {
             dx: dev.zeros(num_tokens * shape.d_in + 1)?,
             dw: dev.zeros(slots + 1)?,
             u: dev.zeros(slots * shape.rank + 1)?,
+            tc: DenseTcWorkspace::none(dev)?,
         })
     }
 
@@ -106,6 +170,7 @@ impl DeviceLoraGrads {
             dx: dev.zeros(num_tokens * shape.d_in + 1)?,
             dw: dev.zeros(slots + 1)?,
             u: dev.zeros(dense.max(slots * shape.rank) + 1)?,
+            tc: DenseTcWorkspace::new(dev, num_tokens, shape)?,
         })
     }
 
@@ -209,7 +274,9 @@ pub fn lora_backward_experts<T: CudaElement>(
     let dy = l.input("dy [T, d_out]", dy, t * shape.d_out)?;
     let (expert_offsets, sorted_slots) = plan.bind_sorted(&mut l)?;
     let slot_to_sorted = plan.bind_inverse(&mut l)?;
-    let GradPtrs { u, da, db, dx, dw } = grads.bind(&mut l)?;
+    let GradPtrs {
+        u, da, db, dx, dw, ..
+    } = grads.bind(&mut l)?;
     let args = ffi::molora_lora_backward_args {
         x: x.cast(),
         a: a.cast(),
@@ -288,7 +355,24 @@ pub fn lora_backward_dense_gated<T: CudaElement>(
     let weights = l.input("routing weights [T, k_max]", weights, t * k_max)?;
     let dy = l.input("dy [T, d_out]", dy, t * shape.d_out)?;
     let h = l.input_any("dense-gated workspace h", &ws.h)?;
-    let GradPtrs { u, da, db, dx, dw } = grads.bind(&mut l)?;
+    // Tensor cores where they apply: f16/bf16, d_in, d_out and r multiples of 8, aligned operands.
+    let tc = T::DENSE_GATED_TC.is_some()
+        && shape.d_in % 8 == 0
+        && shape.d_out % 8 == 0
+        && shape.rank % 8 == 0
+        && [x, a, b, dy].iter().all(|&p| p as usize % 16 == 0);
+    let (splits, num_tickets) = (grads.tc.splits, grads.tc.num_tickets);
+    let GradPtrs {
+        u,
+        da,
+        db,
+        dx,
+        dw,
+        ug,
+        hg,
+        partials,
+        tickets,
+    } = grads.bind(&mut l)?;
     let args = ffi::molora_lora_backward_dense_args {
         x: x.cast(),
         a: a.cast(),
@@ -311,9 +395,21 @@ pub fn lora_backward_dense_gated<T: CudaElement>(
         rank: shape.rank as i32,
         d_in: shape.d_in as i32,
         d_out: shape.d_out as i32,
+        ug: if tc { ug.cast() } else { std::ptr::null_mut() },
+        hg: hg.cast(),
+        partials: if splits > 1 {
+            partials
+        } else {
+            std::ptr::null_mut()
+        },
+        tickets,
+        num_tickets: num_tickets as i32,
+        splits: splits as i32,
     };
     // SAFETY: x holds T·d_in, A E·r·d_in, B E·d_out·r, dy T·d_out, ids/weights T·k_max elements
-    // (checked); the workspace's H holds T·E·r floats (made for this T and E·r, checked); the
+    // (checked); with tensor cores (f16/bf16, dims and alignment checked above) the buffers of
+    // new_dense_gated hold G⊙U and G⊙H [T, E·r], `splits` partial planes of E·r·max(d_in, d_out)
+    // floats and num_tickets zeroed tickets (the kernels leave them zero); the workspace's H holds T·E·r floats (made for this T and E·r, checked); the
     // gradient buffers were made by new_dense_gated for this T, k_max and shape, so u holds
     // T·(E·r + E) floats (U, then the gate at offset T·E·r) and dA, dB, dx, dw their sizes. E·r is
     // at most DENSE_GATED_MAX_COLUMNS (checked when the buffers were made). The kernels skip ids
