@@ -2,18 +2,23 @@
 # The one prepared GPU run (a machine with a GPU, the CUDA driver and compute-sanitizer; no Rust
 # needed). Build the bundle first, on any machine with the toolkit:
 #
-#   ../shared/gpu/bundle --features emu        # every test, bench, binary and example into .gpu/
+#   ../shared/gpu/bundle --features "emu candle-cuda"   # every test, bench, binary and example into .gpu/
 #
 # then, on the GPU machine, from the project's root (with .gpu carried along):
 #
 #   scripts/gpu-check.sh                       # ≤ 8 minutes on an H200; logs under $OUT
 #
-# 1. every test binary with MOLORA_REQUIRE_GPU=1 (GPU tests fail instead of skipping), full case
-#    counts; tests/emu_selftest.rs holds the GPU to the same primitive answers as the emulated device;
+# 1. every CUDA test binary (tests/cuda_*.rs, tests/emu_selftest.rs, tests/candle_cuda.rs) with
+#    MOLORA_REQUIRE_GPU=1 (GPU tests fail instead of skipping), full case counts;
+#    tests/emu_selftest.rs holds the GPU to the same primitive answers as the emulated device;
 # 2. the kernel suite on the emulated device too (MOLORA_DEVICE=emu), as CI runs it;
 # 3. compute-sanitizer memcheck over the CUDA test binaries and racecheck over the LoRA and backward
-#    ones, with MOLORA_TEST_CASES=2;
-# 4. the GPU bench tables (`molora bench --device cuda` when the binary was built, else the example).
+#    ones, with MOLORA_TEST_CASES=2 (racecheck 1);
+# 4. ncu over the dense-gated tensor-core kernels at T = 4096, 4096→4096, E 8, r 16, top-2 (speed of
+#    light: the limiter, DRAM and SM throughput, occupancy), when ncu is there;
+# 5. the criterion benches of the GPU path, short (benches/cuda.rs);
+# 6. the GPU bench tables for bf16 and f16, printed last (`molora bench --device cuda` when the binary
+#    was built, else the example).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}
@@ -33,7 +38,7 @@ check() {
   fi
 }
 
-cuda_tests=$(ls .gpu/bin/test-cuda_* .gpu/bin/test-emu_selftest 2>/dev/null)
+cuda_tests=$(ls .gpu/bin/test-cuda_* .gpu/bin/test-emu_selftest .gpu/bin/test-candle_cuda 2>/dev/null)
 
 echo "== 1. tests on the GPU (MOLORA_REQUIRE_GPU=1)"
 for t in $cuda_tests; do
@@ -41,7 +46,7 @@ for t in $cuda_tests; do
 done
 
 echo "== 2. the same suite on the emulated device"
-for t in $cuda_tests; do
+for t in $(ls .gpu/bin/test-cuda_* .gpu/bin/test-emu_selftest 2>/dev/null); do
   check emu "emu-$(basename "$t").log" env MOLORA_DEVICE=emu "$t" --test-threads=2
 done
 
@@ -60,11 +65,32 @@ else
   note "compute-sanitizer not found: sanitizer runs skipped"
 fi
 
-echo "== 4. bench tables"
+echo "== 4. ncu: the dense-gated tensor-core kernels"
+if command -v ncu >/dev/null 2>&1 && [ -x .gpu/bin/bin-02_gpu_bench ]; then
+  # One bf16 row (the first shape at T = 4096), a few iterations, every dg_* kernel's speed of light.
+  # The first dg_ launches are the dense-gated forward's (its warm-up and timed runs).
+  MOLORA_BENCH_NO_BACKWARD=1 timeout 180 ncu --kernel-name regex:dg_ \
+    --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    .gpu/bin/bin-02_gpu_bench bf16 2 4096 >"$out/ncu.log" 2>&1 \
+    && note "ncu ok   (log: ncu.log)" || note "ncu FAIL (log: ncu.log)"
+  grep -E "dg_|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Duration" "$out/ncu.log" | head -80
+else
+  note "ncu or the bench example not found: ncu skipped"
+fi
+
+echo "== 5. criterion benches of the GPU path (short)"
+if [ -x .gpu/bin/bench-cuda ]; then
+  timeout 240 .gpu/bin/bench-cuda --bench --warm-up-time 0.3 --measurement-time 1 2>&1 | tee "$out/criterion.log" \
+    | grep -E "^cuda/|time:|thrpt:" || fail=1
+else
+  note "no bench-cuda in the bundle"
+fi
+
+echo "== 6. bench tables"
 if [ -x .gpu/bin/bin-molora ]; then
   .gpu/bin/bin-molora bench --device cuda 2>&1 | tee "$out/bench.log" || fail=1
 elif [ -x .gpu/bin/bin-02_gpu_bench ]; then
-  .gpu/bin/bin-02_gpu_bench 2>&1 | tee "$out/bench.log" || fail=1
+  for dt in bf16 f16; do .gpu/bin/bin-02_gpu_bench $dt 50 2>&1 | tee -a "$out/bench.log" || fail=1; done
 else
   note "no bench binary in the bundle"
 fi
