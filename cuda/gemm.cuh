@@ -169,9 +169,10 @@ struct TileGemm {
     // partials[split] ([splits][rows][ld] f32, the output's (m, n) at m·ld + n, m < rows, n < cols),
     // and the tile's last block to arrive (ticket: an int that starts at zero and that this call
     // leaves at zero) sums the partials in split order and calls f(m, n, v) for each of its elements
-    // (global coordinates). Deterministic, whichever block is last. Returns in every block.
+    // (global coordinates). Deterministic, whichever block is last. Returns true in the block that
+    // ran f (after a barrier), false in the others.
     template <class F>
-    __device__ static void split_k_epilogue(const Acc &acc, float *partials, int rows, int cols, int ld, int m0,
+    __device__ static bool split_k_epilogue(const Acc &acc, float *partials, int rows, int cols, int ld, int m0,
                                             int n0, int split, int splits, int *ticket, F &&f) {
         MOLORA_SHARED(int, split_k_last, );
         const int64_t plane = static_cast<int64_t>(rows) * ld;
@@ -190,7 +191,7 @@ struct TileGemm {
             if (split_k_last) *ticket = 0;
         }
         __syncthreads();
-        if (!split_k_last) return;
+        if (!split_k_last) return false;
         __threadfence();
         for_each_acc(acc, [&](int r, int c, float, float) {
             const int m = m0 + r;
@@ -204,6 +205,8 @@ struct TileGemm {
                 f(m, n, v);
             }
         });
+        __syncthreads();
+        return true;
     }
 
     // f(row, col, v0, v1): the accumulators of (row, col) and (row, col + 1), tile-local coordinates.

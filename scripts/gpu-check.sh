@@ -2,7 +2,12 @@
 # The one prepared GPU run (a machine with a GPU, the CUDA driver and compute-sanitizer; no Rust
 # needed). Build the bundle first, on any machine with the toolkit:
 #
-#   ../shared/gpu/bundle --features "emu candle-cuda"   # every test, bench, binary and example into .gpu/
+#   ../shared/gpu/bundle --features emu        # every test, bench, binary and example into .gpu/
+#
+# (tests/candle_cuda.rs joins step 1 when the bundle is built with `--features "emu candle-cuda"` and
+# CUDA_COMPUTE_CAP=90: candle's backend links cuBLAS and cuRAND at build time, which NVIDIA's nvcc
+# wheels that scripts/cuda-toolkit.sh unpacks do not hold; a toolkit with them is needed to build it,
+# and their libraries on LD_LIBRARY_PATH to run it.)
 #
 # then, on the GPU machine, from the project's root (with .gpu carried along):
 #

@@ -66,6 +66,166 @@ mod gpu {
         }
     }
 
+    /// The fused decode (T ≤ 16, dense-gated, f16/bf16, dims multiples of 8: router logits, gate and
+    /// shrink in one kernel, then the expand) against the CPU: the routing equals `cpu::route` up
+    /// to f32 near-ties, `y` equals `y0 + cpu::lora_delta` on the chosen routing, and the run must
+    /// have taken the fused decode. Every gate, both activations, a temperature, with and without a
+    /// router bias, E up to 40 (D1's two column tiles), d_in from one k-step to many splits.
+    fn decode_case<T: molora::cuda::CudaElement>(
+        dev: &molora::cuda::Device,
+        t: usize,
+        e: usize,
+        r: usize,
+        d_in: usize,
+        d_out: usize,
+        seed: u64,
+        which: usize,
+        sigmoid: bool,
+        bias: bool,
+    ) -> Result<(), String> {
+        let s = |e: molora::Error| e.to_string();
+        let mut rng = Rng::new(seed);
+        let shape = LoraShape::new(e, r, d_in, d_out).map_err(s)?;
+        let x: Vec<T> = rng.values(t * d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.2);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.2);
+        let w_g: Vec<T> = rng.values(e * d_in, 0.3);
+        let b_g: Vec<T> = rng.values(e, 0.5);
+        let y0: Vec<T> = rng.values(t * d_out, 1.0);
+        let taus: Vec<f32> = (0..t)
+            .map(|_| 0.5 * rng.uniform() as f32 / e as f32)
+            .collect();
+        let act = if sigmoid {
+            Activation::Sigmoid
+        } else {
+            Activation::Softmax
+        };
+        let temperature = 0.8f32;
+        let (gate, dgate_taus) = match which {
+            0 => (
+                Gate::TopK {
+                    k: 2.min(e),
+                    renormalize: true,
+                },
+                None,
+            ),
+            1 => (
+                Gate::TopK {
+                    k: 3.min(e),
+                    renormalize: false,
+                },
+                None,
+            ),
+            2 => (Gate::Threshold(ThresholdSpec::Learned { theta: 0.0 }), None),
+            3 => (Gate::Dense, None),
+            _ => (
+                Gate::Threshold(ThresholdSpec::Learned { theta: 0.0 }),
+                Some(taus.clone()),
+            ),
+        };
+        let dtaus = match &dgate_taus {
+            Some(v) => Some(dev.upload(v).map_err(s)?),
+            None => None,
+        };
+        let dgate = match &dtaus {
+            Some(v) => DeviceGate::ThresholdPerToken(v.slice(..).map_err(s)?),
+            None => DeviceGate::from_gate(&gate, e).map_err(s)?,
+        };
+        let (dx, da, db, dwg, dbg) = (
+            dev.upload(&x).map_err(s)?,
+            dev.upload(&a).map_err(s)?,
+            dev.upload(&b).map_err(s)?,
+            dev.upload(&w_g).map_err(s)?,
+            dev.upload(&b_g).map_err(s)?,
+        );
+        let router = DeviceRouter {
+            w_g: dwg.slice(..).map_err(s)?,
+            b_g: if bias {
+                Some(dbg.slice(..).map_err(s)?)
+            } else {
+                None
+            },
+            activation: act,
+            temperature,
+        };
+        let cpu_router = RouterWeights {
+            w_g: &w_g,
+            b_g: if bias { Some(&b_g) } else { None },
+            activation: act,
+            temperature,
+        };
+        let logits = cpu::router_logits(&x, t, d_in, &w_g, if bias { Some(&b_g) } else { None }, e)
+            .map_err(s)?;
+        let probs = cpu::activate(&logits, t, e, act, temperature).map_err(s)?;
+        let want_routing = match &dgate_taus {
+            Some(tv) => cpu::threshold_gate(&probs, t, e, tv).map_err(s)?,
+            None => cpu::route(&x, t, d_in, e, &cpu_router, None, &gate).map_err(s)?,
+        };
+        let k_max = dgate.k_max(e);
+        let mut fwd =
+            MoleLoraForward::new(dev, t, &shape, k_max, LoraPath::DenseGated).map_err(s)?;
+        let mut y = dev.upload(&y0).map_err(s)?;
+        fwd.run(dev, &dx, &router, &dgate, &da, &db, 2.0, &mut y)
+            .map_err(s)?;
+        if !fwd.fused_decode() {
+            return Err("the run did not take the fused decode".into());
+        }
+        let ids = dev.download(fwd.ids()).map_err(s)?;
+        let w = dev.download(fwd.weights()).map_err(s)?;
+        for (i, (&g, &c)) in ids.iter().zip(want_routing.ids()).enumerate() {
+            let row = &probs[(i / k_max) * e..(i / k_max + 1) * e];
+            let p = |id: i32| if id >= 0 { row[id as usize] } else { f32::NAN };
+            if !(g == c || (p(g) - p(c)).abs() <= 1e-5) {
+                return Err(format!(
+                    "slot {i}: kernel chose {g} (p {}), reference {c} (p {})",
+                    p(g),
+                    p(c)
+                ));
+            }
+        }
+        let want_w = want_routing.weights();
+        let w_tol = Tolerance {
+            atol: 1e-5,
+            rtol: 1e-4,
+        };
+        compare("routing weights", &w, want_w, w_tol)?;
+        let routing = Routing::new(t, k_max, e, ids, w).map_err(s)?;
+        let experts = cpu::Experts::new(&a, &b, shape, 2.0).map_err(s)?;
+        let delta = cpu::lora_delta(&x, t, &experts, &routing).map_err(s)?;
+        let want: Vec<f32> = y0
+            .iter()
+            .zip(&delta)
+            .map(|(y, d)| T::from_f32(y.to_f32() + d).to_f32())
+            .collect();
+        let got: Vec<f32> = dev
+            .download(&y)
+            .map_err(s)?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        compare("y", &got, &want, Tolerance::for_dtype(T::DTYPE).scaled(2.0))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
+        #[test]
+        fn fused_decode_matches_cpu(t in 1usize..=16, e in 1usize..=40, r in prop_oneof![Just(8usize), Just(16), Just(24)],
+                                    d_in in prop_oneof![Just(8usize), Just(64), Just(200), Just(1024)],
+                                    d_out in prop_oneof![Just(1usize), Just(72), 1usize..300], seed in any::<u64>(),
+                                    which in 0usize..5, sigmoid in any::<bool>(), bias in any::<bool>(), bf in any::<bool>()) {
+            prop_assume!(e * r <= molora::cuda::DENSE_GATED_MAX_COLUMNS);
+            let Some(dev) = test_device("fused_decode_matches_cpu") else { return Ok(()) };
+            let res = if bf {
+                decode_case::<bf16>(&dev, t, e, r, d_in, d_out, seed, which, sigmoid, bias)
+            } else {
+                decode_case::<half::f16>(&dev, t, e, r, d_in, d_out, seed, which, sigmoid, bias)
+            };
+            if let Err(m) = res {
+                prop_assert!(false, "T {} E {} r {} {}→{}, gate {}, sigmoid {}, bias {}, bf16 {}: {}", t, e, r, d_in, d_out, which, sigmoid, bias, bf, m);
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(16)))]
         #[test]

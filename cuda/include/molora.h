@@ -444,6 +444,34 @@ int molora_dense_gated_f16(const molora_dense_gated_args *args, molora_stream_t 
 int molora_dense_gated_bf16(const molora_dense_gated_args *args, molora_stream_t stream);
 
 /*
+ * The whole dense-gated LoRA forward for a few tokens (decode), router and gate included, in two
+ * kernels (f16/bf16, the conditions of molora_dense_gated_args, num_tokens <= MOLORA_DG_DECODE_MAX_TOKENS):
+ *
+ *   D1  one split-K mma.sync GEMM of x against [A_all; W_g] (N + E columns): h [T, N] (f32) and the
+ *       router logits [T, E] (+ b_g); each column tile's last split sums the partials in split order,
+ *       and the last tile to finish runs the gate of every token (molora_gating_args, as
+ *       molora_gating computes it: activation, temperature, top-k / threshold / dense) into ids and
+ *       weights, then hg = round(g ⊙ h) (hg_terms as in K1);
+ *   D2  K2 of molora_dense_gated (programmatic dependent launch on sm_90: it stages B while D1 ends).
+ *
+ * lora.ids and lora.weights are outputs here (gating.ids / gating.weights point at them, and
+ * gating.logits at the logits buffer); lora.partials holds [splits, T, N + E] floats when splits > 1,
+ * lora.tickets one int per column tile of D1 (ceil((N + E) / 128)) and `done` one more; all zero, left
+ * zero. gating.combine must be MOLORA_COMBINE_NONE.
+ */
+#define MOLORA_DG_DECODE_MAX_TOKENS 16
+typedef struct molora_dense_gated_decode_args {
+    molora_dense_gated_args lora;
+    molora_gating_args gating;
+    const void *w_g;   /* [E, d_in] */
+    const void *b_g;   /* [E] or NULL */
+    int32_t *done;     /* one int */
+} molora_dense_gated_decode_args;
+
+int molora_dense_gated_decode_f16(const molora_dense_gated_decode_args *args, molora_stream_t stream);
+int molora_dense_gated_decode_bf16(const molora_dense_gated_decode_args *args, molora_stream_t stream);
+
+/*
  * Base-weight quantisation, bit for bit as the CPU reference (src/cpu/quant.rs). W is [rows, cols]
  * row-major (nn.Linear.weight: rows = d_out, cols = d_in).
  *

@@ -11,12 +11,15 @@ use super::backward::{
 };
 use super::device::Device;
 use super::dispatch::{dispatch, DevicePlan};
-use super::gating::{gating, router_logits, DeviceGate};
+use super::ffi;
+use super::gating::{gating, gating_args, router_logits, DeviceGate, GatingPtrs};
+use super::launch::{Kernel, Launch};
 use super::lora::{
-    dense_gated_impl, expand_experts, shrink_experts, CudaElement, DenseGatedWorkspace, KernelPath,
-    LoraPath,
+    dense_gated_impl, dense_gated_tc_refusal, expand_experts, multiprocessors, shrink_experts,
+    CudaElement, DenseGatedConfig, DenseGatedWorkspace, KernelPath, LoraPath,
 };
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
+use crate::cpu::dispatch::check_scale;
 use crate::cpu::Activation;
 use crate::{Error, LoraShape, Result};
 
@@ -31,8 +34,42 @@ pub struct DeviceRouter<'a, T> {
 
 #[derive(Debug)]
 enum Path {
-    Segmented { plan: DevicePlan, h: Buffer<f32> },
-    DenseGated(DenseGatedWorkspace),
+    Segmented {
+        plan: DevicePlan,
+        h: Buffer<f32>,
+    },
+    DenseGated {
+        ws: DenseGatedWorkspace,
+        decode: Option<DecodeWorkspace>,
+    },
+}
+
+/// The fused decode's own buffers (`T ≤ MOLORA_DG_DECODE_MAX_TOKENS`): the split-K partials of
+/// `x·[A_all; W_g]ᵀ` and one ticket per column tile plus the "all tiles done" ticket.
+#[derive(Debug)]
+struct DecodeWorkspace {
+    splits: usize,
+    partials: Buffer<f32>,
+    tickets: Buffer<i32>,
+}
+
+impl DecodeWorkspace {
+    /// Splits of the `d_in` sum: about two blocks per multiprocessor over the column tiles, each
+    /// split at least two k-steps of 32, at most 64.
+    fn new(dev: &Device, t: usize, shape: &LoraShape) -> Result<Self> {
+        let cols = shape.num_experts * shape.rank + shape.num_experts;
+        let tiles = cols.div_ceil(128);
+        let k_steps = shape.d_in.div_ceil(32);
+        let splits = (2 * multiprocessors(dev))
+            .div_ceil(tiles)
+            .min(k_steps / 2)
+            .clamp(1, 64);
+        Ok(DecodeWorkspace {
+            splits,
+            partials: dev.zeros(if splits > 1 { splits * t * cols } else { 1 })?,
+            tickets: dev.zeros(tiles + 1)?,
+        })
+    }
 }
 
 /// Workspace and plan of the LoRA forward for `T` tokens, a [`LoraShape`] and a gate's `k_max`.
@@ -45,6 +82,7 @@ pub struct MoleLoraForward {
     ids: Buffer<i32>,
     weights: Buffer<f32>,
     path: Path,
+    fused_decode: bool,
 }
 
 impl MoleLoraForward {
@@ -74,9 +112,14 @@ impl MoleLoraForward {
                 plan: DevicePlan::new(dev, num_tokens, k_max, e)?,
                 h: dev.zeros(num_tokens * k_max * shape.rank)?,
             },
-            LoraPath::DenseGated => {
-                Path::DenseGated(DenseGatedWorkspace::new(dev, num_tokens, shape)?)
-            }
+            LoraPath::DenseGated => Path::DenseGated {
+                ws: DenseGatedWorkspace::new(dev, num_tokens, shape)?,
+                decode: if num_tokens <= ffi::MOLORA_DG_DECODE_MAX_TOKENS as usize {
+                    Some(DecodeWorkspace::new(dev, num_tokens, shape)?)
+                } else {
+                    None
+                },
+            },
         };
         Ok(MoleLoraForward {
             num_tokens,
@@ -86,6 +129,7 @@ impl MoleLoraForward {
             ids: dev.zeros(num_tokens * k_max)?,
             weights: dev.zeros(num_tokens * k_max)?,
             path,
+            fused_decode: false,
         })
     }
 
@@ -97,11 +141,18 @@ impl MoleLoraForward {
     pub fn weights(&self) -> &Buffer<f32> {
         &self.weights
     }
+    /// Whether the last [`run`](Self::run) took the fused decode: for `T ≤ 16` on the dense-gated
+    /// path with its tensor-core conditions (f16/bf16, `d_in` and `r` multiples of 8, 16-byte aligned
+    /// `x`, `A`, `B`, `W_g`), router logits, gate and shrink in one kernel and the expand in a second.
+    pub fn fused_decode(&self) -> bool {
+        self.fused_decode
+    }
+
     /// The path this workspace runs.
     pub fn path(&self) -> LoraPath {
         match self.path {
             Path::Segmented { .. } => LoraPath::Segmented,
-            Path::DenseGated(_) => LoraPath::DenseGated,
+            Path::DenseGated { .. } => LoraPath::DenseGated,
         }
     }
 
@@ -127,6 +178,40 @@ impl MoleLoraForward {
                 expected: self.k_max,
                 got: gate.k_max(e),
             });
+        }
+        self.fused_decode = false;
+        if let Path::DenseGated {
+            ws,
+            decode: Some(dec),
+        } = &mut self.path
+        {
+            if let Some(kernel) = T::DENSE_GATED_DECODE {
+                let ran = run_decode(
+                    dev,
+                    kernel,
+                    DecodeCall {
+                        t,
+                        shape: &shape,
+                        k_max: self.k_max,
+                        scale,
+                    },
+                    x,
+                    router,
+                    gate,
+                    a,
+                    b,
+                    y,
+                    ws,
+                    dec,
+                    &mut self.logits,
+                    &mut self.ids,
+                    &mut self.weights,
+                )?;
+                if ran {
+                    self.fused_decode = true;
+                    return Ok(());
+                }
+            }
         }
         router_logits(
             dev,
@@ -159,7 +244,7 @@ impl MoleLoraForward {
             }
             // The gating just enqueued wrote the routing; x and A come from before the router:
             // the tensor-core shrink may overlap the gating's tail (programmatic dependent launch).
-            Path::DenseGated(ws) => dense_gated_impl(
+            Path::DenseGated { ws, .. } => dense_gated_impl(
                 dev,
                 x,
                 a,
@@ -176,6 +261,121 @@ impl MoleLoraForward {
             ),
         }
     }
+}
+
+/// The shapes of one fused-decode call.
+struct DecodeCall<'s> {
+    t: usize,
+    shape: &'s LoraShape,
+    k_max: usize,
+    scale: f32,
+}
+
+/// The fused decode ([`MoleLoraForward::fused_decode`]) when its conditions hold: `Ok(true)` when
+/// it was launched, `Ok(false)` when the shape, dtype or alignment does not qualify (the caller runs
+/// the general path), `Err` for the general path's errors (lengths, gate parameters).
+#[allow(clippy::too_many_arguments)]
+fn run_decode<T: CudaElement>(
+    dev: &Device,
+    kernel: Kernel<ffi::molora_dense_gated_decode_args>,
+    call: DecodeCall<'_>,
+    x: &impl DeviceRead<T>,
+    router: &DeviceRouter<'_, T>,
+    gate: &DeviceGate<'_>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
+    y: &mut impl DeviceWrite<T>,
+    ws: &mut DenseGatedWorkspace,
+    dec: &mut DecodeWorkspace,
+    logits: &mut Buffer<f32>,
+    ids: &mut Buffer<i32>,
+    weights: &mut Buffer<f32>,
+) -> Result<bool> {
+    const OP: &str = "MoleLoraForward::run (fused decode)";
+    let DecodeCall {
+        t,
+        shape,
+        k_max,
+        scale,
+    } = call;
+    let e = shape.num_experts;
+    check_scale(scale)?;
+    let mut l = Launch::new(dev, OP);
+    let xp = l.input("x [T, d_in]", x, t * shape.d_in)?;
+    let ap = l.input("A [E, r, d_in]", a, shape.a_len())?;
+    let bp = l.input("B [E, d_out, r]", b, shape.b_len())?;
+    let wg = l.input("router W_g [E, d_in]", &router.w_g, e * shape.d_in)?;
+    if dense_gated_tc_refusal::<T>(shape, &[xp, ap, bp, wg]).is_some() {
+        return Ok(false);
+    }
+    let bg = match &router.b_g {
+        Some(bias) => l.input("router b_g [E]", bias, e)?,
+        None => std::ptr::null(),
+    };
+    let yp = l.output("y [T, d_out]", y, t * shape.d_out)?;
+    let lp = l.output("router logits [T, E]", logits, t * e)?;
+    let idp = l.output("routing ids [T, k_max]", ids, t * k_max)?;
+    let wp = l.output("routing weights [T, k_max]", weights, t * k_max)?;
+    let gating = gating_args(
+        &mut l,
+        GatingPtrs {
+            logits: lp,
+            ids: idp,
+            weights: wp,
+        },
+        t,
+        e,
+        Some(router.activation),
+        router.temperature,
+        None,
+        gate,
+    )?;
+    let DenseGatedConfig { two_term_h, .. } = ws.config;
+    let h = l.output_any("dense-gated workspace h", &mut ws.h)?;
+    let hg = l.output_any("dense-gated workspace hg", &mut ws.hg)?;
+    let partials = l.output_any("decode partials", &mut dec.partials)?;
+    let tickets = l.output_any("decode tickets", &mut dec.tickets)?;
+    let tiles = (shape.num_experts * shape.rank + e).div_ceil(128);
+    let args = ffi::molora_dense_gated_decode_args {
+        lora: ffi::molora_dense_gated_args {
+            x: xp.cast(),
+            a: ap.cast(),
+            b: bp.cast(),
+            y: yp.cast(),
+            ids: idp,
+            weights: wp,
+            h,
+            hg: hg.cast(),
+            partials: if dec.splits > 1 {
+                partials
+            } else {
+                std::ptr::null_mut()
+            },
+            tickets,
+            k_max: k_max as i32,
+            num_tokens: t as i32,
+            num_experts: e as i32,
+            rank: shape.rank as i32,
+            d_in: shape.d_in as i32,
+            d_out: shape.d_out as i32,
+            splits: dec.splits as i32,
+            hg_terms: if two_term_h { 2 } else { 1 },
+            pdl: 0,
+            scale,
+        },
+        gating,
+        w_g: wg.cast(),
+        b_g: bg.cast(),
+        // The "all tiles done" ticket follows the per-tile ones.
+        done: tickets.wrapping_add(tiles),
+    };
+    // SAFETY: every buffer has the length checked above (x, A, B, W_g, b_g, y, logits, ids,
+    // weights) or was allocated for this T and shape (h, hg of the workspace; the decode's
+    // `splits` partial planes of T·(E·r + E) floats and tiles + 1 zeroed tickets, which the kernels
+    // leave zero); gating_args checked the gate's parameters; the tensor-core conditions (dtype,
+    // multiples of 8, 16-byte alignment) were checked by dense_gated_tc_refusal.
+    unsafe { l.run(&kernel, &args) }?;
+    Ok(true)
 }
 
 /// Gradient buffers of [`MoleLoraForward::backward`] (f32, allocated once by
@@ -231,7 +431,7 @@ impl MoleLoraForward {
         let (t, e, d_in) = (self.num_tokens, self.shape.num_experts, self.shape.d_in);
         let lora = match self.path {
             Path::Segmented { .. } => DeviceLoraGrads::new(dev, t, self.k_max, &self.shape)?,
-            Path::DenseGated(_) => {
+            Path::DenseGated { .. } => {
                 DeviceLoraGrads::new_dense_gated(dev, t, self.k_max, &self.shape)?
             }
         };
@@ -300,7 +500,7 @@ impl MoleLoraForward {
                 scale,
                 &mut grads.lora,
             )?,
-            Path::DenseGated(ws) => lora_backward_dense_gated(
+            Path::DenseGated { ws, .. } => lora_backward_dense_gated(
                 dev,
                 x,
                 a,

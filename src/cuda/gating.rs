@@ -223,8 +223,60 @@ fn gating_impl(
 ) -> Result<()> {
     const OP: &str = "gating";
     check_experts(OP, num_experts)?;
+    let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
+    let n_slots = num_tokens * gate.k_max(num_experts);
+    let mut l = Launch::new(dev, OP);
+    let logits = l.input("logits [T, E]", logits, n_logits)?;
+    let ids = l.output("ids [T, k_max]", ids, n_slots)?;
+    let weights = l.output("weights [T, k_max]", weights, n_slots)?;
+    let args = gating_args(
+        &mut l,
+        GatingPtrs {
+            logits,
+            ids,
+            weights,
+        },
+        num_tokens,
+        num_experts,
+        act,
+        temperature,
+        hierarchy,
+        gate,
+    )?;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    // SAFETY: logits hold T·E, ids and weights T·k_max elements (checked above; T·E fits an i32);
+    // gating_args validated the rest (the global posterior covers exactly T rows with E experts,
+    // per-token taus hold T values, 1 <= k <= E <= MAX_GATING_EXPERTS, temperature finite and > 0,
+    // λ in [0, 1]). The launch keeps every buffer alive and ordered until it is enqueued.
+    unsafe { l.run(&GATING, &args) }
+}
+
+/// Device addresses of a gate's logits `[T, E]` (f32) and routing `[T, k_max]`, bound to a launch.
+pub(crate) struct GatingPtrs {
+    pub(crate) logits: *const f32,
+    pub(crate) ids: *mut i32,
+    pub(crate) weights: *mut f32,
+}
+
+/// The gating kernel's arguments after every check of [`gating`] on its parameters (`E`, the
+/// temperature, `k`, `τ`, the per-token `τ`s' length and the hierarchy, which it binds to `l`);
+/// the caller has bound and checked the three buffers of `ptrs`. Shared by `gating` and the fused
+/// decode of [`super::MoleLoraForward`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gating_args<'a>(
+    l: &mut Launch<'a>,
+    ptrs: GatingPtrs,
+    num_tokens: usize,
+    num_experts: usize,
+    act: Option<Activation>,
+    temperature: f32,
+    hierarchy: Option<(&'a DeviceSeqRouting, HierarchicalCombine)>,
+    gate: &'a DeviceGate<'a>,
+) -> Result<ffi::molora_gating_args> {
+    check_experts("gating", num_experts)?;
     check_temperature(temperature)?;
-    let k_max = gate.k_max(num_experts);
     match gate {
         DeviceGate::TopK { k, .. } => check_k(*k, num_experts)?,
         DeviceGate::Threshold(tau) => check_spec(&ThresholdSpec::Fixed(*tau))?,
@@ -234,23 +286,14 @@ fn gating_impl(
     if let Some((g, combine)) = &hierarchy {
         g.check_for(*combine, num_tokens, num_experts)?;
     }
-    let n_logits = checked_i32("num_tokens * num_experts", num_tokens, num_experts)?;
-    let n_slots = num_tokens * k_max;
-    let mut l = Launch::new(dev, OP);
-    let logits = l.input("logits [T, E]", logits, n_logits)?;
-    let ids = l.output("ids [T, k_max]", ids, n_slots)?;
-    let weights = l.output("weights [T, k_max]", weights, n_slots)?;
     let global = match &hierarchy {
-        Some((g, _)) => Some(g.bind(&mut l)?),
+        Some((g, _)) => Some(g.bind(l)?),
         None => None,
     };
     let taus = match gate {
         DeviceGate::ThresholdPerToken(v) => l.input("taus [T]", v, num_tokens)?,
         _ => std::ptr::null(),
     };
-    if num_tokens == 0 {
-        return Ok(());
-    }
     let (combine, lambda) = match hierarchy.map(|h| h.1) {
         None => (ffi::MOLORA_COMBINE_NONE, 0.0),
         Some(HierarchicalCombine::Mix { lambda }) => (ffi::MOLORA_COMBINE_MIX, lambda),
@@ -262,10 +305,10 @@ fn gating_impl(
         DeviceGate::ThresholdPerToken(_) => (ffi::MOLORA_GATE_THRESHOLD, 0, false, 0.0),
         DeviceGate::Dense => (ffi::MOLORA_GATE_DENSE, 0, false, 0.0),
     };
-    let args = ffi::molora_gating_args {
-        logits,
-        ids,
-        weights,
+    Ok(ffi::molora_gating_args {
+        logits: ptrs.logits,
+        ids: ptrs.ids,
+        weights: ptrs.weights,
         num_tokens: num_tokens as i32,
         num_experts: num_experts as i32,
         activation: activation_code(act),
@@ -280,12 +323,7 @@ fn gating_impl(
         renormalize: renormalize as i32,
         taus,
         tau,
-    };
-    // SAFETY: logits hold T·E, ids and weights T·k_max elements (checked above; T·E fits an i32);
-    // the global posterior (when given) was validated on the host and covers exactly T rows with E
-    // experts; per-token taus hold T values. 1 <= k <= E <= MAX_GATING_EXPERTS, temperature finite
-    // and > 0, λ in [0, 1]. The launch keeps every buffer alive and ordered until it is enqueued.
-    unsafe { l.run(&GATING, &args) }
+    })
 }
 
 /// Fused top-k gating from router logits, the GPU counterpart of

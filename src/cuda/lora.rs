@@ -45,6 +45,9 @@ pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
     /// The dense-gated LoRA part on tensor cores (`cuda/dense_gated.cu`); none for f32.
     #[doc(hidden)]
     const DENSE_GATED_TC: Option<Kernel<ffi::molora_dense_gated_args>>;
+    /// The fused decode of the dense-gated forward (router, gate, shrink; expand); none for f32.
+    #[doc(hidden)]
+    const DENSE_GATED_DECODE: Option<Kernel<ffi::molora_dense_gated_decode_args>>;
 }
 
 impl CudaElement for f32 {
@@ -76,6 +79,7 @@ impl CudaElement for f32 {
         molora_emu_lora_backward_dense_f32
     );
     const DENSE_GATED_TC: Option<Kernel<ffi::molora_dense_gated_args>> = None;
+    const DENSE_GATED_DECODE: Option<Kernel<ffi::molora_dense_gated_decode_args>> = None;
 }
 impl CudaElement for f16 {
     const SHRINK: Kernel<ffi::molora_lora_shrink_args> =
@@ -107,6 +111,10 @@ impl CudaElement for f16 {
     );
     const DENSE_GATED_TC: Option<Kernel<ffi::molora_dense_gated_args>> =
         Some(kernel!(molora_dense_gated_f16, molora_emu_dense_gated_f16));
+    const DENSE_GATED_DECODE: Option<Kernel<ffi::molora_dense_gated_decode_args>> = Some(kernel!(
+        molora_dense_gated_decode_f16,
+        molora_emu_dense_gated_decode_f16
+    ));
 }
 impl CudaElement for bf16 {
     const SHRINK: Kernel<ffi::molora_lora_shrink_args> =
@@ -139,6 +147,10 @@ impl CudaElement for bf16 {
     const DENSE_GATED_TC: Option<Kernel<ffi::molora_dense_gated_args>> = Some(kernel!(
         molora_dense_gated_bf16,
         molora_emu_dense_gated_bf16
+    ));
+    const DENSE_GATED_DECODE: Option<Kernel<ffi::molora_dense_gated_decode_args>> = Some(kernel!(
+        molora_dense_gated_decode_bf16,
+        molora_emu_dense_gated_decode_bf16
     ));
 }
 
@@ -709,15 +721,15 @@ pub struct DenseGatedWorkspace {
     pub(crate) num_tokens: usize,
     pub(crate) columns: usize,
     pub(crate) h: Buffer<f32>,
-    hg: Buffer<u16>,
-    config: DenseGatedConfig,
+    pub(crate) hg: Buffer<u16>,
+    pub(crate) config: DenseGatedConfig,
     partials: Buffer<f32>,
     tickets: Buffer<i32>,
     offsets: Buffer<i32>,
 }
 
 /// Multiprocessors of the device (132 on the emulated device, an H100/H200's count).
-fn multiprocessors(dev: &Device) -> usize {
+pub(crate) fn multiprocessors(dev: &Device) -> usize {
     match dev.backend() {
         super::device::Backend::Gpu { ctx, .. } => ctx
             .attribute(
@@ -885,7 +897,10 @@ pub fn lora_dense_gated<T: CudaElement>(
 
 /// Why the tensor-core dense-gated kernels cannot take this call, or `None` when they can: f16/bf16,
 /// `d_in` and `r` multiples of 8, `x`, `A`, `B` 16-byte aligned.
-fn dense_gated_tc_refusal<T: CudaElement>(shape: &LoraShape, ptrs: &[*const T]) -> Option<String> {
+pub(crate) fn dense_gated_tc_refusal<T: CudaElement>(
+    shape: &LoraShape,
+    ptrs: &[*const T],
+) -> Option<String> {
     if T::DENSE_GATED_TC.is_none() {
         return Some(format!("{:?} inputs (it takes f16 and bf16)", T::DTYPE));
     }
