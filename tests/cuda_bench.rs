@@ -50,6 +50,8 @@ mod gpu {
             // The tensor-core dense-gated path (f16/bf16), and the same shape misaligned (off it).
             BenchCase::new(200, 64, 72, 4, 8, 2, TopK),
             BenchCase::new(50, 64, 72, 4, 8, 2, TopK).misaligned(),
+            // The fused decode (T ≤ 16).
+            BenchCase::new(9, 64, 72, 4, 8, 2, TopK),
         ];
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let opts = BenchOptions {
@@ -75,11 +77,16 @@ mod gpu {
                 let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
                 assert_eq!(cols.len(), 20, "{dtype:?}: {row}");
                 let tc_row = tc && case.d_in == 64 && !case.misaligned;
-                assert_eq!(
-                    cols[7].ends_with("(dg-tc)"),
-                    tc_row,
-                    "{dtype:?}: the path of {row}"
-                );
+                let want_path = match (tc_row, case.tokens <= 16) {
+                    (true, true) => "(dg-fused)",
+                    (true, false) => "(dg-tc)",
+                    _ => "",
+                };
+                if !want_path.is_empty() {
+                    assert!(cols[7].ends_with(want_path), "{dtype:?}: the path of {row}");
+                } else {
+                    assert!(!cols[7].contains("dg-"), "{dtype:?}: the path of {row}");
+                }
                 // The graph replay is measured for every case with experts (all have T ≤ 256).
                 if !matches!(case.routing, PerSequence { .. }) {
                     assert!(
@@ -129,8 +136,9 @@ mod gpu {
                 );
             }
             if tc {
+                // The two aligned tensor-core cases (T = 200 and T = 9).
                 let sweep = rows_of(parts[5]);
-                assert_eq!(sweep.len(), 1, "{dtype:?}:\n{table}");
+                assert_eq!(sweep.len(), 2, "{dtype:?}:\n{table}");
                 let cols: Vec<&str> = sweep[0]
                     .trim_matches('|')
                     .split('|')

@@ -71,6 +71,7 @@ mod gpu {
     /// to f32 near-ties, `y` equals `y0 + cpu::lora_delta` on the chosen routing, and the run must
     /// have taken the fused decode. Every gate, both activations, a temperature, with and without a
     /// router bias, E up to 40 (D1's two column tiles), d_in from one k-step to many splits.
+    #[allow(clippy::too_many_arguments)]
     fn decode_case<T: molora::cuda::CudaElement>(
         dev: &molora::cuda::Device,
         t: usize,

@@ -227,7 +227,8 @@ pub fn run(opts: &BenchOptions) -> Result<String> {
     let mut out = format!(
         "LoRA part of a MoLE layer, {:?}, memory floor at {:.0} GB/s ({bw_source}); times in µs (CUDA events, mean of {} \
          iterations, {} from T = 4096); ours = the path LoraPath::for_shape picks (seg = segmented, \
-         dg = dense-gated on CUDA cores, dg-tc = dense-gated on tensor cores); (a) = cuBLAS per-expert loop, (b) = dense all-experts cuBLAS; graph replay \
+         dg = dense-gated on CUDA cores, dg-tc = dense-gated on tensor cores, dg-fused = its fused \
+         decode for T ≤ 16: router, gate and shrink in one kernel, the expand in a second); (a) = cuBLAS per-expert loop, (b) = dense all-experts cuBLAS; graph replay \
          = the forward of ours (MoleLoraForward::run) captured once in a CUDA graph, per replay, for \
          T ≤ {GRAPH_MAX_TOKENS}\n\n",
         opts.dtype,
@@ -534,20 +535,38 @@ where
             } else {
                 None
             };
-            let dense_gated = if let Some(ws) = ws.as_mut() {
-                Some(time_us(dev, iters, || {
-                    route(&mut logits, &mut ids, &mut w)?;
-                    lora_dense_gated(dev, &x, &a, &b, &shape, &ids, &w, k_max, scale, ws, &mut y)
-                })?)
+            let router = DeviceRouter {
+                w_g: w_g.slice(..)?,
+                b_g: None,
+                activation: act,
+                temperature: 1.0,
+            };
+            // The dense-gated forward as MoleLoraForward runs it (the fused decode for T ≤ 16).
+            let mut fused = false;
+            let dense_gated = if ws.is_some() {
+                let mut fwd = MoleLoraForward::new(dev, t, &shape, k_max, LoraPath::DenseGated)?;
+                let us = time_us(dev, iters, || {
+                    fwd.run(dev, &x, &router, &gate, &a, &b, scale, &mut y)
+                })?;
+                fused = fwd.fused_decode();
+                Some(us)
             } else {
                 None
             };
             let tc = T::DENSE_GATED_TC.is_some() && d_in % 8 == 0 && r % 8 == 0 && !misaligned;
             let (ours, ours_path, path) = match (LoraPath::for_shape(&shape, T::DTYPE), dense_gated)
             {
-                (LoraPath::DenseGated, Some(us)) => {
-                    (us, if tc { "dg-tc" } else { "dg" }, LoraPath::DenseGated)
-                }
+                (LoraPath::DenseGated, Some(us)) => (
+                    us,
+                    if fused {
+                        "dg-fused"
+                    } else if tc {
+                        "dg-tc"
+                    } else {
+                        "dg"
+                    },
+                    LoraPath::DenseGated,
+                ),
                 _ => (seg, "seg", LoraPath::Segmented),
             };
             // The dense-gated configurations on this routing (the sweep that sets the rules).
@@ -562,12 +581,6 @@ where
 
             // The same forward on that path, replayed from a CUDA graph.
             let graph = if t <= GRAPH_MAX_TOKENS {
-                let router = DeviceRouter {
-                    w_g: w_g.slice(..)?,
-                    b_g: None,
-                    activation: act,
-                    temperature: 1.0,
-                };
                 match graph_replay_us(
                     dev, iters, path, &shape, t, &x, &router, &gate, &a, &b, scale, &mut y,
                 )? {
