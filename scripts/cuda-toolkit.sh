@@ -69,6 +69,32 @@ find_cuda() {
   echo "$dest"
 }
 
+# MOLORA_CUDA_BLAS=1: also cuBLAS and cuRAND (NVIDIA's PyPI wheels, unpacked into the same folder), which
+# a `candle-cuda` build links at build time (candle's choice); the nvcc wheels do not hold them. For
+# building GPU bundles with candle's backend; CI does not need it.
+ensure_blas() {
+  local home=$1
+  [ "${MOLORA_CUDA_BLAS:-0}" = 1 ] || return 0
+  if compgen -G "$home/lib/libcublas.so*" >/dev/null && compgen -G "$home/lib/libcurand.so*" >/dev/null; then return 0; fi
+  echo "cuda-toolkit.sh: fetching cuBLAS and cuRAND from PyPI into $home" >&2
+  local tmp; tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps -d "$tmp" "nvidia-cublas>=13.0,<13.1" "nvidia-curand>=10.4,<10.5" >&2
+  mkdir -p "$tmp/site"
+  for w in "$tmp"/*.whl; do python3 -m zipfile -e "$w" "$tmp/site" >&2; done
+  cp -a "$tmp/site/nvidia/cu13/lib/." "$home/lib/" 2>/dev/null || cp -a "$tmp/site/nvidia/cu13/lib64/." "$home/lib/"
+  cp -a "$tmp/site/nvidia/cu13/include/." "$home/include/"
+  # The linker wants the unversioned names; the wheels ship the versioned ones.
+  for l in cublas cublasLt curand; do
+    if [ ! -e "$home/lib/lib$l.so" ]; then
+      local v; v=$(cd "$home/lib" && ls lib$l.so.* 2>/dev/null | sort | head -1)
+      [ -n "$v" ] && ln -s "$v" "$home/lib/lib$l.so"
+    fi
+  done
+  rm -rf "$tmp"
+}
+
 ensure_libclang
 ensure_clang
-find_cuda
+home=$(find_cuda)
+ensure_blas "$home"
+echo "$home"

@@ -4,10 +4,13 @@
 #
 #   ../shared/gpu/bundle --features emu        # every test, bench, binary and example into .gpu/
 #
-# (tests/candle_cuda.rs joins step 1 when the bundle is built with `--features "emu candle-cuda"` and
-# CUDA_COMPUTE_CAP=90: candle's backend links cuBLAS and cuRAND at build time, which NVIDIA's nvcc
-# wheels that scripts/cuda-toolkit.sh unpacks do not hold; a toolkit with them is needed to build it,
-# and their libraries on LD_LIBRARY_PATH to run it.)
+# tests/candle_cuda.rs joins step 1 when the bundle is built with candle's CUDA backend, which links
+# cuBLAS and cuRAND at build time (MOLORA_CUDA_BLAS=1 makes scripts/cuda-toolkit.sh fetch them):
+#
+#   MOLORA_CUDA_BLAS=1 CUDA_COMPUTE_CAP=90 ../shared/gpu/bundle --features "emu candle-cuda"
+#
+# and finds them at run time on LD_LIBRARY_PATH (below: the nvidia/*/lib folders of the machine's
+# Python packages, PyTorch's CUDA libraries, are added when present).
 #
 # then, on the GPU machine, from the project's root (with .gpu carried along):
 #
@@ -42,6 +45,20 @@ check() {
     fail=1; note "$label FAIL ${log%.log} (log: $log)"; tail -30 "$out/$log"
   fi
 }
+
+# cuBLAS / cuRAND for a candle-cuda bundle: the CUDA libraries of the machine's Python packages.
+if py_libs=$(python3 - 2>/dev/null <<'PY'
+import glob, importlib.util, os
+spec = importlib.util.find_spec("nvidia")
+dirs = set()
+for base in (spec.submodule_search_locations if spec else []):
+    for lib in glob.glob(os.path.join(base, "**", "lib", "lib*.so*"), recursive=True):
+        dirs.add(os.path.dirname(lib))
+print(":".join(sorted(dirs)))
+PY
+); then
+  [ -n "$py_libs" ] && export LD_LIBRARY_PATH="$py_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 
 cuda_tests=$(ls .gpu/bin/test-cuda_* .gpu/bin/test-emu_selftest .gpu/bin/test-candle_cuda 2>/dev/null)
 
