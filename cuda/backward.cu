@@ -9,6 +9,28 @@
 namespace molora {
 namespace {
 
+// The tensor-core GEMMs of the backward (cuda/gemm.cuh): loaders and tile shapes. KMajor: element (row, k) at p[row·ld + k], 8 contiguous along k.
+// Strided: element (col, k) at p[k·ld + col], 8 contiguous along col (the transposed operands).
+template <typename T>
+struct KMajor {
+    const T *p;
+    int rows, cols, ld;
+    __device__ const T *operator()(int row, int k) const {
+        return row < rows && k < cols ? p + static_cast<int64_t>(row) * ld + k : nullptr;
+    }
+};
+template <typename T>
+struct Strided {
+    const T *p;
+    int cols, ks, ld;
+    __device__ const T *operator()(int col, int k) const {
+        return col < cols && k < ks ? p + static_cast<int64_t>(k) * ld + col : nullptr;
+    }
+};
+
+template <typename T> using DgDxGemm = TileGemm<T, 128, 128, 4, 2, 3, false, true>;
+template <typename T, int BN> using DgWGemm = TileGemm<T, 64, BN, 2, 2, 4, true, true>;
+
 // Reductions over tokens / pairs, deterministic and parallel: a block of 256 threads owns 32 outputs;
 // its 8 warps each sum one contiguous slice of the reduction range in order (loads of 4 steps in
 // flight), then the slices' partial sums are added in slice order. The same order on every run.
@@ -628,12 +650,129 @@ __global__ void __launch_bounds__(kRouterThreads) router_dx_kernel(molora_router
     a.dx[idx] = acc;
 }
 
+// db alone (the tensor-core path), the same sums as router_dw_kernel's db.
+__global__ void __launch_bounds__(kRedThreads) router_db_kernel(molora_router_backward_args a) {
+    const int e = blockIdx.x * kRedOut + threadIdx.x % kRedOut;
+    const bool valid = e < a.num_experts;
+    const float acc = sliced_sum(0, valid ? a.num_tokens : 0, [&](int t, float acc) {
+        return acc + a.dz[static_cast<int64_t>(t) * a.num_experts + e];
+    });
+    if (!valid || threadIdx.x >= kRedOut) return;
+    a.db[e] = acc;
+}
+
+// dz_t[t, e] = round(dz[t, e]), zero for e in [E, E8).
+template <typename T>
+__global__ void __launch_bounds__(kRouterThreads) router_dz_cast_kernel(molora_router_backward_args a, int e8) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kRouterThreads + threadIdx.x;
+    if (idx >= static_cast<int64_t>(a.num_tokens) * e8) return;
+    const int64_t t = idx / e8;
+    const int e = static_cast<int>(idx % e8);
+    static_cast<T *>(a.dz_t)[idx] = from_f32<T>(e < a.num_experts ? a.dz[t * a.num_experts + e] : 0.0f);
+}
+
+// dW_g = dz_tᵀ·x: [E8, T]·[T, d_in], the sum over T split over blockIdx.z.
+template <typename T, int BN>
+__global__ void __launch_bounds__(DgWGemm<T, BN>::THREADS) router_dw_tc_kernel(molora_router_backward_args a, int e8) {
+    using G = DgWGemm<T, BN>;
+    MOLORA_DYNAMIC_SHARED(128, unsigned char, router_dw_smem);
+    T *smem = reinterpret_cast<T *>(router_dw_smem);
+    const int m0 = blockIdx.x * 64, n0 = blockIdx.y * BN, split = blockIdx.z;
+    const int k_tiles = (a.num_tokens + G::BK - 1) / G::BK;
+    const int per = (k_tiles + a.splits - 1) / a.splits;
+    const int kt0 = min(k_tiles, split * per), kt1 = min(k_tiles, kt0 + per);
+    const Strided<T> al{static_cast<const T *>(a.dz_t), e8, a.num_tokens, e8};
+    const Strided<T> bl{static_cast<const T *>(a.x), a.d_in, a.num_tokens, a.d_in};
+    typename G::Acc acc;
+    G::zero(acc);
+    G::run(smem, al, bl, m0, n0, kt0, kt1, static_cast<const T *>(a.x), acc, false);
+    auto store = [&](int m, int n, float v) { a.dw_g[static_cast<int64_t>(m) * a.d_in + n] = v; };
+    if (a.splits == 1) {
+        G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
+            const int m = m0 + r, n = n0 + c;
+            if (m >= a.num_experts) return;
+            if (n < a.d_in) store(m, n, v0);
+            if (n + 1 < a.d_in) store(m, n + 1, v1);
+        });
+        return;
+    }
+    const int tile = blockIdx.x * gridDim.y + blockIdx.y;
+    G::split_k_epilogue(acc, a.partials, a.num_experts, a.d_in, a.d_in, m0, n0, split, a.splits, a.tickets + tile, store);
+}
+
+// dx = dz_t·W_g: [T, E8]·[E8, d_in] (W_g's rows past E read as zero).
+template <typename T>
+__global__ void __launch_bounds__(DgDxGemm<T>::THREADS) router_dx_tc_kernel(molora_router_backward_args a, int e8) {
+    using G = DgDxGemm<T>;
+    MOLORA_DYNAMIC_SHARED(128, unsigned char, router_dx_smem);
+    T *smem = reinterpret_cast<T *>(router_dx_smem);
+    const int n0 = blockIdx.x * 128, m0 = blockIdx.y * 128;
+    const T *dz_t = static_cast<const T *>(a.dz_t);
+    const KMajor<T> al{dz_t, a.num_tokens, e8, e8};
+    const Strided<T> bl{static_cast<const T *>(a.w_g), a.d_in, a.num_experts, a.d_in};
+    typename G::Acc acc;
+    G::zero(acc);
+    G::run(smem, al, bl, m0, n0, 0, (e8 + G::BK - 1) / G::BK, dz_t, acc, false);
+    G::for_each_acc(acc, [&](int r, int c, float v0, float v1) {
+        const int t = m0 + r, i = n0 + c;
+        if (t >= a.num_tokens) return;
+        float *dx = a.dx + static_cast<int64_t>(t) * a.d_in + i;
+        if (i < a.d_in) dx[0] = v0;
+        if (i + 1 < a.d_in) dx[1] = v1;
+    });
+}
+
+template <typename T, int BN>
+int launch_router_dw_tc(const molora_router_backward_args &a, int e8, cudaStream_t s) {
+    using G = DgWGemm<T, BN>;
+    const dim3 grid((a.num_experts + 63) / 64, (a.d_in + BN - 1) / BN, a.splits);
+    if (grid.y > 65535u || grid.z > 65535u || static_cast<int64_t>(grid.x) * grid.y > a.num_tickets)
+        return static_cast<int>(cudaErrorInvalidValue);
+    const int err = allow_dynamic_smem<router_dw_tc_kernel<T, BN>>(G::SMEM_BYTES);
+    if (err) return err;
+    launch<router_dw_tc_kernel<T, BN>>(grid, G::THREADS, G::SMEM_BYTES, s, a, e8);
+    return last_launch_error();
+}
+
+template <typename T>
+int launch_router_backward_tc(const molora_router_backward_args &a, cudaStream_t s) {
+    const int e8 = (a.num_experts + 7) / 8 * 8;
+    launch<router_db_kernel>(static_cast<unsigned>((a.num_experts + kRedOut - 1) / kRedOut), kRedThreads, 0, s, a);
+    int err = last_launch_error();
+    if (err) return err;
+    const int64_t n = static_cast<int64_t>(a.num_tokens) * e8;
+    if (n > 0) {
+        launch<router_dz_cast_kernel<T>>(static_cast<unsigned>((n + kRouterThreads - 1) / kRouterThreads), kRouterThreads, 0,
+                                         s, a, e8);
+        err = last_launch_error();
+        if (err) return err;
+    }
+    err = a.d_in <= 64 ? launch_router_dw_tc<T, 64>(a, e8, s) : launch_router_dw_tc<T, 128>(a, e8, s);
+    if (err || !a.dx || a.num_tokens == 0) return err;
+    using G = DgDxGemm<T>;
+    const dim3 grid((a.d_in + 127) / 128, (a.num_tokens + 127) / 128);
+    if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+    err = allow_dynamic_smem<router_dx_tc_kernel<T>>(G::SMEM_BYTES);
+    if (err) return err;
+    launch<router_dx_tc_kernel<T>>(grid, G::THREADS, G::SMEM_BYTES, s, a, e8);
+    return last_launch_error();
+}
+
 template <typename T>
 int launch_router_backward(const molora_router_backward_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
     const molora_router_backward_args a = *args;
     if (a.num_tokens < 0 || a.d_in < 1 || a.num_experts < 1) return static_cast<int>(cudaErrorInvalidValue);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (a.dz_t) {
+        bool ok = sizeof(T) == 2 && a.tickets && a.d_in % 8 == 0 && a.splits >= 1 &&
+                  a.splits <= max(1, (a.num_tokens + 31) / 32) && (a.splits == 1 || a.partials);
+        for (const void *p : {a.x, a.w_g, static_cast<const void *>(a.dz_t)})
+            ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+        if (!ok) return static_cast<int>(cudaErrorInvalidValue);
+        if constexpr (sizeof(T) == 2) return launch_router_backward_tc<T>(a, s);
+        return static_cast<int>(cudaErrorInvalidValue);
+    }
     const int64_t n_dw = (static_cast<int64_t>(a.d_in) + 1) * a.num_experts;
     launch<router_dw_kernel<T>>(static_cast<unsigned>((n_dw + kRedOut - 1) / kRedOut), kRedThreads, 0, s, a);
     int err = last_launch_error();
@@ -903,27 +1042,7 @@ __global__ void __launch_bounds__(kDgThreads) dg_gated_operands_kernel(molora_lo
     static_cast<T *>(a.hg)[idx] = from_f32<T>(g * a.h[idx]);
 }
 
-// Loaders of cuda/gemm.cuh. KMajor: element (row, k) at p[row·ld + k], 8 contiguous along k.
-// Strided: element (col, k) at p[k·ld + col], 8 contiguous along col (the transposed operands).
-template <typename T>
-struct KMajor {
-    const T *p;
-    int rows, cols, ld;
-    __device__ const T *operator()(int row, int k) const {
-        return row < rows && k < cols ? p + static_cast<int64_t>(row) * ld + k : nullptr;
-    }
-};
-template <typename T>
-struct Strided {
-    const T *p;
-    int cols, ks, ld;
-    __device__ const T *operator()(int col, int k) const {
-        return col < cols && k < ks ? p + static_cast<int64_t>(k) * ld + col : nullptr;
-    }
-};
 
-template <typename T> using DgDxGemm = TileGemm<T, 128, 128, 4, 2, 3, false, true>;
-template <typename T, int BN> using DgWGemm = TileGemm<T, 64, BN, 2, 2, 4, true, true>;
 
 // dx = scale·Ũ·A_all: [T, C]·[C, d_in].
 template <typename T>

@@ -292,4 +292,110 @@ mod gpu {
             }
         }
     }
+
+    /// The backward of `MoleLoraForward` on tensor cores (f16/bf16, d_in, d_out and r multiples of 8:
+    /// the dense-gated backward's GEMMs and the router's dW_g and dx on mma.sync, dz rounded to the
+    /// element type) against the CPU chain on the routing the GPU chose, within the dtype's
+    /// tolerance.
+    fn tc_backward_case<T: molora::cuda::CudaElement>(
+        dev: &molora::cuda::Device,
+        t: usize,
+        shape: &LoraShape,
+        seed: u64,
+        renorm: bool,
+    ) -> Result<(), String> {
+        let s = |e: molora::Error| e.to_string();
+        let (e, d_in, d_out) = (shape.num_experts, shape.d_in, shape.d_out);
+        let mut rng = Rng::new(seed);
+        let x: Vec<T> = rng.values(t * d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.2);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.2);
+        let w_g: Vec<T> = rng.values(e * d_in, 0.3);
+        let dy: Vec<T> = rng.values(t * d_out, 1.0);
+        let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let gate = Gate::TopK {
+            k: 2.min(e),
+            renormalize: renorm,
+        };
+        let dgate = DeviceGate::from_gate(&gate, e).map_err(s)?;
+        let k_max = dgate.k_max(e);
+        let (dx, da, db, dwg, ddy) = (
+            dev.upload(&x).map_err(s)?,
+            dev.upload(&a).map_err(s)?,
+            dev.upload(&b).map_err(s)?,
+            dev.upload(&w_g).map_err(s)?,
+            dev.upload(&dy).map_err(s)?,
+        );
+        let router = DeviceRouter {
+            w_g: dwg.slice(..).map_err(s)?,
+            b_g: None,
+            activation: Activation::Softmax,
+            temperature: 1.3,
+        };
+        let mut fwd =
+            MoleLoraForward::new(dev, t, shape, k_max, LoraPath::DenseGated).map_err(s)?;
+        let mut y = dev.zeros::<T>(t * d_out).map_err(s)?;
+        fwd.run(dev, &dx, &router, &dgate, &da, &db, 2.0, &mut y)
+            .map_err(s)?;
+        let mut grads = fwd.new_grads(dev).map_err(s)?;
+        fwd.backward(dev, &dx, &router, &dgate, &da, &db, &ddy, 2.0, &mut grads)
+            .map_err(s)?;
+        let (xf, af, bf, wf, dyf) = (f(&x), f(&a), f(&b), f(&w_g), f(&dy));
+        let ids = dev.download(fwd.ids()).map_err(s)?;
+        let w: Vec<f32> = dev.download(fwd.weights()).map_err(s)?;
+        // The CPU chain from the logits the GPU computed (its f32 sums of the same products).
+        let logits = cpu::router_logits(&xf, t, d_in, &wf, None, e).map_err(s)?;
+        let p = cpu::activate(&logits, t, e, Activation::Softmax, 1.3).map_err(s)?;
+        let lora = backward::lora_backward(&xf, &af, &bf, shape, &ids, &w, k_max, 2.0f32, &dyf)
+            .map_err(s)?;
+        let (dp, _) =
+            backward::gate_backward(&p, e, &ids, k_max, None, renorm, &lora.dw).map_err(s)?;
+        let dz_want = backward::softmax_backward(&p, &dp, e, 1.3).map_err(s)?;
+        let (dwg_want, dbg_want, dxr_want) =
+            backward::router_backward(&xf, &wf, &dz_want, d_in, e).map_err(s)?;
+        let got = grads.lora().to_host(dev).map_err(s)?;
+        // The dtype's tolerance with its absolute part relative to each gradient's largest value (the
+        // operands are rounded to the element type before f32 sums over up to 300 terms).
+        let base = Tolerance::for_dtype(T::DTYPE);
+        let down = |v: molora::cuda::BufferView<'_, f32>| dev.download(&v).map_err(s);
+        for (what, g, w) in [
+            ("dA", got.da, lora.da),
+            ("dB", got.db, lora.db),
+            ("dx (experts)", got.dx, lora.dx),
+            ("dw", got.dw, lora.dw),
+            ("dz", down(grads.dz())?, dz_want),
+            ("dW_g", down(grads.dw_g())?, dwg_want),
+            ("db_g", down(grads.db_g())?, dbg_want),
+            ("dx (router)", down(grads.dx_router())?, dxr_want),
+        ] {
+            let m = w.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+            let tol = Tolerance {
+                atol: base.atol * m,
+                rtol: base.rtol,
+            };
+            compare(what, &g, &w, tol)?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(16)))]
+        #[test]
+        fn forward_backward_tensor_cores_match_cpu(t in prop_oneof![Just(1usize), Just(40), Just(300), 1usize..200],
+                                                   e in 1usize..=12, r in prop_oneof![Just(8usize), Just(16)],
+                                                   d_in in prop_oneof![Just(8usize), Just(64), Just(136)],
+                                                   d_out in prop_oneof![Just(8usize), Just(72)], seed in any::<u64>(),
+                                                   renorm in any::<bool>(), bf in any::<bool>()) {
+            let Some(dev) = test_device("forward_backward_tensor_cores_match_cpu") else { return Ok(()) };
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            let res = if bf {
+                tc_backward_case::<bf16>(&dev, t, &shape, seed, renorm)
+            } else {
+                tc_backward_case::<half::f16>(&dev, t, &shape, seed, renorm)
+            };
+            if let Err(m) = res {
+                prop_assert!(false, "T {} {:?} renorm {} bf16 {}: {}", t, shape, renorm, bf, m);
+            }
+        }
+    }
 }

@@ -685,6 +685,13 @@ int molora_gating_backward_f32(const molora_gating_backward_args *args, molora_s
  * Router backward, deterministic: with logits = x·W_gᵀ + b and dz [T, E] f32:
  *   dW_g[e, i] = Σ_t dz[t, e]·x[t, i]   db[e] = Σ_t dz[t, e]   dx[t, i] = Σ_e dz[t, e]·W_g[e, i]
  * (tokens summed in order; f32 outputs; dx is written, not accumulated, and may be NULL).
+ *
+ * Tensor cores (dz_t != NULL; f16/bf16, d_in a multiple of 8, x, W_g, dz_t 16-byte aligned,
+ * otherwise cudaErrorInvalidValue): dz is rounded to the element type into dz_t [T, E8] (E8 = E
+ * rounded up to a multiple of 8, zero-padded), then dW_g = dz_tᵀ·x and dx = dz_t·W_g are mma.sync
+ * GEMMs; dW_g's sum over T is split `splits` ways into partials ([splits, E, d_in] f32, when
+ * splits > 1) summed in split order by each tile's last block (tickets: at least num_tickets =
+ * ceil(E/64)·ceil(d_in/64) ints, zero, left zero); db as above.
  */
 typedef struct molora_router_backward_args {
     const void *x;
@@ -696,6 +703,11 @@ typedef struct molora_router_backward_args {
     int32_t num_tokens;
     int32_t d_in;
     int32_t num_experts;
+    void *dz_t;          /* [T, E8] element type, or NULL: the CUDA-core kernels */
+    float *partials;     /* [splits, E, d_in] (with dz_t, when splits > 1) */
+    int32_t *tickets;    /* [num_tickets] (with dz_t) */
+    int32_t num_tickets;
+    int32_t splits;      /* 1 ..= max(1, ceil(T / 32)) (with dz_t) */
 } molora_router_backward_args;
 
 int molora_router_backward_f32(const molora_router_backward_args *args, molora_stream_t stream);

@@ -731,6 +731,82 @@ pub fn router_backward<T: CudaElement>(
     db: &mut impl DeviceWrite<f32>,
     dx: Option<&mut dyn DeviceWrite<f32>>,
 ) -> Result<()> {
+    router_backward_impl(
+        dev,
+        x,
+        num_tokens,
+        d_in,
+        w_g,
+        num_experts,
+        dz,
+        dw_g,
+        db,
+        dx,
+        None,
+    )
+}
+
+/// The router backward on tensor cores (`MoleLoraForward::backward` keeps one per workspace):
+/// `dz` rounded to the element type `[T, E8]` (`E8` = `E` rounded up to 8), the split-T partials
+/// of `dW_g` and their tickets.
+#[derive(Debug)]
+pub(crate) struct RouterTcWorkspace {
+    num_tokens: usize,
+    d_in: usize,
+    num_experts: usize,
+    dz_t: Buffer<u16>,
+    partials: Buffer<f32>,
+    tickets: Buffer<i32>,
+    num_tickets: usize,
+    splits: usize,
+}
+
+impl RouterTcWorkspace {
+    /// For `T` tokens, `d_in` and `E`: splits of the sum over T for about two blocks per
+    /// multiprocessor of an H100/H200 (132) over dW_g's tiles, each at least 4 steps of 32 tokens.
+    pub(crate) fn new(dev: &Device, t: usize, d_in: usize, e: usize) -> Result<Self> {
+        let e8 = e.div_ceil(8) * 8;
+        let n = checked_i32("T * E8", t, e8)?;
+        let num_tickets = e.div_ceil(64) * d_in.div_ceil(64);
+        let tiles = (e.div_ceil(64) * d_in.div_ceil(128)).max(1);
+        let splits = 264usize
+            .div_ceil(tiles)
+            .min(t.div_ceil(32) / 4)
+            .clamp(1, 32);
+        let plane = checked_i32("E * d_in", e, d_in)?;
+        Ok(RouterTcWorkspace {
+            num_tokens: t,
+            d_in,
+            num_experts: e,
+            dz_t: dev.zeros(n + 8)?,
+            partials: dev.zeros(if splits > 1 {
+                checked_i32("splits * E * d_in", splits, plane)?
+            } else {
+                1
+            })?,
+            tickets: dev.zeros(num_tickets.max(1))?,
+            num_tickets,
+            splits,
+        })
+    }
+}
+
+/// [`router_backward`], on tensor cores when `tc` is given and applies (f16/bf16, `d_in` a multiple
+/// of 8, `x` and `W_g` 16-byte aligned, the workspace made for this T, d_in and E).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn router_backward_impl<T: CudaElement>(
+    dev: &Device,
+    x: &impl DeviceRead<T>,
+    num_tokens: usize,
+    d_in: usize,
+    w_g: &impl DeviceRead<T>,
+    num_experts: usize,
+    dz: &impl DeviceRead<f32>,
+    dw_g: &mut impl DeviceWrite<f32>,
+    db: &mut impl DeviceWrite<f32>,
+    dx: Option<&mut dyn DeviceWrite<f32>>,
+    tc: Option<&mut RouterTcWorkspace>,
+) -> Result<()> {
     const OP: &str = "router_backward";
     if d_in == 0 || num_experts == 0 {
         return Err(Error::InvalidDim {
@@ -752,6 +828,30 @@ pub fn router_backward<T: CudaElement>(
         Some(d) => l.output("dx [T, d_in]", d, x_len)?,
         None => std::ptr::null_mut(),
     };
+    let tc = tc.filter(|w| {
+        T::DENSE_GATED_TC.is_some()
+            && d_in % 8 == 0
+            && x as usize % 16 == 0
+            && w_g as usize % 16 == 0
+            && (w.num_tokens, w.d_in, w.num_experts) == (num_tokens, d_in, num_experts)
+    });
+    let (dz_t, partials, tickets, num_tickets, splits) = match tc {
+        Some(w) => (
+            l.output_any("router backward workspace dz_t", &mut w.dz_t)?
+                .cast(),
+            l.output_any("router backward partials", &mut w.partials)?,
+            l.output_any("router backward tickets", &mut w.tickets)?,
+            w.num_tickets,
+            w.splits,
+        ),
+        None => (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+            1,
+        ),
+    };
     let args = ffi::molora_router_backward_args {
         x: x.cast(),
         w_g: w_g.cast(),
@@ -762,8 +862,19 @@ pub fn router_backward<T: CudaElement>(
         num_tokens: num_tokens as i32,
         d_in: d_in as i32,
         num_experts: num_experts as i32,
+        dz_t,
+        partials: if splits > 1 {
+            partials
+        } else {
+            std::ptr::null_mut()
+        },
+        tickets,
+        num_tickets: num_tickets as i32,
+        splits: splits as i32,
     };
-    // SAFETY: every buffer has the length checked above and all products fit an i32; the launch
-    // orders them on the device.
+    // SAFETY: every buffer has the length checked above and all products fit an i32; with tensor
+    // cores the workspace was made for this T, d_in and E (checked: T·E8 elements of dz_t, `splits`
+    // planes of E·d_in floats, num_tickets zeroed tickets the kernels leave zero) and the dtype,
+    // d_in and alignment conditions were checked; the launch orders them on the device.
     unsafe { l.run(&T::ROUTER_BACKWARD, &args) }
 }

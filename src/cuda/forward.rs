@@ -6,8 +6,8 @@
 //! [`MoleLoraGrads`] (allocated once by [`MoleLoraForward::new_grads`]), on the same path.
 
 use super::backward::{
-    gating_backward, lora_backward_dense_gated, lora_backward_experts, router_backward,
-    DeviceLoraGrads,
+    gating_backward, lora_backward_dense_gated, lora_backward_experts, router_backward_impl,
+    DeviceLoraGrads, RouterTcWorkspace,
 };
 use super::device::Device;
 use super::dispatch::{dispatch, DevicePlan};
@@ -395,6 +395,7 @@ pub struct MoleLoraGrads {
     dw_g: Buffer<f32>,
     db_g: Buffer<f32>,
     dx_router: Buffer<f32>,
+    router_tc: RouterTcWorkspace,
 }
 
 impl MoleLoraGrads {
@@ -445,6 +446,7 @@ impl MoleLoraForward {
             dw_g: dev.zeros(e * d_in)?,
             db_g: dev.zeros(e)?,
             dx_router: dev.zeros(t * d_in)?,
+            router_tc: RouterTcWorkspace::new(dev, t, d_in, e)?,
         })
     }
 
@@ -538,7 +540,7 @@ impl MoleLoraForward {
             &mut grads.dz,
             dtau,
         )?;
-        router_backward(
+        router_backward_impl(
             dev,
             x,
             t,
@@ -549,6 +551,7 @@ impl MoleLoraForward {
             &mut grads.dw_g,
             &mut grads.db_g,
             Some(&mut grads.dx_router),
+            Some(&mut grads.router_tc),
         )
     }
 }
