@@ -203,7 +203,14 @@ impl DeviceLoraGrads {
     /// by [`DeviceLoraGrads::new`]; [`lora_backward_experts`] allocates nothing per call.
     pub fn device_bytes(&self) -> usize {
         std::mem::size_of::<f32>()
-            * (self.da.len() + self.db.len() + self.dx.len() + self.dw.len() + self.u.len())
+            * (self.da.len()
+                + self.db.len()
+                + self.dx.len()
+                + self.dw.len()
+                + self.u.len()
+                + self.tc.partials.len()
+                + self.tc.tickets.len())
+            + std::mem::size_of::<u16>() * (self.tc.ug.len() + self.tc.hg.len())
     }
 
     /// Copies the gradients to the host (waits for the stream).
@@ -762,6 +769,11 @@ pub(crate) struct RouterTcWorkspace {
 }
 
 impl RouterTcWorkspace {
+    /// Bytes of device memory it holds.
+    pub(crate) fn device_bytes(&self) -> usize {
+        2 * self.dz_t.len() + 4 * (self.partials.len() + self.tickets.len())
+    }
+
     /// For `T` tokens, `d_in` and `E`: splits of the sum over T for about two blocks per
     /// multiprocessor of an H100/H200 (132) over dW_g's tiles, each at least 4 steps of 32 tokens.
     pub(crate) fn new(dev: &Device, t: usize, d_in: usize, e: usize) -> Result<Self> {

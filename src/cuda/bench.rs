@@ -25,8 +25,9 @@
 //!   part on the path "ours" took), captured once into a CUDA graph, then the graph replayed; "—"
 //!   for larger `T`, SAML rows, or where the capture fails (the reason goes to stderr, once);
 //! * with [`BenchOptions::backward`], **our backward** of the LoRA part on the path of "ours"
-//!   (grouped LoRA backward on the segmented plan, or the dense-gated backward; then the gating and
-//!   router backward; for SAML the mixed adapters' backward and
+//!   ([`MoleLoraForward::backward`] after one forward: the grouped LoRA backward on the segmented
+//!   plan or the dense-gated backward, then the gating and router backward, on tensor cores where
+//!   their conditions hold; for SAML the mixed adapters' backward and
 //!   the mixing backward), its ratio to our forward, and the device memory it works in. The backward
 //!   allocates nothing per call: its buffers are allocated once per shape (the column gives their size).
 //!
@@ -37,17 +38,14 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::{bf16, f16};
 
-use super::backward::{
-    gating_backward, lora_backward_dense_gated, lora_backward_experts, mix_backward,
-    router_backward,
-};
+use super::backward::{lora_backward_experts, mix_backward};
 use super::device::Device;
 use super::dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan};
 use super::forward::{DeviceRouter, MoleLoraForward};
 use super::gating::{gating, router_logits, DeviceGate};
 use super::lora::{
-    expand_experts, expand_experts_on, expand_segments, lora_dense_gated, lora_dense_gated_on,
-    mix_experts, shrink_experts, shrink_experts_on, shrink_segments, CudaElement, DenseGatedConfig,
+    expand_experts, expand_experts_on, expand_segments, lora_dense_gated_on, mix_experts,
+    shrink_experts, shrink_experts_on, shrink_segments, CudaElement, DenseGatedConfig,
     DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
 use super::memory::{gpu_view, gpu_view_mut, Buffer, BufferView, DeviceRead, DeviceWrite};
@@ -530,11 +528,6 @@ where
                 shrink_experts(dev, &x, &a, &shape, &plan, &mut h)?;
                 expand_experts(dev, &h, &b, &shape, &plan, &ids, &w, scale, &mut y)
             })?;
-            let mut ws = if e * r <= DENSE_GATED_MAX_COLUMNS {
-                Some(DenseGatedWorkspace::new(dev, t, &shape)?)
-            } else {
-                None
-            };
             let router = DeviceRouter {
                 w_g: w_g.slice(..)?,
                 b_g: None,
@@ -543,7 +536,7 @@ where
             };
             // The dense-gated forward as MoleLoraForward runs it (the fused decode for T ≤ 16).
             let mut fused = false;
-            let dense_gated = if ws.is_some() {
+            let dense_gated = if e * r <= DENSE_GATED_MAX_COLUMNS {
                 let mut fwd = MoleLoraForward::new(dev, t, &shape, k_max, LoraPath::DenseGated)?;
                 let us = time_us(dev, iters, || {
                     fwd.run(dev, &x, &router, &gate, &a, &b, scale, &mut y)
@@ -676,70 +669,17 @@ where
             drop((xs, hs, ys));
 
             let bwd = if opts.backward {
-                // The forward's routing and intermediates on our path (the plan and the sorted
-                // shrink, or the all-experts shrink), as a training step keeps them.
-                route(&mut logits, &mut ids, &mut w)?;
-                dispatch(dev, &ids, &mut plan)?;
-                shrink_experts(dev, &x, &a, &shape, &plan, &mut h)?;
-                let dense_ws = match ws.as_mut() {
-                    Some(ws) if ours_path.starts_with("dg") => {
-                        let mut y_tmp = dev.zeros::<T>(t * d_out)?;
-                        lora_dense_gated(
-                            dev, &x, &a, &b, &shape, &ids, &w, k_max, scale, ws, &mut y_tmp,
-                        )?;
-                        Some(&*ws)
-                    }
-                    _ => None,
-                };
+                // MoleLoraForward's backward on our path after one forward (the routing and the
+                // intermediates a training step keeps): LoRA part, gate, router, each on tensor
+                // cores where its conditions hold.
+                let mut fwd = MoleLoraForward::new(dev, t, &shape, k_max, path)?;
+                fwd.run(dev, &x, &router, &gate, &a, &b, scale, &mut y)?;
                 let dy = dev.upload(&values(t * d_out, 9, 1.0))?;
-                let mut grads = if dense_ws.is_some() {
-                    DeviceLoraGrads::new_dense_gated(dev, t, k_max, &shape)?
-                } else {
-                    DeviceLoraGrads::new(dev, t, k_max, &shape)?
-                };
-                let mut dz = dev.zeros::<f32>(t * e)?;
-                let mut dtau = dev.zeros::<f32>(t)?;
-                let mut dw_g = dev.zeros::<f32>(e * d_in)?;
-                let mut db_g = dev.zeros::<f32>(e)?;
-                let mut dx_router = dev.zeros::<f32>(t * d_in)?;
-                let bytes = grads.device_bytes()
-                    + std::mem::size_of::<f32>() * (t * e + t + e * d_in + e + t * d_in);
+                let mut grads = fwd.new_grads(dev)?;
                 let us = time_us(dev, iters, || {
-                    match dense_ws {
-                        Some(ws) => lora_backward_dense_gated(
-                            dev, &x, &a, &b, &shape, &ids, &w, k_max, ws, &dy, scale, &mut grads,
-                        )?,
-                        None => lora_backward_experts(
-                            dev, &x, &a, &b, &shape, &plan, &ids, &w, &h, &dy, scale, &mut grads,
-                        )?,
-                    }
-                    gating_backward(
-                        dev,
-                        &logits,
-                        t,
-                        e,
-                        act,
-                        1.0,
-                        &gate,
-                        &ids,
-                        &grads.dw(),
-                        &mut dz,
-                        Some(&mut dtau),
-                    )?;
-                    router_backward(
-                        dev,
-                        &x,
-                        t,
-                        d_in,
-                        &w_g,
-                        e,
-                        &dz,
-                        &mut dw_g,
-                        &mut db_g,
-                        Some(&mut dx_router),
-                    )
+                    fwd.backward(dev, &x, &router, &gate, &a, &b, &dy, scale, &mut grads)
                 })?;
-                Some((us, bytes))
+                Some((us, grads.device_bytes()))
             } else {
                 None
             };

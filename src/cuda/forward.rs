@@ -424,6 +424,17 @@ impl MoleLoraGrads {
     pub fn dx_router(&self) -> BufferView<'_, f32> {
         self.dx_router.view()
     }
+    /// Bytes of device memory these buffers and their workspaces hold.
+    pub fn device_bytes(&self) -> usize {
+        self.lora.device_bytes()
+            + std::mem::size_of::<f32>()
+                * (self.dz.len()
+                    + self.dtau.len()
+                    + self.dw_g.len()
+                    + self.db_g.len()
+                    + self.dx_router.len())
+            + self.router_tc.device_bytes()
+    }
 }
 
 impl MoleLoraForward {
