@@ -165,6 +165,37 @@ impl Error {
     }
 }
 
+/// `a·b` elements of `elem_bytes` bytes each, checked: the product must not overflow and the buffer
+/// must be one a process can hold (at most `isize::MAX` bytes), else [`Error::InvalidDim`] naming
+/// `what`.
+pub fn checked_elems(what: &'static str, a: usize, b: usize, elem_bytes: usize) -> Result<usize> {
+    match a.checked_mul(b) {
+        Some(n)
+            if n.checked_mul(elem_bytes.max(1))
+                .is_some_and(|bytes| bytes <= isize::MAX as usize) =>
+        {
+            Ok(n)
+        }
+        _ => Err(Error::InvalidDim {
+            what,
+            value: if a > b { a } else { b },
+            reason: "the buffer would be larger than a process can hold",
+        }),
+    }
+}
+
+/// `E ≥ 1`, else [`Error::InvalidDim`] naming `num_experts`.
+pub fn check_experts_nonzero(num_experts: usize) -> Result<()> {
+    if num_experts == 0 {
+        return Err(Error::InvalidDim {
+            what: "num_experts",
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
+    Ok(())
+}
+
 /// Checks that `got == expected`, naming the buffer in the error otherwise.
 pub fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {

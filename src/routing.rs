@@ -8,7 +8,7 @@
 //!   HDMoLE's global posterior).
 //! * [`AdapterSegments`]: one adapter id per sequence segment (punica's SGMV case; `-1` = no adapter).
 
-use crate::error::{check_finite, check_len, Error, Result};
+use crate::error::{check_finite, check_len, checked_elems, Error, Result};
 
 /// Largest number of (token, slot) pairs a routing may hold, so that every index fits an `i32` on
 /// the device.
@@ -94,7 +94,15 @@ impl Routing {
 
     /// A routing in which every slot is empty: the LoRA part is exactly zero.
     pub fn empty(num_tokens: usize, k_max: usize, num_experts: usize) -> Result<Self> {
-        let n = num_tokens.saturating_mul(k_max);
+        // The limit Routing::new enforces, checked before anything is allocated.
+        let n = checked_elems("num_tokens * k_max", num_tokens, k_max, 8)?;
+        if n > MAX_PAIRS {
+            return Err(Error::InvalidDim {
+                what: "num_tokens * k_max",
+                value: n,
+                reason: "must fit in an i32",
+            });
+        }
         Routing::new(num_tokens, k_max, num_experts, vec![-1; n], vec![0.0; n])
     }
 
@@ -254,7 +262,7 @@ impl SeqRouting {
         }
         check_len(
             "per-sequence probs [S, E]",
-            segments.num_segments() * num_experts,
+            checked_elems("S * E", segments.num_segments(), num_experts, 4)?,
             probs.len(),
         )?;
         check_finite("per-sequence probs", &probs)?;

@@ -8,7 +8,7 @@
 
 use num_traits::Float;
 
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_experts_nonzero, check_len, checked_elems, Error, Result};
 use crate::LoraShape;
 
 /// Gradients of the LoRA part `Δy_t = s·Σ_{slots} w_ts·(x_t·A_eᵀ)·B_eᵀ`.
@@ -205,6 +205,7 @@ pub fn softmax_backward<F: Float>(
     num_experts: usize,
     temperature: F,
 ) -> Result<Vec<F>> {
+    check_experts_nonzero(num_experts)?;
     check_len("dp [T, E]", p.len(), dp.len())?;
     check_len(
         "p [T, E]",
@@ -290,10 +291,24 @@ pub fn gate_backward<F: Float>(
     renormalize: bool,
     dw: &[F],
 ) -> Result<(Vec<F>, Vec<F>)> {
-    let t = p.len() / num_experts.max(1);
+    check_experts_nonzero(num_experts)?;
+    let t = p.len() / num_experts;
     check_len("p [T, E]", t * num_experts, p.len())?;
-    check_len("routing ids [T, k_max]", t * k_max, ids.len())?;
-    check_len("dw [T, k_max]", t * k_max, dw.len())?;
+    let slots = checked_elems("T * k_max", t, k_max, 4)?;
+    check_len("routing ids [T, k_max]", slots, ids.len())?;
+    check_len("dw [T, k_max]", slots, dw.len())?;
+    if let Some((i, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < -1 || id as i64 >= num_experts as i64)
+    {
+        return Err(Error::ExpertIdOutOfRange {
+            token: i / k_max.max(1),
+            slot: i % k_max.max(1),
+            id,
+            num_experts,
+        });
+    }
     if let Some(tau) = tau {
         check_len("tau [T]", t, tau.len())?;
     }
@@ -373,6 +388,7 @@ pub fn product_combine_backward<F: Float>(
     num_experts: usize,
     dp: &[F],
 ) -> Result<Vec<F>> {
+    check_experts_nonzero(num_experts)?;
     check_len("global posterior per token [T, E]", l.len(), g.len())?;
     check_len("dp [T, E]", l.len(), dp.len())?;
     let mut dl = Vec::with_capacity(l.len());
@@ -477,7 +493,8 @@ pub fn switch_balance_loss<F: Float>(
 /// `∂L/∂I_e = 2·(I_e − μ)/(E·μ²) − 2·Var/(E·μ³)` and `∂L/∂w_te = ∂L/∂I_e`. Zero total importance gives
 /// `L = 0` and a zero gradient.
 pub fn cv_balance_loss<F: Float>(w: &[F], num_experts: usize) -> Result<(F, Vec<F>)> {
-    let t = w.len() / num_experts.max(1);
+    check_experts_nonzero(num_experts)?;
+    let t = w.len() / num_experts;
     check_len("w [T, E]", t * num_experts, w.len())?;
     let e = cast::<F>(num_experts as f64);
     let imp: Vec<F> = (0..num_experts)
@@ -542,10 +559,14 @@ pub fn input_threshold_backward<F: Float>(
 /// `[d_out, d_in]`). Add it to [`LoraGrads::dx`] for the gradient through the whole layer; for a
 /// quantised base pass its dequantised weight.
 pub fn base_backward_dx<F: Float>(dy: &[F], w0: &[F], d_in: usize, d_out: usize) -> Result<Vec<F>> {
-    check_len("base W0 [d_out, d_in]", d_out * d_in, w0.len())?;
+    check_len(
+        "base W0 [d_out, d_in]",
+        checked_elems("d_out * d_in", d_out, d_in, 1)?,
+        w0.len(),
+    )?;
     let t = dy.len() / d_out.max(1);
     check_len("dy [T, d_out]", t * d_out, dy.len())?;
-    let mut dx = vec![F::zero(); t * d_in];
+    let mut dx = vec![F::zero(); checked_elems("T * d_in", t, d_in, std::mem::size_of::<F>())?];
     for tok in 0..t {
         for o in 0..d_out {
             let g = dy[tok * d_out + o];

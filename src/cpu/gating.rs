@@ -414,6 +414,7 @@ pub fn threshold_values<T: Element>(
 ) -> Result<Vec<f32>> {
     check_num_experts(num_experts)?;
     check_spec(spec)?;
+    crate::error::checked_elems("num_tokens (one τ each)", num_tokens, 1, 4)?;
     let x_len = checked_len("num_tokens * d_in", num_tokens, d_in)?;
     if let Some(x) = x {
         check_len("x [T, d_in]", x_len, x.len())?;

@@ -80,7 +80,12 @@ pub struct Router {
 /// `[B, L, d]` → `[B, L, 3d]`: each frame with its left and right neighbour (zero padded), the input
 /// of a kernel-3 convolution written as a linear layer.
 pub fn unfold3(x: &Tensor) -> Result<Tensor> {
-    let l = x.dims()[1];
+    let &[_, l, _] = x.dims() else {
+        return Err(Error::Unsupported {
+            op: "unfold3",
+            what: format!("a tensor of shape {:?} (it takes [B, L, d])", x.dims()),
+        });
+    };
     let p = x.pad_with_zeros(1, 1, 1)?;
     Ok(Tensor::cat(
         &[p.narrow(1, 0, l)?, p.narrow(1, 1, l)?, p.narrow(1, 2, l)?],
