@@ -4,30 +4,13 @@
 // Every output element is owned by one thread; no float atomics. Grids depend on shapes only.
 
 #include "common.cuh"
+#include "gating.cuh"
 #include "gemm.cuh"
 
 namespace molora {
 namespace {
 
-// The tensor-core GEMMs of the backward (cuda/gemm.cuh): loaders and tile shapes. KMajor: element (row, k) at p[row·ld + k], 8 contiguous along k.
-// Strided: element (col, k) at p[k·ld + col], 8 contiguous along col (the transposed operands).
-template <typename T>
-struct KMajor {
-    const T *p;
-    int rows, cols, ld;
-    __device__ const T *operator()(int row, int k) const {
-        return row < rows && k < cols ? p + static_cast<int64_t>(row) * ld + k : nullptr;
-    }
-};
-template <typename T>
-struct Strided {
-    const T *p;
-    int cols, ks, ld;
-    __device__ const T *operator()(int col, int k) const {
-        return col < cols && k < ks ? p + static_cast<int64_t>(k) * ld + col : nullptr;
-    }
-};
-
+// The tensor-core GEMMs of the backward (cuda/gemm.cuh's loaders): tile shapes.
 template <typename T> using DgDxGemm = TileGemm<T, 128, 128, 4, 2, 3, false, true>;
 template <typename T, int BN> using DgWGemm = TileGemm<T, 64, BN, 2, 2, 4, true, true>;
 
@@ -476,24 +459,8 @@ __global__ void __launch_bounds__(kGateBwdWarps * kWarp) gating_backward_kernel(
     float *p = l + E;
     float *dp = p + E;
     const float *z = a.logits + static_cast<int64_t>(t) * E;
-    // l, exactly as the forward kernel computes it.
-    if (a.activation == MOLORA_ACTIVATION_SOFTMAX) {
-        float m = -INFINITY;
-        for (int e = lane; e < E; e += kWarp) m = fmaxf(m, z[e]);
-        m = warp_max(m);
-        float s = 0.0f;
-        for (int e = lane; e < E; e += kWarp) {
-            const float v = expf((z[e] - m) / a.temperature);
-            l[e] = v;
-            s += v;
-        }
-        s = warp_sum(s);
-        for (int e = lane; e < E; e += kWarp) l[e] = l[e] / s;
-    } else if (a.activation == MOLORA_ACTIVATION_SIGMOID) {
-        for (int e = lane; e < E; e += kWarp) l[e] = sigmoid(z[e] / a.temperature);
-    } else {  // MOLORA_ACTIVATION_NONE
-        for (int e = lane; e < E; e += kWarp) l[e] = z[e];
-    }
+    // l, by the forward kernel's own activation.
+    activate_row(a.activation, a.temperature, z, l, E, lane);
     __syncwarp();
     // p = combine(l, g), exactly as the forward kernel combines them.
     const float *g = nullptr;

@@ -15,15 +15,6 @@ constexpr int kShrinkBM = MOLORA_DG_SHRINK_BM;
 template <typename T, int BN> using DgShrink = TileGemm<T, kShrinkBM, BN, 2, 2, 4>;
 template <typename T> using DgExpand = TileGemm<T, 128, 128, 4, 2, 3>;
 
-// K-contiguous row loaders: the address of 8 elements at (row, k), or nullptr past the matrix.
-template <typename T>
-struct RowMajor {
-    const T *p;
-    int rows, cols;  // cols: the row length (a multiple of 8)
-    __device__ const T *operator()(int row, int k) const {
-        return row < rows && k < cols ? p + static_cast<int64_t>(row) * cols + k : nullptr;
-    }
-};
 // hg of the expand as one [T, terms·N] operand: k < N reads plane 0, k in [N, 2N) plane 1.
 template <typename T>
 struct GatedH {
@@ -79,8 +70,8 @@ __global__ void __launch_bounds__(DgShrink<T, BN>::THREADS) dg_shrink_kernel(mol
     const int per = (k_tiles + a.splits - 1) / a.splits;
     const int kt0 = min(k_tiles, split * per), kt1 = min(k_tiles, kt0 + per);
     const T *x = static_cast<const T *>(a.x);
-    const RowMajor<T> al{x, a.num_tokens, a.d_in};
-    const RowMajor<T> bl{static_cast<const T *>(a.a), n_cols, a.d_in};
+    const KMajor<T> al{x, a.num_tokens, a.d_in, a.d_in};
+    const KMajor<T> bl{static_cast<const T *>(a.a), n_cols, a.d_in, a.d_in};
     typename G::Acc acc;
     G::zero(acc);
     G::run(smem, al, bl, m0, n0, kt0, kt1, x, acc, /*wait_a=*/false);
@@ -167,7 +158,7 @@ __global__ void __launch_bounds__(DgDecode<T>::THREADS) dg_decode_kernel(molora_
     const int per = (k_tiles + a.splits - 1) / a.splits;
     const int kt0 = min(k_tiles, split * per), kt1 = min(k_tiles, kt0 + per);
     const T *x = static_cast<const T *>(a.x);
-    const RowMajor<T> al{x, a.num_tokens, a.d_in};
+    const KMajor<T> al{x, a.num_tokens, a.d_in, a.d_in};
     const RouterAndA<T> bl{static_cast<const T *>(a.a), static_cast<const T *>(d.w_g), n_cols, E, a.d_in};
     typename G::Acc acc;
     G::zero(acc);

@@ -46,29 +46,36 @@ __device__ __forceinline__ double warp_sum_d(double v) {
     return v;
 }
 
-// Token t's gate from its logits z (E floats, global or shared memory) into a.ids / a.weights rows t;
-// the whole warp calls it (lane = its lane), p is the warp's E floats of shared memory.
-__device__ __forceinline__ void gate_row(const molora_gating_args &a, int t, const float *z, float *p, int lane) {
-    const int E = a.num_experts;
-
-    // Activation.
-    if (a.activation == MOLORA_ACTIVATION_SOFTMAX) {
+// The activation of one row of E logits z into out (a warp; lanes stride over the experts):
+// softmax / sigmoid with temperature, or a copy (MOLORA_ACTIVATION_NONE: z holds probabilities).
+// The forward gate and the gating backward (which recomputes the forward's probabilities) share it.
+__device__ __forceinline__ void activate_row(int activation, float temperature, const float *z, float *out, int E,
+                                             int lane) {
+    if (activation == MOLORA_ACTIVATION_SOFTMAX) {
         float m = -INFINITY;
         for (int e = lane; e < E; e += kWarp) m = fmaxf(m, z[e]);
         m = warp_max(m);
         float s = 0.0f;
         for (int e = lane; e < E; e += kWarp) {
-            const float v = expf((z[e] - m) / a.temperature);
-            p[e] = v;
+            const float v = expf((z[e] - m) / temperature);
+            out[e] = v;
             s += v;
         }
         s = warp_sum(s);
-        for (int e = lane; e < E; e += kWarp) p[e] = p[e] / s;
-    } else if (a.activation == MOLORA_ACTIVATION_SIGMOID) {
-        for (int e = lane; e < E; e += kWarp) p[e] = sigmoid(z[e] / a.temperature);
-    } else {  // MOLORA_ACTIVATION_NONE: the input is the probabilities
-        for (int e = lane; e < E; e += kWarp) p[e] = z[e];
+        for (int e = lane; e < E; e += kWarp) out[e] = out[e] / s;
+    } else if (activation == MOLORA_ACTIVATION_SIGMOID) {
+        for (int e = lane; e < E; e += kWarp) out[e] = sigmoid(z[e] / temperature);
+    } else {
+        for (int e = lane; e < E; e += kWarp) out[e] = z[e];
     }
+}
+
+// Token t's gate from its logits z (E floats, global or shared memory) into a.ids / a.weights rows t;
+// the whole warp calls it (lane = its lane), p is the warp's E floats of shared memory.
+__device__ __forceinline__ void gate_row(const molora_gating_args &a, int t, const float *z, float *p, int lane) {
+    const int E = a.num_experts;
+
+    activate_row(a.activation, a.temperature, z, p, E, lane);
     __syncwarp();
 
     // Hierarchical combination with the sequence's global posterior.

@@ -23,6 +23,25 @@
 
 namespace molora {
 
+// The two plain loaders. KMajor: element (row, k) at p[row·ld + k], 8 contiguous along k.
+// Strided: element (col, k) at p[k·ld + col], 8 contiguous along col (the transposed operands).
+template <typename T>
+struct KMajor {
+    const T *p;
+    int rows, cols, ld;
+    __device__ const T *operator()(int row, int k) const {
+        return row < rows && k < cols ? p + static_cast<int64_t>(row) * ld + k : nullptr;
+    }
+};
+template <typename T>
+struct Strided {
+    const T *p;
+    int cols, ks, ld;
+    __device__ const T *operator()(int col, int k) const {
+        return col < cols && k < ks ? p + static_cast<int64_t>(k) * ld + col : nullptr;
+    }
+};
+
 template <typename T, int BM, int BN, int WM, int WN, int STAGES, bool kATrans = false, bool kBTrans = false>
 struct TileGemm {
     static constexpr int BK = 32;             // k per stage
