@@ -5,7 +5,7 @@ use super::device::{activation_code, checked_i32, Device};
 use super::dispatch::DevicePlan;
 use super::ffi;
 use super::launch::{Kernel, Launch};
-use super::lora::CudaElement;
+use super::lora::{dense_gated_tc_refusal, multiprocessors, split_k_factor, CudaElement};
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
 use crate::cpu::backward::LoraGrads;
 use crate::cpu::dispatch::check_scale;
@@ -60,8 +60,8 @@ impl DenseTcWorkspace {
     }
 
     /// For `T` tokens of `shape`: the split of the sums over `T` gives about two blocks per
-    /// multiprocessor of an H100/H200 (132) over the smaller of the dA and dB grids, each split at
-    /// least 4 steps of 32 tokens, at most 32 splits.
+    /// multiprocessor over the smaller of the dA and dB grids, each split at least 4 steps of 32
+    /// tokens, at most 32 splits.
     fn new(dev: &Device, t: usize, shape: &LoraShape) -> Result<Self> {
         let c = shape.num_experts * shape.rank;
         let n = checked_i32("num_tokens * E·r", t, c)?;
@@ -70,8 +70,7 @@ impl DenseTcWorkspace {
         let fewest = (c.div_ceil(64) * shape.d_in.div_ceil(128))
             .min(shape.d_out.div_ceil(64) * c.div_ceil(128))
             .max(1);
-        let k_steps = t.div_ceil(32);
-        let splits = 264usize.div_ceil(fewest).min(k_steps / 4).clamp(1, 32);
+        let splits = split_k_factor(multiprocessors(dev), fewest, t.div_ceil(32), 4, 32);
         let plane = checked_i32("E·r * max(d_in, d_out)", c, shape.d_in.max(shape.d_out))?;
         let partials = if splits > 1 {
             checked_i32("splits * E·r * max(d_in, d_out)", splits, plane)?
@@ -362,12 +361,9 @@ pub fn lora_backward_dense_gated<T: CudaElement>(
     let weights = l.input("routing weights [T, k_max]", weights, t * k_max)?;
     let dy = l.input("dy [T, d_out]", dy, t * shape.d_out)?;
     let h = l.input_any("dense-gated workspace h", &ws.h)?;
-    // Tensor cores where they apply: f16/bf16, d_in, d_out and r multiples of 8, aligned operands.
-    let tc = T::DENSE_GATED_TC.is_some()
-        && shape.d_in % 8 == 0
-        && shape.d_out % 8 == 0
-        && shape.rank % 8 == 0
-        && [x, a, b, dy].iter().all(|&p| p as usize % 16 == 0);
+    // Tensor cores where they apply: the forward's conditions on x, A, B, and d_out a multiple of
+    // 8 with dy aligned too.
+    let tc = shape.d_out % 8 == 0 && dense_gated_tc_refusal::<T>(shape, &[x, a, b, dy]).is_none();
     let (splits, num_tickets) = (grads.tc.splits, grads.tc.num_tickets);
     let GradPtrs {
         u,
@@ -775,16 +771,13 @@ impl RouterTcWorkspace {
     }
 
     /// For `T` tokens, `d_in` and `E`: splits of the sum over T for about two blocks per
-    /// multiprocessor of an H100/H200 (132) over dW_g's tiles, each at least 4 steps of 32 tokens.
+    /// multiprocessor over dW_g's tiles, each at least 4 steps of 32 tokens.
     pub(crate) fn new(dev: &Device, t: usize, d_in: usize, e: usize) -> Result<Self> {
         let e8 = e.div_ceil(8) * 8;
         let n = checked_i32("T * E8", t, e8)?;
         let num_tickets = e.div_ceil(64) * d_in.div_ceil(64);
-        let tiles = (e.div_ceil(64) * d_in.div_ceil(128)).max(1);
-        let splits = 264usize
-            .div_ceil(tiles)
-            .min(t.div_ceil(32) / 4)
-            .clamp(1, 32);
+        let tiles = e.div_ceil(64) * d_in.div_ceil(128);
+        let splits = split_k_factor(multiprocessors(dev), tiles, t.div_ceil(32), 4, 32);
         let plane = checked_i32("E * d_in", e, d_in)?;
         Ok(RouterTcWorkspace {
             num_tokens: t,

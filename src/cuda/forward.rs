@@ -16,7 +16,7 @@ use super::gating::{gating, gating_args, router_logits, DeviceGate, GatingPtrs};
 use super::launch::{Kernel, Launch};
 use super::lora::{
     dense_gated_impl, dense_gated_tc_refusal, expand_experts, multiprocessors, shrink_experts,
-    CudaElement, DenseGatedConfig, DenseGatedWorkspace, KernelPath, LoraPath,
+    split_k_factor, CudaElement, DenseGatedConfig, DenseGatedWorkspace, KernelPath, LoraPath,
 };
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
 use crate::cpu::dispatch::check_scale;
@@ -60,10 +60,7 @@ impl DecodeWorkspace {
         let cols = shape.num_experts * shape.rank + shape.num_experts;
         let tiles = cols.div_ceil(128);
         let k_steps = shape.d_in.div_ceil(32);
-        let splits = (2 * multiprocessors(dev))
-            .div_ceil(tiles)
-            .min(k_steps / 2)
-            .clamp(1, 64);
+        let splits = split_k_factor(multiprocessors(dev), tiles, k_steps, 2, 64);
         Ok(DecodeWorkspace {
             splits,
             partials: dev.zeros(if splits > 1 { splits * t * cols } else { 1 })?,

@@ -753,10 +753,30 @@ pub fn dense_gated_splits(
     d_in: usize,
     multiprocessors: usize,
 ) -> usize {
-    let tiles = dense_gated_tiles(num_tokens, columns);
-    let k_tiles = d_in.div_ceil(32).max(1);
-    let want = (2 * multiprocessors).div_ceil(tiles.max(1));
-    want.min(k_tiles / 8).clamp(1, 16)
+    split_k_factor(
+        multiprocessors,
+        dense_gated_tiles(num_tokens, columns),
+        d_in.div_ceil(32),
+        8,
+        16,
+    )
+}
+
+/// The split-K rule of every tensor-core GEMM that splits its sum (the dense-gated shrink, the
+/// fused decode, the backward's sums over T): enough blocks for two per multiprocessor over
+/// `tiles` output tiles, each split at least `min_steps` k-steps of the `k_steps` there are, between 1
+/// and `max_splits`.
+pub(crate) fn split_k_factor(
+    multiprocessors: usize,
+    tiles: usize,
+    k_steps: usize,
+    min_steps: usize,
+    max_splits: usize,
+) -> usize {
+    (2 * multiprocessors)
+        .div_ceil(tiles.max(1))
+        .min(k_steps / min_steps.max(1))
+        .clamp(1, max_splits)
 }
 
 /// Output tiles of the tensor-core dense-gated shrink (`64 × 64` for `E·r ≤ 64`, else `64 × 128`).
