@@ -184,6 +184,13 @@ pub fn checked_elems(what: &'static str, a: usize, b: usize, elem_bytes: usize) 
     }
 }
 
+/// The product of `dims` (elements of a tensor of that shape), checked like [`checked_elems`] with
+/// 4-byte elements.
+pub fn checked_product(what: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| checked_elems(what, n, d, 4))
+}
+
 /// `E ≥ 1`, else [`Error::InvalidDim`] naming `num_experts`.
 pub fn check_experts_nonzero(num_experts: usize) -> Result<()> {
     if num_experts == 0 {

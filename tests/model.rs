@@ -21,7 +21,7 @@ fn host(t: &Tensor) -> Vec<f32> {
 fn saved(layer: &MoleLinear) -> BTreeMap<String, Tensor> {
     let mut tensors = BTreeMap::new();
     let mut layers = serde_json::Map::new();
-    layer.save_experts(&mut tensors, &mut layers);
+    layer.save_experts(&mut tensors, &mut layers).unwrap();
     tensors
 }
 
@@ -50,8 +50,8 @@ fn check_against_cpu(
     randomise_b(&mut layer, &mut rng);
     let xv: Vec<f32> = rng.values(t * d_in, 1.0);
     let x = Tensor::from_vec(xv.clone(), (t, d_in), &Device::Cpu).unwrap();
-    let (y, routed) = layer
-        .forward(
+    let y = layer
+        .forward_ctx(
             &x,
             &mut Ctx {
                 global,
@@ -60,6 +60,7 @@ fn check_against_cpu(
             },
         )
         .unwrap();
+    let routed = layer.last_routing();
 
     let w = saved(&layer);
     let w0 = host(&layer.weight().unwrap());
@@ -212,7 +213,7 @@ fn training_a_mole_layer_lowers_the_loss() {
         &Device::Cpu,
     )
     .unwrap();
-    let (y0, _) = layer.forward(&x, &mut Ctx::default()).unwrap();
+    let y0 = layer.forward_ctx(&x, &mut Ctx::default()).unwrap();
     let router_before = host(&saved(&layer)["l.router.weight"]);
     let target = (y0.detach() + shift.embedding(&dom).unwrap()).unwrap();
     let vars: Vec<Var> = layer.trainable_vars().into_iter().map(|(_, v)| v).collect();
@@ -237,7 +238,7 @@ fn training_a_mole_layer_lowers_the_loss() {
             rng: Some(&mut rng),
             seq_probs: None,
         };
-        let (y, _) = layer.forward(&x, &mut ctx).unwrap();
+        let y = layer.forward_ctx(&x, &mut ctx).unwrap();
         let loss = (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();
         last = loss.to_scalar::<f32>().unwrap();
         first.get_or_insert(last);
@@ -272,7 +273,7 @@ fn save_then_load_is_bit_exact() {
     randomise_b(&mut a, &mut rng);
     let mut tensors = BTreeMap::new();
     let mut layers = serde_json::Map::new();
-    a.save_experts(&mut tensors, &mut layers);
+    a.save_experts(&mut tensors, &mut layers).unwrap();
     let meta = BTreeMap::from([(
         "molora".to_string(),
         serde_json::json!({"format": "molora", "version": 1, "layers": layers}).to_string(),
@@ -293,7 +294,7 @@ fn save_then_load_is_bit_exact() {
     let x = Tensor::from_vec(rng.values::<f32>(50, 1.0), (5, 10), &Device::Cpu).unwrap();
     let g = Tensor::from_vec(vec![1.0f32 / 3.0; 15], (5, 3), &Device::Cpu).unwrap();
     let ya = a
-        .forward(
+        .forward_ctx(
             &x,
             &mut Ctx {
                 global: Some(&g),
@@ -301,10 +302,9 @@ fn save_then_load_is_bit_exact() {
                 seq_probs: None,
             },
         )
-        .unwrap()
-        .0;
+        .unwrap();
     let yb = b
-        .forward(
+        .forward_ctx(
             &x,
             &mut Ctx {
                 global: Some(&g),
@@ -312,8 +312,7 @@ fn save_then_load_is_bit_exact() {
                 seq_probs: None,
             },
         )
-        .unwrap()
-        .0;
+        .unwrap();
     assert_eq!(host(&ya), host(&yb));
 
     // A missing tensor is an error naming the key.
@@ -362,7 +361,7 @@ fn peft_adapters_become_experts() {
             .add_experts(MoleConfig::lora(4, 8.0), &mut rng)
             .unwrap();
         single.init_experts_from(&[p]).unwrap();
-        let (y, _) = single.forward(&x, &mut Ctx::default()).unwrap();
+        let y = single.forward_ctx(&x, &mut Ctx::default()).unwrap();
         let want = (x.matmul(&layer.weight().unwrap().t().unwrap()).unwrap()
             + (x.matmul(&p.a.t().unwrap())
                 .unwrap()

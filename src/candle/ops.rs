@@ -498,23 +498,86 @@ fn expert_shape(a: &Tensor, b: &Tensor, d_in: usize, scale: f32) -> Result<(Lora
 /// non-zero weights (f32 accumulation, one rounding at the output); the backward is
 /// [`backward::lora_backward`] over every `(t, e)`, so `dw` is exact also where `w = 0` (the gates
 /// then drop it: selection is not differentiated). Memory: nothing `[T, E, d]`-sized is built.
+///
+/// This packs `a` and `b` into one tensor per call; [`mole_lora_packed`] takes them packed.
 pub fn mole_lora(x: &Tensor, a: &Tensor, b: &Tensor, w: &Tensor, scale: f32) -> Result<Tensor> {
-    let (t, d_in) = check_rank2(x, "mole_lora")?;
-    check_f32(w, "mole_lora")?;
-    for (what, dt) in [("A", a.dtype()), ("B", b.dtype())] {
-        if dt != x.dtype() {
+    let (_, d_in) = check_rank2(x, "mole_lora")?;
+    let (shape, ab) = expert_shape(a, b, d_in, scale)?;
+    mole_lora_packed(x, &ab, shape, w, scale)
+}
+
+/// Checks the packed experts `ab` (1-D, `A` `[E, r, d_in]` then `B` `[E, d_out, r]`) against
+/// `shape`, `x`'s dtype and `d_in`.
+fn check_packed(
+    op: &'static str,
+    x_dtype: DType,
+    d_in: usize,
+    ab: &Tensor,
+    shape: &LoraShape,
+    scale: f32,
+) -> Result<()> {
+    crate::error::check_len("x d_in (vs the experts' d_in)", shape.d_in, d_in)?;
+    let len = shape
+        .a_len()
+        .checked_add(shape.b_len())
+        .ok_or(Error::Unsupported {
+            op,
+            what: format!("experts of shape {shape:?} overflow usize"),
+        })?;
+    match ab.dims() {
+        [n] if *n == len => {}
+        d => {
             return Err(Error::Unsupported {
-                op: "mole_lora",
-                what: format!("{what} has dtype {dt:?} but x has {:?}", x.dtype()),
-            });
+                op,
+                what: format!(
+                    "packed experts of shape {d:?}, expected [{len}] (A [E, r, d_in] then B [E, d_out, r] \
+                     flattened, for E = {}, r = {}, d_in = {}, d_out = {})",
+                    shape.num_experts, shape.rank, shape.d_in, shape.d_out
+                ),
+            })
         }
     }
-    let (shape, ab) = expert_shape(a, b, d_in, scale)?;
+    if ab.dtype() != x_dtype {
+        return Err(Error::Unsupported {
+            op,
+            what: format!(
+                "the experts have dtype {:?} but x has {x_dtype:?}",
+                ab.dtype()
+            ),
+        });
+    }
+    if !scale.is_finite() {
+        return Err(Error::InvalidParameter {
+            what: "scale",
+            value: scale,
+            reason: "must be finite",
+        });
+    }
+    Ok(())
+}
+
+/// [`mole_lora`] with the experts packed as the kernels take them: `ab` 1-D, `A` `[E, r, d_in]`
+/// then `B` `[E, d_out, r]` flattened (what [`crate::model::linear::MoleLinear`] stores, so its
+/// forward copies no expert weights), of `x`'s dtype. Gradients flow to `x`, `ab` and `w`.
+pub fn mole_lora_packed(
+    x: &Tensor,
+    ab: &Tensor,
+    shape: LoraShape,
+    w: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    let (t, d_in) = check_rank2(x, "mole_lora")?;
+    check_f32(w, "mole_lora")?;
+    check_packed("mole_lora", x.dtype(), d_in, ab, &shape, scale)?;
     let e = shape.num_experts;
-    crate::error::check_len("w [T, E]", t * e, w.elem_count())?;
+    crate::error::check_len(
+        "w [T, E]",
+        crate::error::checked_elems("w [T, E]", t, e, 4)?,
+        w.elem_count(),
+    )?;
     let w = w.reshape((t, e))?.contiguous()?;
     Ok(x.contiguous()?
-        .apply_op3(&ab, &w, MoleLora { shape, scale })?)
+        .apply_op3(&ab.contiguous()?, &w, MoleLora { shape, scale })?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -620,6 +683,25 @@ impl WeightSpaceLora {
     }
 }
 
+impl WeightSpaceLora {
+    /// [`WeightSpaceLora::forward_f32`] for f16/bf16 storage: the inputs widened to f32, the output
+    /// rounded once.
+    fn forward_typed<T: Element + candle_core::WithDType>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        p: &[f32],
+        s: usize,
+    ) -> CResult<Vec<T>> {
+        let x = crate::dtype::to_f32_vec(slice::<T>(s1, l1, "x")?);
+        let ab = crate::dtype::to_f32_vec(slice::<T>(s2, l2, "experts")?);
+        let y = self.forward_f32(&x, &ab, p, s).map_err(msg)?;
+        Ok(crate::dtype::from_f32_slice(&y))
+    }
+}
+
 impl CustomOp3 for WeightSpaceLora {
     fn name(&self) -> &'static str {
         "molora-weight-space-lora"
@@ -635,14 +717,24 @@ impl CustomOp3 for WeightSpaceLora {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let (s, _) = dims2(l3, "p")?;
-        let x = slice::<f32>(s1, l1, "x")?;
-        let ab = slice::<f32>(s2, l2, "experts")?;
         let p = slice::<f32>(s3, l3, "p")?;
-        let y = self.forward_f32(x, ab, p, s).map_err(msg)?;
-        Ok((
-            CpuStorage::F32(y),
-            Shape::from((s * self.seq_len, self.shape.d_out)),
-        ))
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(
+                self.forward_f32(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, p, s)
+                    .map_err(msg)?,
+            ),
+            CpuStorage::F16(_) => CpuStorage::F16(self.forward_typed::<f16>(s1, l1, s2, l2, p, s)?),
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(self.forward_typed::<bf16>(s1, l1, s2, l2, p, s)?)
+            }
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "molora-weight-space-lora: dtype {:?} is not supported (f32, f16, bf16)",
+                    other.dtype()
+                )))
+            }
+        };
+        Ok((out, Shape::from((s * self.seq_len, self.shape.d_out))))
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -722,20 +814,21 @@ impl CustomOp3 for WeightSpaceLora {
         da.extend_from_slice(&db);
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(da, ab.shape(), dev)?),
+            Some(Tensor::from_vec(dx, x.shape(), dev)?.to_dtype(x.dtype())?),
+            Some(Tensor::from_vec(da, ab.shape(), dev)?.to_dtype(ab.dtype())?),
             Some(Tensor::from_vec(dp, (s, e), dev)?),
         ))
     }
 }
 
 /// SAML's weight-space mixture of LoRA experts: for `x` `[S, L, d_in]` (S sequences of L rows),
-/// experts `a` `[E, r, d_in]`, `b` `[E, d_out, r]` and one mixing vector per sequence `p` `[S, E]`
-/// (all f32): `y_{q,t} = s·(x_{q,t}·Ā_qᵀ)·B̄_qᵀ` with `Ā_q = Σ_e p_qe·A_e`, `B̄_q = Σ_e p_qe·B_e`
-/// (not `Σ_e p_qe·B_e·A_e`: the cross terms are part of the method). Forward: [`cpu::mix_experts`]
-/// then the segmented shrink/expand ([`cpu::shrink_segments`], [`cpu::expand_segments`]), one
-/// segment per sequence; backward: the single-adapter LoRA backward per sequence, then
-/// [`backward::mix_backward`] to `p`, `A_e`, `B_e`. Returns `[S, L, d_out]`.
+/// experts `a` `[E, r, d_in]`, `b` `[E, d_out, r]` (of `x`'s dtype: f32, f16 or bf16) and one mixing
+/// vector per sequence `p` `[S, E]` (any float dtype, used in f32): `y_{q,t} = s·(x_{q,t}·Ā_qᵀ)·B̄_qᵀ`
+/// with `Ā_q = Σ_e p_qe·A_e`, `B̄_q = Σ_e p_qe·B_e` (not `Σ_e p_qe·B_e·A_e`: the cross terms are part
+/// of the method). Forward: [`cpu::mix_experts`] then the segmented shrink/expand
+/// ([`cpu::shrink_segments`], [`cpu::expand_segments`]), one segment per sequence, in f32 with one
+/// rounding at the output; backward: the single-adapter LoRA backward per sequence, then
+/// [`backward::mix_backward`] to `p`, `A_e`, `B_e`. Returns `[S, L, d_out]` in `x`'s dtype.
 pub fn weight_space_lora(
     x: &Tensor,
     a: &Tensor,
@@ -743,22 +836,31 @@ pub fn weight_space_lora(
     p: &Tensor,
     scale: f32,
 ) -> Result<Tensor> {
-    let (s, l, d_in) = x.dims3()?;
-    for (what, t) in [("x", x), ("A", a), ("B", b), ("p", p)] {
-        if t.dtype() != DType::F32 {
-            return Err(Error::Unsupported {
-                op: "weight_space_lora",
-                what: format!("{what} has dtype {:?} (this op takes f32)", t.dtype()),
-            });
-        }
-    }
+    let (_, _, d_in) = x.dims3()?;
     let (shape, ab) = expert_shape(a, b, d_in, scale)?;
+    weight_space_lora_packed(x, &ab, shape, p, scale)
+}
+
+/// [`weight_space_lora`] with the experts packed as [`mole_lora_packed`] takes them.
+pub fn weight_space_lora_packed(
+    x: &Tensor,
+    ab: &Tensor,
+    shape: LoraShape,
+    p: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    let (s, l, d_in) = x.dims3()?;
+    check_packed("weight_space_lora", x.dtype(), d_in, ab, &shape, scale)?;
     let (e, d_out) = (shape.num_experts, shape.d_out);
-    crate::error::check_len("p [S, E]", s * e, p.elem_count())?;
+    crate::error::check_len(
+        "p [S, E]",
+        crate::error::checked_elems("p [S, E]", s, e, 4)?,
+        p.elem_count(),
+    )?;
     let x2 = x.reshape((s * l, d_in))?.contiguous()?;
-    let p = p.reshape((s, e))?.contiguous()?;
+    let p = p.to_dtype(DType::F32)?.reshape((s, e))?.contiguous()?;
     let y = x2.apply_op3(
-        &ab,
+        &ab.contiguous()?,
         &p,
         WeightSpaceLora {
             shape,

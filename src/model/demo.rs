@@ -752,7 +752,7 @@ fn write_outputs(dir: &Path, report: &HdmoleReport, saved: &[(String, AsrModel)]
         let mut tensors = BTreeMap::new();
         let mut layers = serde_json::Map::new();
         for l in model.layers() {
-            l.save_experts(&mut tensors, &mut layers);
+            l.save_experts(&mut tensors, &mut layers)?;
         }
         let meta = serde_json::json!({"format": "molora", "version": 1, "layers": layers});
         let mut metadata = BTreeMap::new();

@@ -210,11 +210,13 @@ impl AsrModel {
         ctx: &mut Ctx,
     ) -> Result<(Tensor, Vec<(String, Routed)>)> {
         let mut routing = Vec::new();
-        let (h, r) = self.layer("encoder.0").forward(frames, ctx)?;
-        push(&mut routing, "encoder.0", r);
+        let layer = self.layer("encoder.0");
+        let h = layer.forward_ctx(frames, ctx)?;
+        push(&mut routing, "encoder.0", layer.last_routing());
         let h = h.gelu()?;
-        let (h2, r) = self.layer("encoder.1").forward(&h, ctx)?;
-        push(&mut routing, "encoder.1", r);
+        let layer = self.layer("encoder.1");
+        let h2 = layer.forward_ctx(&h, ctx)?;
+        push(&mut routing, "encoder.1", layer.last_routing());
         Ok(((h + h2)?, routing))
     }
 
@@ -223,18 +225,18 @@ impl AsrModel {
     /// detached), so it can be trained as a classifier on a frozen encoder.
     pub fn global_posterior(&self, enc: &Tensor) -> Result<Tensor> {
         let pooled = enc.detach().mean(1)?;
-        let (z, _) = self
+        let z = self
             .layer("global_router")
-            .forward(&pooled, &mut Ctx::default())?;
+            .forward_ctx(&pooled, &mut Ctx::default())?;
         Ok(candle_nn::ops::softmax(&z, D::Minus1)?)
     }
 
     /// The global router's logits `[B, E]` (for training it as a classifier).
     pub fn global_logits(&self, enc: &Tensor) -> Result<Tensor> {
         let pooled = enc.detach().mean(1)?;
-        let (z, _) = self
+        let z = self
             .layer("global_router")
-            .forward(&pooled, &mut Ctx::default())?;
+            .forward_ctx(&pooled, &mut Ctx::default())?;
         Ok(z)
     }
 
@@ -265,8 +267,9 @@ impl AsrModel {
         };
         ctx.global = per_token.as_ref();
         let mut run = |name: &str, x: &Tensor, ctx: &mut Ctx| -> Result<Tensor> {
-            let (y, r) = self.layer(name).forward(x, ctx)?;
-            push(&mut routing, name, r);
+            let layer = self.layer(name);
+            let y = layer.forward_ctx(x, ctx)?;
+            push(&mut routing, name, layer.last_routing());
             Ok(y)
         };
         let h = run("projector.0", &enc, &mut ctx)?.gelu()?;

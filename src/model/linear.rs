@@ -18,15 +18,19 @@
 //! optimiser should update.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::init::ZERO;
+use candle_nn::{Init, VarBuilder};
 
 use crate::candle::ops::{self, QuantWeight};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::model::weights::LoraPair;
 use crate::testing::Rng;
+use crate::LoraShape;
 
 /// How the router's probabilities become the weights of the experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -173,6 +177,115 @@ impl MoleConfig {
             Some(Combine::Product) => format!("hierarchical(product) + {gate}"),
         }
     }
+
+    /// The configuration as JSON, as written into expert files (`"config"` of a layer's metadata)
+    /// and read back by [`MoleConfig::from_json`].
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let gate = match self.gate {
+            GateMode::Single => json!({"kind": "single"}),
+            GateMode::TopK { k, renormalize } => {
+                json!({"kind": "top_k", "k": k, "renormalize": renormalize})
+            }
+            GateMode::Threshold(ThresholdMode::Fixed(tau)) => {
+                json!({"kind": "threshold", "mode": "fixed", "tau": tau})
+            }
+            GateMode::Threshold(ThresholdMode::Learned { init_theta }) => {
+                json!({"kind": "threshold", "mode": "learned", "init_theta": init_theta})
+            }
+            GateMode::Threshold(ThresholdMode::InputDependent { init_bias }) => {
+                json!({"kind": "threshold", "mode": "input_dependent", "init_bias": init_bias})
+            }
+            GateMode::Dense => json!({"kind": "dense"}),
+            GateMode::WeightSpace => json!({"kind": "weight_space"}),
+        };
+        let hierarchy = match self.hierarchy {
+            None => serde_json::Value::Null,
+            Some(Combine::Mix { lambda, learned }) => {
+                json!({"kind": "mix", "lambda": lambda, "learned": learned})
+            }
+            Some(Combine::Product) => json!({"kind": "product"}),
+        };
+        json!({
+            "num_experts": self.num_experts,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "temperature": self.temperature,
+            "gate": gate,
+            "hierarchy": hierarchy,
+        })
+    }
+
+    /// The configuration from [`MoleConfig::to_json`]'s JSON, validated. The error says which field
+    /// is missing or wrong.
+    pub fn from_json(v: &serde_json::Value) -> std::result::Result<Self, String> {
+        let num = |o: &serde_json::Value, k: &str| -> std::result::Result<f64, String> {
+            o.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| format!("config: `{k}` missing or not a number"))
+        };
+        let uint = |o: &serde_json::Value, k: &str| -> std::result::Result<usize, String> {
+            o.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| format!("config: `{k}` missing or not a non-negative integer"))
+        };
+        let boolean = |o: &serde_json::Value, k: &str| -> std::result::Result<bool, String> {
+            o.get(k)
+                .and_then(serde_json::Value::as_bool)
+                .ok_or_else(|| format!("config: `{k}` missing or not a boolean"))
+        };
+        let kind = |o: &serde_json::Value, what: &str| -> std::result::Result<String, String> {
+            o.get("kind")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| format!("config: {what} has no `kind`"))
+        };
+        let g = v.get("gate").ok_or("config: `gate` missing")?;
+        let gate = match kind(g, "gate")?.as_str() {
+            "single" => GateMode::Single,
+            "top_k" => GateMode::TopK {
+                k: uint(g, "k")?,
+                renormalize: boolean(g, "renormalize")?,
+            },
+            "threshold" => GateMode::Threshold(match g.get("mode").and_then(|m| m.as_str()) {
+                Some("fixed") => ThresholdMode::Fixed(num(g, "tau")? as f32),
+                Some("learned") => ThresholdMode::Learned {
+                    init_theta: num(g, "init_theta")? as f32,
+                },
+                Some("input_dependent") => ThresholdMode::InputDependent {
+                    init_bias: num(g, "init_bias")? as f32,
+                },
+                other => return Err(format!("config: unknown threshold mode {other:?}")),
+            }),
+            "dense" => GateMode::Dense,
+            "weight_space" => GateMode::WeightSpace,
+            other => return Err(format!("config: unknown gate kind `{other}`")),
+        };
+        let hierarchy = match v.get("hierarchy") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(h) => Some(match kind(h, "hierarchy")?.as_str() {
+                "mix" => Combine::Mix {
+                    lambda: num(h, "lambda")? as f32,
+                    learned: boolean(h, "learned")?,
+                },
+                "product" => Combine::Product,
+                other => return Err(format!("config: unknown hierarchy kind `{other}`")),
+            }),
+        };
+        let cfg = MoleConfig {
+            num_experts: uint(v, "num_experts")?,
+            rank: uint(v, "rank")?,
+            alpha: num(v, "alpha")? as f32,
+            dropout: num(v, "dropout")? as f32,
+            temperature: num(v, "temperature")? as f32,
+            gate,
+            hierarchy,
+        };
+        cfg.validate().map_err(|e| format!("config: {e}"))?;
+        Ok(cfg)
+    }
 }
 
 /// What a forward pass needs besides `x`.
@@ -195,35 +308,141 @@ pub struct Routed {
     pub weights: Tensor,
 }
 
+/// The routing of a layer's last forward pass ([`MoleLinear::last_routing`]). A clone of the layer
+/// starts with a copy of it.
+#[derive(Debug, Default)]
+struct LastRouting(Mutex<Option<Routed>>);
+
+impl LastRouting {
+    fn get(&self) -> Option<Routed> {
+        match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set(&self, r: Option<Routed>) {
+        match self.0.lock() {
+            Ok(mut g) => *g = r,
+            Err(poisoned) => *poisoned.into_inner() = r,
+        }
+    }
+}
+
+impl Clone for LastRouting {
+    fn clone(&self) -> Self {
+        LastRouting(Mutex::new(self.get()))
+    }
+}
+
+/// The generator of [`ModuleT::forward_t`]'s dropout, owned by the layer.
+#[derive(Debug)]
+struct DropoutRng(Mutex<Rng>);
+
+impl Clone for DropoutRng {
+    fn clone(&self) -> Self {
+        let r = match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        DropoutRng(Mutex::new(r))
+    }
+}
+
+/// The frozen (or fully fine-tuned) base weight `[d_out, d_in]`: dense in the layer's dtype, or
+/// packed NF4/int8, in which case the layer holds nothing else of it.
+#[derive(Debug, Clone)]
+enum Base {
+    Dense(Var),
+    Quant(Arc<QuantWeight>),
+}
+
 #[derive(Debug, Clone)]
 struct Experts {
     cfg: MoleConfig,
-    a: Var,
-    b: Var,
+    shape: LoraShape,
+    /// `A` `[E, r, d_in]` then `B` `[E, d_out, r]`, flattened: the layout the LoRA op and the
+    /// kernels take, so a forward copies no expert weights.
+    ab: Var,
+    /// The router `W_g` `[E, d_in]` and `b_g` `[E]`, in the layer's dtype.
     router_w: Option<Var>,
     router_b: Option<Var>,
+    /// Gate parameters, f32: `θ` `[1]`; `w_τ` `[d_in]` (the layer's dtype) and `b_τ` `[1]`; `φ` `[1]`.
     theta: Option<Var>,
     tau_w: Option<Var>,
     tau_b: Option<Var>,
     lambda_logit: Option<Var>,
 }
 
+impl Experts {
+    /// `A` `[E, r, d_in]`, a view of the packed variable (gradients flow to it).
+    fn a(&self) -> Result<Tensor> {
+        let s = &self.shape;
+        Ok(self
+            .ab
+            .as_tensor()
+            .narrow(0, 0, s.a_len())?
+            .reshape((s.num_experts, s.rank, s.d_in))?)
+    }
+
+    /// `B` `[E, d_out, r]`, a view of the packed variable.
+    fn b(&self) -> Result<Tensor> {
+        let s = &self.shape;
+        Ok(self
+            .ab
+            .as_tensor()
+            .narrow(0, s.a_len(), s.b_len())?
+            .reshape((s.num_experts, s.d_out, s.rank))?)
+    }
+
+    /// The tensors of the expert file by their keys (after `NAME.`), `A` and `B` unpacked.
+    fn named(&self) -> Result<Vec<(&'static str, Tensor)>> {
+        let mut out = vec![("lora_A", self.a()?), ("lora_B", self.b()?)];
+        for (k, v) in self.gate_vars() {
+            out.push((k, v.as_tensor().clone()));
+        }
+        Ok(out)
+    }
+
+    /// The router and gate variables by their keys.
+    fn gate_vars(&self) -> Vec<(&'static str, &Var)> {
+        [
+            ("router.weight", &self.router_w),
+            ("router.bias", &self.router_b),
+            ("threshold", &self.theta),
+            ("threshold.weight", &self.tau_w),
+            ("threshold.bias", &self.tau_b),
+            ("lambda", &self.lambda_logit),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        .collect()
+    }
+}
+
 /// A linear layer `[d_in] → [d_out]` with optional LoRA experts; see the module docs.
+///
+/// As a candle layer it implements [`Module`] (inference; [`MoleLinear::forward_t`] with `train`
+/// applies the experts' dropout with the layer's own generator); layers that need a context (a hierarchy's
+/// global posterior, SAML's per-sequence probabilities) take it through [`MoleLinear::forward_ctx`].
+/// The routing of the last forward pass is [`MoleLinear::last_routing`].
 #[derive(Debug, Clone)]
 pub struct MoleLinear {
     name: String,
     d_in: usize,
     d_out: usize,
-    weight: Var,
+    dtype: DType,
+    base: Base,
     bias: Option<Var>,
-    quant: Option<Arc<QuantWeight>>,
     train_base: bool,
     experts: Option<Experts>,
+    last: LastRouting,
+    dropout_rng: DropoutRng,
 }
 
-/// Uniform values in `[-bound, bound)` as a tensor.
+/// Uniform values in `[-bound, bound)` as an f32 tensor.
 fn uniform(rng: &mut Rng, dims: &[usize], bound: f32, device: &Device) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
+    let n = crate::error::checked_product("tensor", dims)?;
     let v: Vec<f32> = (0..n)
         .map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound)
         .collect();
@@ -242,9 +461,58 @@ fn logit(p: f32) -> f32 {
     (p / (1.0 - p)).ln()
 }
 
+/// The dtypes a layer runs in.
+fn check_float(dtype: DType, what: &str) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(Error::Unsupported {
+            op: "MoleLinear",
+            what: format!("{what} has dtype {other:?} (a layer runs in f32, f16 or bf16)"),
+        }),
+    }
+}
+
+/// The first value of a one-element tensor, as f32.
+fn scalar(t: &Tensor) -> Result<f32> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    v.first().copied().ok_or_else(|| Error::Unsupported {
+        op: "MoleLinear",
+        what: "an empty scalar parameter".into(),
+    })
+}
+
 impl MoleLinear {
+    /// A layer from its parts; the base is trained until experts are added.
+    fn assemble(name: &str, base: Base, bias: Option<Var>, dtype: DType) -> Result<Self> {
+        let (d_out, d_in) = match &base {
+            Base::Dense(w) => w.as_tensor().dims2()?,
+            Base::Quant(q) => (q.rows(), q.cols()),
+        };
+        for (what, v) in [("d_in", d_in), ("d_out", d_out)] {
+            if v == 0 {
+                return Err(Error::InvalidDim {
+                    what,
+                    value: 0,
+                    reason: "a linear layer needs at least one input and one output",
+                });
+            }
+        }
+        Ok(MoleLinear {
+            name: name.to_string(),
+            d_in,
+            d_out,
+            dtype,
+            base,
+            bias,
+            train_base: true,
+            experts: None,
+            last: LastRouting::default(),
+            dropout_rng: DropoutRng(Mutex::new(Rng::new(0x5eed ^ (d_in * 31 + d_out) as u64))),
+        })
+    }
+
     /// A linear layer with PyTorch's default initialisation (`U(−1/√d_in, 1/√d_in)` for weight and
-    /// bias), f32, without experts.
+    /// bias), f32, without experts ([`MoleLinear::to_dtype`] converts it).
     pub fn new(
         name: &str,
         d_in: usize,
@@ -269,63 +537,166 @@ impl MoleLinear {
         } else {
             None
         };
-        Ok(MoleLinear {
-            name: name.to_string(),
-            d_in,
-            d_out,
-            weight,
-            bias,
-            quant: None,
-            train_base: true,
-            experts: None,
-        })
+        Self::assemble(name, Base::Dense(weight), bias, DType::F32)
     }
 
-    /// A linear layer from a given weight `[d_out, d_in]` and optional bias `[d_out]`.
+    /// A linear layer from a given weight `[d_out, d_in]` and optional bias `[d_out]`, in the
+    /// weight's dtype (f32, f16 or bf16; the bias is converted to it).
     pub fn from_weights(name: &str, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let (d_out, d_in) = weight.dims2()?;
+        let (d_out, _) = weight.dims2()?;
+        let dtype = weight.dtype();
+        check_float(dtype, "the weight")?;
         if let Some(b) = bias {
             crate::error::check_len("bias [d_out]", d_out, b.elem_count())?;
         }
-        Ok(MoleLinear {
-            name: name.to_string(),
-            d_in,
-            d_out,
-            weight: var(weight.to_dtype(DType::F32)?)?,
-            bias: bias
-                .map(|b| var(b.to_dtype(DType::F32)?.flatten_all()?))
-                .transpose()?,
-            quant: None,
-            train_base: true,
-            experts: None,
-        })
+        let bias = bias
+            .map(|b| var(b.to_dtype(dtype)?.flatten_all()?))
+            .transpose()?;
+        Self::assemble(name, Base::Dense(var(weight.clone())?), bias, dtype)
+    }
+
+    /// A linear layer from a [`VarBuilder`], as `candle_nn::linear` builds one: `{prefix}.weight`
+    /// `[d_out, d_in]` and, with `bias`, `{prefix}.bias` `[d_out]`, in the builder's dtype. A builder
+    /// over a `VarMap` creates them (`U(−1/√d_in, 1/√d_in)`, PyTorch's default); one over a weight
+    /// file loads them. The layer's name is the builder's prefix.
+    pub fn from_vb(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        check_float(vb.dtype(), "the VarBuilder")?;
+        let bound = 1.0 / (d_in.max(1) as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let weight = var(vb.get_with_hints((d_out, d_in), "weight", init)?)?;
+        let bias = if bias {
+            Some(var(vb.get_with_hints(d_out, "bias", init)?)?)
+        } else {
+            None
+        };
+        Self::assemble(&vb.prefix(), Base::Dense(weight), bias, vb.dtype())
+    }
+
+    /// A linear layer with experts from a [`VarBuilder`]: the base as [`MoleLinear::from_vb`], the
+    /// experts as [`MoleLinear::add_experts_vb`].
+    pub fn from_vb_with_experts(
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        cfg: MoleConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let mut layer = Self::from_vb(d_in, d_out, bias, vb.clone())?;
+        layer.add_experts_vb(cfg, vb)?;
+        Ok(layer)
+    }
+
+    /// A layer whose experts come from a molora expert file (written by
+    /// [`crate::model::weights::save_tensors`] with the layers' [`MoleLinear::save_experts`]): the
+    /// file describes the layer named by the builder's prefix (its [`MoleConfig`] is in the file's
+    /// metadata), so no layer needs building first; the base comes from `vb` as in
+    /// [`MoleLinear::from_vb`]. Errors name the file and what is missing or does not match.
+    pub fn load(path: &Path, vb: VarBuilder) -> Result<Self> {
+        let source = path.display().to_string();
+        let (tensors, metadata) = crate::model::weights::load_tensors(path, vb.device())?;
+        let name = vb.prefix();
+        let weights_err = |key: &str, detail: String| Error::Weights {
+            source_name: source.clone(),
+            key: key.to_string(),
+            detail,
+        };
+        let meta = metadata
+            .get(crate::model::weights::MOLORA_METADATA_KEY)
+            .ok_or_else(|| {
+                weights_err(
+                    "(metadata)",
+                    "not a molora expert file (no \"molora\" metadata)".into(),
+                )
+            })?;
+        let meta: serde_json::Value = serde_json::from_str(meta)
+            .map_err(|e| weights_err("(metadata)", format!("invalid JSON: {e}")))?;
+        let layer = meta
+            .get("layers")
+            .and_then(|l| l.get(&name))
+            .ok_or_else(|| weights_err(&name, "no such layer in the file's metadata".into()))?;
+        let dim = |k: &str| {
+            layer
+                .get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| weights_err(&name, format!("metadata has no `{k}`")))
+        };
+        let (d_in, d_out) = (dim("d_in")?, dim("d_out")?);
+        let cfg = layer
+            .get("config")
+            .ok_or_else(|| {
+                weights_err(
+                    &name,
+                    "metadata has no `config` (a file written before layers described themselves)"
+                        .into(),
+                )
+            })
+            .and_then(|c| MoleConfig::from_json(c).map_err(|d| weights_err(&name, d)))?;
+        let bias = vb.contains_tensor("bias");
+        let mut out = Self::from_vb(d_in, d_out, bias, vb)?;
+        let mut rng = Rng::new(0);
+        out.add_experts(cfg, &mut rng)?;
+        out.load_experts(&tensors, &source)?;
+        Ok(out)
     }
 
     /// A copy of the base alone (fresh parameters with the same values, the same quantised weight,
     /// no experts, frozen), so several adaptations can start from one model.
     pub fn base_copy(&self) -> Result<Self> {
-        Ok(MoleLinear {
-            name: self.name.clone(),
-            d_in: self.d_in,
-            d_out: self.d_out,
-            weight: var(self.weight.as_tensor().copy()?)?,
-            bias: self
-                .bias
-                .as_ref()
-                .map(|b| var(b.as_tensor().copy()?))
-                .transpose()?,
-            quant: self.quant.clone(),
-            train_base: false,
-            experts: None,
-        })
+        let base = match &self.base {
+            Base::Dense(w) => Base::Dense(var(w.as_tensor().copy()?)?),
+            Base::Quant(q) => Base::Quant(Arc::clone(q)),
+        };
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| var(b.as_tensor().copy()?))
+            .transpose()?;
+        let mut out = Self::assemble(&self.name, base, bias, self.dtype)?;
+        out.train_base = false;
+        Ok(out)
+    }
+
+    /// The layer converted to `dtype` (f32, f16 or bf16): base, bias, experts, router and `w_τ`; the
+    /// gate's scalars (`θ`, `b_τ`, `φ`) stay f32, as the gate math does. The parameters are new
+    /// variables (an optimiser built before the conversion does not see them).
+    pub fn to_dtype(&mut self, dtype: DType) -> Result<()> {
+        check_float(dtype, "the requested layer")?;
+        if dtype == self.dtype {
+            return Ok(());
+        }
+        let conv = |v: &Var| var(v.as_tensor().to_dtype(dtype)?);
+        if let Base::Dense(w) = &self.base {
+            self.base = Base::Dense(conv(w)?);
+        }
+        self.bias = self.bias.as_ref().map(conv).transpose()?;
+        if let Some(ex) = self.experts.as_mut() {
+            ex.ab = conv(&ex.ab)?;
+            ex.router_w = ex.router_w.as_ref().map(conv).transpose()?;
+            ex.router_b = ex.router_b.as_ref().map(conv).transpose()?;
+            ex.tau_w = ex.tau_w.as_ref().map(conv).transpose()?;
+        }
+        self.dtype = dtype;
+        Ok(())
+    }
+
+    /// The dtype the layer runs in (its input and output).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The quantisation format of the base, if it is quantised.
     pub fn quant_format(&self) -> Option<QuantFormat> {
-        self.quant.as_ref().map(|q| match **q {
-            QuantWeight::Nf4(_) => QuantFormat::Nf4,
-            QuantWeight::Int8(_) => QuantFormat::Int8,
-        })
+        match &self.base {
+            Base::Quant(q) => Some(match **q {
+                QuantWeight::Nf4(_) => QuantFormat::Nf4,
+                QuantWeight::Int8(_) => QuantFormat::Int8,
+            }),
+            Base::Dense(_) => None,
+        }
     }
 
     /// The layer's name (the prefix of its keys in weight files).
@@ -338,15 +709,29 @@ impl MoleLinear {
         (self.d_in, self.d_out)
     }
 
-    /// The base weight `[d_out, d_in]` (the dequantised one for a quantised base).
+    /// The base weight `[d_out, d_in]` in the layer's dtype (for a quantised base, dequantised now:
+    /// the layer does not keep a dense copy).
     pub fn weight(&self) -> Result<Tensor> {
-        match &self.quant {
-            Some(q) => Ok(Tensor::from_vec(
-                q.dequantize(),
-                (self.d_out, self.d_in),
-                self.weight.device(),
-            )?),
-            None => Ok(self.weight.as_tensor().clone()),
+        match &self.base {
+            Base::Quant(q) => {
+                Ok(
+                    Tensor::from_vec(q.dequantize(), (self.d_out, self.d_in), self.device())?
+                        .to_dtype(self.dtype)?,
+                )
+            }
+            Base::Dense(w) => Ok(w.as_tensor().clone()),
+        }
+    }
+
+    /// The device the layer's parameters are on.
+    pub fn device(&self) -> &Device {
+        match (&self.base, &self.bias) {
+            (Base::Dense(w), _) => w.device(),
+            (Base::Quant(_), Some(b)) => b.device(),
+            (Base::Quant(_), None) => self
+                .experts
+                .as_ref()
+                .map_or(&Device::Cpu, |e| e.ab.device()),
         }
     }
 
@@ -361,49 +746,82 @@ impl MoleLinear {
     }
 
     /// Quantises the base weight to NF4 (block 64) or int8 per channel with the crate's CPU
-    /// quantisers, and freezes it. The bias stays in f32.
+    /// quantisers, and freezes it. The dense weight is dropped: the layer then holds only the packed
+    /// weight and its scales ([`MoleLinear::base_bytes`]). The bias stays in the layer's dtype.
     pub fn quantize(&mut self, format: QuantFormat) -> Result<()> {
-        let w: Vec<f32> = self.weight.as_tensor().flatten_all()?.to_vec1()?;
+        let w: Vec<f32> = match &self.base {
+            Base::Dense(w) => w
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
+            Base::Quant(q) => q.dequantize(),
+        };
         let q = match format {
             QuantFormat::Nf4 => QuantWeight::Nf4(cpu::quantize_nf4(&w, self.d_out, self.d_in)?),
             QuantFormat::Int8 => QuantWeight::Int8(cpu::quantize_int8(&w, self.d_out, self.d_in)?),
         };
-        self.quant = Some(Arc::new(q));
+        self.base = Base::Quant(Arc::new(q));
         self.train_base = false;
         Ok(())
     }
 
-    /// Bytes of the base: the packed weight and scales when quantised, `4·d_out·d_in` otherwise,
-    /// plus the bias.
+    /// Bytes the base holds: the packed weight and its scales when quantised, the dense weight in
+    /// the layer's dtype otherwise, plus the bias.
     pub fn base_bytes(&self) -> usize {
-        let w = match &self.quant {
-            Some(q) => q.bytes(),
-            None => 4 * self.d_out * self.d_in,
+        let w = match &self.base {
+            Base::Quant(q) => q.bytes(),
+            Base::Dense(v) => v.as_tensor().elem_count() * v.dtype().size_in_bytes(),
         };
-        w + self.bias.as_ref().map_or(0, |_| 4 * self.d_out)
+        w + self.bias.as_ref().map_or(0, |b| {
+            b.as_tensor().elem_count() * b.dtype().size_in_bytes()
+        })
+    }
+
+    /// Bytes of every tensor the layer holds: [`MoleLinear::base_bytes`] plus the experts, router
+    /// and gate parameters.
+    pub fn bytes(&self) -> usize {
+        let ex = self.experts.as_ref().map_or(0, |ex| {
+            std::iter::once(&ex.ab)
+                .chain(ex.gate_vars().into_iter().map(|(_, v)| v))
+                .map(|v| v.as_tensor().elem_count() * v.dtype().size_in_bytes())
+                .sum()
+        });
+        self.base_bytes() + ex
+    }
+
+    fn check_new_experts(&self, cfg: &MoleConfig) -> Result<LoraShape> {
+        cfg.validate()?;
+        if self.experts.is_some() {
+            return Err(Error::Unsupported {
+                op: "MoleLinear::add_experts",
+                what: format!("layer {} already has experts", self.name),
+            });
+        }
+        crate::LoraShape::new(cfg.num_experts, cfg.rank, self.d_in, self.d_out)
     }
 
     /// Adds `E` LoRA experts and their router: `A` Kaiming-uniform (`U(−1/√d_in, 1/√d_in)`, PEFT's
     /// default), `B = 0` (so the layer's output is unchanged until trained), router weights
-    /// `U(−1/√d_in, 1/√d_in)`, bias 0, the threshold and λ parameters at their configured start.
-    /// Freezes the base.
+    /// `U(−1/√d_in, 1/√d_in)`, bias 0, the threshold and λ parameters at their configured start. In
+    /// the layer's dtype; freezes the base.
     pub fn add_experts(&mut self, cfg: MoleConfig, rng: &mut Rng) -> Result<()> {
-        cfg.validate()?;
-        let dev = self.weight.device().clone();
+        let shape = self.check_new_experts(&cfg)?;
+        let dev = self.device().clone();
+        let dt = self.dtype;
         let (e, r, d_in, d_out) = (cfg.num_experts, cfg.rank, self.d_in, self.d_out);
         let bound = 1.0 / (d_in as f32).sqrt();
-        let a = var(uniform(rng, &[e, r, d_in], bound, &dev)?)?;
-        let b = var(Tensor::zeros((e, d_out, r), DType::F32, &dev)?)?;
+        let a = uniform(rng, &[e * r * d_in], bound, &dev)?;
+        let b = Tensor::zeros(e * d_out * r, DType::F32, &dev)?;
+        let ab = var(Tensor::cat(&[a, b], 0)?.to_dtype(dt)?)?;
         let routed = !matches!(cfg.gate, GateMode::Single | GateMode::WeightSpace);
-        let router_w = if routed {
-            Some(var(uniform(rng, &[e, d_in], bound, &dev)?)?)
+        let (router_w, router_b) = if routed {
+            (
+                Some(var(uniform(rng, &[e, d_in], bound, &dev)?.to_dtype(dt)?)?),
+                Some(var(Tensor::zeros(e, dt, &dev)?)?),
+            )
         } else {
-            None
-        };
-        let router_b = if routed {
-            Some(var(Tensor::zeros(e, DType::F32, &dev)?)?)
-        } else {
-            None
+            (None, None)
         };
         let (theta, tau_w, tau_b) = match cfg.gate {
             GateMode::Threshold(ThresholdMode::Learned { init_theta }) => {
@@ -411,7 +829,7 @@ impl MoleLinear {
             }
             GateMode::Threshold(ThresholdMode::InputDependent { init_bias }) => (
                 None,
-                Some(var(Tensor::zeros(d_in, DType::F32, &dev)?)?),
+                Some(var(Tensor::zeros(d_in, dt, &dev)?)?),
                 Some(var(Tensor::new(&[init_bias], &dev)?)?),
             ),
             _ => (None, None, None),
@@ -428,8 +846,8 @@ impl MoleLinear {
         };
         self.experts = Some(Experts {
             cfg,
-            a,
-            b,
+            shape,
+            ab,
             router_w,
             router_b,
             theta,
@@ -439,6 +857,101 @@ impl MoleLinear {
         });
         self.train_base = false;
         Ok(())
+    }
+
+    /// Adds experts from a [`VarBuilder`] under the layer's keys: `lora_A` `[E, r, d_in]` and
+    /// `lora_B` `[E, d_out, r]` when the builder has them (a molora expert file, stacked PEFT
+    /// adapters), loaded and packed once; otherwise the packed `experts` variable, which a
+    /// `VarMap` builder creates (`A` `U(−1/√d_in, 1/√d_in)`, `B = 0`) so that `varmap.all_vars()`
+    /// trains it. Then `router.weight`/`router.bias`, `threshold*` and `lambda` as the gate needs
+    /// them (gate scalars in f32). Freezes the base.
+    pub fn add_experts_vb(&mut self, cfg: MoleConfig, vb: VarBuilder) -> Result<()> {
+        let shape = self.check_new_experts(&cfg)?;
+        let (e, r, d_in, d_out) = (cfg.num_experts, cfg.rank, self.d_in, self.d_out);
+        let dt = self.dtype;
+        let vb = vb.to_dtype(dt);
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let uni = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let ab = if vb.contains_tensor("lora_A") || vb.contains_tensor("lora_B") {
+            let a = vb.get((e, r, d_in), "lora_A")?;
+            let b = vb.get((e, d_out, r), "lora_B")?;
+            var(Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?)?
+        } else {
+            let fresh = !vb.contains_tensor("experts");
+            let ab = var(vb.get_with_hints(shape.a_len() + shape.b_len(), "experts", ZERO)?)?;
+            if fresh {
+                let a = Tensor::rand(-bound as f32, bound as f32, shape.a_len(), vb.device())?;
+                let b = Tensor::zeros(shape.b_len(), DType::F32, vb.device())?;
+                ab.set(&Tensor::cat(&[a, b], 0)?.to_dtype(dt)?)?;
+            }
+            ab
+        };
+        let routed = !matches!(cfg.gate, GateMode::Single | GateMode::WeightSpace);
+        let (router_w, router_b) = if routed {
+            let rv = vb.pp("router");
+            (
+                Some(var(rv.get_with_hints((e, d_in), "weight", uni)?)?),
+                Some(var(rv.get_with_hints(e, "bias", ZERO)?)?),
+            )
+        } else {
+            (None, None)
+        };
+        let f = vb.to_dtype(DType::F32);
+        let (theta, tau_w, tau_b) = match cfg.gate {
+            GateMode::Threshold(ThresholdMode::Learned { init_theta }) => (
+                Some(var(f.get_with_hints(
+                    1,
+                    "threshold",
+                    Init::Const(init_theta.into()),
+                )?)?),
+                None,
+                None,
+            ),
+            GateMode::Threshold(ThresholdMode::InputDependent { init_bias }) => (
+                None,
+                Some(var(vb
+                    .pp("threshold")
+                    .get_with_hints(d_in, "weight", ZERO)?)?),
+                Some(var(f.pp("threshold").get_with_hints(
+                    1,
+                    "bias",
+                    Init::Const(init_bias.into()),
+                )?)?),
+            ),
+            _ => (None, None, None),
+        };
+        let lambda_logit = match cfg.hierarchy {
+            Some(Combine::Mix {
+                lambda,
+                learned: true,
+            }) => Some(var(f.get_with_hints(
+                1,
+                "lambda",
+                Init::Const(logit(lambda.clamp(1e-4, 1.0 - 1e-4)).into()),
+            )?)?),
+            _ => None,
+        };
+        self.experts = Some(Experts {
+            cfg,
+            shape,
+            ab,
+            router_w,
+            router_b,
+            theta,
+            tau_w,
+            tau_b,
+            lambda_logit,
+        });
+        self.train_base = false;
+        Ok(())
+    }
+
+    /// Reseeds the generator [`ModuleT::forward_t`] draws its dropout masks from.
+    pub fn reseed_dropout(&mut self, seed: u64) {
+        self.dropout_rng = DropoutRng(Mutex::new(Rng::new(seed)));
     }
 
     /// The experts' configuration, if the layer has experts.
@@ -453,10 +966,9 @@ impl MoleLinear {
         };
         match (ex.cfg.gate, &ex.theta) {
             (GateMode::Threshold(ThresholdMode::Fixed(t)), _) => Ok(Some(t)),
-            (_, Some(theta)) => {
-                let th: Vec<f32> = theta.as_tensor().to_vec1()?;
-                Ok(Some(sigmoid(th[0]) / ex.cfg.num_experts as f32))
-            }
+            (_, Some(theta)) => Ok(Some(
+                sigmoid(scalar(theta.as_tensor())?) / ex.cfg.num_experts as f32,
+            )),
             _ => Ok(None),
         }
     }
@@ -467,10 +979,7 @@ impl MoleLinear {
             return Ok(None);
         };
         match (ex.cfg.hierarchy, &ex.lambda_logit) {
-            (Some(Combine::Mix { .. }), Some(phi)) => {
-                let v: Vec<f32> = phi.as_tensor().to_vec1()?;
-                Ok(Some(sigmoid(v[0])))
-            }
+            (Some(Combine::Mix { .. }), Some(phi)) => Ok(Some(sigmoid(scalar(phi.as_tensor())?))),
             (Some(Combine::Mix { lambda, .. }), None) => Ok(Some(lambda)),
             _ => Ok(None),
         }
@@ -482,6 +991,7 @@ impl MoleLinear {
     pub fn init_experts_from(&mut self, pairs: &[&LoraPair]) -> Result<()> {
         let (d_in, d_out) = (self.d_in, self.d_out);
         let name = self.name.clone();
+        let dt = self.dtype;
         let ex = self.experts_mut()?;
         crate::error::check_len("adapters (one per expert)", ex.cfg.num_experts, pairs.len())?;
         for p in pairs {
@@ -507,13 +1017,14 @@ impl MoleLinear {
         } else {
             (a, b)
         };
-        ex.a.set(&a)?;
-        ex.b.set(&b)?;
+        let packed = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+        ex.ab
+            .set(&packed.to_dtype(dt)?.to_device(ex.ab.device())?)?;
         Ok(())
     }
 
     /// The adapter of a single-expert layer as a [`LoraPair`] (`A` `[r, d_in]`, `B` `[d_out, r]`,
-    /// its scale), e.g. to initialise one expert of a mixture from it.
+    /// f32, its scale), e.g. to initialise one expert of a mixture from it.
     pub fn lora_pair(&self) -> Result<LoraPair> {
         let ex = self.experts.as_ref().ok_or(Error::Unsupported {
             op: "MoleLinear::lora_pair",
@@ -528,11 +1039,11 @@ impl MoleLinear {
                 ),
             });
         }
-        Ok(LoraPair {
-            a: ex.a.as_tensor().get(0)?.copy()?,
-            b: ex.b.as_tensor().get(0)?.copy()?,
-            scale: ex.cfg.scale(),
-        })
+        LoraPair::new(
+            ex.a()?.get(0)?.copy()?,
+            ex.b()?.get(0)?.copy()?,
+            ex.cfg.scale(),
+        )
     }
 
     fn experts_mut(&mut self) -> Result<&mut Experts> {
@@ -543,9 +1054,36 @@ impl MoleLinear {
         })
     }
 
-    /// `y = x·W0ᵀ + b (+ the experts)` for `x` `[..., d_in]`; returns `y` `[..., d_out]` and, for a
-    /// layer with a router, the routing it used.
-    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<(Tensor, Option<Routed>)> {
+    /// The routing of the last forward pass of a layer with a router (probabilities and expert
+    /// weights, f32 `[T, E]`), `None` before the first one or for layers without a router. It holds
+    /// the tensors (and their autograd graph) until the next forward pass.
+    pub fn last_routing(&self) -> Option<Routed> {
+        self.last.get()
+    }
+
+    /// The layer as a candle layer in training or inference mode: with `train`, the experts'
+    /// dropout draws from the layer's own generator ([`MoleLinear::reseed_dropout`]); without, this
+    /// is [`Module::forward`]. (candle's `ModuleT` is implemented for every `Module` and ignores
+    /// `train`, so this method is the layer's own.)
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return self.forward_ctx(xs, &mut Ctx::default());
+        }
+        let mut guard = match self.dropout_rng.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut ctx = Ctx {
+            rng: Some(&mut guard),
+            ..Ctx::default()
+        };
+        self.forward_ctx(xs, &mut ctx)
+    }
+
+    /// `y = x·W0ᵀ + b (+ the experts)` for `x` `[..., d_in]` in the layer's dtype; returns `y`
+    /// `[..., d_out]` in that dtype. The router's softmax and the gate run in f32. A layer with a
+    /// router records the routing it used ([`MoleLinear::last_routing`]).
+    pub fn forward_ctx(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&last, lead)) = dims.split_last() else {
             return Err(Error::Unsupported {
@@ -554,15 +1092,26 @@ impl MoleLinear {
             });
         };
         crate::error::check_len("x last dimension (d_in)", self.d_in, last)?;
-        let t: usize = lead.iter().product();
+        if x.dtype() != self.dtype {
+            return Err(Error::Unsupported {
+                op: "MoleLinear::forward",
+                what: format!(
+                    "layer {}: x has dtype {:?} but the layer runs in {:?} (convert one of them)",
+                    self.name,
+                    x.dtype(),
+                    self.dtype
+                ),
+            });
+        }
+        let t = crate::error::checked_product("x rows", lead)?;
         let x2 = x.reshape((t, self.d_in))?;
-        let mut y = match &self.quant {
-            Some(q) => ops::quant_linear(&x2, q)?,
-            None => {
+        let mut y = match &self.base {
+            Base::Quant(q) => ops::quant_linear(&x2, q)?,
+            Base::Dense(w) => {
                 let w = if self.train_base {
-                    self.weight.as_tensor().clone()
+                    w.as_tensor().clone()
                 } else {
-                    self.weight.as_tensor().detach()
+                    w.as_tensor().detach()
                 };
                 x2.matmul(&w.t()?)?
             }
@@ -576,53 +1125,49 @@ impl MoleLinear {
             y = y.broadcast_add(&b)?;
         }
         let mut routed = None;
-        if let Some(ex) = self
-            .experts
-            .as_ref()
-            .filter(|e| e.cfg.gate == GateMode::WeightSpace)
-        {
-            let p = ctx.seq_probs.ok_or_else(|| Error::Unsupported {
-                op: "MoleLinear::forward",
-                what: format!(
-                    "layer {} mixes in weight space but no per-sequence probabilities were given",
-                    self.name
-                ),
-            })?;
-            let [s, l, _] = dims[..] else {
-                return Err(Error::Unsupported {
+        if let Some(ex) = &self.experts {
+            let xin = match ctx.rng.as_deref_mut() {
+                Some(rng) if ex.cfg.dropout > 0.0 => dropout(&x2, ex.cfg.dropout, rng)?,
+                _ => x2.clone(),
+            };
+            let delta = if ex.cfg.gate == GateMode::WeightSpace {
+                let p = ctx.seq_probs.ok_or_else(|| Error::Unsupported {
                     op: "MoleLinear::forward",
                     what: format!(
-                        "layer {}: weight-space mixing needs x [S, L, d_in], got {dims:?}",
+                        "layer {} mixes in weight space but no per-sequence probabilities were given",
                         self.name
                     ),
-                });
+                })?;
+                let [s, l, _] = dims[..] else {
+                    return Err(Error::Unsupported {
+                        op: "MoleLinear::forward",
+                        what: format!(
+                            "layer {}: weight-space mixing needs x [S, L, d_in], got {dims:?}",
+                            self.name
+                        ),
+                    });
+                };
+                ops::weight_space_lora_packed(
+                    &xin.reshape((s, l, self.d_in))?,
+                    ex.ab.as_tensor(),
+                    ex.shape,
+                    p,
+                    ex.cfg.scale(),
+                )?
+                .reshape((t, self.d_out))?
+            } else {
+                let (w, r) = self.route(ex, &x2, t, ctx)?;
+                routed = r;
+                ops::mole_lora_packed(&xin, ex.ab.as_tensor(), ex.shape, &w, ex.cfg.scale())?
             };
-            let xin = match ctx.rng.as_deref_mut() {
-                Some(rng) if ex.cfg.dropout > 0.0 => dropout(&x2, ex.cfg.dropout, rng)?,
-                _ => x2.clone(),
-            };
-            let delta = ops::weight_space_lora(
-                &xin.reshape((s, l, self.d_in))?,
-                ex.a.as_tensor(),
-                ex.b.as_tensor(),
-                p,
-                ex.cfg.scale(),
-            )?;
-            y = (y + delta.reshape((t, self.d_out))?)?;
-        } else if let Some(ex) = &self.experts {
-            let (w, r) = self.route(ex, &x2, t, ctx)?;
-            let xin = match ctx.rng.as_deref_mut() {
-                Some(rng) if ex.cfg.dropout > 0.0 => dropout(&x2, ex.cfg.dropout, rng)?,
-                _ => x2.clone(),
-            };
-            let delta =
-                ops::mole_lora(&xin, ex.a.as_tensor(), ex.b.as_tensor(), &w, ex.cfg.scale())?;
             y = (y + delta)?;
-            routed = r;
+        }
+        if self.experts.is_some() {
+            self.last.set(routed);
         }
         let mut out_dims = lead.to_vec();
         out_dims.push(self.d_out);
-        Ok((y.reshape(out_dims)?, routed))
+        Ok(y.reshape(out_dims)?)
     }
 
     /// The gate weights `[T, E]` (and the routing, when there is a router).
@@ -637,10 +1182,10 @@ impl MoleLinear {
         let (Some(rw), Some(rb)) = (&ex.router_w, &ex.router_b) else {
             return Ok((Tensor::ones((t, 1), DType::F32, x2.device())?, None));
         };
-        let xf = x2.to_dtype(DType::F32)?;
-        let logits = xf
+        let logits = x2
             .matmul(&rw.as_tensor().t()?)?
-            .broadcast_add(rb.as_tensor())?;
+            .broadcast_add(rb.as_tensor())?
+            .to_dtype(DType::F32)?;
         let local = candle_nn::ops::softmax(&(logits / f64::from(ex.cfg.temperature))?, D::Minus1)?;
         let probs = match ex.cfg.hierarchy {
             None => local,
@@ -682,8 +1227,9 @@ impl MoleLinear {
                             .contiguous()?
                     }
                     (ThresholdMode::InputDependent { .. }, _, Some(tw), Some(tb)) => {
-                        let z = xf
+                        let z = x2
                             .matmul(&tw.as_tensor().unsqueeze(1)?)?
+                            .to_dtype(DType::F32)?
                             .broadcast_add(tb.as_tensor())?;
                         (candle_nn::ops::sigmoid(&z)? / e as f64)?.flatten_all()?
                     }
@@ -701,38 +1247,21 @@ impl MoleLinear {
     }
 
     /// The parameters an optimiser should update, with their names: the base weight and bias when
-    /// the base is trained, otherwise the experts, router, threshold and λ parameters.
+    /// the base is trained, otherwise the experts (`NAME.experts`, `A` and `B` packed), router,
+    /// threshold and λ parameters.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
-        if self.train_base && self.quant.is_none() {
-            out.push((format!("{}.weight", self.name), self.weight.clone()));
+        let n = &self.name;
+        if let (true, Base::Dense(w)) = (self.train_base, &self.base) {
+            out.push((format!("{n}.weight"), w.clone()));
             if let Some(b) = &self.bias {
-                out.push((format!("{}.bias", self.name), b.clone()));
+                out.push((format!("{n}.bias"), b.clone()));
             }
         }
-        out.extend(self.expert_tensors_named());
-        out
-    }
-
-    /// The experts' parameters by their file keys (see [`crate::model::weights`]).
-    fn expert_tensors_named(&self) -> Vec<(String, Var)> {
-        let mut out = Vec::new();
         if let Some(ex) = &self.experts {
-            let n = &self.name;
-            out.push((format!("{n}.lora_A"), ex.a.clone()));
-            out.push((format!("{n}.lora_B"), ex.b.clone()));
-            let opt = [
-                ("router.weight", &ex.router_w),
-                ("router.bias", &ex.router_b),
-                ("threshold", &ex.theta),
-                ("threshold.weight", &ex.tau_w),
-                ("threshold.bias", &ex.tau_b),
-                ("lambda", &ex.lambda_logit),
-            ];
-            for (k, v) in opt {
-                if let Some(v) = v {
-                    out.push((format!("{n}.{k}"), v.clone()));
-                }
+            out.push((format!("{n}.experts"), ex.ab.clone()));
+            for (k, v) in ex.gate_vars() {
+                out.push((format!("{n}.{k}"), v.clone()));
             }
         }
         out
@@ -748,15 +1277,18 @@ impl MoleLinear {
 
     /// Adds the experts' tensors to `tensors` under `NAME.lora_A`, `NAME.lora_B`, `NAME.router.*`,
     /// `NAME.threshold*`, `NAME.lambda`, and the layer's description to `layers` (the `"layers"`
-    /// object of the file's `molora` metadata). A layer without experts adds nothing.
+    /// object of the file's `molora` metadata, with the whole [`MoleConfig`] under `"config"`, so
+    /// [`MoleLinear::load`] rebuilds the layer from the file). A layer without experts adds nothing.
     pub fn save_experts(
         &self,
         tensors: &mut BTreeMap<String, Tensor>,
         layers: &mut serde_json::Map<String, serde_json::Value>,
-    ) {
-        let Some(ex) = &self.experts else { return };
-        for (k, v) in self.expert_tensors_named() {
-            tensors.insert(k, v.as_tensor().clone());
+    ) -> Result<()> {
+        let Some(ex) = &self.experts else {
+            return Ok(());
+        };
+        for (k, v) in ex.named()? {
+            tensors.insert(format!("{}.{k}", self.name), v);
         }
         layers.insert(
             self.name.clone(),
@@ -767,30 +1299,60 @@ impl MoleLinear {
                 "d_out": self.d_out,
                 "alpha": ex.cfg.alpha,
                 "routing": ex.cfg.describe(),
+                "config": ex.cfg.to_json(),
             }),
         );
+        Ok(())
     }
 
     /// Loads the experts' tensors saved by [`MoleLinear::save_experts`]; every tensor the layer has
-    /// must be present with its shape.
+    /// must be present with its shape. Converted to the layer's dtypes.
     pub fn load_experts(&mut self, tensors: &BTreeMap<String, Tensor>, source: &str) -> Result<()> {
-        for (k, v) in self.expert_tensors_named() {
-            let t = tensors.get(&k).ok_or_else(|| Error::Weights {
+        let name = self.name.clone();
+        let dt = self.dtype;
+        let ex = self.experts_mut()?;
+        let get = |k: &str, dims: &[usize]| -> Result<Tensor> {
+            let key = format!("{name}.{k}");
+            let t = tensors.get(&key).ok_or_else(|| Error::Weights {
                 source_name: source.to_string(),
-                key: k.clone(),
+                key: key.clone(),
                 detail: "missing".into(),
             })?;
-            if t.dims() != v.as_tensor().dims() {
+            if t.dims() != dims {
                 return Err(Error::Weights {
                     source_name: source.to_string(),
-                    key: k,
-                    detail: format!("shape {:?}, expected {:?}", t.dims(), v.as_tensor().dims()),
+                    key,
+                    detail: format!("shape {:?}, expected {dims:?}", t.dims()),
                 });
             }
-            // A copy: `set` refuses a source that shares the variable's storage.
-            v.set(&t.to_dtype(DType::F32)?.copy()?)?;
+            Ok(t.clone())
+        };
+        let s = ex.shape;
+        let a = get("lora_A", &[s.num_experts, s.rank, s.d_in])?;
+        let b = get("lora_B", &[s.num_experts, s.d_out, s.rank])?;
+        let mut updates = vec![(
+            ex.ab.clone(),
+            Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?.to_dtype(dt)?,
+        )];
+        for (k, v) in ex.gate_vars() {
+            let t = get(k, v.as_tensor().dims())?.to_dtype(v.dtype())?;
+            updates.push((v.clone(), t));
+        }
+        // Every tensor is checked before any is set. A copy: `set` refuses a source that shares the
+        // variable's storage.
+        for (v, t) in updates {
+            v.set(&t.to_device(v.device())?.copy()?)?;
         }
         Ok(())
+    }
+}
+
+impl Module for MoleLinear {
+    /// [`MoleLinear::forward_ctx`] without context (inference: no dropout). Layers that route
+    /// hierarchically or mix in weight space need [`MoleLinear::forward_ctx`]; here they return its
+    /// error.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward_ctx(xs, &mut Ctx::default())?)
     }
 }
 

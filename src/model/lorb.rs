@@ -321,10 +321,8 @@ impl Rescorer {
         let scale = 1.0 / (dh as f64).sqrt();
         for layer in 0..self.cfg.layers {
             let run = |short: &str, x: &Tensor, ctx: &mut Ctx| -> Result<Tensor> {
-                let (y, _) = self
-                    .layer(&block_layer_name(layer, short))?
-                    .forward(x, ctx)?;
-                Ok(y)
+                self.layer(&block_layer_name(layer, short))?
+                    .forward_ctx(x, ctx)
             };
             let heads = |t: Tensor| -> Result<Tensor> {
                 Ok(t.reshape((b, l, nh, dh))?.transpose(1, 2)?.contiguous()?)
@@ -348,9 +346,9 @@ impl Rescorer {
             h = (&h + run("down", &f, ctx)?)?;
         }
         let cls = self.norm(&h)?.narrow(1, 0, 1)?.reshape((b, d))?;
-        let (pooled, _) = self.layer("pooler")?.forward(&cls, ctx)?;
+        let pooled = self.layer("pooler")?.forward_ctx(&cls, ctx)?;
         let pooled = pooled.tanh()?;
-        let (s, _) = self.layer("head")?.forward(&pooled, ctx)?;
+        let s = self.layer("head")?.forward_ctx(&pooled, ctx)?;
         Ok(RescorerOutput {
             scores: s.reshape(b)?,
             cls: pooled,

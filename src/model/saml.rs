@@ -117,10 +117,9 @@ impl Router {
     fn pool(&self, x: &Tensor) -> Result<Tensor> {
         let h = self
             .conv
-            .forward(&unfold3(x)?, &mut Ctx::default())?
-            .0
+            .forward_ctx(&unfold3(x)?, &mut Ctx::default())?
             .gelu()?;
-        let a = self.att.forward(&h, &mut Ctx::default())?.0; // [B, L, 1]
+        let a = self.att.forward_ctx(&h, &mut Ctx::default())?; // [B, L, 1]
         let a = candle_nn::ops::softmax(&a, 1)?;
         Ok(h.broadcast_mul(&a)?.sum(1)?)
     }
@@ -131,7 +130,7 @@ impl Router {
             Some(e) => Tensor::cat(&[self.pool(x)?, self.pool(e)?], 1)?,
             None => self.pool(x)?,
         };
-        let z = self.out.forward(&pooled, &mut Ctx::default())?.0;
+        let z = self.out.forward_ctx(&pooled, &mut Ctx::default())?;
         Ok(candle_nn::ops::softmax(
             &(z / f64::from(self.temperature))?,
             D::Minus1,
@@ -385,16 +384,13 @@ impl SamlModel {
         };
         let q = self
             .layer(&format!("{module}.q_proj"))?
-            .forward(x, &mut ctx)?
-            .0;
+            .forward_ctx(x, &mut ctx)?;
         let k = self
             .layer(&format!("{module}.k_proj"))?
-            .forward(kv, &mut ctx)?
-            .0;
+            .forward_ctx(kv, &mut ctx)?;
         let v = self
             .layer(&format!("{module}.v_proj"))?
-            .forward(kv, &mut ctx)?
-            .0;
+            .forward_ctx(kv, &mut ctx)?;
         let mut scores =
             (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (self.cfg.d_model as f64).sqrt())?;
         if causal {
@@ -413,20 +409,17 @@ impl SamlModel {
         let att = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
         Ok(self
             .layer(&format!("{module}.out_proj"))?
-            .forward(&att, &mut ctx)?
-            .0)
+            .forward_ctx(&att, &mut ctx)?)
     }
 
     fn ffn(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let h = self
             .layer(&format!("{prefix}.fc1"))?
-            .forward(x, &mut Ctx::default())?
-            .0
+            .forward_ctx(x, &mut Ctx::default())?
             .gelu()?;
         Ok(self
             .layer(&format!("{prefix}.fc2"))?
-            .forward(&h, &mut Ctx::default())?
-            .0)
+            .forward_ctx(&h, &mut Ctx::default())?)
     }
 
     /// Teacher-forced logits `[B, L, V]` for frames `[B, L, d_feat]` and labels `[B, L]` (u32): the
@@ -443,8 +436,7 @@ impl SamlModel {
         let pos = self.pos.narrow(0, 0, l)?;
         let conv = self
             .layer("encoder.conv")?
-            .forward(&unfold3(frames)?, &mut Ctx::default())?
-            .0;
+            .forward_ctx(&unfold3(frames)?, &mut Ctx::default())?;
         let mut x = conv.gelu()?.broadcast_add(&pos)?;
         for i in 0..self.cfg.enc_layers {
             let n = rms(&x)?;
@@ -478,8 +470,7 @@ impl SamlModel {
         let onehot = Tensor::from_vec(onehot, (b, l, v1), frames.device())?;
         let emb = self
             .layer("decoder.embed")?
-            .forward(&onehot, &mut Ctx::default())?
-            .0;
+            .forward_ctx(&onehot, &mut Ctx::default())?;
         let mut h = emb.broadcast_add(&pos)?;
         for i in 0..self.cfg.dec_layers {
             let n = rms(&h)?;
@@ -509,8 +500,7 @@ impl SamlModel {
         }
         Ok(self
             .layer("decoder.head")?
-            .forward(&rms(&h)?, &mut Ctx::default())?
-            .0)
+            .forward_ctx(&rms(&h)?, &mut Ctx::default())?)
     }
 
     /// Token error (%) under teacher forcing.
