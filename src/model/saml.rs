@@ -407,9 +407,8 @@ impl SamlModel {
             scores = scores.broadcast_add(&Tensor::from_vec(mask, (l, l), x.device())?)?;
         }
         let att = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
-        Ok(self
-            .layer(&format!("{module}.out_proj"))?
-            .forward_ctx(&att, &mut ctx)?)
+        self.layer(&format!("{module}.out_proj"))?
+            .forward_ctx(&att, &mut ctx)
     }
 
     fn ffn(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
@@ -417,9 +416,8 @@ impl SamlModel {
             .layer(&format!("{prefix}.fc1"))?
             .forward_ctx(x, &mut Ctx::default())?
             .gelu()?;
-        Ok(self
-            .layer(&format!("{prefix}.fc2"))?
-            .forward_ctx(&h, &mut Ctx::default())?)
+        self.layer(&format!("{prefix}.fc2"))?
+            .forward_ctx(&h, &mut Ctx::default())
     }
 
     /// Teacher-forced logits `[B, L, V]` for frames `[B, L, d_feat]` and labels `[B, L]` (u32): the
@@ -498,9 +496,8 @@ impl SamlModel {
                 )?)?;
             h = (&h + self.ffn(&format!("decoder.layers.{i}"), &rms(&h)?)?)?;
         }
-        Ok(self
-            .layer("decoder.head")?
-            .forward_ctx(&rms(&h)?, &mut Ctx::default())?)
+        self.layer("decoder.head")?
+            .forward_ctx(&rms(&h)?, &mut Ctx::default())
     }
 
     /// Token error (%) under teacher forcing.
