@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, MoleConfig, MoleLinear, Routed};
+use crate::model::nn::{rms_norm, softmax};
 use crate::testing::Rng;
 
 /// Sizes of an [`AsrModel`].
@@ -72,11 +73,6 @@ pub struct AsrOutput {
     pub routing: Vec<(String, Routed)>,
 }
 
-fn rms_norm(x: &Tensor) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?)
-}
-
 impl AsrModel {
     /// A model with random weights (PyTorch's default linear initialisation, from `rng`).
     pub fn new(cfg: AsrConfig, rng: &mut Rng, device: &Device) -> Result<Self> {
@@ -105,6 +101,21 @@ impl AsrModel {
             layers,
             device: device.clone(),
         })
+    }
+
+    /// The dtype the model runs in (its layers'); inputs are converted to it, logits come out in
+    /// f32.
+    pub fn dtype(&self) -> DType {
+        self.layers.first().map_or(DType::F32, MoleLinear::dtype)
+    }
+
+    /// Converts every layer to `dtype` (f32, f16 or bf16; see [`MoleLinear::to_dtype`]). Build the
+    /// optimiser after this.
+    pub fn to_dtype(&mut self, dtype: DType) -> Result<()> {
+        for l in &mut self.layers {
+            l.to_dtype(dtype)?;
+        }
+        Ok(())
     }
 
     /// The sizes.
@@ -224,25 +235,24 @@ impl AsrModel {
     /// `global_router` layer). Its gradient flows only into the global router (the encoder output is
     /// detached), so it can be trained as a classifier on a frozen encoder.
     pub fn global_posterior(&self, enc: &Tensor) -> Result<Tensor> {
-        let pooled = enc.detach().mean(1)?;
-        let z = self
-            .layer("global_router")
-            .forward_ctx(&pooled, &mut Ctx::default())?;
+        let z = self.global_logits(enc)?;
         Ok(candle_nn::ops::softmax(&z, D::Minus1)?)
     }
 
-    /// The global router's logits `[B, E]` (for training it as a classifier).
+    /// The global router's logits `[B, E]`, f32 (for training it as a classifier).
     pub fn global_logits(&self, enc: &Tensor) -> Result<Tensor> {
         let pooled = enc.detach().mean(1)?;
         let z = self
             .layer("global_router")
             .forward_ctx(&pooled, &mut Ctx::default())?;
-        Ok(z)
+        Ok(z.to_dtype(DType::F32)?)
     }
 
-    /// Logits `[B, L, V]` for frames `[B, L, d_feat]`; `rng` turns on training mode (dropout).
+    /// Logits `[B, L, V]` (f32) for frames `[B, L, d_feat]` (any float dtype, converted to the
+    /// model's); `rng` turns on training mode (dropout).
     pub fn forward(&self, frames: &Tensor, rng: Option<&mut Rng>) -> Result<AsrOutput> {
         let (b, l, _) = frames.dims3()?;
+        let frames = &frames.to_dtype(self.dtype())?;
         let mut ctx = Ctx {
             global: None,
             rng,
@@ -281,12 +291,12 @@ impl AsrModel {
         let v = run("decoder.v", &n, &mut ctx)?;
         let scores =
             (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (self.cfg.d_model as f64).sqrt())?;
-        let att = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
+        let att = softmax(&scores, D::Minus1)?.matmul(&v)?;
         let h = (&h + run("decoder.o", &att, &mut ctx)?)?;
         let n = rms_norm(&h)?;
         let f = run("decoder.up", &n, &mut ctx)?.gelu()?;
         let h = (&h + run("decoder.down", &f, &mut ctx)?)?;
-        let logits = run("head", &h, &mut ctx)?;
+        let logits = run("head", &h, &mut ctx)?.to_dtype(DType::F32)?;
         Ok(AsrOutput {
             logits,
             global,

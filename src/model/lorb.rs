@@ -309,6 +309,7 @@ impl Rescorer {
             )
         };
         let d = self.cfg.d_model;
+        let dt = self.dtype();
         let (nh, dh) = (self.cfg.heads, d / self.cfg.heads);
         let x = tok
             .index_select(&ids.flatten_all()?, 0)?
@@ -331,12 +332,14 @@ impl Rescorer {
             let q = heads(run("q", &n, ctx)?)?;
             let k = heads(run("k", &n, ctx)?)?;
             let v = heads(run("v", &n, ctx)?)?;
-            let scores =
-                (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+            let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?
+                .to_dtype(DType::F32)?
+                .broadcast_add(&mask)?;
             // `candle_nn::ops::softmax_last_dim` has no backward (candle applies it without
             // gradient tracking), which would silently freeze q and k; this softmax is
             // differentiable.
             let att = candle_nn::ops::softmax(&scores, D::Minus1)?
+                .to_dtype(dt)?
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((b, l, d))?;
@@ -350,23 +353,33 @@ impl Rescorer {
         let pooled = pooled.tanh()?;
         let s = self.layer("head")?.forward_ctx(&pooled, ctx)?;
         Ok(RescorerOutput {
-            scores: s.reshape(b)?,
-            cls: pooled,
+            scores: s.reshape(b)?.to_dtype(DType::F32)?,
+            cls: pooled.to_dtype(DType::F32)?,
         })
     }
 
     fn norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self.cfg.norm {
-            NormKind::Rms => {
-                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-                x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?
-            }
-            NormKind::Layer => {
-                let c = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-                let var = c.sqr()?.mean_keepdim(D::Minus1)?;
-                c.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-            }
-        })
+        match self.cfg.norm {
+            NormKind::Rms => crate::model::nn::rms_norm(x),
+            NormKind::Layer => crate::model::nn::layer_norm(x),
+        }
+    }
+
+    /// The dtype the rescorer runs in (its embeddings and layers); scores and the pooled
+    /// embedding come out in f32.
+    pub fn dtype(&self) -> DType {
+        self.tok_emb.dtype()
+    }
+
+    /// Converts the embeddings and every layer to `dtype` (f32, f16 or bf16). Build the optimiser
+    /// after this.
+    pub fn to_dtype(&mut self, dtype: DType) -> Result<()> {
+        for l in &mut self.layers {
+            l.to_dtype(dtype)?;
+        }
+        self.tok_emb = Var::from_tensor(&self.tok_emb.as_tensor().to_dtype(dtype)?)?;
+        self.pos_emb = Var::from_tensor(&self.pos_emb.as_tensor().to_dtype(dtype)?)?;
+        Ok(())
     }
 
     /// Every trainable parameter with its name: the embeddings (`tok_emb`, `pos_emb`) when the

@@ -5,6 +5,7 @@ pub mod demo;
 pub mod hdmole;
 pub mod linear;
 pub mod lorb;
+pub mod nn;
 pub mod saml;
 pub mod saml_demo;
 pub mod weights;

@@ -31,6 +31,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, GateMode, MoleConfig, MoleLinear, QuantFormat};
+use crate::model::nn::{rms_norm as rms, softmax};
 use crate::model::weights::LoraPair;
 use crate::testing::Rng;
 
@@ -120,7 +121,7 @@ impl Router {
             .forward_ctx(&unfold3(x)?, &mut Ctx::default())?
             .gelu()?;
         let a = self.att.forward_ctx(&h, &mut Ctx::default())?; // [B, L, 1]
-        let a = candle_nn::ops::softmax(&a, 1)?;
+        let a = softmax(&a, 1)?;
         Ok(h.broadcast_mul(&a)?.sum(1)?)
     }
 
@@ -130,11 +131,22 @@ impl Router {
             Some(e) => Tensor::cat(&[self.pool(x)?, self.pool(e)?], 1)?,
             None => self.pool(x)?,
         };
-        let z = self.out.forward_ctx(&pooled, &mut Ctx::default())?;
+        let z = self
+            .out
+            .forward_ctx(&pooled, &mut Ctx::default())?
+            .to_dtype(DType::F32)?;
         Ok(candle_nn::ops::softmax(
             &(z / f64::from(self.temperature))?,
             D::Minus1,
         )?)
+    }
+
+    /// Converts the router's layers to `dtype`.
+    pub fn to_dtype(&mut self, dtype: DType) -> Result<()> {
+        for l in [&mut self.conv, &mut self.att, &mut self.out] {
+            l.to_dtype(dtype)?;
+        }
+        Ok(())
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
@@ -164,11 +176,6 @@ fn sinusoids(len: usize, d: usize, dev: &Device) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(v, (len, d), dev)?)
-}
-
-fn rms(x: &Tensor) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?)
 }
 
 /// The attention projections of the model, which receive experts.
@@ -219,6 +226,27 @@ impl SamlModel {
             pos: sinusoids(cfg.max_len, d, dev)?,
             device: dev.clone(),
         })
+    }
+
+    /// The dtype the model runs in (its layers'); inputs are converted to it, logits come out in
+    /// f32.
+    pub fn dtype(&self) -> DType {
+        self.layers
+            .values()
+            .next()
+            .map_or(DType::F32, MoleLinear::dtype)
+    }
+
+    /// Converts every layer and router to `dtype` (f32, f16 or bf16; see [`MoleLinear::to_dtype`]).
+    /// Routers added later are converted when they are added. Build the optimisers after this.
+    pub fn to_dtype(&mut self, dtype: DType) -> Result<()> {
+        for l in self.layers.values_mut() {
+            l.to_dtype(dtype)?;
+        }
+        for r in self.routers.iter_mut().flatten() {
+            r.to_dtype(dtype)?;
+        }
+        Ok(())
     }
 
     /// The sizes.
@@ -327,6 +355,7 @@ impl SamlModel {
         for (i, k) in KINDS.iter().enumerate() {
             let inputs = if i == 2 { 2 } else { 1 };
             let mut r = Router::new(k, d, c, inputs, e, rng, &self.device)?;
+            r.to_dtype(self.dtype())?;
             r.temperature = temperature;
             routers.push(r);
         }
@@ -404,9 +433,11 @@ impl SamlModel {
                     }
                 })
                 .collect();
-            scores = scores.broadcast_add(&Tensor::from_vec(mask, (l, l), x.device())?)?;
+            scores = scores.broadcast_add(
+                &Tensor::from_vec(mask, (l, l), x.device())?.to_dtype(scores.dtype())?,
+            )?;
         }
-        let att = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
+        let att = softmax(&scores, D::Minus1)?.matmul(&v)?;
         self.layer(&format!("{module}.out_proj"))?
             .forward_ctx(&att, &mut ctx)
     }
@@ -424,6 +455,8 @@ impl SamlModel {
     /// decoder sees the start token and the labels shifted right.
     pub fn forward(&self, frames: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let (b, l, _) = frames.dims3()?;
+        let dt = self.dtype();
+        let frames = &frames.to_dtype(dt)?;
         if l > self.cfg.max_len {
             return Err(Error::InvalidDim {
                 what: "sequence length",
@@ -431,7 +464,7 @@ impl SamlModel {
                 reason: "longer than the model's max_len",
             });
         }
-        let pos = self.pos.narrow(0, 0, l)?;
+        let pos = self.pos.narrow(0, 0, l)?.to_dtype(dt)?;
         let conv = self
             .layer("encoder.conv")?
             .forward_ctx(&unfold3(frames)?, &mut Ctx::default())?;
@@ -465,7 +498,7 @@ impl SamlModel {
                 onehot[(u * l + t) * v1 + prev.min(self.cfg.vocab)] = 1.0;
             }
         }
-        let onehot = Tensor::from_vec(onehot, (b, l, v1), frames.device())?;
+        let onehot = Tensor::from_vec(onehot, (b, l, v1), frames.device())?.to_dtype(dt)?;
         let emb = self
             .layer("decoder.embed")?
             .forward_ctx(&onehot, &mut Ctx::default())?;
@@ -496,8 +529,10 @@ impl SamlModel {
                 )?)?;
             h = (&h + self.ffn(&format!("decoder.layers.{i}"), &rms(&h)?)?)?;
         }
-        self.layer("decoder.head")?
-            .forward_ctx(&rms(&h)?, &mut Ctx::default())
+        Ok(self
+            .layer("decoder.head")?
+            .forward_ctx(&rms(&h)?, &mut Ctx::default())?
+            .to_dtype(DType::F32)?)
     }
 
     /// Token error (%) under teacher forcing.
