@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use molora::candle::ops::{
-    mole_lora, quant_linear, threshold_gate, top_k_gate, weight_space_lora, QuantWeight,
+    mole_lora, quant_linear, routed_lora, threshold_gate, top_k_gate, weight_space_lora,
+    QuantWeight, RoutedGate,
 };
 use molora::testing::Rng;
 
@@ -305,4 +306,141 @@ fn weight_space_lora_matches_candle_autograd() {
             assert_close(name, go.get(v).unwrap(), gr.get(v).unwrap(), 1e-4, 1e-4);
         }
     }
+}
+
+/// The one-op road from probabilities (`routed_lora`: the gate's sparse slots straight to the LoRA
+/// part) against the dense road (the gate op's `[T, E]` weights, then `mole_lora`): the same output
+/// and the same gradients to `x`, the experts, `p` and `τ`, for every gate, in f32 and bf16.
+#[test]
+fn routed_lora_equals_the_gate_then_mole_lora() {
+    let mut rng = Rng::new(21);
+    for &(t, d_in, d_out, e, r) in &[(9usize, 13usize, 7usize, 5usize, 3usize), (1, 8, 16, 2, 1)] {
+        for gate in [
+            RoutedGate::TopK {
+                k: 2,
+                renormalize: true,
+            },
+            RoutedGate::TopK {
+                k: 1,
+                renormalize: false,
+            },
+            RoutedGate::Threshold,
+            RoutedGate::Dense,
+        ] {
+            for dtype in [DType::F32, DType::BF16] {
+                let x =
+                    Var::from_tensor(&randn(&mut rng, &[t, d_in], 1.0).to_dtype(dtype).unwrap())
+                        .unwrap();
+                let a = randn(&mut rng, &[e, r, d_in], 0.5).to_dtype(dtype).unwrap();
+                let b = randn(&mut rng, &[e, d_out, r], 0.5)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let ab = Var::from_tensor(
+                    &Tensor::cat(&[a.flatten_all().unwrap(), b.flatten_all().unwrap()], 0).unwrap(),
+                )
+                .unwrap();
+                let logits = randn(&mut rng, &[t, e], 2.0);
+                let p = Var::from_tensor(
+                    &candle_nn::ops::softmax(&logits, candle_core::D::Minus1).unwrap(),
+                )
+                .unwrap();
+                let tau = Var::from_tensor(&Tensor::full(0.8 / e as f32, t, &Device::Cpu).unwrap())
+                    .unwrap();
+                let shape = molora::LoraShape::new(e, r, d_in, d_out).unwrap();
+                let tau_in = (gate == RoutedGate::Threshold).then(|| tau.as_tensor());
+                let ours = routed_lora(
+                    x.as_tensor(),
+                    ab.as_tensor(),
+                    shape,
+                    p.as_tensor(),
+                    tau_in,
+                    gate,
+                    1.5,
+                )
+                .unwrap();
+                let w = match gate {
+                    RoutedGate::TopK { k, renormalize } => {
+                        top_k_gate(p.as_tensor(), k, renormalize).unwrap()
+                    }
+                    RoutedGate::Threshold => {
+                        threshold_gate(p.as_tensor(), tau.as_tensor()).unwrap()
+                    }
+                    RoutedGate::Dense => p.as_tensor().clone(),
+                };
+                let a_v = ab
+                    .as_tensor()
+                    .narrow(0, 0, shape.a_len())
+                    .unwrap()
+                    .reshape((e, r, d_in))
+                    .unwrap();
+                let b_v = ab
+                    .as_tensor()
+                    .narrow(0, shape.a_len(), shape.b_len())
+                    .unwrap()
+                    .reshape((e, d_out, r))
+                    .unwrap();
+                let want = mole_lora(x.as_tensor(), &a_v, &b_v, &w, 1.5).unwrap();
+                let what = format!("{gate:?} {dtype:?} T={t}");
+                let (atol, rtol) = if dtype == DType::F32 {
+                    (1e-5, 1e-5)
+                } else {
+                    (1e-2, 1e-2)
+                };
+                assert_close(&format!("{what}: y"), &ours, &want, atol, rtol);
+                // A random linear functional of the output, so every gradient is exercised.
+                let probe = randn(&mut rng, &[t, d_out], 1.0).to_dtype(dtype).unwrap();
+                let g1 = (ours * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g2 = (want * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut checked = vec![
+                    ("x", x.as_tensor()),
+                    ("experts", ab.as_tensor()),
+                    ("p", p.as_tensor()),
+                ];
+                if gate == RoutedGate::Threshold {
+                    checked.push(("tau", tau.as_tensor()));
+                }
+                for (name, v) in checked {
+                    let (d1, d2) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                    assert_close(
+                        &format!("{what}: d{name}"),
+                        d1,
+                        d2,
+                        atol * 10.0,
+                        rtol * 10.0,
+                    );
+                }
+            }
+        }
+    }
+    // A threshold gate needs its thresholds; a top-k larger than E is an error naming k.
+    let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    let shape = molora::LoraShape::new(2, 1, 4, 3).unwrap();
+    let ab = Tensor::zeros(shape.a_len() + shape.b_len(), DType::F32, &Device::Cpu).unwrap();
+    let p = Tensor::full(0.5f32, (2, 2), &Device::Cpu).unwrap();
+    assert!(routed_lora(&x, &ab, shape, &p, None, RoutedGate::Threshold, 1.0).is_err());
+    let e = routed_lora(
+        &x,
+        &ab,
+        shape,
+        &p,
+        None,
+        RoutedGate::TopK {
+            k: 3,
+            renormalize: false,
+        },
+        1.0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains('3'), "{e}");
 }

@@ -108,7 +108,7 @@ fn check_against_cpu(
         }
         assert_close(
             "gate weights",
-            &host(&r.weights),
+            &host(&r.weights().unwrap()),
             &dense,
             Tolerance::for_dtype(molora::DType::F32),
         );

@@ -581,6 +581,263 @@ pub fn mole_lora_packed(
 }
 
 // ---------------------------------------------------------------------------------------------
+// From router probabilities to the LoRA output, in one op
+
+/// The gate of [`routed_lora`]: how router probabilities become the experts' slots.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RoutedGate {
+    /// The `k` most probable experts ([`cpu::top_k`]), renormalised to sum 1 when `renormalize`.
+    TopK { k: usize, renormalize: bool },
+    /// The experts at or above a per-token threshold `τ_t` ([`cpu::threshold_gate`]).
+    Threshold,
+    /// Every expert with weight `p_te` ([`cpu::dense`]).
+    Dense,
+}
+
+impl RoutedGate {
+    /// The routing of `p` `[T, E]` (and `τ` `[T]` for the threshold gate) by the crate's gates.
+    fn routing(&self, p: &[f32], tau: Option<&[f32]>, t: usize, e: usize) -> Result<Routing> {
+        match (self, tau) {
+            (RoutedGate::TopK { k, renormalize }, _) => cpu::top_k(p, t, e, *k, *renormalize),
+            (RoutedGate::Threshold, Some(tau)) => cpu::threshold_gate(p, t, e, tau),
+            (RoutedGate::Threshold, None) => Err(Error::Unsupported {
+                op: "routed_lora",
+                what: "a threshold gate without its thresholds tau [T]".into(),
+            }),
+            (RoutedGate::Dense, _) => cpu::dense(p, t, e),
+        }
+    }
+
+    /// Whether the gate input carries `τ` as its last column.
+    fn has_tau(&self) -> bool {
+        matches!(self, RoutedGate::Threshold)
+    }
+}
+
+struct RoutedLora {
+    shape: LoraShape,
+    scale: f32,
+    gate: RoutedGate,
+}
+
+impl RoutedLora {
+    /// `p` `[T, E]` and `τ` `[T]` from the gate input `[T, E]` or `[T, E + 1]`.
+    fn split(&self, g: &[f32], t: usize) -> (Vec<f32>, Option<Vec<f32>>) {
+        let e = self.shape.num_experts;
+        if !self.gate.has_tau() {
+            return (g.to_vec(), None);
+        }
+        let mut p = Vec::with_capacity(t * e);
+        let mut tau = Vec::with_capacity(t);
+        for row in g.chunks_exact(e + 1) {
+            p.extend_from_slice(&row[..e]);
+            tau.push(row[e]);
+        }
+        (p, Some(tau))
+    }
+
+    fn forward<T: Element + candle_core::WithDType>(
+        &self,
+        x: &[T],
+        ab: &[T],
+        g: &[f32],
+        t: usize,
+    ) -> Result<Vec<T>> {
+        let (a, b) = ab.split_at(self.shape.a_len());
+        let experts = Experts::new(a, b, self.shape, self.scale)?;
+        let (p, tau) = self.split(g, t);
+        let routing = self
+            .gate
+            .routing(&p, tau.as_deref(), t, self.shape.num_experts)?;
+        let delta = cpu::lora_delta(x, t, &experts, &routing)?;
+        Ok(delta.into_iter().map(T::from_f32).collect())
+    }
+}
+
+impl CustomOp3 for RoutedLora {
+    fn name(&self) -> &'static str {
+        "molora-routed-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (t, _) = dims2(l1, "x")?;
+        let g = slice::<f32>(s3, l3, "gate input")?;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(
+                self.forward(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, g, t)
+                    .map_err(msg)?,
+            ),
+            CpuStorage::F16(_) => CpuStorage::F16(
+                self.forward::<f16>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, g, t)
+                    .map_err(msg)?,
+            ),
+            CpuStorage::BF16(_) => CpuStorage::BF16(
+                self.forward::<bf16>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, g, t)
+                    .map_err(msg)?,
+            ),
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "molora-routed-lora: dtype {:?} is not supported (f32, f16, bf16)",
+                    other.dtype()
+                )))
+            }
+        };
+        Ok((out, Shape::from((t, self.shape.d_out))))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        super::cuda_ops::routed_fwd(
+            &self.shape,
+            self.scale,
+            &self.gate,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ab: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            let (dx, dab, dg) =
+                super::cuda_ops::routed_bwd(&self.shape, self.scale, &self.gate, x, ab, g, grad)?;
+            return Ok((Some(dx), Some(dab), Some(dg)));
+        }
+        let (t, _) = x.dims2()?;
+        let e = self.shape.num_experts;
+        let (p, tau) = self.split(&host_f32(g)?, t);
+        let routing = self.gate.routing(&p, tau.as_deref(), t, e).map_err(msg)?;
+        let abv = host_f32(ab)?;
+        let (a, b) = abv.split_at(self.shape.a_len());
+        let lg = backward::lora_backward(
+            &host_f32(x)?,
+            a,
+            b,
+            &self.shape,
+            routing.ids(),
+            routing.weights(),
+            routing.k_max(),
+            self.scale,
+            &host_f32(grad)?,
+        )
+        .map_err(msg)?;
+        let renormalize = matches!(
+            self.gate,
+            RoutedGate::TopK {
+                renormalize: true,
+                ..
+            }
+        );
+        let (dp, dtau) = backward::gate_backward(
+            &p,
+            e,
+            routing.ids(),
+            routing.k_max(),
+            tau.as_deref(),
+            renormalize,
+            &lg.dw,
+        )
+        .map_err(msg)?;
+        let dg = if self.gate.has_tau() {
+            let mut out = Vec::with_capacity(t * (e + 1));
+            for (row, dt) in dp.chunks_exact(e).zip(&dtau) {
+                out.extend_from_slice(row);
+                out.push(*dt);
+            }
+            out
+        } else {
+            dp
+        };
+        let mut dab = lg.da;
+        dab.extend_from_slice(&lg.db);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(lg.dx, x.shape(), dev)?.to_dtype(x.dtype())?),
+            Some(Tensor::from_vec(dab, ab.shape(), dev)?.to_dtype(ab.dtype())?),
+            Some(Tensor::from_vec(dg, g.shape(), dev)?),
+        ))
+    }
+}
+
+/// The LoRA part of a MoLE layer from the router's probabilities, in one op: the crate's gate turns
+/// `p` `[T, E]` (f32; for [`RoutedGate::Threshold`] with `tau` `[T]`) into sparse slots, which go
+/// straight to the LoRA computation — no dense `[T, E]` weight matrix in between, no copy through the
+/// host on CUDA — and `Δy_t = s·Σ_slots w_ts·(x_t·A_eᵀ)·B_eᵀ` (`x` `[T, d_in]`, experts packed as
+/// [`mole_lora_packed`] takes them, of `x`'s dtype).
+///
+/// CPU: [`cpu::top_k`] / [`cpu::threshold_gate`] / [`cpu::dense`], then [`cpu::lora_delta`];
+/// backward [`backward::lora_backward`] over the slots, then [`backward::gate_backward`] to `p` and
+/// `τ` (selection is not differentiated). CUDA (`candle-cuda`): [`crate::cuda::MoleLoraForward`]
+/// from probabilities on the path [`crate::cuda::LoraPath::for_shape`] picks (segmented or
+/// dense-gated; any `E·r`), and its backward. Gradients flow to `x`, `ab`, `p` and `tau`.
+pub fn routed_lora(
+    x: &Tensor,
+    ab: &Tensor,
+    shape: LoraShape,
+    p: &Tensor,
+    tau: Option<&Tensor>,
+    gate: RoutedGate,
+    scale: f32,
+) -> Result<Tensor> {
+    let (t, d_in) = check_rank2(x, "routed_lora")?;
+    check_packed("routed_lora", x.dtype(), d_in, ab, &shape, scale)?;
+    check_f32(p, "routed_lora")?;
+    let e = shape.num_experts;
+    crate::error::check_len(
+        "p [T, E]",
+        crate::error::checked_elems("p [T, E]", t, e, 4)?,
+        p.elem_count(),
+    )?;
+    if let RoutedGate::TopK { k, .. } = gate {
+        crate::cpu::gating::check_k(k, e)?;
+    }
+    let p = p.reshape((t, e))?;
+    let g = match (gate.has_tau(), tau) {
+        (true, Some(tau)) => {
+            check_f32(tau, "routed_lora")?;
+            crate::error::check_len("tau [T]", t, tau.elem_count())?;
+            Tensor::cat(&[&p, &tau.reshape((t, 1))?], 1)?
+        }
+        (true, None) => {
+            return Err(Error::Unsupported {
+                op: "routed_lora",
+                what: "a threshold gate without its thresholds tau [T]".into(),
+            })
+        }
+        (false, _) => p,
+    };
+    Ok(x.contiguous()?.apply_op3(
+        &ab.contiguous()?,
+        &g.contiguous()?,
+        RoutedLora { shape, scale, gate },
+    )?)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Quantised base
 
 struct QuantLinear {

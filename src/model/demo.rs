@@ -724,7 +724,7 @@ fn routing_table(model: &AsrModel, tests: &TestSets, experts: usize) -> Result<V
         let mut row = vec![0.0f32; experts];
         let n = out.routing.len().max(1) as f32;
         for (_, r) in &out.routing {
-            let mean: Vec<f32> = r.weights.mean(0)?.to_vec1()?;
+            let mean: Vec<f32> = r.weights()?.mean(0)?.to_vec1()?;
             for (acc, v) in row.iter_mut().zip(mean) {
                 *acc += v / n;
             }

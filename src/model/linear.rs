@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::init::ZERO;
 use candle_nn::{Init, VarBuilder};
 
-use crate::candle::ops::{self, QuantWeight};
+use crate::candle::ops::{self, QuantWeight, RoutedGate};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::model::weights::LoraPair;
@@ -304,8 +304,30 @@ pub struct Ctx<'a> {
 pub struct Routed {
     /// The probabilities the gate saw, f32 `[T, E]`.
     pub probs: Tensor,
-    /// The expert weights, f32 `[T, E]` (zero for unused experts).
-    pub weights: Tensor,
+    /// The gate.
+    pub gate: RoutedGate,
+    /// The per-token thresholds `τ` `[T]` of a threshold gate.
+    pub tau: Option<Tensor>,
+}
+
+impl Routed {
+    /// The expert weights as a dense f32 `[T, E]` matrix (zero for unused experts), by the crate's
+    /// gate ops on the same probabilities (differentiable, e.g. for balance losses). The forward
+    /// pass itself never forms this matrix: [`ops::routed_lora`] hands the sparse slots to the LoRA
+    /// computation.
+    pub fn weights(&self) -> Result<Tensor> {
+        match (self.gate, &self.tau) {
+            (RoutedGate::TopK { k, renormalize }, _) => {
+                ops::top_k_gate(&self.probs, k, renormalize)
+            }
+            (RoutedGate::Threshold, Some(tau)) => ops::threshold_gate(&self.probs, tau),
+            (RoutedGate::Threshold, None) => Err(Error::Unsupported {
+                op: "Routed::weights",
+                what: "a threshold gate without its thresholds".into(),
+            }),
+            (RoutedGate::Dense, _) => Ok(self.probs.clone()),
+        }
+    }
 }
 
 /// The routing of a layer's last forward pass ([`MoleLinear::last_routing`]). A clone of the layer
@@ -1156,9 +1178,19 @@ impl MoleLinear {
                 )?
                 .reshape((t, self.d_out))?
             } else {
-                let (w, r) = self.route(ex, &x2, t, ctx)?;
-                routed = r;
-                ops::mole_lora_packed(&xin, ex.ab.as_tensor(), ex.shape, &w, ex.cfg.scale())?
+                let r = self.route(ex, &x2, t, ctx)?;
+                let delta = ops::routed_lora(
+                    &xin,
+                    ex.ab.as_tensor(),
+                    ex.shape,
+                    &r.probs,
+                    r.tau.as_ref(),
+                    r.gate,
+                    ex.cfg.scale(),
+                )?;
+                // A layer without a router (a single adapter) has no routing to report.
+                routed = ex.router_w.is_some().then_some(r);
+                delta
             };
             y = (y + delta)?;
         }
@@ -1170,17 +1202,15 @@ impl MoleLinear {
         Ok(y.reshape(out_dims)?)
     }
 
-    /// The gate weights `[T, E]` (and the routing, when there is a router).
-    fn route(
-        &self,
-        ex: &Experts,
-        x2: &Tensor,
-        t: usize,
-        ctx: &Ctx,
-    ) -> Result<(Tensor, Option<Routed>)> {
+    /// The router's probabilities `[T, E]` and the gate (a single adapter: `p = 1`, dense).
+    fn route(&self, ex: &Experts, x2: &Tensor, t: usize, ctx: &Ctx) -> Result<Routed> {
         let e = ex.cfg.num_experts;
         let (Some(rw), Some(rb)) = (&ex.router_w, &ex.router_b) else {
-            return Ok((Tensor::ones((t, 1), DType::F32, x2.device())?, None));
+            return Ok(Routed {
+                probs: Tensor::ones((t, 1), DType::F32, x2.device())?,
+                gate: RoutedGate::Dense,
+                tau: None,
+            });
         };
         let logits = x2
             .matmul(&rw.as_tensor().t()?)?
@@ -1215,9 +1245,9 @@ impl MoleLinear {
                 }
             }
         };
-        let weights = match ex.cfg.gate {
-            GateMode::Single | GateMode::Dense | GateMode::WeightSpace => probs.clone(),
-            GateMode::TopK { k, renormalize } => ops::top_k_gate(&probs, k, renormalize)?,
+        let (gate, tau) = match ex.cfg.gate {
+            GateMode::Single | GateMode::Dense | GateMode::WeightSpace => (RoutedGate::Dense, None),
+            GateMode::TopK { k, renormalize } => (RoutedGate::TopK { k, renormalize }, None),
             GateMode::Threshold(mode) => {
                 let tau = match (mode, &ex.theta, &ex.tau_w, &ex.tau_b) {
                     (ThresholdMode::Fixed(v), _, _, _) => Tensor::full(v, t, x2.device())?,
@@ -1240,10 +1270,10 @@ impl MoleLinear {
                         })
                     }
                 };
-                ops::threshold_gate(&probs, &tau)?
+                (RoutedGate::Threshold, Some(tau))
             }
         };
-        Ok((weights.clone(), Some(Routed { probs, weights })))
+        Ok(Routed { probs, gate, tau })
     }
 
     /// The parameters an optimiser should update, with their names: the base weight and bias when
