@@ -398,4 +398,69 @@ mod gpu {
             }
         }
     }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(16)))]
+        /// `MoleLoraForward::run_probs` / `backward_probs` (the road of the candle op `routed_lora`:
+        /// probabilities a framework computed, the gate's slots straight to the LoRA part) on both
+        /// paths against the CPU: the routing equals the CPU gate's on the same probabilities, `y`
+        /// equals `y0 + cpu::lora_delta`, and `dA`, `dB`, `dx`, `dp`, `dτ` equal
+        /// `lora_backward` + `gate_backward`. Top-k with and without renormalisation, a per-token
+        /// threshold, the dense gate.
+        #[test]
+        fn forward_backward_from_probabilities_match_cpu(t in 1usize..120, e in 1usize..=12, r in 1usize..=16,
+                                                         d_in in 1usize..=100, d_out in 1usize..=100,
+                                                         seed in any::<u64>(), which in 0usize..4) {
+            let Some(dev) = test_device("forward_backward_from_probabilities_match_cpu") else { return Ok(()) };
+            let mut rng = Rng::new(seed);
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            let x: Vec<f32> = rng.values(t * d_in, 1.0);
+            let a: Vec<f32> = rng.values(shape.a_len(), 0.2);
+            let b: Vec<f32> = rng.values(shape.b_len(), 0.2);
+            let y0: Vec<f32> = rng.values(t * d_out, 1.0);
+            let dy: Vec<f32> = rng.values(t * d_out, 1.0);
+            let logits: Vec<f32> = rng.values(t * e, 3.0);
+            let p = cpu::activate(&logits, t, e, Activation::Softmax, 1.0).unwrap();
+            let taus: Vec<f32> = (0..t).map(|_| rng.uniform() as f32 / e as f32).collect();
+            let d_taus = dev.upload(&taus).unwrap();
+            let (dgate, routing, tau_in, renorm) = match which {
+                0 => (DeviceGate::TopK { k: 2.min(e), renormalize: true }, cpu::top_k(&p, t, e, 2.min(e), true).unwrap(), None, true),
+                1 => (DeviceGate::TopK { k: 1, renormalize: false }, cpu::top_k(&p, t, e, 1, false).unwrap(), None, false),
+                2 => (DeviceGate::ThresholdPerToken(d_taus.slice(..).unwrap()), cpu::threshold_gate(&p, t, e, &taus).unwrap(), Some(taus.as_slice()), false),
+                _ => (DeviceGate::Dense, cpu::dense(&p, t, e).unwrap(), None, false),
+            };
+            let k_max = dgate.k_max(e);
+            let (dx, da, db, dp_in, ddy) = (dev.upload(&x).unwrap(), dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&p).unwrap(), dev.upload(&dy).unwrap());
+            let experts = cpu::Experts::new(&a, &b, shape, 2.0).unwrap();
+            let delta = cpu::lora_delta(&x, t, &experts, &routing).unwrap();
+            let y_want: Vec<f32> = y0.iter().zip(&delta).map(|(y, d)| y + d).collect();
+            let lora = backward::lora_backward(&x, &a, &b, &shape, routing.ids(), routing.weights(), k_max, 2.0f32, &dy).unwrap();
+            let (dp_want, dtau_want) = backward::gate_backward(&p, e, routing.ids(), k_max, tau_in, renorm, &lora.dw).unwrap();
+            let dtau_want = if tau_in.is_some() { dtau_want } else { vec![0.0; t] };
+            for path in [LoraPath::Segmented, LoraPath::DenseGated] {
+                if path == LoraPath::DenseGated && e * r > molora::cuda::DENSE_GATED_MAX_COLUMNS {
+                    continue;
+                }
+                let mut fwd = MoleLoraForward::new(&dev, t, &shape, k_max, path).unwrap();
+                let mut y = dev.upload(&y0).unwrap();
+                fwd.run_probs(&dev, &dx, &dp_in, &dgate, &da, &db, 2.0, &mut y).unwrap();
+                prop_assert_eq!(dev.download(fwd.ids()).unwrap(), routing.ids().to_vec(), "{:?}: routing ids", path);
+                let mut grads = fwd.new_grads(&dev).unwrap();
+                fwd.backward_probs(&dev, &dx, &dp_in, &dgate, &da, &db, &ddy, 2.0, &mut grads).unwrap();
+                let got = grads.lora().to_host(&dev).unwrap();
+                let tol = Tolerance::for_dtype(DType::F32).scaled((t.max(d_in).max(d_out) as f32).sqrt() * 4.0);
+                let down = |v: molora::cuda::BufferView<'_, f32>| dev.download(&v).unwrap();
+                for (what, g, w, tl) in [
+                    ("y", dev.download(&y).unwrap(), y_want.clone(), tol),
+                    ("dA", got.da, lora.da.clone(), tol), ("dB", got.db, lora.db.clone(), tol),
+                    ("dx", got.dx, lora.dx.clone(), tol), ("dp", down(grads.dp()), dp_want.clone(), tol.scaled(10.0)),
+                    ("dτ", down(grads.dtau()), dtau_want.clone(), tol.scaled(10.0)),
+                ] {
+                    if let Err(m) = compare(what, &g, &w, tl) {
+                        prop_assert!(false, "{:?} gate {}: {}", path, which, m);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //!
 //! | op | forward kernels | backward |
 //! |---|---|---|
+//! | [`super::ops::routed_lora`] | [`cuda::MoleLoraForward::run_probs`]: the gate, then the segmented or dense-gated path by shape (any `E·r`) | the forward again, then [`cuda::MoleLoraForward::backward_probs`] |
 //! | [`super::ops::mole_lora`] | dense gate ids, then the dense-gated shrink and expand | [`cuda::lora_backward_dense_gated`] (`dx`, `dA`, `dB`, `dw` for every `(t, e)`) |
 //! | [`super::ops::top_k_gate`], [`super::ops::threshold_gate`] | [`cuda::gate_probabilities`], [`cuda::slots_to_dense`] | [`cuda::dense_to_slots`], [`cuda::gate_probabilities_backward`] |
 //! | [`super::ops::quant_linear`] | [`cuda::quant_matmul`] (the packed weight uploaded once per device and weight) | candle's matmul with the dequantised weight |
@@ -20,7 +21,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
 use cudarc::driver::{CudaSlice, CudaView};
 
-use super::ops::QuantWeight;
+use super::ops::{QuantWeight, RoutedGate};
 use crate::cuda::{self, CudaElement, DeviceGate, DeviceWrite};
 use crate::error::{Error, Result};
 use crate::{AdapterSegments, LoraShape, Segments};
@@ -267,6 +268,224 @@ pub(crate) fn lora_bwd(
         DType::BF16 => lora_bwd_typed::<half::bf16>(shape, scale, x, ab, w, &dy),
         other => Err(candle_core::Error::Msg(format!(
             "molora-lora: dtype {other:?} is not supported (f32, f16, bf16)"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// From router probabilities to the LoRA output
+
+/// The device gate of [`super::ops::RoutedGate`], with `τ` read from the gate input.
+fn routed_gate<'a>(gate: &RoutedGate, tau: Option<CudaView<'a, f32>>) -> CResult<DeviceGate<'a>> {
+    Ok(match (gate, tau) {
+        (RoutedGate::TopK { k, renormalize }, _) => DeviceGate::TopK {
+            k: *k,
+            renormalize: *renormalize,
+        },
+        (RoutedGate::Threshold, Some(tau)) => DeviceGate::ThresholdPerToken(tau.into()),
+        (RoutedGate::Threshold, None) => {
+            return Err(candle_core::Error::Msg(
+                "molora-routed-lora: the thresholds tau [T] are missing".into(),
+            ))
+        }
+        (RoutedGate::Dense, _) => DeviceGate::Dense,
+    })
+}
+
+/// `p` `[T, E]` and, for a threshold gate, `τ` `[T]`: the two ranges of the gate input.
+fn split_gate_input<'a>(
+    g: &'a CudaView<'a, f32>,
+    gate: &RoutedGate,
+    t: usize,
+    e: usize,
+) -> CResult<(CudaView<'a, f32>, Option<CudaView<'a, f32>>)> {
+    let want = t * e
+        + if matches!(gate, RoutedGate::Threshold) {
+            t
+        } else {
+            0
+        };
+    crate::error::check_len("gate input (p, then tau)", want, g.len()).map_err(msg)?;
+    let p = g.slice(0..t * e);
+    let tau = matches!(gate, RoutedGate::Threshold).then(|| g.slice(t * e..t * e + t));
+    Ok((p, tau))
+}
+
+/// A forward workspace for `t ≥ 1` tokens on the path [`cuda::LoraPath::for_shape`] picks, its run
+/// from the probabilities, and the output `y` (zeroed, then accumulated into).
+#[allow(clippy::too_many_arguments)]
+fn routed_run<T: CudaElement + CudaDType>(
+    dev: &cuda::Device,
+    shape: &LoraShape,
+    scale: f32,
+    gate: &DeviceGate<'_>,
+    x: &CudaView<'_, T>,
+    ab: &CudaView<'_, T>,
+    p: &CudaView<'_, f32>,
+    t: usize,
+) -> CResult<(cuda::MoleLoraForward, CudaSlice<T>)> {
+    let path = cuda::LoraPath::for_shape(shape, T::DTYPE);
+    let k_max = gate.k_max(shape.num_experts);
+    let mut fwd = cuda::MoleLoraForward::new(dev, t, shape, k_max, path).map_err(msg)?;
+    let a = ab.slice(0..shape.a_len());
+    let b = ab.slice(shape.a_len()..shape.a_len() + shape.b_len());
+    let mut y = zeros::<T>(dev, t * shape.d_out)?;
+    {
+        let mut yv = y.slice_mut(0..t * shape.d_out);
+        fwd.run_probs(dev, x, p, gate, &a, &b, scale, &mut yv)
+            .map_err(msg)?;
+    }
+    Ok((fwd, y))
+}
+
+fn routed_fwd_typed<T: CudaElement + CudaDType>(
+    shape: &LoraShape,
+    scale: f32,
+    gate: &RoutedGate,
+    (x, lx): (&CudaStorage, &Layout),
+    (ab, lab): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+) -> CResult<CudaStorage> {
+    let dev = device(x);
+    let t = lx.dims()[0];
+    let xv = view::<T>(x, lx, "x")?;
+    let abv = view::<T>(ab, lab, "experts")?;
+    let gv = view::<f32>(g, lg, "gate input")?;
+    let (pv, tau) = split_gate_input(&gv, gate, t, shape.num_experts)?;
+    if t == 0 {
+        return Ok(wrap(zeros::<T>(&dev, 0)?, x));
+    }
+    let dg = routed_gate(gate, tau)?;
+    let (_, y) = routed_run(&dev, shape, scale, &dg, &xv, &abv, &pv, t)?;
+    Ok(wrap(y, x))
+}
+
+/// `cuda_fwd` of [`super::ops::routed_lora`]: [`cuda::MoleLoraForward::run_probs`] (the gate's
+/// slots stay on the device) on the segmented or dense-gated path, any `E·r`.
+pub(crate) fn routed_fwd(
+    shape: &LoraShape,
+    scale: f32,
+    gate: &RoutedGate,
+    x: (&CudaStorage, &Layout),
+    ab: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+) -> CResult<(CudaStorage, Shape)> {
+    let t = x.1.dims()[0];
+    let out = match x.0.dtype() {
+        DType::F32 => routed_fwd_typed::<f32>(shape, scale, gate, x, ab, g)?,
+        DType::F16 => routed_fwd_typed::<half::f16>(shape, scale, gate, x, ab, g)?,
+        DType::BF16 => routed_fwd_typed::<half::bf16>(shape, scale, gate, x, ab, g)?,
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "molora-routed-lora: dtype {other:?} is not supported (f32, f16, bf16)"
+            )))
+        }
+    };
+    Ok((out, Shape::from((t, shape.d_out))))
+}
+
+/// Copies `src` (the first `n` values) into a new device buffer of `n`.
+fn owned(dev: &cuda::Device, src: &cuda::BufferView<'_, f32>, n: usize) -> CResult<CudaSlice<f32>> {
+    let mut out = dev.zeros::<f32>(n.max(1)).map_err(msg)?;
+    if n > 0 {
+        let src = src.slice(0..n).map_err(msg)?;
+        let mut dst = out.slice_mut(0..n).map_err(msg)?;
+        dev.copy(&src, &mut dst).map_err(msg)?;
+    }
+    out.into_cuda_slice().map_err(msg)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn routed_bwd_typed<T: CudaElement + CudaDType>(
+    shape: &LoraShape,
+    scale: f32,
+    gate: &RoutedGate,
+    x: &Tensor,
+    ab: &Tensor,
+    g: &Tensor,
+    dy: &Tensor,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (t, _) = x.dims2()?;
+    let e = shape.num_experts;
+    with_cuda(x, "x", |xs, lx| {
+        with_cuda(ab, "experts", |abs, lab| {
+            with_cuda(g, "gate input", |gs, lg| {
+                with_cuda(dy, "dy", |dys, ldy| {
+                    let dev = device(xs);
+                    let xv = view::<T>(xs, lx, "x")?;
+                    let abv = view::<T>(abs, lab, "experts")?;
+                    let gv = view::<f32>(gs, lg, "gate input")?;
+                    let dyv = view::<T>(dys, ldy, "dy")?;
+                    let (pv, tau) = split_gate_input(&gv, gate, t, e)?;
+                    let threshold = matches!(gate, RoutedGate::Threshold);
+                    if t == 0 {
+                        return Ok((
+                            x.zeros_like()?,
+                            ab.zeros_like()?.to_dtype(ab.dtype())?,
+                            g.zeros_like()?,
+                        ));
+                    }
+                    let dg = routed_gate(gate, tau)?;
+                    // The forward again (its plan, shrink and routing are what the backward reads).
+                    let (fwd, _) = routed_run(&dev, shape, scale, &dg, &xv, &abv, &pv, t)?;
+                    let mut grads = fwd.new_grads(&dev).map_err(msg)?;
+                    let a = abv.slice(0..shape.a_len());
+                    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
+                    fwd.backward_probs(&dev, &xv, &pv, &dg, &a, &b, &dyv, scale, &mut grads)
+                        .map_err(msg)?;
+                    let lora = grads.lora();
+                    let (a_len, b_len) = (shape.a_len(), shape.b_len());
+                    let dx = owned(&dev, &lora.dx(), t * shape.d_in)?;
+                    let mut dab = dev.zeros::<f32>(a_len + b_len).map_err(msg)?;
+                    for (src, at, n) in [(lora.da(), 0, a_len), (lora.db(), a_len, b_len)] {
+                        let src = src.slice(0..n).map_err(msg)?;
+                        let mut dst = dab.slice_mut(at..at + n).map_err(msg)?;
+                        dev.copy(&src, &mut dst).map_err(msg)?;
+                    }
+                    let glen = t * e + if threshold { t } else { 0 };
+                    let mut dgate = dev.zeros::<f32>(glen).map_err(msg)?;
+                    {
+                        let src = grads.dp().slice(0..t * e).map_err(msg)?;
+                        let mut dst = dgate.slice_mut(0..t * e).map_err(msg)?;
+                        dev.copy(&src, &mut dst).map_err(msg)?;
+                    }
+                    if threshold {
+                        let src = grads.dtau().slice(0..t).map_err(msg)?;
+                        let mut dst = dgate.slice_mut(t * e..glen).map_err(msg)?;
+                        dev.copy(&src, &mut dst).map_err(msg)?;
+                    }
+                    let dab = dab.into_cuda_slice().map_err(msg)?;
+                    let dgate = dgate.into_cuda_slice().map_err(msg)?;
+                    Ok((
+                        tensor(dx, x.shape(), xs).to_dtype(x.dtype())?,
+                        tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?,
+                        tensor(dgate, g.shape(), xs),
+                    ))
+                })
+            })
+        })
+    })
+}
+
+/// Backward of [`super::ops::routed_lora`] on the GPU: `(dx, d[A;B], d[p; τ])` from
+/// [`cuda::MoleLoraForward::backward_probs`] after re-running the forward.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn routed_bwd(
+    shape: &LoraShape,
+    scale: f32,
+    gate: &RoutedGate,
+    x: &Tensor,
+    ab: &Tensor,
+    g: &Tensor,
+    dy: &Tensor,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+    match x.dtype() {
+        DType::F32 => routed_bwd_typed::<f32>(shape, scale, gate, x, ab, g, &dy),
+        DType::F16 => routed_bwd_typed::<half::f16>(shape, scale, gate, x, ab, g, &dy),
+        DType::BF16 => routed_bwd_typed::<half::bf16>(shape, scale, gate, x, ab, g, &dy),
+        other => Err(candle_core::Error::Msg(format!(
+            "molora-routed-lora: dtype {other:?} is not supported (f32, f16, bf16)"
         ))),
     }
 }

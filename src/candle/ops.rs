@@ -621,19 +621,12 @@ struct RoutedLora {
 }
 
 impl RoutedLora {
-    /// `p` `[T, E]` and `τ` `[T]` from the gate input `[T, E]` or `[T, E + 1]`.
+    /// `p` `[T, E]` and `τ` `[T]` from the gate input: `p` flattened, then `τ` for a threshold gate
+    /// (1-D, `T·E (+ T)`), so the device reads both as contiguous ranges.
     fn split(&self, g: &[f32], t: usize) -> (Vec<f32>, Option<Vec<f32>>) {
-        let e = self.shape.num_experts;
-        if !self.gate.has_tau() {
-            return (g.to_vec(), None);
-        }
-        let mut p = Vec::with_capacity(t * e);
-        let mut tau = Vec::with_capacity(t);
-        for row in g.chunks_exact(e + 1) {
-            p.extend_from_slice(&row[..e]);
-            tau.push(row[e]);
-        }
-        (p, Some(tau))
+        let n = (t * self.shape.num_experts).min(g.len());
+        let (p, tau) = g.split_at(n);
+        (p.to_vec(), self.gate.has_tau().then(|| tau.to_vec()))
     }
 
     fn forward<T: Element + candle_core::WithDType>(
@@ -670,6 +663,13 @@ impl CustomOp3 for RoutedLora {
     ) -> CResult<(CpuStorage, Shape)> {
         let (t, _) = dims2(l1, "x")?;
         let g = slice::<f32>(s3, l3, "gate input")?;
+        let want = t * self.shape.num_experts + if self.gate.has_tau() { t } else { 0 };
+        if g.len() != want {
+            return Err(candle_core::Error::Msg(format!(
+                "molora-routed-lora: gate input of {} values, expected {want}",
+                g.len()
+            )));
+        }
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(
                 self.forward(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, g, t)
@@ -762,16 +762,10 @@ impl CustomOp3 for RoutedLora {
             &lg.dw,
         )
         .map_err(msg)?;
-        let dg = if self.gate.has_tau() {
-            let mut out = Vec::with_capacity(t * (e + 1));
-            for (row, dt) in dp.chunks_exact(e).zip(&dtau) {
-                out.extend_from_slice(row);
-                out.push(*dt);
-            }
-            out
-        } else {
-            dp
-        };
+        let mut dg = dp;
+        if self.gate.has_tau() {
+            dg.extend_from_slice(&dtau);
+        }
         let mut dab = lg.da;
         dab.extend_from_slice(&lg.db);
         let dev = x.device();
@@ -815,12 +809,12 @@ pub fn routed_lora(
     if let RoutedGate::TopK { k, .. } = gate {
         crate::cpu::gating::check_k(k, e)?;
     }
-    let p = p.reshape((t, e))?;
+    let p = p.flatten_all()?;
     let g = match (gate.has_tau(), tau) {
         (true, Some(tau)) => {
             check_f32(tau, "routed_lora")?;
             crate::error::check_len("tau [T]", t, tau.elem_count())?;
-            Tensor::cat(&[&p, &tau.reshape((t, 1))?], 1)?
+            Tensor::cat(&[&p, &tau.flatten_all()?], 0)?
         }
         (true, None) => {
             return Err(Error::Unsupported {

@@ -169,13 +169,7 @@ impl MoleLoraForward {
     ) -> Result<()> {
         let (t, shape) = (self.num_tokens, self.shape);
         let e = shape.num_experts;
-        if gate.k_max(e) != self.k_max {
-            return Err(Error::LengthMismatch {
-                what: "gate slots vs the workspace's k_max",
-                expected: self.k_max,
-                got: gate.k_max(e),
-            });
-        }
+        self.check_gate(gate)?;
         self.fused_decode = false;
         if let Path::DenseGated {
             ws,
@@ -233,6 +227,66 @@ impl MoleLoraForward {
             &mut self.ids,
             &mut self.weights,
         )?;
+        self.lora(dev, x, a, b, scale, y)
+    }
+
+    /// [`run`](Self::run) from router probabilities a framework already computed: `probs` `[T, E]`
+    /// (f32, in `[0, 1]`) through the gate ([`super::gate_probabilities`], whose sparse slots stay
+    /// on the device) into the LoRA part on this workspace's path, `y += scale·Σ_s w_ts·(x_t·A_eᵀ)·B_eᵀ`
+    /// — what `cpu::top_k`/`cpu::threshold_gate`/`cpu::dense` + `cpu::lora_delta` compute.
+    /// Asynchronous, no allocation. [`backward_probs`](Self::backward_probs) differentiates it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_probs<T: CudaElement>(
+        &mut self,
+        dev: &Device,
+        x: &impl DeviceRead<T>,
+        probs: &impl DeviceRead<f32>,
+        gate: &DeviceGate<'_>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
+        scale: f32,
+        y: &mut impl DeviceWrite<T>,
+    ) -> Result<()> {
+        self.check_gate(gate)?;
+        check_scale(scale)?;
+        self.fused_decode = false;
+        let (t, e) = (self.num_tokens, self.shape.num_experts);
+        super::gating::gate_probabilities(
+            dev,
+            probs,
+            t,
+            e,
+            gate,
+            &mut self.ids,
+            &mut self.weights,
+        )?;
+        self.lora(dev, x, a, b, scale, y)
+    }
+
+    fn check_gate(&self, gate: &DeviceGate<'_>) -> Result<()> {
+        let e = self.shape.num_experts;
+        if gate.k_max(e) != self.k_max {
+            return Err(Error::LengthMismatch {
+                what: "gate slots vs the workspace's k_max",
+                expected: self.k_max,
+                got: gate.k_max(e),
+            });
+        }
+        Ok(())
+    }
+
+    /// The LoRA part over the routing in `ids`/`weights`, on this workspace's path.
+    #[allow(clippy::too_many_arguments)]
+    fn lora<T: CudaElement>(
+        &mut self,
+        dev: &Device,
+        x: &impl DeviceRead<T>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
+        scale: f32,
+        y: &mut impl DeviceWrite<T>,
+    ) -> Result<()> {
+        let shape = self.shape;
         match &mut self.path {
             Path::Segmented { plan, h } => {
                 dispatch(dev, &self.ids, plan)?;
@@ -400,8 +454,13 @@ impl MoleLoraGrads {
     pub fn lora(&self) -> &DeviceLoraGrads {
         &self.lora
     }
-    /// `∂L/∂logits` `[T, E]`.
+    /// `∂L/∂logits` `[T, E]` after [`MoleLoraForward::backward`].
     pub fn dz(&self) -> BufferView<'_, f32> {
+        self.dz.view()
+    }
+    /// `∂L/∂p` `[T, E]` after [`MoleLoraForward::backward_probs`] (the buffer [`MoleLoraGrads::dz`]
+    /// uses after [`MoleLoraForward::backward`]).
+    pub fn dp(&self) -> BufferView<'_, f32> {
         self.dz.view()
     }
     /// `∂L/∂τ_t` `[T]` of a threshold gate (zero for other gates); for a learned `τ = σ(θ)/E` the
@@ -479,52 +538,9 @@ impl MoleLoraForward {
     ) -> Result<()> {
         let (t, shape) = (self.num_tokens, self.shape);
         let e = shape.num_experts;
-        if gate.k_max(e) != self.k_max {
-            return Err(Error::LengthMismatch {
-                what: "gate slots vs the workspace's k_max",
-                expected: self.k_max,
-                got: gate.k_max(e),
-            });
-        }
-        if grads.num_tokens != t || grads.num_experts != e || grads.d_in != shape.d_in {
-            return Err(Error::Unsupported {
-                op: "MoleLoraForward::backward",
-                what: format!(
-                    "gradient buffers for T = {}, E = {}, d_in = {}, workspace for T = {t}, E = {e}, d_in = {} (use new_grads)",
-                    grads.num_tokens, grads.num_experts, grads.d_in, shape.d_in
-                ),
-            });
-        }
-        match &self.path {
-            Path::Segmented { plan, h } => lora_backward_experts(
-                dev,
-                x,
-                a,
-                b,
-                &shape,
-                plan,
-                &self.ids,
-                &self.weights,
-                h,
-                dy,
-                scale,
-                &mut grads.lora,
-            )?,
-            Path::DenseGated { ws, .. } => lora_backward_dense_gated(
-                dev,
-                x,
-                a,
-                b,
-                &shape,
-                &self.ids,
-                &self.weights,
-                self.k_max,
-                ws,
-                dy,
-                scale,
-                &mut grads.lora,
-            )?,
-        }
+        self.check_gate(gate)?;
+        self.check_grads(grads)?;
+        self.lora_backward(dev, x, a, b, dy, scale, grads)?;
         let threshold = matches!(
             gate,
             DeviceGate::Threshold(_) | DeviceGate::ThresholdPerToken(_)
@@ -561,5 +577,111 @@ impl MoleLoraForward {
             Some(&mut grads.dx_router),
             Some(&mut grads.router_tc),
         )
+    }
+
+    /// Gradients of the last [`run_probs`](Self::run_probs) given `dy` `[T, d_out]`, with the same
+    /// `x`, `probs`, `gate`, `A`, `B` and `scale`: the LoRA part on the run's path, then the gate back
+    /// to the probabilities ([`super::gate_probabilities_backward`]): `dA`, `dB`, `dx` in
+    /// `grads.lora()`, `∂L/∂p` `[T, E]` in [`MoleLoraGrads::dp`] and, for a threshold gate, `dτ` in
+    /// [`MoleLoraGrads::dtau`]. The router's buffers are not written. Deterministic, asynchronous, no
+    /// allocation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_probs<T: CudaElement>(
+        &self,
+        dev: &Device,
+        x: &impl DeviceRead<T>,
+        probs: &impl DeviceRead<f32>,
+        gate: &DeviceGate<'_>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
+        dy: &impl DeviceRead<T>,
+        scale: f32,
+        grads: &mut MoleLoraGrads,
+    ) -> Result<()> {
+        self.check_gate(gate)?;
+        self.check_grads(grads)?;
+        let (t, e) = (self.num_tokens, self.shape.num_experts);
+        self.lora_backward(dev, x, a, b, dy, scale, grads)?;
+        let threshold = matches!(
+            gate,
+            DeviceGate::Threshold(_) | DeviceGate::ThresholdPerToken(_)
+        );
+        let dtau: Option<&mut dyn DeviceWrite<f32>> = if threshold {
+            Some(&mut grads.dtau)
+        } else {
+            dev.memset_zeros(&mut grads.dtau)?;
+            None
+        };
+        super::backward::gate_probabilities_backward(
+            dev,
+            probs,
+            t,
+            e,
+            gate,
+            &self.ids,
+            &grads.lora.dw(),
+            &mut grads.dz,
+            dtau,
+        )
+    }
+
+    fn check_grads(&self, grads: &MoleLoraGrads) -> Result<()> {
+        let (t, e, d_in) = (self.num_tokens, self.shape.num_experts, self.shape.d_in);
+        if grads.num_tokens != t || grads.num_experts != e || grads.d_in != d_in {
+            return Err(Error::Unsupported {
+                op: "MoleLoraForward::backward",
+                what: format!(
+                    "gradient buffers for T = {}, E = {}, d_in = {}, workspace for T = {t}, E = {e}, d_in = {d_in} (use new_grads)",
+                    grads.num_tokens, grads.num_experts, grads.d_in
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The LoRA part's backward on the last run's path, into `grads.lora`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward<T: CudaElement>(
+        &self,
+        dev: &Device,
+        x: &impl DeviceRead<T>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
+        dy: &impl DeviceRead<T>,
+        scale: f32,
+        grads: &mut MoleLoraGrads,
+    ) -> Result<()> {
+        let shape = self.shape;
+        match &self.path {
+            Path::Segmented { plan, h } => lora_backward_experts(
+                dev,
+                x,
+                a,
+                b,
+                &shape,
+                plan,
+                &self.ids,
+                &self.weights,
+                h,
+                dy,
+                scale,
+                &mut grads.lora,
+            )?,
+            Path::DenseGated { ws, .. } => lora_backward_dense_gated(
+                dev,
+                x,
+                a,
+                b,
+                &shape,
+                &self.ids,
+                &self.weights,
+                self.k_max,
+                ws,
+                dy,
+                scale,
+                &mut grads.lora,
+            )?,
+        }
+        Ok(())
     }
 }
