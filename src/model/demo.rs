@@ -73,6 +73,8 @@ pub struct HdmoleDemoConfig {
     pub noise: f32,
     /// Where to train (default: the CPU).
     pub device: super::DemoDevice,
+    /// The dtype the models run in (f32, f16 or bf16).
+    pub dtype: DType,
 }
 
 impl Default for HdmoleDemoConfig {
@@ -107,6 +109,7 @@ impl Default for HdmoleDemoConfig {
             accent_strength: 1.2,
             noise: 0.9,
             device: super::DemoDevice::Cpu,
+            dtype: DType::F32,
         }
     }
 }
@@ -138,7 +141,10 @@ impl HdmoleDemoConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the settings before any work: sizes of at least 1, finite positive learning rates,
+    /// targets that name layers (none in the encoder, whose output gives HDMoLE's global accent
+    /// posterior), a rank the kernels take and `top_k` within the accents.
+    pub fn check(&self) -> Result<()> {
         for (what, v) in [
             ("steps", self.steps),
             ("pretrain steps", self.pretrain_steps),
@@ -159,10 +165,48 @@ impl HdmoleDemoConfig {
                 });
             }
         }
-        AsrModel::resolve_targets(&self.targets)?;
+        for (what, v) in [("lr_full", self.lr_full), ("lr_adapter", self.lr_adapter)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::InvalidParameter {
+                    what,
+                    value: v as f32,
+                    reason: "a learning rate must be finite and greater than 0",
+                });
+            }
+        }
+        check_targets(&self.targets)?;
         crate::LoraShape::new(self.accents, self.rank, self.d_model, self.d_model)?;
         crate::cpu::gating::check_k(self.top_k, self.accents)
     }
+}
+
+/// Checks the demo's `targets`: a non-empty list whose entries each name layers of the model
+/// ([`AsrModel::resolve_targets`]), none of them in the encoder: HDMoLE's global accent posterior is
+/// computed from the encoder's output, so an encoder layer cannot itself be routed by it.
+pub fn check_targets(targets: &[String]) -> Result<Vec<&'static str>> {
+    if targets.is_empty() {
+        return Err(Error::Unsupported {
+            op: "HDMoLE demo targets",
+            what: "the list of target layers is empty".into(),
+        });
+    }
+    let names = AsrModel::resolve_targets(targets)?;
+    let encoder: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("encoder."))
+        .collect();
+    if !encoder.is_empty() {
+        return Err(Error::Unsupported {
+            op: "HDMoLE demo targets",
+            what: format!(
+                "{} cannot take adapters: HDMoLE's global accent posterior comes from the encoder, \
+                 so the encoder must stay as pretrained",
+                encoder.join(", ")
+            ),
+        });
+    }
+    Ok(names)
 }
 
 /// The synthetic domains: token prototypes and one affine distortion per domain (domain 0 is the
@@ -734,20 +778,34 @@ fn routing_table(model: &AsrModel, tests: &TestSets, experts: usize) -> Result<V
     Ok(table)
 }
 
+/// Writes `report.json` and `<method>.safetensors` into `dir` (created if missing). Each file is
+/// written under a temporary name in `dir` and renamed into place, so a file of that name is always
+/// whole: the old one or the new one.
 fn write_outputs(dir: &Path, report: &HdmoleReport, saved: &[(String, AsrModel)]) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-        path: dir.display().to_string(),
+    let io = |path: &Path, e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
         message: e.to_string(),
-    })?;
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    // The temporary name of `file` in `dir` (hidden, and unique to this process).
+    let temp = |file: &str| dir.join(format!(".{file}.tmp-{}", std::process::id()));
+    let commit = |tmp: &Path, path: &Path| -> Result<()> {
+        std::fs::rename(tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(tmp);
+            io(path, e)
+        })
+    };
     let path = dir.join("report.json");
     let text = serde_json::to_string_pretty(&report.to_json()).map_err(|e| Error::Io {
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    std::fs::write(&path, text).map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let tmp = temp("report.json");
+    if let Err(e) = std::fs::write(&tmp, text) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&path, e));
+    }
+    commit(&tmp, &path)?;
     for (name, model) in saved {
         let mut tensors = BTreeMap::new();
         let mut layers = serde_json::Map::new();
@@ -757,11 +815,13 @@ fn write_outputs(dir: &Path, report: &HdmoleReport, saved: &[(String, AsrModel)]
         let meta = serde_json::json!({"format": "molora", "version": 1, "layers": layers});
         let mut metadata = BTreeMap::new();
         metadata.insert("molora".to_string(), meta.to_string());
-        crate::model::weights::save_tensors(
-            &dir.join(format!("{name}.safetensors")),
-            &tensors,
-            &metadata,
-        )?;
+        let file = format!("{name}.safetensors");
+        let tmp = temp(&file);
+        if let Err(e) = crate::model::weights::save_tensors(&tmp, &tensors, &metadata) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        commit(&tmp, &dir.join(file))?;
     }
     Ok(())
 }

@@ -647,6 +647,8 @@ pub struct LorbDemoConfig {
     pub lr_lora: f64,
     /// Where to train (default: the CPU).
     pub device: super::DemoDevice,
+    /// The dtype the models run in (f32, f16 or bf16).
+    pub dtype: DType,
 }
 
 impl Default for LorbDemoConfig {
@@ -683,6 +685,7 @@ impl Default for LorbDemoConfig {
             lr_full: 5e-4,
             lr_lora: 5e-3,
             device: super::DemoDevice::Cpu,
+            dtype: DType::F32,
         }
     }
 }
@@ -702,7 +705,9 @@ impl LorbDemoConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the settings before any work: counts of at least 1, consistent sizes, fractions in
+    /// [0, 1] and finite positive learning rates.
+    pub fn check(&self) -> Result<()> {
         for (what, v) in [
             ("words", self.words),
             ("topics", self.topics),
@@ -745,6 +750,19 @@ impl LorbDemoConfig {
                     what,
                     value: v,
                     reason: "must be in [0, 1]",
+                });
+            }
+        }
+        for (what, v) in [
+            ("lr_pretrain", self.lr_pretrain),
+            ("lr_full", self.lr_full),
+            ("lr_lora", self.lr_lora),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::InvalidParameter {
+                    what,
+                    value: v as f32,
+                    reason: "a learning rate must be finite and greater than 0",
                 });
             }
         }

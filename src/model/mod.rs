@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod hdmole;
+pub mod inspect;
 pub mod linear;
 pub mod lorb;
 pub mod nn;

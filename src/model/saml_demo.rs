@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::error::{Error, Result};
@@ -67,6 +67,8 @@ pub struct SamlDemoConfig {
     pub quant: QuantFormat,
     /// Where to train (default: the CPU).
     pub device: super::DemoDevice,
+    /// The dtype the models run in (f32, f16 or bf16).
+    pub dtype: DType,
 }
 
 impl Default for SamlDemoConfig {
@@ -107,6 +109,7 @@ impl Default for SamlDemoConfig {
             noise: 0.6,
             quant: QuantFormat::Nf4,
             device: super::DemoDevice::Cpu,
+            dtype: DType::F32,
         }
     }
 }
@@ -136,6 +139,60 @@ impl SamlDemoConfig {
             test_utterances: 24,
             ..d
         }
+    }
+
+    /// Checks the settings before any work: counts of at least 1, `frames` within the model's
+    /// `max_len`, finite positive learning rates and a decay in (0, 1].
+    pub fn check(&self) -> Result<()> {
+        for (what, v) in [
+            ("frames", self.frames),
+            ("pool speakers", self.pool_speakers),
+            ("experts", self.experts),
+            ("target speakers", self.target_speakers),
+            ("batch", self.batch),
+            ("adaptation utterances", self.adapt_utterances),
+            ("adaptation batch", self.adapt_batch),
+            ("test utterances", self.test_utterances),
+            ("epochs", self.epochs),
+            ("rank", self.rank),
+        ] {
+            if v == 0 {
+                return Err(Error::InvalidDim {
+                    what,
+                    value: 0,
+                    reason: "the demo needs at least 1",
+                });
+            }
+        }
+        if self.frames > self.model.max_len {
+            return Err(Error::InvalidDim {
+                what: "frames",
+                value: self.frames,
+                reason: "longer than the model's max_len",
+            });
+        }
+        for (what, v) in [
+            ("lr_router", self.lr_router),
+            ("lr_experts", self.lr_experts),
+            ("lr_lora", self.lr_lora),
+            ("lr_pretrain", self.lr_pretrain),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::InvalidParameter {
+                    what,
+                    value: v as f32,
+                    reason: "a learning rate must be finite and greater than 0",
+                });
+            }
+        }
+        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            return Err(Error::InvalidParameter {
+                what: "lr_decay",
+                value: self.lr_decay as f32,
+                reason: "must be in (0, 1]",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -197,31 +254,7 @@ fn adam(vars: Vec<Var>, lr: f64) -> Result<AdamW> {
 
 /// Runs the demo; `progress` receives status lines.
 pub fn run_saml_demo(cfg: &SamlDemoConfig, progress: &mut dyn FnMut(&str)) -> Result<SamlReport> {
-    for (what, v) in [
-        ("frames", cfg.frames),
-        ("pool speakers", cfg.pool_speakers),
-        ("experts", cfg.experts),
-        ("target speakers", cfg.target_speakers),
-        ("batch", cfg.batch),
-        ("adaptation utterances", cfg.adapt_utterances),
-        ("adaptation batch", cfg.adapt_batch),
-        ("test utterances", cfg.test_utterances),
-    ] {
-        if v == 0 {
-            return Err(Error::InvalidDim {
-                what,
-                value: 0,
-                reason: "the demo needs at least 1",
-            });
-        }
-    }
-    if cfg.frames > cfg.model.max_len {
-        return Err(Error::InvalidDim {
-            what: "frames",
-            value: cfg.frames,
-            reason: "longer than the model's max_len",
-        });
-    }
+    cfg.check()?;
     let start = Instant::now();
     let dev = cfg.device.candle()?;
     let mut rng = Rng::new(cfg.seed);
@@ -414,5 +447,39 @@ impl SamlReport {
             self.seconds
         ));
         s
+    }
+
+    /// The results as JSON: the settings, one object per row (token error %), sizes and time.
+    pub fn to_json(&self) -> serde_json::Value {
+        let c = &self.config;
+        serde_json::json!({
+            "config": {
+                "seed": c.seed, "d_feat": c.model.d_feat, "d_model": c.model.d_model,
+                "d_ff": c.model.d_ff, "vocab": c.model.vocab, "enc_layers": c.model.enc_layers,
+                "dec_layers": c.model.dec_layers, "max_len": c.model.max_len,
+                "router_channels": c.model.router_channels, "frames": c.frames,
+                "pool_speakers": c.pool_speakers, "experts": c.experts,
+                "target_speakers": c.target_speakers, "pretrain_steps": c.pretrain_steps,
+                "batch": c.batch, "expert_steps": c.expert_steps,
+                "adapt_utterances": c.adapt_utterances, "epochs": c.epochs,
+                "adapt_batch": c.adapt_batch, "test_utterances": c.test_utterances,
+                "rank": c.rank, "alpha": c.alpha, "lr_router": c.lr_router,
+                "lr_experts": c.lr_experts, "lr_lora": c.lr_lora, "lr_pretrain": c.lr_pretrain,
+                "lr_decay": c.lr_decay, "temperature": c.temperature,
+                "speaker_strength": c.speaker_strength, "noise": c.noise,
+                "quant": format!("{:?}", c.quant),
+            },
+            "rows": self.rows.iter().map(|r| serde_json::json!({
+                "name": r.name, "full_precision_pct": r.full_precision,
+                "quantised_pct": r.quantised, "quantised_lora_pct": r.quantised_lora,
+                "quantised_saml_pct": r.quantised_saml,
+                "saml_vs_full_precision_pct": r.saml_vs_full_precision(),
+            })).collect::<Vec<_>>(),
+            "fp_bytes": self.fp_bytes,
+            "quant_bytes": self.quant_bytes,
+            "saml_params": self.saml_params,
+            "lora_params": self.lora_params,
+            "seconds": self.seconds,
+        })
     }
 }

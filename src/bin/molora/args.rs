@@ -1,0 +1,230 @@
+//! The command line: subcommands and flags, each value checked as it is parsed, so that a bad value
+//! is a usage error naming the flag and the value before any work starts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "molora",
+    about = "molora: mixtures of LoRA experts — kernels, models and demos",
+    after_help = "`molora <command> --help` describes a command's options."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// A demo: hdmole, saml or lorb (`molora demo <demo> --help`)
+    Demo {
+        #[command(subcommand)]
+        demo: Demo,
+    },
+    /// The benchmark table (the CPU path here; --device cuda for the GPU kernels)
+    #[command(long_about = "\
+molora bench: the LoRA part of a MoLE layer timed per shape, as a Markdown table with GB/s.")]
+    Bench(BenchArgs),
+    /// Experts, ranks, shapes and routing config of a .safetensors file (a molora expert file or a
+    /// PEFT adapter_model.safetensors)
+    #[command(long_about = "\
+molora inspect FILE: what a .safetensors file holds — for a molora expert file one line per MoLE
+layer (experts, rank, d_in → d_out, alpha, routing); for a PEFT adapter its r, alpha, target modules,
+one line per module and what molora's PEFT loader would reject; otherwise every tensor. Always the
+totals. Only the file's header is read.")]
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Demo {
+    /// HDMoLE against full fine-tuning, one LoRA and top-k MoLE on a synthetic multi-accent task;
+    /// prints the results table
+    #[command(long_about = "\
+molora demo hdmole: pretrain a small LLM-ASR-shaped model on a general domain, then fine-tune it on
+three synthetic accent domains four ways (full fine-tuning, one LoRA, MoLE top-k, HDMoLE) and print
+the error per domain, the trainable parameters, the wall time, HDMoLE's domain × expert routing
+table and its learned thresholds.")]
+    Hdmole(HdmoleArgs),
+    /// SAML on an NF4-quantised Whisper-shaped model adapted per target speaker, against the
+    /// full-precision and quantised models and one LoRA
+    #[command(long_about = "\
+molora demo saml: pretrain a Whisper-shaped encoder-decoder on a pool of synthetic speakers, quantise
+it to NF4, train one rank-1 LoRA per training speaker, then adapt to each target speaker from 60 of
+its utterances with one LoRA and with SAML (experts from the speaker LoRAs, per-utterance routers,
+two Adam optimisers taking turns), and print the token error per target speaker and overall.")]
+    Saml(SamlArgs),
+    /// LoRB: a BERT-style N-best rescorer adapted with LoRA and MWER (+ L_cor), against the first
+    /// pass and full fine-tuning
+    #[command(long_about = "\
+molora demo lorb: pretrain a small BERT-style rescorer on a general domain, then adapt it to a target
+domain's N-best lists with MWER (full fine-tuning, LoRA on q and v, LoRA + the correlation
+regulariser) and print the WER of the first pass and of each rescorer, trainable parameters and
+training time.")]
+    Lorb(LorbArgs),
+}
+
+/// Where to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU
+    Cpu,
+    /// CUDA device 0
+    Cuda,
+}
+
+/// The dtype the demo's models run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            DtypeArg::F32 => candle_core::DType::F32,
+            DtypeArg::F16 => candle_core::DType::F16,
+            DtypeArg::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// The options every demo has.
+#[derive(Debug, Args)]
+pub struct DemoCommon {
+    /// The test suite's small, fast configuration (explicit options still win)
+    #[arg(long)]
+    pub small: bool,
+    /// Write the outputs into DIR (made if missing; its parent must exist): report.json, report.md
+    /// and, for hdmole, each method's adapters (<method>.safetensors). All are written, or none
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Replace outputs that already exist in --out DIR
+    #[arg(long, requires = "out")]
+    pub force: bool,
+    /// The dtype the models run in
+    #[arg(long, value_enum, value_name = "DTYPE", default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Where to train (cuda: GPU 0, a build with --features candle-cuda)
+    #[arg(long, value_enum, value_name = "DEVICE", default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct HdmoleArgs {
+    /// Data and initialisation seed [default: 7]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub seed: Option<u64>,
+    /// Optimiser steps per fine-tuning method [default: 300]
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true)]
+    pub steps: Option<usize>,
+    /// Optimiser steps of the general-domain pretraining [default: 600]
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true)]
+    pub pretrain_steps: Option<usize>,
+    /// Comma-separated layers that get adapters [default: projector,decoder.q,decoder.v,decoder.o].
+    /// Layers: projector.0, projector.1, decoder.q, decoder.k, decoder.v, decoder.o, decoder.up,
+    /// decoder.down, or a prefix (`projector`, `decoder`); not the encoder, whose output gives
+    /// HDMoLE's global accent posterior
+    #[arg(long, value_name = "LIST", value_parser = targets)]
+    pub targets: Option<Targets>,
+    /// LoRA rank [default: 8]
+    #[arg(long, value_name = "N", value_parser = rank, allow_negative_numbers = true)]
+    pub rank: Option<usize>,
+    /// Do not initialise HDMoLE's experts from per-accent LoRAs
+    #[arg(long)]
+    pub no_expert_init: bool,
+    #[command(flatten)]
+    pub common: DemoCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct SamlArgs {
+    /// Data and initialisation seed [default: 11]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub seed: Option<u64>,
+    /// Adaptation epochs [default: 10]
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true)]
+    pub epochs: Option<usize>,
+    /// SAML router learning rate [default: 1e-3, PAPERS.md]
+    #[arg(long, value_name = "X", value_parser = learning_rate, allow_hyphen_values = true)]
+    pub lr_router: Option<f64>,
+    /// SAML experts learning rate [default: 3e-4, PAPERS.md]
+    #[arg(long, value_name = "X", value_parser = learning_rate, allow_hyphen_values = true)]
+    pub lr_experts: Option<f64>,
+    #[command(flatten)]
+    pub common: DemoCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct LorbArgs {
+    /// Data and initialisation seed [default: 11]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub common: DemoCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The CPU path, or the CUDA kernels against cuBLAS baselines (needs a build with --features
+    /// cuda and a GPU)
+    #[arg(long, value_enum, value_name = "DEVICE", default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Fewer shapes, shorter timing
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The .safetensors file
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+/// The layers of `--targets`, checked.
+#[derive(Debug, Clone)]
+pub struct Targets(pub Vec<String>);
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("not a whole number ({e})"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+fn rank(s: &str) -> Result<usize, String> {
+    let n = at_least_one(s)?;
+    if n > molora::MAX_RANK {
+        return Err(format!("a LoRA rank must be at most {}", molora::MAX_RANK));
+    }
+    Ok(n)
+}
+
+fn learning_rate(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|e| format!("not a number ({e})"))?;
+    if !(x.is_finite() && x > 0.0) {
+        return Err("a learning rate must be a finite number greater than 0".into());
+    }
+    Ok(x)
+}
+
+fn targets(s: &str) -> Result<Targets, String> {
+    let list: Vec<String> = s
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect();
+    if list.is_empty() {
+        return Err("the list is empty: name at least one layer".into());
+    }
+    match molora::model::demo::check_targets(&list) {
+        Ok(_) => Ok(Targets(list)),
+        Err(molora::Error::Unsupported { what, .. }) => Err(what),
+        Err(e) => Err(e.to_string()),
+    }
+}
