@@ -320,3 +320,22 @@ fn tiny_demo_runs_and_lorb_beats_the_first_pass() {
     let json = report.to_json();
     assert_eq!(json["methods"].as_array().map(|a| a.len()), Some(5));
 }
+
+/// The LoRB demo with the rescorer in bf16 (embeddings and every layer; softmax, norms, scores and
+/// losses in f32): LoRB still below the first pass.
+#[test]
+fn tiny_demo_in_bf16_beats_the_first_pass() {
+    let cfg = LorbDemoConfig {
+        dtype: candle_core::DType::BF16,
+        ..LorbDemoConfig::tiny()
+    };
+    let report = run_lorb_demo(&cfg, &mut |_| {}).unwrap();
+    let md = report.to_markdown();
+    let first = report.row("first pass").unwrap().wer;
+    let lorb = report.row("LoRB (MWER)").unwrap();
+    assert!(
+        lorb.wer < first,
+        "bf16: LoRB WER {:.2}% should be below the first pass's {first:.2}%\n{md}",
+        lorb.wer
+    );
+}

@@ -439,3 +439,40 @@ fn saml_demo_runs_end_to_end_and_adaptation_beats_the_quantised_model() {
     );
     assert!(report.quant_bytes * 5 < report.fp_bytes, "{table}");
 }
+
+/// The HDMoLE and SAML demos with the models in bf16 (every layer, its experts and routers; the
+/// router softmax and the gates in f32): the same headline directions as in f32.
+#[test]
+fn hdmole_and_saml_demos_run_in_bf16() {
+    use molora::model::saml_demo::{run_saml_demo, SamlDemoConfig};
+    let cfg = HdmoleDemoConfig {
+        dtype: candle_core::DType::BF16,
+        ..HdmoleDemoConfig::tiny()
+    };
+    let report = run_hdmole_demo(&cfg, None, &mut |_| {}).unwrap();
+    let table = report.to_markdown();
+    let (base, hd) = (&report.rows[0], &report.rows[4]);
+    assert_eq!(hd.name, "HDMoLE");
+    assert!(
+        hd.mean_accent_error() < base.mean_accent_error(),
+        "bf16: HDMoLE {:.1}% vs base {:.1}% mean accent error\n{table}",
+        hd.mean_accent_error(),
+        base.mean_accent_error()
+    );
+    let cfg = SamlDemoConfig {
+        dtype: candle_core::DType::BF16,
+        ..SamlDemoConfig::tiny()
+    };
+    let report = run_saml_demo(&cfg, &mut |_| {}).unwrap();
+    let table = report.to_markdown();
+    let overall = report.rows.last().unwrap();
+    assert!(
+        overall.quantised_saml < overall.quantised,
+        "bf16: SAML {:.1}% vs quantised {:.1}% token error\n{table}",
+        overall.quantised_saml,
+        overall.quantised
+    );
+    // A bf16 base is half the f32 one, so NF4 saves less: still over 3×.
+    assert!(report.quant_bytes * 3 < report.fp_bytes, "{table}");
+    assert!(table.contains("bytes in bf16"), "{table}");
+}

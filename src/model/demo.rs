@@ -535,7 +535,8 @@ pub fn run_hdmole_demo(
 
     // Pretraining on the general domain.
     let t0 = Instant::now();
-    let base = AsrModel::new(acfg, &mut rng, &dev)?;
+    let mut base = AsrModel::new(acfg, &mut rng, &dev)?;
+    base.to_dtype(cfg.dtype)?;
     train(
         &base,
         &data,

@@ -214,13 +214,15 @@ impl AsrModel {
             })
     }
 
-    /// The encoder's output `[B, L, d]` (the encoder has no experts unless targeted).
+    /// The encoder's output `[B, L, d]` in the model's dtype, for frames of any float dtype (the
+    /// encoder has no experts unless targeted).
     pub fn encode(
         &self,
         frames: &Tensor,
         ctx: &mut Ctx,
     ) -> Result<(Tensor, Vec<(String, Routed)>)> {
         let mut routing = Vec::new();
+        let frames = &frames.to_dtype(self.dtype())?;
         let layer = self.layer("encoder.0");
         let h = layer.forward_ctx(frames, ctx)?;
         push(&mut routing, "encoder.0", layer.last_routing());
@@ -252,7 +254,6 @@ impl AsrModel {
     /// model's); `rng` turns on training mode (dropout).
     pub fn forward(&self, frames: &Tensor, rng: Option<&mut Rng>) -> Result<AsrOutput> {
         let (b, l, _) = frames.dims3()?;
-        let frames = &frames.to_dtype(self.dtype())?;
         let mut ctx = Ctx {
             global: None,
             rng,

@@ -178,6 +178,7 @@ const LAYER_SUFFIXES: &[&str] = &[
     "threshold",
     "threshold.weight",
     "threshold.bias",
+    "lambda",
 ];
 
 /// A JSON value as a short string: strings without quotes, others compact; escaped.

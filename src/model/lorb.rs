@@ -1234,7 +1234,8 @@ pub fn run_lorb_demo(cfg: &LorbDemoConfig, progress: &mut dyn FnMut(&str)) -> Re
     };
 
     let t = Instant::now();
-    let base = Rescorer::new(cfg.rescorer_config(), &mut rng, &dev)?;
+    let mut base = Rescorer::new(cfg.rescorer_config(), &mut rng, &dev)?;
+    base.to_dtype(cfg.dtype)?;
     let full_params = base.num_base_params();
     let loss = pretrain(&base, &task, cfg, &mut rng, progress)?;
     let pretrain_s = t.elapsed().as_secs_f32();

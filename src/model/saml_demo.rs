@@ -226,7 +226,7 @@ pub struct SamlReport {
     pub config: SamlDemoConfig,
     /// Per target speaker, then "overall".
     pub rows: Vec<SpeakerRow>,
-    /// Base bytes, full precision (f32) and quantised.
+    /// Base bytes, full precision (the model's dtype) and quantised.
     pub fp_bytes: usize,
     pub quant_bytes: usize,
     /// Adapter parameters of SAML (experts + routers) and of one LoRA.
@@ -273,6 +273,7 @@ pub fn run_saml_demo(cfg: &SamlDemoConfig, progress: &mut dyn FnMut(&str)) -> Re
 
     // Pretraining in full precision.
     let mut fp = SamlModel::new(cfg.model, &mut rng, &dev)?;
+    fp.to_dtype(cfg.dtype)?;
     fp.set_train_base(true);
     let mut opt = adam(fp.layer_vars(), cfg.lr_pretrain)?;
     for step in 0..cfg.pretrain_steps {
@@ -435,9 +436,10 @@ impl SamlReport {
         }
         s.push_str(&format!(
             "\nToken error (teacher-forced) on held-out utterances of each target speaker. Base: {} bytes \
-             in f32, {} bytes quantised ({:.1}× smaller); adapters: SAML {} parameters ({} experts of \
+             in {}, {} bytes quantised ({:.1}× smaller); adapters: SAML {} parameters ({} experts of \
              rank {} and 3 routers), one LoRA {}. {:.0} s in all.\n",
             self.fp_bytes,
+            format!("{:?}", self.config.dtype).to_lowercase(),
             self.quant_bytes,
             self.fp_bytes as f32 / self.quant_bytes.max(1) as f32,
             self.saml_params,
