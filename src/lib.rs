@@ -41,8 +41,11 @@ pub mod cuda;
 pub mod dispatch;
 pub mod dtype;
 pub mod error;
+pub mod gate;
+pub mod grads;
 #[cfg(feature = "candle")]
 pub mod model;
+pub mod quant;
 pub mod routing;
 pub mod shape;
 pub mod testing;

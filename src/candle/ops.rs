@@ -241,7 +241,7 @@ impl CustomOp1 for TopKGate {
 pub fn top_k_gate(p: &Tensor, k: usize, renormalize: bool) -> Result<Tensor> {
     check_f32(p, "top_k_gate")?;
     let (_, e) = check_rank2(p, "top_k_gate")?;
-    cpu::gating::check_k(k, e)?;
+    crate::gate::check_k(k, e)?;
     Ok(p.contiguous()?.apply_op1(TopKGate { k, renormalize })?)
 }
 
@@ -807,7 +807,7 @@ pub fn routed_lora(
         p.elem_count(),
     )?;
     if let RoutedGate::TopK { k, .. } = gate {
-        crate::cpu::gating::check_k(k, e)?;
+        crate::gate::check_k(k, e)?;
     }
     let p = p.flatten_all()?;
     let g = match (gate.has_tau(), tau) {

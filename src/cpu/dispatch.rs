@@ -291,15 +291,4 @@ pub fn scatter_combine<T: Element>(
     Ok(())
 }
 
-/// The LoRA scale must be finite.
-pub(crate) fn check_scale(scale: f32) -> Result<()> {
-    if scale.is_finite() {
-        Ok(())
-    } else {
-        Err(Error::InvalidParameter {
-            what: "scale",
-            value: scale,
-            reason: "must be finite",
-        })
-    }
-}
+pub(crate) use crate::gate::check_scale;

@@ -25,60 +25,11 @@
 use std::cmp::Ordering;
 
 use crate::error::{check_finite, check_len};
+pub(crate) use crate::gate::{
+    check_combine, check_k, check_num_experts, check_spec, check_temperature, sigmoid,
+};
+pub use crate::gate::{Activation, Gate, HierarchicalCombine, RouterWeights, ThresholdSpec};
 use crate::{Element, Error, Result, Routing, SeqRouting};
-
-/// The router's output non-linearity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Activation {
-    /// `p_te = exp(z_te/τ − m_t) / Σ_j exp(z_tj/τ − m_t)` with `m_t = max_j z_tj/τ`: each row sums to 1.
-    Softmax,
-    /// `p_te = σ(z_te/τ) = 1 / (1 + exp(−z_te/τ))`, elementwise: rows need not sum to 1.
-    Sigmoid,
-}
-
-/// How the threshold `τ` of the dynamic-threshold gate is obtained.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ThresholdSpec {
-    /// `τ` itself, the same for every token. Any finite value: `τ ≤ 0` keeps every expert, `τ` above
-    /// every probability falls back to the arg-max.
-    Fixed(f32),
-    /// HDMoLE's learned per-layer threshold: `τ = σ(θ) / E`.
-    Learned { theta: f32 },
-    /// AdaMoLE's input-dependent threshold: `τ_t = σ(w · x_t + b) / E`, `w` of length `d_in`.
-    InputDependent { w: Vec<f32>, b: f32 },
-}
-
-/// How the hierarchical gate combines a token's local probabilities `l_t` with its sequence's global
-/// posterior `g_s` (the combination is our choice; HDMoLE does not publish one).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum HierarchicalCombine {
-    /// `p_te = λ·g_se + (1 − λ)·l_te`, `λ ∈ [0, 1]`. Rows sum to 1 when both `g_s` and `l_t` do.
-    Mix { lambda: f32 },
-    /// `p_te = g_se·l_te / Σ_j g_sj·l_tj`. When the product is zero for every expert (the two have
-    /// disjoint supports) the row falls back to `l_t` unchanged.
-    Product,
-}
-
-/// The gate that turns probabilities into a [`Routing`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum Gate {
-    /// [`top_k`] with this `k` and renormalisation choice.
-    TopK { k: usize, renormalize: bool },
-    /// [`threshold_values`] from this spec, then [`threshold_gate`].
-    Threshold(ThresholdSpec),
-    /// [`dense`]: every expert with weight `p_te`.
-    Dense,
-}
-
-/// A router's parameters: `W_g` `[E, d_in]`, optional bias `b_g` `[E]`, the activation and its
-/// temperature (`> 0`, finite; 1 for a plain softmax/sigmoid).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RouterWeights<'a, T> {
-    pub w_g: &'a [T],
-    pub b_g: Option<&'a [T]>,
-    pub activation: Activation,
-    pub temperature: f32,
-}
 
 /// `a * b`, or [`Error::InvalidDim`] naming `what` when the product overflows `usize`.
 fn checked_len(what: &'static str, a: usize, b: usize) -> Result<usize> {
@@ -87,24 +38,6 @@ fn checked_len(what: &'static str, a: usize, b: usize) -> Result<usize> {
         value: usize::MAX,
         reason: "the buffer length overflows usize",
     })
-}
-
-fn check_num_experts(num_experts: usize) -> Result<()> {
-    if num_experts == 0 {
-        return Err(Error::InvalidDim {
-            what: "num_experts",
-            value: 0,
-            reason: "routing needs at least one expert",
-        });
-    }
-    if num_experts > i32::MAX as usize {
-        return Err(Error::InvalidDim {
-            what: "num_experts",
-            value: num_experts,
-            reason: "expert ids must fit in an i32",
-        });
-    }
-    Ok(())
 }
 
 fn check_d_in(d_in: usize) -> Result<()> {
@@ -151,48 +84,6 @@ fn check_probs(
     Ok(())
 }
 
-pub(crate) fn check_temperature(temperature: f32) -> Result<()> {
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(Error::InvalidParameter {
-            what: "temperature",
-            value: temperature,
-            reason: "the temperature must be finite and > 0",
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn check_k(k: usize, num_experts: usize) -> Result<()> {
-    if k == 0 || k > num_experts {
-        return Err(Error::InvalidK { k, num_experts });
-    }
-    Ok(())
-}
-
-pub(crate) fn check_spec(spec: &ThresholdSpec) -> Result<()> {
-    match spec {
-        ThresholdSpec::Fixed(tau) => check_finite("tau", &[*tau]),
-        ThresholdSpec::Learned { theta } => check_finite("theta", &[*theta]),
-        ThresholdSpec::InputDependent { w, b } => {
-            check_finite("threshold w", w)?;
-            check_finite("threshold b", &[*b])
-        }
-    }
-}
-
-pub(crate) fn check_combine(combine: HierarchicalCombine) -> Result<()> {
-    if let HierarchicalCombine::Mix { lambda } = combine {
-        if !(0.0..=1.0).contains(&lambda) {
-            return Err(Error::InvalidParameter {
-                what: "lambda",
-                value: lambda,
-                reason: "the mixing weight must be in [0, 1]",
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Checks that a global posterior fits `num_tokens` rows and `num_experts` experts.
 pub(crate) fn check_global(
     global: &SeqRouting,
@@ -217,16 +108,6 @@ pub(crate) fn check_global(
         });
     }
     Ok(())
-}
-
-/// Logistic sigmoid `1 / (1 + exp(−z))`, written so that neither branch overflows.
-fn sigmoid(z: f32) -> f32 {
-    if z >= 0.0 {
-        1.0 / (1.0 + (-z).exp())
-    } else {
-        let e = z.exp();
-        e / (1.0 + e)
-    }
 }
 
 /// Descending by probability, ties to the lower expert id: the slot order of every gate.

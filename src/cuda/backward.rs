@@ -7,9 +7,9 @@ use super::ffi;
 use super::launch::{Kernel, Launch};
 use super::lora::{dense_gated_tc_refusal, multiprocessors, split_k_factor, CudaElement};
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
-use crate::cpu::backward::LoraGrads;
-use crate::cpu::dispatch::check_scale;
 use crate::error::check_len;
+use crate::gate::check_scale;
+use crate::grads::LoraGrads;
 use crate::{Error, LoraShape, Result};
 
 const GATING_BACKWARD: Kernel<ffi::molora_gating_backward_args> =
@@ -431,7 +431,7 @@ pub fn gating_backward(
     logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
-    act: crate::cpu::Activation,
+    act: crate::gate::Activation,
     temperature: f32,
     gate: &super::DeviceGate<'_>,
     ids: &impl DeviceRead<i32>,
@@ -525,9 +525,9 @@ pub fn gating_backward_hierarchical(
     logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
-    act: crate::cpu::Activation,
+    act: crate::gate::Activation,
     temperature: f32,
-    hierarchy: (&super::DeviceSeqRouting, crate::cpu::HierarchicalCombine),
+    hierarchy: (&super::DeviceSeqRouting, crate::gate::HierarchicalCombine),
     gate: &super::DeviceGate<'_>,
     ids: &impl DeviceRead<i32>,
     dw: &impl DeviceRead<f32>,
@@ -558,9 +558,9 @@ fn gating_backward_impl(
     logits: &impl DeviceRead<f32>,
     num_tokens: usize,
     num_experts: usize,
-    act: Option<crate::cpu::Activation>,
+    act: Option<crate::gate::Activation>,
     temperature: f32,
-    hierarchy: Option<(&super::DeviceSeqRouting, crate::cpu::HierarchicalCombine)>,
+    hierarchy: Option<(&super::DeviceSeqRouting, crate::gate::HierarchicalCombine)>,
     gate: &super::DeviceGate<'_>,
     ids: &impl DeviceRead<i32>,
     dw: &impl DeviceRead<f32>,
@@ -569,9 +569,9 @@ fn gating_backward_impl(
     dlambda: Option<DlambdaOut<'_>>,
 ) -> Result<()> {
     use super::DeviceGate;
-    use crate::cpu::HierarchicalCombine;
+    use crate::gate::HierarchicalCombine;
     const OP: &str = "gating_backward";
-    crate::cpu::gating::check_temperature(temperature)?;
+    crate::gate::check_temperature(temperature)?;
     if num_experts == 0 || num_experts > super::MAX_GATING_EXPERTS {
         return Err(Error::Unsupported {
             op: OP,
@@ -580,7 +580,7 @@ fn gating_backward_impl(
     }
     let k_max = gate.k_max(num_experts);
     if let DeviceGate::TopK { k, .. } = gate {
-        crate::cpu::gating::check_k(*k, num_experts)?;
+        crate::gate::check_k(*k, num_experts)?;
     }
     if let Some((g, combine)) = &hierarchy {
         g.check_for(*combine, num_tokens, num_experts)?;

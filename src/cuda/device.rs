@@ -392,10 +392,10 @@ pub(crate) fn checked_i32(what: &'static str, a: usize, b: usize) -> Result<usiz
 
 /// The C ABI's code of a router activation; `None` is `MOLORA_ACTIVATION_NONE` (the input already
 /// holds the probabilities).
-pub(crate) fn activation_code(act: Option<crate::cpu::Activation>) -> i32 {
+pub(crate) fn activation_code(act: Option<crate::gate::Activation>) -> i32 {
     match act {
-        Some(crate::cpu::Activation::Softmax) => super::ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
-        Some(crate::cpu::Activation::Sigmoid) => super::ffi::MOLORA_ACTIVATION_SIGMOID as i32,
+        Some(crate::gate::Activation::Softmax) => super::ffi::MOLORA_ACTIVATION_SOFTMAX as i32,
+        Some(crate::gate::Activation::Sigmoid) => super::ffi::MOLORA_ACTIVATION_SIGMOID as i32,
         None => super::ffi::MOLORA_ACTIVATION_NONE as i32,
     }
 }

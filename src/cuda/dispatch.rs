@@ -219,7 +219,7 @@ pub fn scatter_combine<T: CudaElement, R: CudaElement>(
     y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     const OP: &str = "scatter_combine";
-    crate::cpu::dispatch::check_scale(scale)?;
+    crate::gate::check_scale(scale)?;
     if R::DTYPE != DType::F32 && R::DTYPE != T::DTYPE {
         return Err(Error::Unsupported {
             op: OP,

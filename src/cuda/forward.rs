@@ -19,8 +19,8 @@ use super::lora::{
     split_k_factor, CudaElement, DenseGatedConfig, DenseGatedWorkspace, KernelPath, LoraPath,
 };
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
-use crate::cpu::dispatch::check_scale;
-use crate::cpu::Activation;
+use crate::gate::check_scale;
+use crate::gate::Activation;
 use crate::{Error, LoraShape, Result};
 
 /// The router of a layer: `W_g` `[E, d_in]`, optional bias, activation and temperature.

@@ -9,9 +9,9 @@ use super::ffi;
 use super::launch::{Kernel, Launch};
 use super::lora::CudaElement;
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
-use crate::cpu::gating::{check_combine, check_k, check_spec, check_temperature};
-use crate::cpu::{Activation, Gate, HierarchicalCombine, ThresholdSpec};
 use crate::error::check_len;
+use crate::gate::{check_combine, check_k, check_spec, check_temperature};
+use crate::gate::{Activation, Gate, HierarchicalCombine, ThresholdSpec};
 use crate::{Error, Result, SeqRouting};
 
 const GATING: Kernel<ffi::molora_gating_args> = kernel!(molora_gating_f32, molora_emu_gating_f32);
@@ -99,18 +99,17 @@ impl DeviceGate<'static> {
                 renormalize: *renormalize,
             },
             Gate::Dense => DeviceGate::Dense,
-            Gate::Threshold(spec @ (ThresholdSpec::Fixed(_) | ThresholdSpec::Learned { .. })) => {
-                let tau = crate::cpu::threshold_values::<f32>(spec, None, 1, 1, num_experts)?;
-                DeviceGate::Threshold(tau[0])
-            }
-            Gate::Threshold(ThresholdSpec::InputDependent { .. }) => {
-                return Err(Error::Unsupported {
-                    op: "DeviceGate::from_gate",
-                    what: "an input-dependent threshold: compute per-token taus with \
-                           cuda::router_logits and pass DeviceGate::ThresholdPerToken"
-                        .into(),
-                })
-            }
+            Gate::Threshold(spec) => match spec.uniform_tau(num_experts)? {
+                Some(tau) => DeviceGate::Threshold(tau),
+                None => {
+                    return Err(Error::Unsupported {
+                        op: "DeviceGate::from_gate",
+                        what: "an input-dependent threshold: compute per-token taus with \
+                               cuda::router_logits and pass DeviceGate::ThresholdPerToken"
+                            .into(),
+                    })
+                }
+            },
         })
     }
 }

@@ -10,8 +10,8 @@ use super::dispatch::DevicePlan;
 use super::ffi;
 use super::launch::{Kernel, Launch};
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
-use crate::cpu::dispatch::check_scale;
 use crate::error::check_len;
+use crate::gate::check_scale;
 use crate::{AdapterSegments, DType, Element, Error, LoraShape, Result};
 
 /// An element type with CUDA kernels: f32, f16 and bf16.

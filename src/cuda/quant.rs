@@ -8,9 +8,8 @@ use super::ffi;
 use super::launch::Launch;
 use super::lora::CudaElement;
 use super::memory::{check_memory, Buffer, DeviceRead, DeviceWrite};
-use crate::cpu::quant::check_dims;
-use crate::cpu::{Int8Weight, Nf4Weight, NF4_BLOCK};
 use crate::error::check_len;
+use crate::quant::{check_dims, Int8Weight, Nf4Weight, NF4_BLOCK};
 use crate::{Error, Result};
 
 /// A quantised weight `[rows, cols]` in device memory.

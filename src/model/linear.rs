@@ -138,7 +138,7 @@ impl MoleConfig {
                     self.num_experts
                 ),
             }),
-            GateMode::TopK { k, .. } => cpu::gating::check_k(k, self.num_experts),
+            GateMode::TopK { k, .. } => crate::gate::check_k(k, self.num_experts),
             _ => Ok(()),
         }?;
         if let Some(Combine::Mix { lambda, .. }) = self.hierarchy {
