@@ -1,16 +1,19 @@
 //! GPU benchmark of the LoRA part of a MoLE layer: prints the Markdown tables of
-//! [`molora::cuda::bench::run`] (ours on both paths, GB/s, fraction of the memory floor, the cuBLAS
+//! `benches/tables/cuda.rs`'s `run` (ours on both paths, GB/s, fraction of the memory floor, the cuBLAS
 //! per-expert loop (a) and the dense all-experts cuBLAS version (b), the base GEMM, our backward
 //! with the memory it works in, and the graph replay; the kernel variants; the dense-gated sweep)
-//! for the shapes of [`molora::cuda::bench::issue_cases`].
+//! for the shapes of its `issue_cases`.
 //!
 //! `cargo run --release --no-default-features --features cuda --example 02_gpu_bench [-- f16|bf16|f32 [ITERS [T]]]`
 //! (bf16 and 100 iterations by default, every case or only those with `T` tokens; the memory floor's
 //! bandwidth is measured in the run unless `MOLORA_BW_GBPS` gives it; `MOLORA_BENCH_NO_BACKWARD=1`
 //! skips the backward columns).
 
-use molora::cuda::bench::{run, BenchOptions};
+#[path = "../benches/tables/cuda.rs"]
+mod tables;
+
 use molora::DType;
+use tables::{run, BenchOptions};
 
 fn main() {
     if let Err(err) = main_inner() {

@@ -38,14 +38,14 @@ pub enum HierarchicalCombine {
     Product,
 }
 
-/// The gate that turns probabilities into a [`Routing`].
+/// The gate that turns probabilities into a [`Routing`](crate::Routing).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Gate {
-    /// [`top_k`] with this `k` and renormalisation choice.
+    /// [`top_k`](crate::cpu::top_k) with this `k` and renormalisation choice.
     TopK { k: usize, renormalize: bool },
-    /// [`threshold_values`] from this spec, then [`threshold_gate`].
+    /// [`threshold_values`](crate::cpu::threshold_values) from this spec, then [`threshold_gate`](crate::cpu::threshold_gate).
     Threshold(ThresholdSpec),
-    /// [`dense`]: every expert with weight `p_te`.
+    /// [`dense`](crate::cpu::dense): every expert with weight `p_te`.
     Dense,
 }
 

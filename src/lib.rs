@@ -33,7 +33,6 @@
 //! # Ok::<(), molora::Error>(())
 //! ```
 
-pub mod bench;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod cpu;

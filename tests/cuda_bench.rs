@@ -4,8 +4,13 @@
 //! (the tensor-core shrink timed exactly for f16 and bf16).
 
 #[cfg(feature = "cuda")]
+#[allow(dead_code)]
+#[path = "../benches/tables/cuda.rs"]
+mod tables;
+
+#[cfg(feature = "cuda")]
 mod gpu {
-    use molora::cuda::bench::{run, BenchCase, BenchOptions, BenchRouting};
+    use super::tables::{run, BenchCase, BenchOptions, BenchRouting};
     use molora::cuda::staged_expand_max_columns;
     use molora::testing::gpu_only;
     use molora::{DType, Error};

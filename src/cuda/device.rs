@@ -158,10 +158,10 @@ impl Device {
         }
     }
 
-    /// The context and stream of a GPU device, or [`Error::Unsupported`] naming `op` on the emulated
-    /// device.
+    /// The cudarc context and stream of a GPU device, for work a caller orders with ours (cuBLAS,
+    /// events, graph capture), or [`Error::Unsupported`] naming `op` on the emulated device.
     #[cfg_attr(not(feature = "emu"), allow(unused_variables))]
-    pub(crate) fn gpu(&self, op: &'static str) -> Result<(&Arc<CudaContext>, &Arc<CudaStream>)> {
+    pub fn gpu(&self, op: &'static str) -> Result<(&Arc<CudaContext>, &Arc<CudaStream>)> {
         match &self.backend {
             Backend::Gpu { ctx, stream } => Ok((ctx, stream)),
             #[cfg(feature = "emu")]

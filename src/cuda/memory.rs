@@ -143,8 +143,9 @@ pub(crate) fn write_addr<'a, T: 'a, B: DeviceWrite<T> + ?Sized>(
     }
 }
 
-/// The cudarc view of a buffer an op on a GPU device reads, or [`Error::DeviceMismatch`].
-pub(crate) fn gpu_view<'a, T, B: DeviceRead<T> + ?Sized>(
+/// The cudarc view of a buffer an op on a GPU device reads (for cuBLAS or other cudarc calls), or
+/// [`Error::DeviceMismatch`] naming `what` for emulated memory.
+pub fn gpu_view<'a, T, B: DeviceRead<T> + ?Sized>(
     what: &'static str,
     buf: &'a B,
 ) -> Result<CudaView<'a, T>> {
@@ -152,8 +153,9 @@ pub(crate) fn gpu_view<'a, T, B: DeviceRead<T> + ?Sized>(
     buf.gpu_view().ok_or(mismatch(what, memory, Memory::Gpu))
 }
 
-/// The mutable cudarc view of a buffer an op on a GPU device writes, or [`Error::DeviceMismatch`].
-pub(crate) fn gpu_view_mut<'a, T, B: DeviceWrite<T> + ?Sized>(
+/// The mutable cudarc view of a buffer an op on a GPU device writes, or [`Error::DeviceMismatch`]
+/// naming `what` for emulated memory.
+pub fn gpu_view_mut<'a, T, B: DeviceWrite<T> + ?Sized>(
     what: &'static str,
     buf: &'a mut B,
 ) -> Result<CudaViewMut<'a, T>> {

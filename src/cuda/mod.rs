@@ -18,7 +18,6 @@ mod launch;
 #[cfg(feature = "cuda")]
 mod backward;
 #[cfg(feature = "cuda")]
-pub mod bench;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
@@ -74,7 +73,9 @@ pub use lora::{
     DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
 #[cfg(feature = "cuda")]
-pub use memory::{Buffer, BufferView, BufferViewMut, DeviceRead, DeviceWrite};
+pub use memory::{
+    gpu_view, gpu_view_mut, Buffer, BufferView, BufferViewMut, DeviceRead, DeviceWrite,
+};
 #[cfg(feature = "cuda")]
 pub use quant::{
     quant_matmul, quant_matmul_on, quantize_int8, quantize_nf4, DeviceQuantWeight, QuantKernel,

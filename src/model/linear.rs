@@ -971,7 +971,7 @@ impl MoleLinear {
         Ok(())
     }
 
-    /// Reseeds the generator [`ModuleT::forward_t`] draws its dropout masks from.
+    /// Reseeds the generator [`MoleLinear::forward_t`] draws its dropout masks from.
     pub fn reseed_dropout(&mut self, seed: u64) {
         self.dropout_rng = DropoutRng(Mutex::new(Rng::new(seed)));
     }

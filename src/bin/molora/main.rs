@@ -8,6 +8,13 @@ mod args;
 mod output;
 mod progress;
 
+/// The benchmark tables: programs over the library, shared with the example and the tests.
+#[path = "../../../benches/tables/cpu.rs"]
+mod cpu_tables;
+#[cfg(feature = "cuda")]
+#[path = "../../../benches/tables/cuda.rs"]
+mod cuda_tables;
+
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -235,7 +242,7 @@ fn bench(a: BenchArgs) -> Result<(), Fail> {
         DeviceArg::Cuda => gpu_table(a.quick)?,
         DeviceArg::Cpu => {
             note("molora bench: the CPU path (the reference), LoRA part only");
-            molora::bench::cpu_table(a.quick)?
+            cpu_tables::cpu_table(a.quick)?
         }
     };
     print(&format!("{table}\n"))
@@ -243,7 +250,7 @@ fn bench(a: BenchArgs) -> Result<(), Fail> {
 
 #[cfg(feature = "cuda")]
 fn gpu_table(quick: bool) -> Result<String, Fail> {
-    use molora::cuda::bench::{run, BenchOptions};
+    use cuda_tables::{run, BenchOptions};
     let mut out = String::new();
     for dtype in [molora::DType::BF16, molora::DType::F16] {
         let mut opts = BenchOptions::new(dtype);

@@ -5,17 +5,17 @@
 //! (DESIGN.md: `x`, `y` read and written, every expert read once) turned into GB/s.
 //!
 //! The CPU path is the reference, not a fast path: the table is a baseline and a guard against
-//! accidental extra work. The GPU table is [`crate::cuda`]'s bench (feature `cuda`).
+//! accidental extra work. The GPU table is [`molora::cuda`]'s bench (feature `cuda`).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use half::bf16;
 
-use crate::cpu::{self, Experts};
-use crate::error::Result;
-use crate::testing::Rng;
-use crate::{Element, LoraShape, Routing};
+use molora::cpu::{self, Experts};
+use molora::error::Result;
+use molora::testing::Rng;
+use molora::{Element, LoraShape, Routing};
 
 /// One bench shape: tokens, d_in, d_out, experts, rank, k.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

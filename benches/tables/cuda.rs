@@ -38,21 +38,21 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::{bf16, f16};
 
-use super::backward::{lora_backward_experts, mix_backward};
-use super::device::Device;
-use super::dispatch::{dispatch, gather_rows, scatter_combine, DevicePlan};
-use super::forward::{DeviceRouter, MoleLoraForward};
-use super::gating::{gating, router_logits, DeviceGate};
-use super::lora::{
+use molora::cuda::Device;
+use molora::cuda::DeviceLoraGrads;
+use molora::cuda::{dispatch, gather_rows, scatter_combine, DevicePlan};
+use molora::cuda::{
     expand_experts, expand_experts_on, expand_segments, lora_dense_gated_on, mix_experts,
     shrink_experts, shrink_experts_on, shrink_segments, CudaElement, DenseGatedConfig,
     DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
-use super::memory::{gpu_view, gpu_view_mut, Buffer, BufferView, DeviceRead, DeviceWrite};
-use super::DeviceLoraGrads;
-use crate::cpu::{Activation, Gate, ThresholdSpec};
-use crate::testing::Rng;
-use crate::{AdapterSegments, DType, Error, LoraShape, Result, Segments};
+use molora::cuda::{gating, router_logits, DeviceGate};
+use molora::cuda::{gpu_view, gpu_view_mut, Buffer, BufferView, DeviceRead, DeviceWrite};
+use molora::cuda::{lora_backward_experts, mix_backward};
+use molora::cuda::{DeviceRouter, MoleLoraForward};
+use molora::gate::{Activation, Gate, ThresholdSpec};
+use molora::testing::Rng;
+use molora::{AdapterSegments, DType, Error, LoraShape, Result, Segments};
 
 /// How the tokens of a [`BenchCase`] are routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -398,9 +398,9 @@ fn gemm_abt<T: CudaElement>(
 where
     CudaBlas: Gemm<T>,
 {
-    crate::error::check_len("GEMM A [M, K]", m * k, a.len())?;
-    crate::error::check_len("GEMM B [N, K]", n * k, b.len())?;
-    crate::error::check_len("GEMM C [M, N]", m * n, c.len())?;
+    molora::error::check_len("GEMM A [M, K]", m * k, a.len())?;
+    molora::error::check_len("GEMM B [N, K]", n * k, b.len())?;
+    molora::error::check_len("GEMM C [M, N]", m * n, c.len())?;
     let dim = |what: &'static str, v: usize| {
         i32::try_from(v).map_err(|_| Error::InvalidDim {
             what,
