@@ -1,6 +1,7 @@
 // Quantised base weights: NF4 (block-wise absmax) and int8 (per output channel) quantisation that
 // reproduces the CPU reference bit for bit, and a dequantising matmul: GEMV-shaped (one warp per
-// output row and tile of 16 tokens) for few tokens, a shared-memory tiled GEMM for many.
+// output row and tile of 16 tokens) for few tokens, a shared-memory tiled GEMM for many; and the
+// matmul's backward to its input, a tiled GEMM over the weight's rows.
 
 #include "common.cuh"
 
@@ -179,6 +180,70 @@ __global__ void __launch_bounds__(kGemmThreads) quant_gemm_kernel(molora_quant_m
     }
 }
 
+// dx[t0.., i0..] for a 64-token × 64-column tile: dy[t, o] · deq(o, i) summed over o in order, chunk by
+// chunk of 32 rows of W. Thread (ty, tx) owns tokens ty + 16·p and columns tx + 16·q.
+template <typename T>
+__global__ void __launch_bounds__(kGemmThreads) quant_gemm_dx_kernel(molora_quant_matmul_dx_args a) {
+    MOLORA_SHARED(float, gs, [kGemmK][kGemmTok + 1]);
+    MOLORA_SHARED(float, ws, [kGemmK][kGemmRows + 1]);
+    const int i0 = blockIdx.x * kGemmRows;
+    const int t0 = blockIdx.y * kGemmTok;
+    const int tid = threadIdx.x;
+    const int ty = tid / 16, tx = tid % 16;
+    const T *dy = static_cast<const T *>(a.dy);
+    float acc[kGemmPer][kGemmPer];
+#pragma unroll
+    for (int p = 0; p < kGemmPer; ++p)
+#pragma unroll
+        for (int q = 0; q < kGemmPer; ++q) acc[p][q] = 0.0f;
+    for (int o0 = 0; o0 < a.rows; o0 += kGemmK) {
+        for (int idx = tid; idx < kGemmTok * kGemmK; idx += kGemmThreads) {
+            const int tt = idx / kGemmK, kk = idx % kGemmK;
+            const int t = t0 + tt, o = o0 + kk;
+            gs[kk][tt] = (t < a.num_tokens && o < a.rows) ? to_f32(dy[static_cast<int64_t>(t) * a.rows + o]) : 0.0f;
+        }
+        for (int idx = tid; idx < kGemmRows * kGemmK; idx += kGemmThreads) {
+            const int kk = idx / kGemmRows, ii = idx % kGemmRows;
+            const int o = o0 + kk, i = i0 + ii;
+            float w = 0.0f;
+            if (o < a.rows && i < a.cols) {
+                const int64_t f = static_cast<int64_t>(o) * a.cols + i;
+                if (a.packed) {
+                    const uint8_t byte = a.packed[f / 2];
+                    w = kNf4Table[(f % 2 == 0) ? (byte >> 4) : (byte & 0x0f)] * a.scales[f / MOLORA_NF4_BLOCK];
+                } else {
+                    w = static_cast<float>(a.q[f]) * a.scales[o];
+                }
+            }
+            ws[kk][ii] = w;
+        }
+        __syncthreads();
+        const int kmax = min(kGemmK, a.rows - o0);
+        for (int kk = 0; kk < kmax; ++kk) {
+            float gv[kGemmPer], wv[kGemmPer];
+#pragma unroll
+            for (int p = 0; p < kGemmPer; ++p) gv[p] = gs[kk][ty + 16 * p];
+#pragma unroll
+            for (int q = 0; q < kGemmPer; ++q) wv[q] = ws[kk][tx + 16 * q];
+#pragma unroll
+            for (int p = 0; p < kGemmPer; ++p)
+#pragma unroll
+                for (int q = 0; q < kGemmPer; ++q) acc[p][q] = fmaf(gv[p], wv[q], acc[p][q]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int q = 0; q < kGemmPer; ++q) {
+        const int i = i0 + tx + 16 * q;
+        if (i >= a.cols) continue;
+#pragma unroll
+        for (int p = 0; p < kGemmPer; ++p) {
+            const int t = t0 + ty + 16 * p;
+            if (t < a.num_tokens) a.dx[static_cast<int64_t>(t) * a.cols + i] = acc[p][q];
+        }
+    }
+}
+
 template <typename T>
 int launch_quantize_nf4(const molora_quantize_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -225,6 +290,20 @@ int launch_quant_matmul(const molora_quant_matmul_args *args, molora_stream_t st
     return last_launch_error();
 }
 
+template <typename T>
+int launch_quant_matmul_dx(const molora_quant_matmul_dx_args *args, molora_stream_t stream) {
+    if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    const molora_quant_matmul_dx_args a = *args;
+    if (a.num_tokens < 0 || a.rows < 1 || a.cols < 1 || (!a.packed == !a.q) || !a.scales || !a.dx)
+        return static_cast<int>(cudaErrorInvalidValue);
+    if (a.num_tokens == 0) return 0;
+    if (!a.dy) return static_cast<int>(cudaErrorInvalidValue);
+    const dim3 grid((a.cols + kGemmRows - 1) / kGemmRows, (a.num_tokens + kGemmTok - 1) / kGemmTok);
+    if (grid.y > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+    launch<quant_gemm_dx_kernel<T>>(grid, kGemmThreads, 0, reinterpret_cast<cudaStream_t>(stream), a);
+    return last_launch_error();
+}
+
 }  // namespace
 }  // namespace molora
 
@@ -238,4 +317,7 @@ int molora_quantize_int8_bf16(const molora_quantize_args *a, molora_stream_t s) 
 int molora_quant_matmul_f32(const molora_quant_matmul_args *a, molora_stream_t s) { return molora::launch_quant_matmul<float>(a, s); }
 int molora_quant_matmul_f16(const molora_quant_matmul_args *a, molora_stream_t s) { return molora::launch_quant_matmul<__half>(a, s); }
 int molora_quant_matmul_bf16(const molora_quant_matmul_args *a, molora_stream_t s) { return molora::launch_quant_matmul<__nv_bfloat16>(a, s); }
+int molora_quant_matmul_dx_f32(const molora_quant_matmul_dx_args *a, molora_stream_t s) { return molora::launch_quant_matmul_dx<float>(a, s); }
+int molora_quant_matmul_dx_f16(const molora_quant_matmul_dx_args *a, molora_stream_t s) { return molora::launch_quant_matmul_dx<__half>(a, s); }
+int molora_quant_matmul_dx_bf16(const molora_quant_matmul_dx_args *a, molora_stream_t s) { return molora::launch_quant_matmul_dx<__nv_bfloat16>(a, s); }
 }

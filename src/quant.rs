@@ -253,3 +253,28 @@ impl Int8Weight {
             .collect()
     }
 }
+
+/// A borrowed quantised weight of either format, for the functions that take both.
+#[derive(Debug, Clone, Copy)]
+pub enum QuantWeightRef<'a> {
+    Nf4(&'a Nf4Weight),
+    Int8(&'a Int8Weight),
+}
+
+impl QuantWeightRef<'_> {
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            QuantWeightRef::Nf4(w) => (w.rows(), w.cols()),
+            QuantWeightRef::Int8(w) => (w.rows(), w.cols()),
+        }
+    }
+
+    /// The dequantised weight, f32 `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            QuantWeightRef::Nf4(w) => w.dequantize(),
+            QuantWeightRef::Int8(w) => w.dequantize(),
+        }
+    }
+}

@@ -6,8 +6,8 @@
 mod gpu {
     use molora::cpu;
     use molora::cuda::{
-        quant_matmul, quant_matmul_on, quantize_int8, quantize_nf4, CudaElement, DeviceQuantWeight,
-        QuantKernel,
+        quant_matmul, quant_matmul_dx, quant_matmul_on, quantize_int8, quantize_nf4, CudaElement,
+        DeviceQuantWeight, QuantKernel,
     };
     use molora::testing::{compare, test_device, Rng, Tolerance};
     use molora::{DType, Element, Error};
@@ -87,6 +87,31 @@ mod gpu {
                 let tol = Tolerance::for_dtype(DType::F32).scaled((cols as f32).sqrt());
                 compare(&format!("quantised matmul ({kernel:?})"), &got, &want, tol)?;
             }
+        }
+        // The backward to the input, dx = dy·deq(W), on the packed weight: against the CPU, every
+        // output written (NaN-filled), nothing written past dx.
+        let dy: Vec<T> = vals(t * rows, seed ^ 5);
+        let ddy = dev.upload(&dy).map_err(s)?;
+        for (w_dev, w_ref) in [
+            (&nf4, cpu::QuantWeightRef::Nf4(&nf4_cpu)),
+            (&int8, cpu::QuantWeightRef::Int8(&int8_cpu)),
+        ] {
+            let want = cpu::quant_matmul_dx(&dy, t, &w_ref).map_err(s)?;
+            let mut dx_tail = dev.upload(&vec![f32::NAN; t * cols + 1]).map_err(s)?;
+            quant_matmul_dx(
+                &dev,
+                &ddy,
+                t,
+                w_dev,
+                &mut dx_tail.slice_mut(0..t * cols).map_err(s)?,
+            )
+            .map_err(s)?;
+            let got = dev.download(&dx_tail).map_err(s)?;
+            if !got[t * cols].is_nan() {
+                return Err("quant_matmul_dx wrote past dx".into());
+            }
+            let tol = Tolerance::for_dtype(DType::F32).scaled((rows as f32).sqrt());
+            compare("quantised matmul dx", &got[..t * cols], &want, tol)?;
         }
         // Uploading the CPU weight gives the same matmul as quantising on the GPU.
         let up = DeviceQuantWeight::from_nf4(&dev, &nf4_cpu).map_err(s)?;

@@ -533,6 +533,28 @@ int molora_quant_matmul_f16(const molora_quant_matmul_args *args, molora_stream_
 int molora_quant_matmul_bf16(const molora_quant_matmul_args *args, molora_stream_t stream);
 
 /*
+ * Backward of the quantised matmul to its input (the weight is frozen):
+ *   dx[t, i] = Σ_o dy[t, o] · deq(W)[o, i]     (f32 out, f32 accumulation over o in order)
+ * dy [num_tokens, rows] of the launcher's element type, dx [num_tokens, cols] f32. 64 tokens × 64
+ * columns per block, the weight dequantised into shared memory in chunks of 32 rows (read along its
+ * rows, coalesced) and reused by all 64 tokens; num_tokens <= 65535·64. Exactly one of packed / q.
+ */
+typedef struct molora_quant_matmul_dx_args {
+    const void *dy;
+    const uint8_t *packed; /* NF4, or NULL */
+    const int8_t *q;       /* int8, or NULL */
+    const float *scales;
+    float *dx;
+    int32_t num_tokens;
+    int32_t rows;
+    int32_t cols;
+} molora_quant_matmul_dx_args;
+
+int molora_quant_matmul_dx_f32(const molora_quant_matmul_dx_args *args, molora_stream_t stream);
+int molora_quant_matmul_dx_f16(const molora_quant_matmul_dx_args *args, molora_stream_t stream);
+int molora_quant_matmul_dx_bf16(const molora_quant_matmul_dx_args *args, molora_stream_t stream);
+
+/*
  * Backward of the grouped LoRA part over expert segments (the plan of the forward), deterministic (no
  * float atomics: every output element is summed by one thread in a fixed order). With h the forward's
  * sorted shrink [P, rank] f32, for each sorted pair p of token t, slot s, expert e, weight w:

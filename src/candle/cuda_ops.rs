@@ -7,7 +7,7 @@
 //! | [`super::ops::routed_lora`] | [`cuda::MoleLoraForward::run_probs`]: the gate, then the segmented or dense-gated path by shape (any `E·r`) | the forward again, then [`cuda::MoleLoraForward::backward_probs`] |
 //! | [`super::ops::mole_lora`] | dense gate ids, then the dense-gated shrink and expand | [`cuda::lora_backward_dense_gated`] (`dx`, `dA`, `dB`, `dw` for every `(t, e)`) |
 //! | [`super::ops::top_k_gate`], [`super::ops::threshold_gate`] | [`cuda::gate_probabilities`], [`cuda::slots_to_dense`] | [`cuda::dense_to_slots`], [`cuda::gate_probabilities_backward`] |
-//! | [`super::ops::quant_linear`] | [`cuda::quant_matmul`] (the packed weight uploaded once per device and weight) | candle's matmul with the dequantised weight |
+//! | [`super::ops::quant_linear`] | [`cuda::quant_matmul`] (the packed weight uploaded once per device and weight) | [`cuda::quant_matmul_dx`] on the same packed weight |
 //! | [`super::ops::weight_space_lora`] | [`cuda::mix_experts`], segmented shrink and expand | the CPU backward (copies to the host) |
 //!
 //! The gates cannot report bad probabilities without a host sync: on CUDA a NaN row gives no expert
@@ -703,6 +703,44 @@ fn quant_fwd_typed<T: CudaElement + CudaDType>(
     }
     let layout = Layout::contiguous((t * rows).max(1));
     y.to_dtype(&layout, x.dtype())
+}
+
+/// Backward of the quantised linear on the GPU: `dx = dy·deq(W)` `[T, cols]` by
+/// [`cuda::quant_matmul_dx`] on the packed weight (the device copy of the forward), in `x_dtype`; no
+/// dense weight is formed.
+pub(crate) fn quant_bwd(weight: &Arc<QuantWeight>, dy: &Tensor, x_dtype: DType) -> CResult<Tensor> {
+    let (t, _) = dy.dims2()?;
+    let dy = dy.to_dtype(x_dtype)?.contiguous()?;
+    let cols = weight.cols();
+    fn run<T: CudaElement + CudaDType>(
+        weight: &Arc<QuantWeight>,
+        dy: &Tensor,
+        t: usize,
+        cols: usize,
+    ) -> CResult<Tensor> {
+        with_cuda(dy, "dy", |ds, ld| {
+            let dev = device(ds);
+            let dyv = view::<T>(ds, ld, "dy")?;
+            let w = device_quant(&dev, weight)?;
+            let mut dx = zeros::<f32>(&dev, t * cols)?;
+            if t > 0 {
+                let mut dxv = dx.slice_mut(0..t * cols);
+                cuda::quant_matmul_dx(&dev, &dyv, t, &w, &mut dxv).map_err(msg)?;
+            }
+            Ok(tensor(dx, (t, cols), ds))
+        })
+    }
+    let dx = match x_dtype {
+        DType::F32 => run::<f32>(weight, &dy, t, cols)?,
+        DType::F16 => run::<half::f16>(weight, &dy, t, cols)?,
+        DType::BF16 => run::<half::bf16>(weight, &dy, t, cols)?,
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "molora-quant-linear: dtype {other:?} is not supported (f32, f16, bf16)"
+            )))
+        }
+    };
+    dx.to_dtype(x_dtype)
 }
 
 /// `cuda_fwd` of the quantised linear: `y = x·deq(W)ᵀ` on [`cuda::quant_matmul`], in `x`'s dtype;

@@ -9,7 +9,7 @@
 //! | [`top_k_gate`] | dense `w` `[T, E]` of [`cpu::top_k`] | `p` |
 //! | [`threshold_gate`] | dense `w` `[T, E]` of [`cpu::threshold_gate`] | `p`, `τ` |
 //! | [`mole_lora`] | `Δy = s·Σ_e w_te·(x_t·A_eᵀ)·B_eᵀ` | `x`, `A`, `B`, `w` |
-//! | [`quant_linear`] | `y = x·deq(W)ᵀ` for an NF4/int8 `W` | `x` (the weight is frozen) |
+//! | [`quant_linear`] | `y = x·deq(W)ᵀ` for an NF4/int8 `W` | `x` (the weight is frozen), by [`cpu::quant_matmul_dx`] |
 //! | [`weight_space_lora`] | SAML's `y = s·(x·Ā_qᵀ)·B̄_qᵀ` per sequence | `x`, `A`, `B`, `p` |
 //!
 //! The gates return the routing as a dense `[T, E]` matrix (zero for experts a token does not use),
@@ -18,9 +18,8 @@
 //!
 //! Device: with the feature `candle-cuda` every op also has a `cuda_fwd` on molora's kernels over
 //! candle's CUDA storage (on the stream of the tensor's candle device, no copies through the host),
-//! and the LoRA part and the gates have a GPU backward; the quantised linear's backward is candle's
-//! matmul with the dequantised weight, and the weight-space LoRA's backward copies to the host and
-//! runs the CPU backward. Without `candle-cuda` a CUDA tensor gives candle's "no cuda
+//! and the LoRA part, the gates and the quantised linear have a GPU backward; the weight-space
+//! LoRA's backward copies to the host and runs the CPU backward. Without `candle-cuda` a CUDA tensor gives candle's "no cuda
 //! implementation" error. The CUDA forward of [`mole_lora`] takes `E·r` up to 512
 //! (`molora::cuda::DENSE_GATED_MAX_COLUMNS`, the dense-gated kernels'); an error names larger ones.
 
@@ -61,6 +60,14 @@ impl QuantWeight {
         match self {
             QuantWeight::Nf4(w) => w.cols(),
             QuantWeight::Int8(w) => w.cols(),
+        }
+    }
+
+    /// The weight borrowed as the crate's functions over both formats take it.
+    pub fn as_ref(&self) -> cpu::QuantWeightRef<'_> {
+        match self {
+            QuantWeight::Nf4(w) => cpu::QuantWeightRef::Nf4(w),
+            QuantWeight::Int8(w) => cpu::QuantWeightRef::Int8(w),
         }
     }
 
@@ -879,14 +886,21 @@ impl CustomOp1 for QuantLinear {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        // dx = dy·deq(W), the dequantised weight built for this call only.
-        let deq = Tensor::from_vec(
-            self.weight.dequantize(),
-            (self.weight.rows(), self.weight.cols()),
-            x.device(),
-        )?;
-        let dx = grad.to_dtype(DType::F32)?.matmul(&deq)?;
-        Ok(Some(dx.to_dtype(x.dtype())?))
+        // dx = dy·deq(W) on the packed weight (the weight is frozen).
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return Ok(Some(super::cuda_ops::quant_bwd(
+                &self.weight,
+                grad,
+                x.dtype(),
+            )?));
+        }
+        let (t, _) = grad.dims2()?;
+        let dx = cpu::quant_matmul_dx(&host_f32(grad)?, t, &QuantWeight::as_ref(&self.weight))
+            .map_err(msg)?;
+        Ok(Some(
+            Tensor::from_vec(dx, (t, self.weight.cols()), x.device())?.to_dtype(x.dtype())?,
+        ))
     }
 }
 

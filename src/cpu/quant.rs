@@ -40,7 +40,7 @@
 
 use crate::error::{check_finite, check_len, Error, Result};
 pub(crate) use crate::quant::{check_dims, NF4_ZERO_CODE};
-pub use crate::quant::{Int8Weight, Nf4Weight, NF4_BLOCK, NF4_TABLE};
+pub use crate::quant::{Int8Weight, Nf4Weight, QuantWeightRef, NF4_BLOCK, NF4_TABLE};
 use crate::Element;
 
 /// Midpoints between neighbouring code-book values, `(NF4_TABLE[c] + NF4_TABLE[c + 1]) / 2` in f32.
@@ -231,4 +231,30 @@ mod tests {
             assert_eq!(nf4_code(mid[c] + 1e-6, &mid), c as u8 + 1);
         }
     }
+}
+
+/// The quantised matmul's backward to its input, for a frozen weight `W` `[rows, cols]` (NF4 or
+/// int8): `dx[t, i] = Σ_{o = 0..rows} dy[t, o]·deq(W)[o, i]`, f32 products and an f32 sum in row order
+/// from 0; `dy` `[T, rows]` (any element type, converted exactly), `dx` f32 `[T, cols]`.
+///
+/// Errors: wrong `dy` length ([`Error::LengthMismatch`]), NaN/infinite `dy` ([`Error::NonFinite`]).
+pub fn quant_matmul_dx<T: Element>(
+    dy: &[T],
+    num_tokens: usize,
+    w: &crate::quant::QuantWeightRef<'_>,
+) -> Result<Vec<f32>> {
+    let (rows, cols) = w.dims();
+    let n = crate::error::checked_elems("dy [T, rows]", num_tokens, rows, 4)?;
+    check_len("dy [T, rows]", n, dy.len())?;
+    let dy = to_finite_f32("dy", dy)?;
+    let deq = w.dequantize();
+    let mut dx = vec![0.0f32; crate::error::checked_elems("dx [T, cols]", num_tokens, cols, 4)?];
+    for (g, out) in dy.chunks_exact(rows).zip(dx.chunks_exact_mut(cols)) {
+        for (o, &go) in g.iter().enumerate() {
+            for (acc, &wv) in out.iter_mut().zip(&deq[o * cols..(o + 1) * cols]) {
+                *acc += go * wv;
+            }
+        }
+    }
+    Ok(dx)
 }

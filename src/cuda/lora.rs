@@ -31,6 +31,8 @@ pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
     #[doc(hidden)]
     const QUANT_MATMUL: Kernel<ffi::molora_quant_matmul_args>;
     #[doc(hidden)]
+    const QUANT_MATMUL_DX: Kernel<ffi::molora_quant_matmul_dx_args>;
+    #[doc(hidden)]
     const LORA_BACKWARD: Kernel<ffi::molora_lora_backward_args>;
     #[doc(hidden)]
     const ROUTER_BACKWARD: Kernel<ffi::molora_router_backward_args>;
@@ -64,6 +66,8 @@ impl CudaElement for f32 {
         kernel!(molora_quantize_int8_f32, molora_emu_quantize_int8_f32);
     const QUANT_MATMUL: Kernel<ffi::molora_quant_matmul_args> =
         kernel!(molora_quant_matmul_f32, molora_emu_quant_matmul_f32);
+    const QUANT_MATMUL_DX: Kernel<ffi::molora_quant_matmul_dx_args> =
+        kernel!(molora_quant_matmul_dx_f32, molora_emu_quant_matmul_dx_f32);
     const LORA_BACKWARD: Kernel<ffi::molora_lora_backward_args> =
         kernel!(molora_lora_backward_f32, molora_emu_lora_backward_f32);
     const ROUTER_BACKWARD: Kernel<ffi::molora_router_backward_args> =
@@ -95,6 +99,8 @@ impl CudaElement for f16 {
         kernel!(molora_quantize_int8_f16, molora_emu_quantize_int8_f16);
     const QUANT_MATMUL: Kernel<ffi::molora_quant_matmul_args> =
         kernel!(molora_quant_matmul_f16, molora_emu_quant_matmul_f16);
+    const QUANT_MATMUL_DX: Kernel<ffi::molora_quant_matmul_dx_args> =
+        kernel!(molora_quant_matmul_dx_f16, molora_emu_quant_matmul_dx_f16);
     const LORA_BACKWARD: Kernel<ffi::molora_lora_backward_args> =
         kernel!(molora_lora_backward_f16, molora_emu_lora_backward_f16);
     const ROUTER_BACKWARD: Kernel<ffi::molora_router_backward_args> =
@@ -130,6 +136,8 @@ impl CudaElement for bf16 {
         kernel!(molora_quantize_int8_bf16, molora_emu_quantize_int8_bf16);
     const QUANT_MATMUL: Kernel<ffi::molora_quant_matmul_args> =
         kernel!(molora_quant_matmul_bf16, molora_emu_quant_matmul_bf16);
+    const QUANT_MATMUL_DX: Kernel<ffi::molora_quant_matmul_dx_args> =
+        kernel!(molora_quant_matmul_dx_bf16, molora_emu_quant_matmul_dx_bf16);
     const LORA_BACKWARD: Kernel<ffi::molora_lora_backward_args> =
         kernel!(molora_lora_backward_bf16, molora_emu_lora_backward_bf16);
     const ROUTER_BACKWARD: Kernel<ffi::molora_router_backward_args> =

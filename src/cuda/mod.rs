@@ -78,7 +78,8 @@ pub use memory::{
 };
 #[cfg(feature = "cuda")]
 pub use quant::{
-    quant_matmul, quant_matmul_on, quantize_int8, quantize_nf4, DeviceQuantWeight, QuantKernel,
+    quant_matmul, quant_matmul_dx, quant_matmul_on, quantize_int8, quantize_nf4, DeviceQuantWeight,
+    QuantKernel,
 };
 #[cfg(feature = "cuda")]
 pub use selftest::{run_selftest, SelfTest};

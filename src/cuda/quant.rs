@@ -271,3 +271,61 @@ pub fn quant_matmul_on<T: CudaElement>(
     // fit an i32 and the token tiles fit the grid. The launch orders every buffer on the device.
     unsafe { l.run(&T::QUANT_MATMUL, &args) }
 }
+
+/// The quantised matmul's backward to its input (the weight is frozen):
+/// `dx[t, i] = Σ_o dy[t, o]·deq(W)[o, i]`, f32 `[T, cols]`, from `dy` `[T, rows]` on the device,
+/// without dequantising the weight into a dense copy. GPU counterpart of
+/// [`crate::cpu::quant_matmul_dx`]. Asynchronous.
+pub fn quant_matmul_dx<T: CudaElement>(
+    dev: &Device,
+    dy: &impl DeviceRead<T>,
+    num_tokens: usize,
+    w: &DeviceQuantWeight,
+    dx: &mut impl DeviceWrite<f32>,
+) -> Result<()> {
+    const OP: &str = "quant_matmul_dx";
+    let (rows, cols) = (w.rows(), w.cols());
+    let fits = num_tokens
+        .checked_mul(rows.max(cols))
+        .is_some_and(|n| n <= i32::MAX as usize);
+    if !fits || num_tokens.div_ceil(64) > 65535 {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!(
+                "{num_tokens} tokens of {rows} -> {cols} (indices must fit an i32, at most 65535·64 tokens)"
+            ),
+        });
+    }
+    let mut l = Launch::new(dev, OP);
+    let dy = l.input("dy [T, d_out]", dy, num_tokens * rows)?;
+    let dx = l.output("dx [T, d_in]", dx, num_tokens * cols)?;
+    let (packed, q, scales) = match w {
+        DeviceQuantWeight::Nf4 { packed, absmax, .. } => (
+            l.input_any("NF4 codes", packed)?,
+            std::ptr::null(),
+            l.input_any("NF4 absmax", absmax)?,
+        ),
+        DeviceQuantWeight::Int8 { q, scales, .. } => (
+            std::ptr::null(),
+            l.input_any("int8 codes", q)?,
+            l.input_any("int8 scales", scales)?,
+        ),
+    };
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let args = ffi::molora_quant_matmul_dx_args {
+        dy: dy.cast(),
+        packed,
+        q,
+        scales,
+        dx,
+        num_tokens: num_tokens as i32,
+        rows: rows as i32,
+        cols: cols as i32,
+    };
+    // SAFETY: dy holds T·rows and dx T·cols elements (checked); the weight's buffers were allocated
+    // for rows·cols codes and their scales, exactly one of packed / q is set; every index fits an i32
+    // and the token tiles fit the grid.
+    unsafe { l.run(&T::QUANT_MATMUL_DX, &args) }
+}
