@@ -14,7 +14,7 @@ use half::bf16;
 
 use crate::cpu::{self, Experts};
 use crate::error::Result;
-use crate::testing::Rng;
+use crate::Rng;
 use crate::{Element, LoraShape, Routing};
 
 /// One bench shape: tokens, d_in, d_out, experts, rank, k.

@@ -43,13 +43,16 @@ pub mod dtype;
 pub mod error;
 #[cfg(feature = "candle")]
 pub mod model;
+pub mod rng;
 pub mod routing;
 pub mod shape;
+#[doc(hidden)]
 pub mod testing;
 
 pub use dispatch::DispatchPlan;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use rng::Rng;
 pub use routing::{AdapterSegments, Routing, Segments, SeqRouting};
 pub use shape::{LoraShape, MAX_RANK};
 

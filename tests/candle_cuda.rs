@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use molora::candle::ops::{
     host_f32, mole_lora, quant_linear, threshold_gate, top_k_gate, weight_space_lora, QuantWeight,
 };
-use molora::testing::{cases, compare, gpu_only, Rng, Tolerance};
+use molora::testing::{cases, compare, gpu_only, Tolerance};
+use molora::Rng;
 use proptest::prelude::*;
 
 /// candle's CUDA device 0, or `None` after the shared helper printed why the test is skipped.

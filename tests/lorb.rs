@@ -11,7 +11,7 @@ use molora::model::lorb::{
     run_lorb_demo, word_errors, LorbDemoConfig, NormKind, Rescorer, RescorerConfig, RescoringTask,
     ROW_NAMES,
 };
-use molora::testing::Rng;
+use molora::Rng;
 
 fn t64(v: &[f64], dims: (usize, usize)) -> Tensor {
     Tensor::from_vec(v.to_vec(), dims, &Device::Cpu).unwrap()

@@ -11,7 +11,8 @@ use molora::cpu::{self, Activation, DenseBase, Experts, Gate, RouterWeights, Thr
 use molora::model::demo::{run_hdmole_demo, HdmoleDemoConfig};
 use molora::model::linear::{Combine, Ctx, GateMode, MoleConfig, MoleLinear, ThresholdMode};
 use molora::model::weights::{load_peft_adapter, load_tensors, save_tensors};
-use molora::testing::{assert_close, Rng, Tolerance};
+use molora::testing::{assert_close, Tolerance};
+use molora::Rng;
 use molora::{LoraShape, Segments, SeqRouting};
 
 fn host(t: &Tensor) -> Vec<f32> {

@@ -51,7 +51,7 @@ use super::lora::{
 use super::memory::{gpu_view, gpu_view_mut, Buffer, BufferView, DeviceRead, DeviceWrite};
 use super::DeviceLoraGrads;
 use crate::cpu::{Activation, Gate, ThresholdSpec};
-use crate::testing::Rng;
+use crate::Rng;
 use crate::{AdapterSegments, DType, Error, LoraShape, Result, Segments};
 
 /// How the tokens of a [`BenchCase`] are routed.

@@ -28,7 +28,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use crate::error::{Error, Result};
 use crate::model::hdmole::{AsrConfig, AsrModel};
 use crate::model::linear::{Combine, GateMode, MoleConfig, ThresholdMode};
-use crate::testing::Rng;
+use crate::Rng;
 
 /// Settings of the HDMoLE demo.
 #[derive(Debug, Clone, PartialEq)]

@@ -41,7 +41,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, MoleConfig, MoleLinear};
-use crate::testing::Rng;
+use crate::Rng;
 
 /// The padding token id (masked out of attention).
 pub const PAD_ID: u32 = 0;

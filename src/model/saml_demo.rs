@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::model::demo::Domains;
 use crate::model::linear::QuantFormat;
 use crate::model::saml::{SamlConfig, SamlModel};
-use crate::testing::Rng;
+use crate::Rng;
 
 /// Settings of the SAML demo (PAPERS.md's defaults where it gives them).
 #[derive(Debug, Clone, PartialEq)]
