@@ -38,6 +38,8 @@ pub mod bench;
 pub mod candle;
 pub mod cpu;
 pub mod cuda;
+#[cfg(feature = "candle")]
+pub mod demo;
 pub mod dispatch;
 pub mod dtype;
 pub mod error;
