@@ -358,6 +358,8 @@ impl Clone for LastRouting {
 }
 
 /// The generator of [`ModuleT::forward_t`]'s dropout, owned by the layer.
+///
+/// [`ModuleT::forward_t`]: candle_nn::ModuleT::forward_t
 #[derive(Debug)]
 struct DropoutRng(Mutex<Rng>);
 
@@ -972,6 +974,8 @@ impl MoleLinear {
     }
 
     /// Reseeds the generator [`ModuleT::forward_t`] draws its dropout masks from.
+    ///
+    /// [`ModuleT::forward_t`]: candle_nn::ModuleT::forward_t
     pub fn reseed_dropout(&mut self, seed: u64) {
         self.dropout_rng = DropoutRng(Mutex::new(Rng::new(seed)));
     }
