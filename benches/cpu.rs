@@ -8,7 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use molora::cpu::{self, Activation, DenseBase, Experts, Gate, ThresholdSpec};
-use molora::testing::Rng;
+use molora::Rng;
 use molora::{AdapterSegments, Element, LoraShape, Segments, SeqRouting};
 use std::hint::black_box;
 

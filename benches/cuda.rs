@@ -22,8 +22,8 @@ use molora::cuda::{
     lora_dense_gated_on, Buffer, DenseGatedWorkspace, Device, DeviceGate, DeviceRouter, KernelPath,
     LoraPath, MoleLoraForward,
 };
-use molora::testing::Rng;
 use molora::LoraShape;
+use molora::Rng;
 
 const D: usize = 4096;
 const E: usize = 8;

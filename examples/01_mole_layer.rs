@@ -8,7 +8,7 @@ use molora::cpu::{
     self, Activation, BaseWeight, DenseBase, Experts, Gate, HierarchicalCombine, RouterWeights,
     ThresholdSpec,
 };
-use molora::testing::Rng;
+use molora::Rng;
 use molora::{Element, LoraShape, Result, Routing, Segments, SeqRouting};
 
 /// Deterministic pseudo-random values in [-scale, scale).

@@ -37,6 +37,8 @@
 pub mod candle;
 pub mod cpu;
 pub mod cuda;
+#[cfg(feature = "candle")]
+pub mod demo;
 pub mod dispatch;
 pub mod dtype;
 pub mod error;
@@ -45,13 +47,16 @@ pub mod grads;
 #[cfg(feature = "candle")]
 pub mod model;
 pub mod quant;
+pub mod rng;
 pub mod routing;
 pub mod shape;
+#[doc(hidden)]
 pub mod testing;
 
 pub use dispatch::DispatchPlan;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use rng::Rng;
 pub use routing::{AdapterSegments, Routing, Segments, SeqRouting};
 pub use shape::{LoraShape, MAX_RANK};
 

@@ -1,10 +1,12 @@
-//! Comparison helpers shared by the property tests (CPU invariants, and CUDA against the CPU
-//! reference), exposed so downstream backends can check themselves the same way.
+//! Test support, not API: the comparison helpers of the property tests (CPU invariants, and CUDA
+//! against the CPU reference), the case count and the choice of test device. The GPU test suite and
+//! the bench programs use them, so they live in the library; they are hidden from its documentation
+//! and may change without notice.
 //!
 //! A value passes when `|got − want| ≤ atol + rtol·|want|`; the tolerance depends on the element type
 //! the result was rounded to (see [`Tolerance::for_dtype`]).
 
-use crate::dtype::{DType, Element};
+use crate::dtype::DType;
 
 /// Absolute and relative tolerance of a comparison.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -103,53 +105,6 @@ pub fn compare(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> Result<
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
     if let Err(msg) = compare(what, got, want, tol) {
         panic!("{msg}");
-    }
-}
-
-/// A small deterministic generator (xorshift64) for tests, benches and examples: a seed gives the
-/// same values on every machine, with no dependency.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from any seed (0 included).
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform in `0..n` (0 when `n` is 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.uniform() * n as f64) as usize).min(n.saturating_sub(1))
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform().max(1e-300), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-    /// `n` values uniform in `[-scale, scale)`, rounded to `T`.
-    pub fn values<T: Element>(&mut self, n: usize, scale: f32) -> Vec<T> {
-        (0..n)
-            .map(|_| T::from_f32((self.uniform() as f32 * 2.0 - 1.0) * scale))
-            .collect()
-    }
-    /// `n` normal values with standard deviation `scale`.
-    pub fn normals(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n).map(|_| self.normal() * scale).collect()
-    }
-    /// `n` f64 values uniform in `[-scale, scale)`.
-    pub fn values_f64(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n)
-            .map(|_| (self.uniform() * 2.0 - 1.0) * scale)
-            .collect()
     }
 }
 

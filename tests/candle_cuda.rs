@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use molora::candle::ops::{
     host_f32, mole_lora, quant_linear, threshold_gate, top_k_gate, weight_space_lora, QuantWeight,
 };
-use molora::testing::{cases, compare, gpu_only, Rng, Tolerance};
+use molora::testing::{cases, compare, gpu_only, Tolerance};
+use molora::Rng;
 use proptest::prelude::*;
 
 /// candle's CUDA device 0, or `None` after the shared helper printed why the test is skipped.
@@ -315,8 +316,8 @@ proptest! {
 
 #[test]
 fn hdmole_demo_trains_on_cuda_and_beats_the_base() {
-    use molora::model::demo::{run_hdmole_demo, HdmoleDemoConfig};
-    use molora::model::DemoDevice;
+    use molora::demo::hdmole::{run_hdmole_demo, HdmoleDemoConfig};
+    use molora::demo::DemoDevice;
     if cuda("hdmole_demo_trains_on_cuda_and_beats_the_base").is_none() {
         return;
     }
@@ -338,9 +339,9 @@ fn hdmole_demo_trains_on_cuda_and_beats_the_base() {
 
 #[test]
 fn saml_and_lorb_demos_train_on_cuda_and_beat_their_baselines() {
-    use molora::model::lorb::{run_lorb_demo, LorbDemoConfig};
-    use molora::model::saml_demo::{run_saml_demo, SamlDemoConfig};
-    use molora::model::DemoDevice;
+    use molora::demo::lorb::{run_lorb_demo, LorbDemoConfig};
+    use molora::demo::saml::{run_saml_demo, SamlDemoConfig};
+    use molora::demo::DemoDevice;
     if cuda("saml_and_lorb_demos_train_on_cuda_and_beat_their_baselines").is_none() {
         return;
     }

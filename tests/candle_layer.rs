@@ -10,7 +10,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use molora::candle::ops;
 use molora::model::linear::{GateMode, MoleConfig, MoleLinear, QuantFormat, ThresholdMode};
 use molora::model::weights::{save_tensors, MOLORA_METADATA_KEY};
-use molora::testing::Rng;
+use molora::Rng;
 
 fn host(t: &Tensor) -> Vec<f32> {
     ops::host_f32(t).unwrap()

@@ -10,7 +10,7 @@ use molora::candle::ops::{
     mole_lora, quant_linear, routed_lora, threshold_gate, top_k_gate, weight_space_lora,
     QuantWeight, RoutedGate,
 };
-use molora::testing::Rng;
+use molora::Rng;
 
 fn randn(rng: &mut Rng, dims: &[usize], scale: f32) -> Tensor {
     let n: usize = dims.iter().product();

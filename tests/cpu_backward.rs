@@ -9,8 +9,8 @@ use molora::cpu::backward::{
     lora_forward, mix_backward, mix_combine_backward, product_combine_backward, router_backward,
     sigmoid_backward, softmax_backward, switch_balance_loss,
 };
-use molora::testing::Rng;
 use molora::LoraShape;
+use molora::Rng;
 use proptest::prelude::*;
 
 const EPS: f64 = 1e-6;

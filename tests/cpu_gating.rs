@@ -9,8 +9,8 @@ use molora::cpu::gating::{
     Activation, Gate, HierarchicalCombine, RouterWeights, ThresholdSpec,
 };
 use molora::half::{bf16, f16};
-use molora::testing::Rng;
 use molora::testing::{compare, Tolerance};
+use molora::Rng;
 use molora::{DType, Element, Error, Routing, Segments, SeqRouting};
 use proptest::prelude::*;
 

@@ -6,8 +6,8 @@
 
 use half::{bf16, f16};
 use molora::cpu::{self, BaseWeight, DenseBase, Experts};
-use molora::testing::Rng;
 use molora::testing::{compare, Tolerance};
+use molora::Rng;
 use molora::{
     AdapterSegments, DType, Element, Error, LoraShape, Routing, Segments, SeqRouting, MAX_RANK,
 };

@@ -9,8 +9,8 @@ use molora::cpu::quant::{
     NF4_TABLE,
 };
 use molora::half::{bf16, f16};
-use molora::testing::Rng;
 use molora::testing::{compare, Tolerance};
+use molora::Rng;
 use molora::{DType, Element, Error};
 use proptest::prelude::*;
 

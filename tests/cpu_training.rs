@@ -5,8 +5,8 @@
 //! (checked on a domain × expert table of mean routing weights).
 
 use molora::cpu::backward::{lora_backward, lora_forward, router_backward, softmax_backward};
-use molora::testing::Rng;
 use molora::LoraShape;
+use molora::Rng;
 
 struct Adam {
     m: Vec<f64>,

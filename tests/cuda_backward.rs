@@ -14,7 +14,8 @@ mod gpu {
         router_backward, shrink_segments, CudaElement, Device, DeviceGate, DeviceLoraGrads,
         DevicePlan, DeviceSegments, DeviceSeqRouting, DlambdaOut,
     };
-    use molora::testing::{compare, test_device, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Tolerance};
+    use molora::Rng;
     use molora::{AdapterSegments, DType, LoraShape, Segments, SeqRouting};
     use proptest::prelude::*;
 

@@ -12,7 +12,8 @@ mod gpu {
         dispatch, gather_rows, scatter_combine, CudaElement, Device, DevicePlan,
         MAX_DISPATCH_EXPERTS,
     };
-    use molora::testing::{compare, test_device, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Tolerance};
+    use molora::Rng;
     use molora::{Error, Routing};
     use proptest::prelude::*;
 

@@ -8,7 +8,8 @@ mod gpu {
     use half::bf16;
     use molora::cpu::{self, backward, Activation, Gate, RouterWeights, ThresholdSpec};
     use molora::cuda::{DeviceGate, DeviceRouter, LoraPath, MoleLoraForward};
-    use molora::testing::{compare, test_device, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Tolerance};
+    use molora::Rng;
     use molora::{DType, LoraShape, Routing};
     use proptest::prelude::*;
 

@@ -12,7 +12,8 @@ mod gpu {
         dispatch, expand_experts, gating, router_logits, shrink_experts, Device, DeviceGate,
         DevicePlan,
     };
-    use molora::testing::{compare, gpu_only, Rng, Tolerance};
+    use molora::testing::{compare, gpu_only, Tolerance};
+    use molora::Rng;
     use molora::{DType, LoraShape};
 
     fn vals(n: usize, seed: u64, scale: f32) -> Vec<bf16> {

@@ -13,7 +13,8 @@ mod gpu {
         DenseGatedConfig, DenseGatedWorkspace, Device, DevicePlan, DeviceSegments, KernelPath,
         DENSE_GATED_MAX_COLUMNS,
     };
-    use molora::testing::{compare, test_device, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Tolerance};
+    use molora::Rng;
     use molora::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
     use proptest::prelude::*;
 
@@ -823,7 +824,8 @@ mod gpu_backward {
         dispatch, lora_backward_dense_gated, lora_backward_experts, lora_dense_gated,
         shrink_experts, CudaElement, DenseGatedWorkspace, Device, DeviceLoraGrads, DevicePlan,
     };
-    use molora::testing::{compare, test_device, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Tolerance};
+    use molora::Rng;
     use molora::{DType, LoraShape, Routing};
     use proptest::prelude::*;
 

@@ -9,7 +9,8 @@ mod gpu {
         quant_matmul, quant_matmul_dx, quant_matmul_on, quantize_int8, quantize_nf4, CudaElement,
         DeviceQuantWeight, QuantKernel,
     };
-    use molora::testing::{compare, test_device, Rng, Tolerance};
+    use molora::testing::{compare, test_device, Tolerance};
+    use molora::Rng;
     use molora::{DType, Element, Error};
     use proptest::prelude::*;
 

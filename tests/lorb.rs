@@ -5,13 +5,15 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use molora::demo::lorb::{
+    encode_lists, run_lorb_demo, word_errors, LorbDemoConfig, RescoringTask, ROW_NAMES,
+};
 use molora::model::linear::{Ctx, MoleConfig};
 use molora::model::lorb::{
-    combined_scores, correlation_loss, encode_lists, mwed_loss, mwer_loss, nbest_posteriors,
-    run_lorb_demo, word_errors, LorbDemoConfig, NormKind, Rescorer, RescorerConfig, RescoringTask,
-    ROW_NAMES,
+    combined_scores, correlation_loss, mwed_loss, mwer_loss, nbest_posteriors, NormKind, Rescorer,
+    RescorerConfig,
 };
-use molora::testing::Rng;
+use molora::Rng;
 
 fn t64(v: &[f64], dims: (usize, usize)) -> Tensor {
     Tensor::from_vec(v.to_vec(), dims, &Device::Cpu).unwrap()

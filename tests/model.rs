@@ -8,10 +8,11 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use molora::cpu::{self, Activation, DenseBase, Experts, Gate, RouterWeights, ThresholdSpec};
-use molora::model::demo::{run_hdmole_demo, HdmoleDemoConfig};
+use molora::demo::hdmole::{run_hdmole_demo, HdmoleDemoConfig};
 use molora::model::linear::{Combine, Ctx, GateMode, MoleConfig, MoleLinear, ThresholdMode};
 use molora::model::weights::{load_peft_adapter, load_tensors, save_tensors};
-use molora::testing::{assert_close, Rng, Tolerance};
+use molora::testing::{assert_close, Tolerance};
+use molora::Rng;
 use molora::{LoraShape, Segments, SeqRouting};
 
 fn host(t: &Tensor) -> Vec<f32> {
@@ -425,7 +426,7 @@ fn hdmole_demo_runs_end_to_end_and_beats_the_base_on_the_accents() {
 
 #[test]
 fn saml_demo_runs_end_to_end_and_adaptation_beats_the_quantised_model() {
-    use molora::model::saml_demo::{run_saml_demo, SamlDemoConfig};
+    use molora::demo::saml::{run_saml_demo, SamlDemoConfig};
     let cfg = SamlDemoConfig::tiny();
     let report = run_saml_demo(&cfg, &mut |_| {}).unwrap();
     let table = report.to_markdown();
@@ -444,7 +445,7 @@ fn saml_demo_runs_end_to_end_and_adaptation_beats_the_quantised_model() {
 /// router softmax and the gates in f32): the same headline directions as in f32.
 #[test]
 fn hdmole_and_saml_demos_run_in_bf16() {
-    use molora::model::saml_demo::{run_saml_demo, SamlDemoConfig};
+    use molora::demo::saml::{run_saml_demo, SamlDemoConfig};
     let cfg = HdmoleDemoConfig {
         dtype: candle_core::DType::BF16,
         ..HdmoleDemoConfig::tiny()

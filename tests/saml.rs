@@ -11,7 +11,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use molora::model::linear::QuantFormat;
 use molora::model::saml::{Router, SamlConfig, SamlModel};
 use molora::model::weights::LoraPair;
-use molora::testing::Rng;
+use molora::Rng;
 
 fn host(t: &Tensor) -> Vec<f32> {
     molora::candle::ops::host_f32(t).unwrap()

@@ -12,8 +12,8 @@ use molora::model::weights::{
     inspect, load_peft_adapter, load_tensors, save_peft_adapter, save_tensors, stack_experts,
     LoraPair, PeftConfig,
 };
-use molora::testing::Rng;
 use molora::Error;
+use molora::Rng;
 
 const TARGETS: [&str; 4] = ["k_proj", "out_proj", "q_proj", "v_proj"];
 

@@ -14,7 +14,7 @@ use half::bf16;
 
 use molora::cpu::{self, Experts};
 use molora::error::Result;
-use molora::testing::Rng;
+use molora::Rng;
 use molora::{Element, LoraShape, Routing};
 
 /// One bench shape: tokens, d_in, d_out, experts, rank, k.

@@ -51,7 +51,7 @@ use molora::cuda::{gpu_view, gpu_view_mut, Buffer, BufferView, DeviceRead, Devic
 use molora::cuda::{lora_backward_experts, mix_backward};
 use molora::cuda::{DeviceRouter, MoleLoraForward};
 use molora::gate::{Activation, Gate, ThresholdSpec};
-use molora::testing::Rng;
+use molora::Rng;
 use molora::{AdapterSegments, DType, Error, LoraShape, Result, Segments};
 
 /// How the tokens of a [`BenchCase`] are routed.

@@ -215,24 +215,6 @@ fn matmul_f32(x: &[f32], w: &[f32], rows: usize, cols: usize, bias: Option<&[f32
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn midpoints_split_the_table() {
-        let mid = nf4_midpoints();
-        for (c, &t) in NF4_TABLE.iter().enumerate() {
-            assert_eq!(nf4_code(t, &mid), c as u8);
-        }
-        for c in 0..15 {
-            // Exactly on a midpoint: the lower code; just above: the upper one.
-            assert_eq!(nf4_code(mid[c], &mid), c as u8);
-            assert_eq!(nf4_code(mid[c] + 1e-6, &mid), c as u8 + 1);
-        }
-    }
-}
-
 /// The quantised matmul's backward to its input, for a frozen weight `W` `[rows, cols]` (NF4 or
 /// int8): `dx[t, i] = Σ_{o = 0..rows} dy[t, o]·deq(W)[o, i]`, f32 products and an f32 sum in row order
 /// from 0; `dy` `[T, rows]` (any element type, converted exactly), `dx` f32 `[T, cols]`.
@@ -257,4 +239,22 @@ pub fn quant_matmul_dx<T: Element>(
         }
     }
     Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn midpoints_split_the_table() {
+        let mid = nf4_midpoints();
+        for (c, &t) in NF4_TABLE.iter().enumerate() {
+            assert_eq!(nf4_code(t, &mid), c as u8);
+        }
+        for c in 0..15 {
+            // Exactly on a midpoint: the lower code; just above: the upper one.
+            assert_eq!(nf4_code(mid[c], &mid), c as u8);
+            assert_eq!(nf4_code(mid[c] + 1e-6, &mid), c as u8 + 1);
+        }
+    }
 }

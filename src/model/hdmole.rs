@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, MoleConfig, MoleLinear, Routed};
 use crate::model::nn::{rms_norm, softmax};
-use crate::testing::Rng;
+use crate::Rng;
 
 /// Sizes of an [`AsrModel`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,8 +29,8 @@ use crate::candle::ops::{self, QuantWeight, RoutedGate};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::model::weights::LoraPair;
-use crate::testing::Rng;
 use crate::LoraShape;
+use crate::Rng;
 
 /// How the router's probabilities become the weights of the experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -358,6 +358,8 @@ impl Clone for LastRouting {
 }
 
 /// The generator of [`ModuleT::forward_t`]'s dropout, owned by the layer.
+///
+/// [`ModuleT::forward_t`]: candle_nn::ModuleT::forward_t
 #[derive(Debug)]
 struct DropoutRng(Mutex<Rng>);
 

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, GateMode, MoleConfig, MoleLinear, QuantFormat};
 use crate::model::nn::{rms_norm as rms, softmax};
 use crate::model::weights::LoraPair;
-use crate::testing::Rng;
+use crate::Rng;
 
 /// Sizes of a [`SamlModel`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -222,7 +222,7 @@ fn targets(s: &str) -> Result<Targets, String> {
     if list.is_empty() {
         return Err("the list is empty: name at least one layer".into());
     }
-    match molora::model::demo::check_targets(&list) {
+    match molora::demo::hdmole::check_targets(&list) {
         Ok(_) => Ok(Targets(list)),
         Err(molora::Error::Unsupported { what, .. }) => Err(what),
         Err(e) => Err(e.to_string()),

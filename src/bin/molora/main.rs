@@ -72,10 +72,10 @@ fn shown(p: &Path) -> String {
 }
 
 /// The demo's device for `--device`: CUDA device 0 for `cuda`.
-fn demo_device(dev: DeviceArg) -> molora::model::DemoDevice {
+fn demo_device(dev: DeviceArg) -> molora::demo::DemoDevice {
     match dev {
-        DeviceArg::Cuda => molora::model::DemoDevice::Cuda(0),
-        DeviceArg::Cpu => molora::model::DemoDevice::Cpu,
+        DeviceArg::Cuda => molora::demo::DemoDevice::Cuda(0),
+        DeviceArg::Cpu => molora::demo::DemoDevice::Cpu,
     }
 }
 
@@ -83,7 +83,7 @@ fn demo_device(dev: DeviceArg) -> molora::model::DemoDevice {
 /// flags), the device opened, the output directory checked and staged.
 fn prepare(
     check: molora::Result<()>,
-    device: molora::model::DemoDevice,
+    device: molora::demo::DemoDevice,
     common: &DemoCommon,
     files: &[&str],
 ) -> Result<Option<OutDir>, Fail> {
@@ -127,7 +127,7 @@ fn finish(
 }
 
 fn demo_hdmole(a: HdmoleArgs) -> Result<(), Fail> {
-    use molora::model::demo::{run_hdmole_demo, HdmoleDemoConfig};
+    use molora::demo::hdmole::{run_hdmole_demo, HdmoleDemoConfig};
     let mut cfg = if a.common.small {
         HdmoleDemoConfig::small()
     } else {
@@ -179,7 +179,7 @@ fn demo_hdmole(a: HdmoleArgs) -> Result<(), Fail> {
 }
 
 fn demo_saml(a: SamlArgs) -> Result<(), Fail> {
-    use molora::model::saml_demo::{run_saml_demo, SamlDemoConfig};
+    use molora::demo::saml::{run_saml_demo, SamlDemoConfig};
     let mut cfg = if a.common.small {
         SamlDemoConfig::tiny()
     } else {
@@ -213,7 +213,7 @@ fn demo_saml(a: SamlArgs) -> Result<(), Fail> {
 }
 
 fn demo_lorb(a: LorbArgs) -> Result<(), Fail> {
-    use molora::model::lorb::{run_lorb_demo, LorbDemoConfig};
+    use molora::demo::lorb::{run_lorb_demo, LorbDemoConfig};
     let mut cfg = if a.common.small {
         LorbDemoConfig::tiny()
     } else {

@@ -1,6 +1,6 @@
 //! `molora demo saml`: SAML on an NF4-quantised Whisper-shaped model, adapted per target speaker.
 //!
-//! Data: the synthetic task of the HDMoLE demo ([`Domains`]) read as speech: an utterance is `L`
+//! Data: the synthetic task shared with the HDMoLE demo ([`Domains`]) read as speech: an utterance is `L`
 //! tokens, each rendered as a frame by its speaker's own affine distortion of the token's prototype.
 //! Speakers `1..=P` form the pretraining pool, the next `E` are the training speakers whose rank-1
 //! LoRAs become the experts, the last `S` are the target speakers adapted to at test time.
@@ -17,11 +17,11 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
+use super::domains::{Domains, DomainsConfig};
 use crate::error::{Error, Result};
-use crate::model::demo::Domains;
 use crate::model::linear::QuantFormat;
 use crate::model::saml::{SamlConfig, SamlModel};
-use crate::testing::Rng;
+use crate::Rng;
 
 /// Settings of the SAML demo (PAPERS.md's defaults where it gives them).
 #[derive(Debug, Clone, PartialEq)]
@@ -259,12 +259,14 @@ pub fn run_saml_demo(cfg: &SamlDemoConfig, progress: &mut dyn FnMut(&str)) -> Re
     let dev = cfg.device.candle()?;
     let mut rng = Rng::new(cfg.seed);
     let n_spk = cfg.pool_speakers + cfg.experts + cfg.target_speakers;
-    let data = Domains::with_params(
-        cfg.model.d_feat,
-        cfg.model.vocab,
-        cfg.noise,
-        n_spk,
-        cfg.speaker_strength,
+    let data = Domains::from_config(
+        &DomainsConfig {
+            d_feat: cfg.model.d_feat,
+            vocab: cfg.model.vocab,
+            noise: cfg.noise,
+            count: n_spk,
+            strength: cfg.speaker_strength,
+        },
         &mut rng,
     );
     let pool: Vec<usize> = (1..=cfg.pool_speakers).collect();

@@ -1,0 +1,50 @@
+//! The `molora demo` programs (feature `candle`): each trains the models of [`crate::model`] on a
+//! deterministic synthetic task and reports what it measured.
+//!
+//! - [`hdmole`]: HDMoLE against full fine-tuning, one LoRA and top-k MoLE on a multi-accent task;
+//! - [`saml`]: SAML on an NF4-quantised Whisper-shaped model, adapted per target speaker;
+//! - [`lorb`]: LoRB (LoRA for a second-pass rescorer) adapted to a new domain of N-best lists;
+//! - [`domains`]: the synthetic accent/speaker task the HDMoLE and SAML demos share.
+//!
+//! Every demo trains on a [`DemoDevice`] and draws its data and initialisation from one seeded
+//! [`Rng`](crate::Rng), so a configuration reproduces its report.
+
+pub mod domains;
+pub mod hdmole;
+pub mod lorb;
+pub mod saml;
+
+/// Where a demo trains: candle's CPU backend, or a CUDA device through candle's CUDA backend with
+/// molora's kernels behind the custom ops (feature `candle-cuda`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DemoDevice {
+    #[default]
+    Cpu,
+    /// The CUDA device of this ordinal.
+    Cuda(usize),
+}
+
+impl DemoDevice {
+    /// The candle device. Errors: [`Error::Unsupported`](crate::Error::Unsupported) for `Cuda` in a
+    /// build without `candle-cuda`, [`Error::NoDevice`](crate::Error::NoDevice) with candle's reason
+    /// when the device cannot be opened.
+    pub fn candle(&self) -> crate::Result<candle_core::Device> {
+        match self {
+            DemoDevice::Cpu => Ok(candle_core::Device::Cpu),
+            DemoDevice::Cuda(ordinal) => {
+                if !cfg!(feature = "candle-cuda") {
+                    return Err(crate::Error::Unsupported {
+                        op: "demo device",
+                        what: format!(
+                            "CUDA device {ordinal}: this build has no candle CUDA backend \
+                             (build with `--features candle-cuda`)"
+                        ),
+                    });
+                }
+                candle_core::Device::new_cuda(*ordinal).map_err(|e| crate::Error::NoDevice {
+                    reason: format!("candle could not open CUDA device {ordinal}: {e}"),
+                })
+            }
+        }
+    }
+}
