@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use molora::candle::ops::{
-    host_f32, mole_lora, quant_linear, threshold_gate, top_k_gate, weight_space_lora, QuantWeight,
+    host_f32, mole_lora, quant_linear, routed_lora, threshold_gate, top_k_gate, weight_space_lora,
+    QuantWeight, RoutedGate,
 };
 use molora::testing::{cases, compare, gpu_only, Tolerance};
 use molora::Rng;
@@ -310,6 +311,84 @@ proptest! {
         check("y", &y_gpu, &y_cpu, t_)?;
         for (i, name) in ["dx", "dA", "dB", "dp"].iter().enumerate() {
             check(name, &d_gpu[i], &d_cpu[i], t_.scaled(((s * l).max(1) as f32).sqrt()))?;
+        }
+    }
+}
+
+/// `routed_lora` (the gate's slots straight to the LoRA part; what `MoleLinear` runs) on CUDA
+/// against the CPU, forward and the gradients to x, the packed experts, p and τ: every gate, every
+/// dtype, E·r past the dense-gated path's 512 columns (the segmented path) included.
+#[test]
+fn routed_lora_on_cuda_matches_cpu() {
+    let Some(gpu) = cuda("routed_lora_on_cuda_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(77);
+    for &(t, e, r, d_in, d_out) in &[
+        (37usize, 5usize, 4usize, 33usize, 29usize),
+        (3, 40, 16, 64, 48),
+        (0, 2, 2, 8, 8),
+    ] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for gate in [
+                RoutedGate::TopK {
+                    k: 2,
+                    renormalize: true,
+                },
+                RoutedGate::Threshold,
+                RoutedGate::Dense,
+            ] {
+                let shape = molora::LoraShape::new(e, r, d_in, d_out).unwrap();
+                let x = randn(&mut rng, &[t, d_in], 1.0).to_dtype(dtype).unwrap();
+                let ab = randn(&mut rng, &[shape.a_len() + shape.b_len()], 0.3)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let p = probs(&mut rng, t, e, false);
+                let tau = Tensor::full(0.5f32 / e as f32, t, &Device::Cpu).unwrap();
+                let g = randn(&mut rng, &[t, d_out], 1.0);
+                let with_tau = gate == RoutedGate::Threshold;
+                let f = |v: &[Tensor]| {
+                    routed_lora(
+                        &v[0],
+                        &v[1],
+                        shape,
+                        &v[2],
+                        with_tau.then(|| &v[3]),
+                        gate,
+                        0.5,
+                    )
+                    .unwrap()
+                };
+                // τ only where the gate reads it (every input must receive a gradient).
+                let inputs: Vec<&Tensor> = if with_tau {
+                    vec![&x, &ab, &p, &tau]
+                } else {
+                    vec![&x, &ab, &p]
+                };
+                let (y_cpu, d_cpu) = forward_and_grads(&Device::Cpu, &inputs, &g, &f);
+                let (y_gpu, d_gpu) = forward_and_grads(&gpu, &inputs, &g, &f);
+                let what = format!("T {t} E {e} r {r} {dtype:?} {gate:?}");
+                let t_ = tol(dtype).scaled(((d_in + d_out + e * r) as f32).sqrt() * 2.0);
+                let run = || -> Result<(), TestCaseError> {
+                    check("y", &y_gpu, &y_cpu, t_)?;
+                    for (i, name) in ["dx", "d[A;B]", "dp", "dτ"]
+                        .iter()
+                        .enumerate()
+                        .take(if with_tau { 4 } else { 3 })
+                    {
+                        check(
+                            name,
+                            &d_gpu[i],
+                            &d_cpu[i],
+                            t_.scaled((t.max(1) as f32).sqrt()),
+                        )?;
+                    }
+                    Ok(())
+                };
+                if let Err(m) = run() {
+                    panic!("{what}: {m}");
+                }
+            }
         }
     }
 }

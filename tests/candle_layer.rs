@@ -299,3 +299,26 @@ fn a_quantised_layer_holds_only_its_packed_weight() {
     half.to_dtype(DType::BF16).unwrap();
     assert_eq!(half.base_bytes(), 2 * d_out * d_in);
 }
+
+/// The README's candle example, as written there (bf16, two layers from a `VarMap` builder).
+#[test]
+fn the_readme_bf16_example_runs() -> candle_core::Result<()> {
+    let (map, dev) = (VarMap::new(), Device::Cpu);
+    let vb = VarBuilder::from_varmap(&map, DType::BF16, &dev);
+    let cfg = MoleConfig {
+        num_experts: 4,
+        gate: GateMode::TopK {
+            k: 2,
+            renormalize: true,
+        },
+        ..MoleConfig::lora(8, 16.0)
+    };
+    let up = MoleLinear::from_vb_with_experts(512, 1024, true, cfg, vb.pp("mlp.up"))?;
+    let down = MoleLinear::from_vb_with_experts(1024, 512, true, cfg, vb.pp("mlp.down"))?;
+    let x = Tensor::randn(0f32, 1.0, (2, 16, 512), &dev)?.to_dtype(DType::BF16)?;
+    let y = down.forward(&up.forward(&x)?.gelu()?)?;
+    assert_eq!((y.dims(), y.dtype()), (&[2usize, 16, 512][..], DType::BF16));
+    let routing = up.last_routing().expect("a routed layer");
+    assert_eq!(routing.probs.dims(), [32, 4]);
+    Ok(())
+}

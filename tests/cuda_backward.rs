@@ -676,4 +676,67 @@ mod gpu {
             }
         }
     }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(16)))]
+        /// `WeightSpaceLora` (SAML's weight-space LoRA with its backward, the road of the candle op
+        /// `weight_space_lora` on CUDA) against the CPU: `y = y0 + s·(x·Ā_qᵀ)·B̄_qᵀ` per sequence, and
+        /// `dx`, `dA`, `dB`, `dp` of the per-sequence single-adapter LoRA backward followed by the
+        /// mixing backward. Odd sequence lengths, one sequence of one row included.
+        #[test]
+        fn weight_space_forward_backward_match_cpu(lens in proptest::collection::vec(1usize..40, 1..6),
+                                                   e in 1usize..=6, r in 1usize..=8, d_in in 1usize..=70,
+                                                   d_out in 1usize..=70, seed in any::<u64>()) {
+            let Some(dev) = test_device("weight_space_forward_backward_match_cpu") else { return Ok(()) };
+            let mut rng = Rng::new(seed);
+            let (nseq, t) = (lens.len(), lens.iter().sum::<usize>());
+            let shape = LoraShape::new(e, r, d_in, d_out).unwrap();
+            let x: Vec<f32> = rng.values(t * d_in, 1.0);
+            let a: Vec<f32> = rng.values(shape.a_len(), 0.3);
+            let b: Vec<f32> = rng.values(shape.b_len(), 0.3);
+            let y0: Vec<f32> = rng.values(t * d_out, 1.0);
+            let dy: Vec<f32> = rng.values(t * d_out, 1.0);
+            let p: Vec<f32> = (0..nseq * e).map(|_| rng.uniform() as f32).collect();
+            // The CPU: mixed adapters, the segmented LoRA, and per sequence the LoRA backward of its
+            // mixed adapter (one expert, weight 1), then the mixing backward.
+            let routing = SeqRouting::new(Segments::from_lengths(&lens).unwrap(), e, p.clone()).unwrap();
+            let (am, bm) = cpu::mix_experts(&a, &b, &shape, &routing).unwrap();
+            let one = LoraShape::new(1, r, d_in, d_out).unwrap();
+            let (mut y_want, mut dx_want) = (y0.clone(), Vec::new());
+            let (mut da_want, mut db_want, mut dp_want) = (vec![0.0f32; shape.a_len()], vec![0.0f32; shape.b_len()], Vec::new());
+            let mut lo = 0;
+            for (q, &n) in lens.iter().enumerate() {
+                let (aq, bq) = (&am[q * r * d_in..(q + 1) * r * d_in], &bm[q * d_out * r..(q + 1) * d_out * r]);
+                let xq = &x[lo * d_in..(lo + n) * d_in];
+                let ex = cpu::Experts::new(aq, bq, one, 1.5).unwrap();
+                let dense = cpu::dense(&vec![1.0; n], n, 1).unwrap();
+                let delta = cpu::lora_delta(xq, n, &ex, &dense).unwrap();
+                for (yv, d) in y_want[lo * d_out..(lo + n) * d_out].iter_mut().zip(delta) {
+                    *yv += d;
+                }
+                let g = backward::lora_backward(xq, aq, bq, &one, &vec![0; n], &vec![1.0; n], 1, 1.5f32, &dy[lo * d_out..(lo + n) * d_out]).unwrap();
+                dx_want.extend_from_slice(&g.dx);
+                let (dae, dbe, dpq) = backward::mix_backward(&a, &b, &shape, &p[q * e..(q + 1) * e], &g.da, &g.db).unwrap();
+                da_want.iter_mut().zip(dae).for_each(|(acc, v)| *acc += v);
+                db_want.iter_mut().zip(dbe).for_each(|(acc, v)| *acc += v);
+                dp_want.extend(dpq);
+                lo += n;
+            }
+            let (dx, da, db, dp, ddy) = (dev.upload(&x).unwrap(), dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&p).unwrap(), dev.upload(&dy).unwrap());
+            let mut ws = molora::cuda::WeightSpaceLora::<f32>::new(&dev, &lens, &shape).unwrap();
+            let mut y = dev.upload(&y0).unwrap();
+            ws.forward(&dev, &dx, &da, &db, &dp, 1.5, &mut y).unwrap();
+            ws.backward(&dev, &dx, &da, &db, &dp, &ddy, 1.5).unwrap();
+            let tol = Tolerance::for_dtype(DType::F32).scaled((t.max(d_in).max(d_out) as f32).sqrt() * 4.0);
+            let down = |v: molora::cuda::BufferView<'_, f32>| dev.download(&v).unwrap();
+            for (what, g, w) in [
+                ("y", dev.download(&y).unwrap(), y_want), ("dx", down(ws.dx()), dx_want),
+                ("dA", down(ws.da()), da_want), ("dB", down(ws.db()), db_want), ("dp", down(ws.dp()), dp_want),
+            ] {
+                if let Err(m) = compare(what, &g, &w, tol) {
+                    prop_assert!(false, "lens {:?}: {}", lens, m);
+                }
+            }
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! | [`super::ops::mole_lora`] | dense gate ids, then the dense-gated shrink and expand | [`cuda::lora_backward_dense_gated`] (`dx`, `dA`, `dB`, `dw` for every `(t, e)`) |
 //! | [`super::ops::top_k_gate`], [`super::ops::threshold_gate`] | [`cuda::gate_probabilities`], [`cuda::slots_to_dense`] | [`cuda::dense_to_slots`], [`cuda::gate_probabilities_backward`] |
 //! | [`super::ops::quant_linear`] | [`cuda::quant_matmul`] (the packed weight uploaded once per device and weight) | [`cuda::quant_matmul_dx`] on the same packed weight |
-//! | [`super::ops::weight_space_lora`] | [`cuda::mix_experts`], segmented shrink and expand | the CPU backward (copies to the host) |
+//! | [`super::ops::weight_space_lora`] | [`cuda::WeightSpaceLora::forward`]: [`cuda::mix_experts`], segmented shrink and expand | [`cuda::WeightSpaceLora::backward`]: the mixed adapters' LoRA backward, then [`cuda::mix_backward`] |
 //!
 //! The gates cannot report bad probabilities without a host sync: on CUDA a NaN row gives no expert
 //! and a negative probability is never selected, where the CPU path returns an error.
@@ -24,7 +24,7 @@ use cudarc::driver::{CudaSlice, CudaView};
 use super::ops::{QuantWeight, RoutedGate};
 use crate::cuda::{self, CudaElement, DeviceGate, DeviceWrite};
 use crate::error::{Error, Result};
-use crate::{AdapterSegments, LoraShape, Segments};
+use crate::LoraShape;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -766,48 +766,134 @@ pub(crate) fn quant_fwd(
 // ---------------------------------------------------------------------------------------------
 // SAML weight-space mixing
 
-/// `cuda_fwd` of the weight-space LoRA: `Ā_q`, `B̄_q` by [`cuda::mix_experts`], then the segmented
-/// shrink and expand with one segment per sequence of `seq_len` rows.
-pub(crate) fn weight_space_fwd(
+fn weight_space_fwd_typed<T: CudaElement + CudaDType>(
     shape: &LoraShape,
     scale: f32,
     seq_len: usize,
     (x, lx): (&CudaStorage, &Layout),
     (ab, lab): (&CudaStorage, &Layout),
     (p, lp): (&CudaStorage, &Layout),
-) -> CResult<(CudaStorage, Shape)> {
+) -> CResult<CudaStorage> {
     let s = lp.dims()[0];
     let dev = device(x);
-    let xv = view::<f32>(x, lx, "x")?;
-    let abv = view::<f32>(ab, lab, "experts")?;
+    let xv = view::<T>(x, lx, "x")?;
+    let abv = view::<T>(ab, lab, "experts")?;
     let pv = view::<f32>(p, lp, "p")?;
-    let a = abv.slice(0..shape.a_len());
-    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
     let t = s * seq_len;
-    let (r, d_in, d_out) = (shape.rank, shape.d_in, shape.d_out);
-    let mut y = zeros::<f32>(&dev, t * d_out)?;
+    let mut y = zeros::<T>(&dev, t * shape.d_out)?;
     if t > 0 {
-        let mixed = LoraShape::new(s, r, d_in, d_out).map_err(msg)?;
-        let mut am = zeros::<f32>(&dev, mixed.a_len())?;
-        let mut bm = zeros::<f32>(&dev, mixed.b_len())?;
-        {
-            let mut amv = am.slice_mut(0..mixed.a_len());
-            let mut bmv = bm.slice_mut(0..mixed.b_len());
-            cuda::mix_experts(&dev, &a, &b, shape, &pv, s, &mut amv, &mut bmv).map_err(msg)?;
-        }
-        let segs = Segments::from_lengths(&vec![seq_len; s]).map_err(msg)?;
-        let segs = AdapterSegments::identity(segs).map_err(msg)?;
-        let segs = cuda::DeviceSegments::new(&dev, &segs).map_err(msg)?;
-        let mut h = zeros::<f32>(&dev, t * r)?;
-        let am = am.slice(0..mixed.a_len());
-        let bm = bm.slice(0..mixed.b_len());
-        {
-            let mut hv = h.slice_mut(0..t * r);
-            cuda::shrink_segments(&dev, &xv, &am, &mixed, &segs, &mut hv).map_err(msg)?;
-        }
-        let mut yv = y.slice_mut(0..t * d_out);
-        cuda::expand_segments(&dev, &h.slice(0..t * r), &bm, &mixed, &segs, scale, &mut yv)
+        let a = abv.slice(0..shape.a_len());
+        let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
+        let mut ws =
+            cuda::WeightSpaceLora::<T>::new(&dev, &vec![seq_len; s], shape).map_err(msg)?;
+        let mut yv = y.slice_mut(0..t * shape.d_out);
+        ws.forward(&dev, &xv, &a, &b, &pv, scale, &mut yv)
             .map_err(msg)?;
     }
-    Ok((wrap(y, x), Shape::from((t, d_out))))
+    Ok(wrap(y, x))
+}
+
+/// `cuda_fwd` of the weight-space LoRA: [`cuda::WeightSpaceLora::forward`] (the mixed adapters by
+/// [`cuda::mix_experts`], then the segmented shrink and expand with one segment per sequence of
+/// `seq_len` rows), in `x`'s dtype.
+pub(crate) fn weight_space_fwd(
+    shape: &LoraShape,
+    scale: f32,
+    seq_len: usize,
+    x: (&CudaStorage, &Layout),
+    ab: (&CudaStorage, &Layout),
+    p: (&CudaStorage, &Layout),
+) -> CResult<(CudaStorage, Shape)> {
+    let t = p.1.dims()[0] * seq_len;
+    let out = match x.0.dtype() {
+        DType::F32 => weight_space_fwd_typed::<f32>(shape, scale, seq_len, x, ab, p)?,
+        DType::F16 => weight_space_fwd_typed::<half::f16>(shape, scale, seq_len, x, ab, p)?,
+        DType::BF16 => weight_space_fwd_typed::<half::bf16>(shape, scale, seq_len, x, ab, p)?,
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "molora-weight-space-lora: dtype {other:?} is not supported (f32, f16, bf16)"
+            )))
+        }
+    };
+    Ok((out, Shape::from((t, shape.d_out))))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn weight_space_bwd_typed<T: CudaElement + CudaDType>(
+    shape: &LoraShape,
+    scale: f32,
+    seq_len: usize,
+    x: &Tensor,
+    ab: &Tensor,
+    p: &Tensor,
+    dy: &Tensor,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (s, e) = p.dims2()?;
+    let t = s * seq_len;
+    with_cuda(x, "x", |xs, lx| {
+        with_cuda(ab, "experts", |abs, lab| {
+            with_cuda(p, "p", |ps, lp| {
+                with_cuda(dy, "dy", |dys, ldy| {
+                    if t == 0 {
+                        return Ok((x.zeros_like()?, ab.zeros_like()?, p.zeros_like()?));
+                    }
+                    let dev = device(xs);
+                    let xv = view::<T>(xs, lx, "x")?;
+                    let abv = view::<T>(abs, lab, "experts")?;
+                    let pv = view::<f32>(ps, lp, "p")?;
+                    let dyv = view::<T>(dys, ldy, "dy")?;
+                    let a = abv.slice(0..shape.a_len());
+                    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
+                    let mut ws = cuda::WeightSpaceLora::<T>::new(&dev, &vec![seq_len; s], shape)
+                        .map_err(msg)?;
+                    // The forward again: the backward reads its mixed adapters and shrink.
+                    let mut scratch = zeros::<T>(&dev, t * shape.d_out)?;
+                    {
+                        let mut sv = scratch.slice_mut(0..t * shape.d_out);
+                        ws.forward(&dev, &xv, &a, &b, &pv, scale, &mut sv)
+                            .map_err(msg)?;
+                    }
+                    ws.backward(&dev, &xv, &a, &b, &pv, &dyv, scale)
+                        .map_err(msg)?;
+                    let (a_len, b_len) = (shape.a_len(), shape.b_len());
+                    let dx = owned(&dev, &ws.dx(), t * shape.d_in)?;
+                    let dp = owned(&dev, &ws.dp(), s * e)?;
+                    let mut dab = dev.zeros::<f32>(a_len + b_len).map_err(msg)?;
+                    for (src, at, n) in [(ws.da(), 0, a_len), (ws.db(), a_len, b_len)] {
+                        let src = src.slice(0..n).map_err(msg)?;
+                        let mut dst = dab.slice_mut(at..at + n).map_err(msg)?;
+                        dev.copy(&src, &mut dst).map_err(msg)?;
+                    }
+                    let dab = dab.into_cuda_slice().map_err(msg)?;
+                    Ok((
+                        tensor(dx, x.shape(), xs).to_dtype(x.dtype())?,
+                        tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?,
+                        tensor(dp, (s, e), xs),
+                    ))
+                })
+            })
+        })
+    })
+}
+
+/// Backward of the weight-space LoRA on the GPU: `(dx, d[A;B], dp)` by
+/// [`cuda::WeightSpaceLora::backward`] after re-running its forward; nothing goes through the host.
+pub(crate) fn weight_space_bwd(
+    shape: &LoraShape,
+    scale: f32,
+    seq_len: usize,
+    x: &Tensor,
+    ab: &Tensor,
+    p: &Tensor,
+    dy: &Tensor,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+    match x.dtype() {
+        DType::F32 => weight_space_bwd_typed::<f32>(shape, scale, seq_len, x, ab, p, &dy),
+        DType::F16 => weight_space_bwd_typed::<half::f16>(shape, scale, seq_len, x, ab, p, &dy),
+        DType::BF16 => weight_space_bwd_typed::<half::bf16>(shape, scale, seq_len, x, ab, p, &dy),
+        other => Err(candle_core::Error::Msg(format!(
+            "molora-weight-space-lora: dtype {other:?} is not supported (f32, f16, bf16)"
+        ))),
+    }
 }

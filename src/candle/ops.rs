@@ -18,8 +18,7 @@
 //!
 //! Device: with the feature `candle-cuda` every op also has a `cuda_fwd` on molora's kernels over
 //! candle's CUDA storage (on the stream of the tensor's candle device, no copies through the host),
-//! and the LoRA part, the gates and the quantised linear have a GPU backward; the weight-space
-//! LoRA's backward copies to the host and runs the CPU backward. Without `candle-cuda` a CUDA tensor gives candle's "no cuda
+//! and every op has a GPU backward (nothing goes through the host). Without `candle-cuda` a CUDA tensor gives candle's "no cuda
 //! implementation" error. The CUDA forward of [`mole_lora`] takes `E·r` up to 512
 //! (`molora::cuda::DENSE_GATED_MAX_COLUMNS`, the dense-gated kernels'); an error names larger ones.
 
@@ -1030,6 +1029,19 @@ impl CustomOp3 for WeightSpaceLora {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            let (dx, dab, dp) = super::cuda_ops::weight_space_bwd(
+                &self.shape,
+                self.scale,
+                self.seq_len,
+                x,
+                ab,
+                p,
+                grad,
+            )?;
+            return Ok((Some(dx), Some(dab), Some(dp)));
+        }
         let (s, e) = p.dims2()?;
         let xv = host_f32(x)?;
         let abv = host_f32(ab)?;

@@ -40,6 +40,8 @@ mod memory;
 mod quant;
 #[cfg(feature = "cuda")]
 mod selftest;
+#[cfg(feature = "cuda")]
+mod weight_space;
 
 #[cfg(feature = "cuda")]
 pub use backward::{
@@ -83,6 +85,8 @@ pub use quant::{
 };
 #[cfg(feature = "cuda")]
 pub use selftest::{run_selftest, SelfTest};
+#[cfg(feature = "cuda")]
+pub use weight_space::WeightSpaceLora;
 
 #[cfg(not(feature = "cuda"))]
 mod disabled {
