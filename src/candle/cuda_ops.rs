@@ -28,6 +28,33 @@ use crate::LoraShape;
 
 type CResult<T> = candle_core::Result<T>;
 
+/// `$body` with `$t` the element type of the candle dtype `$dtype` (f32, f16 or bf16); another
+/// dtype returns an error naming the op.
+macro_rules! with_element {
+    ($op:literal, $dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{}: dtype {other:?} is not supported (f32, f16, bf16)",
+                    $op
+                )))
+            }
+        }
+    };
+}
+
 fn msg(e: Error) -> candle_core::Error {
     e.into()
 }
@@ -178,16 +205,11 @@ pub(crate) fn lora_fwd(
 ) -> CResult<(CudaStorage, Shape)> {
     check_columns(shape).map_err(msg)?;
     let t = x.1.dims()[0];
-    let out = match x.0.dtype() {
-        DType::F32 => lora_fwd_typed::<f32>(shape, scale, x, ab, w)?,
-        DType::F16 => lora_fwd_typed::<half::f16>(shape, scale, x, ab, w)?,
-        DType::BF16 => lora_fwd_typed::<half::bf16>(shape, scale, x, ab, w)?,
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "molora-lora: dtype {other:?} is not supported (f32, f16, bf16)"
-            )))
-        }
-    };
+    let out = with_element!(
+        "molora-lora",
+        x.0.dtype(),
+        T => lora_fwd_typed::<T>(shape, scale, x, ab, w)?
+    );
     Ok((out, Shape::from((t, shape.d_out))))
 }
 
@@ -228,16 +250,12 @@ fn lora_bwd_typed<T: CudaElement + CudaDType>(
                     // the shapes do not read); dA and dB are joined into the one [A; B] gradient.
                     // With T = 0 every gradient is zero.
                     let (da, db, dx, dw) = grads.into_parts();
-                    let (a_len, b_len) = (shape.a_len(), shape.b_len());
-                    let mut dab = dev.zeros::<f32>(a_len + b_len).map_err(msg)?;
-                    for (src, at, n) in [(&da, 0, a_len), (&db, a_len, b_len)] {
-                        let src = src.slice(0..n).map_err(msg)?;
-                        let mut dst = dab.slice_mut(at..at + n).map_err(msg)?;
-                        dev.copy(&src, &mut dst).map_err(msg)?;
-                    }
-                    let (dx, dab, dw) = (
+                    let dab = concat(
+                        &dev,
+                        &[(da.view(), shape.a_len()), (db.view(), shape.b_len())],
+                    )?;
+                    let (dx, dw) = (
                         dx.into_cuda_slice().map_err(msg)?,
-                        dab.into_cuda_slice().map_err(msg)?,
                         dw.into_cuda_slice().map_err(msg)?,
                     );
                     let dx = tensor(dx, x.shape(), xs).to_dtype(x.dtype())?;
@@ -262,14 +280,7 @@ pub(crate) fn lora_bwd(
 ) -> CResult<(Tensor, Tensor, Tensor)> {
     check_columns(shape).map_err(msg)?;
     let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-    match x.dtype() {
-        DType::F32 => lora_bwd_typed::<f32>(shape, scale, x, ab, w, &dy),
-        DType::F16 => lora_bwd_typed::<half::f16>(shape, scale, x, ab, w, &dy),
-        DType::BF16 => lora_bwd_typed::<half::bf16>(shape, scale, x, ab, w, &dy),
-        other => Err(candle_core::Error::Msg(format!(
-            "molora-lora: dtype {other:?} is not supported (f32, f16, bf16)"
-        ))),
-    }
+    with_element!("molora-lora", x.dtype(), T => lora_bwd_typed::<T>(shape, scale, x, ab, w, &dy))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -371,26 +382,30 @@ pub(crate) fn routed_fwd(
     g: (&CudaStorage, &Layout),
 ) -> CResult<(CudaStorage, Shape)> {
     let t = x.1.dims()[0];
-    let out = match x.0.dtype() {
-        DType::F32 => routed_fwd_typed::<f32>(shape, scale, gate, x, ab, g)?,
-        DType::F16 => routed_fwd_typed::<half::f16>(shape, scale, gate, x, ab, g)?,
-        DType::BF16 => routed_fwd_typed::<half::bf16>(shape, scale, gate, x, ab, g)?,
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "molora-routed-lora: dtype {other:?} is not supported (f32, f16, bf16)"
-            )))
-        }
-    };
+    let out = with_element!(
+        "molora-routed-lora",
+        x.0.dtype(),
+        T => routed_fwd_typed::<T>(shape, scale, gate, x, ab, g)?
+    );
     Ok((out, Shape::from((t, shape.d_out))))
 }
 
-/// Copies `src` (the first `n` values) into a new device buffer of `n`.
-fn owned(dev: &cuda::Device, src: &cuda::BufferView<'_, f32>, n: usize) -> CResult<CudaSlice<f32>> {
-    let mut out = dev.zeros::<f32>(n.max(1)).map_err(msg)?;
-    if n > 0 {
-        let src = src.slice(0..n).map_err(msg)?;
-        let mut dst = out.slice_mut(0..n).map_err(msg)?;
-        dev.copy(&src, &mut dst).map_err(msg)?;
+/// One new device buffer holding, one after the other, the first `n` values of each `(view, n)`:
+/// how the ops hand their gradient parts (`dA` then `dB`, `dp` then `dτ`) to candle as one tensor.
+fn concat(
+    dev: &cuda::Device,
+    parts: &[(cuda::BufferView<'_, f32>, usize)],
+) -> CResult<CudaSlice<f32>> {
+    let total: usize = parts.iter().map(|(_, n)| n).sum();
+    let mut out = dev.zeros::<f32>(total.max(1)).map_err(msg)?;
+    let mut at = 0;
+    for (src, n) in parts {
+        if *n > 0 {
+            let src = src.slice(0..*n).map_err(msg)?;
+            let mut dst = out.slice_mut(at..at + n).map_err(msg)?;
+            dev.copy(&src, &mut dst).map_err(msg)?;
+        }
+        at += n;
     }
     out.into_cuda_slice().map_err(msg)
 }
@@ -434,28 +449,18 @@ fn routed_bwd_typed<T: CudaElement + CudaDType>(
                     fwd.backward_probs(&dev, &xv, &pv, &dg, &a, &b, &dyv, scale, &mut grads)
                         .map_err(msg)?;
                     let lora = grads.lora();
-                    let (a_len, b_len) = (shape.a_len(), shape.b_len());
-                    let dx = owned(&dev, &lora.dx(), t * shape.d_in)?;
-                    let mut dab = dev.zeros::<f32>(a_len + b_len).map_err(msg)?;
-                    for (src, at, n) in [(lora.da(), 0, a_len), (lora.db(), a_len, b_len)] {
-                        let src = src.slice(0..n).map_err(msg)?;
-                        let mut dst = dab.slice_mut(at..at + n).map_err(msg)?;
-                        dev.copy(&src, &mut dst).map_err(msg)?;
-                    }
-                    let glen = t * e + if threshold { t } else { 0 };
-                    let mut dgate = dev.zeros::<f32>(glen).map_err(msg)?;
-                    {
-                        let src = grads.dp().slice(0..t * e).map_err(msg)?;
-                        let mut dst = dgate.slice_mut(0..t * e).map_err(msg)?;
-                        dev.copy(&src, &mut dst).map_err(msg)?;
-                    }
-                    if threshold {
-                        let src = grads.dtau().slice(0..t).map_err(msg)?;
-                        let mut dst = dgate.slice_mut(t * e..glen).map_err(msg)?;
-                        dev.copy(&src, &mut dst).map_err(msg)?;
-                    }
-                    let dab = dab.into_cuda_slice().map_err(msg)?;
-                    let dgate = dgate.into_cuda_slice().map_err(msg)?;
+                    let dx = concat(&dev, &[(lora.dx(), t * shape.d_in)])?;
+                    let dab = concat(
+                        &dev,
+                        &[(lora.da(), shape.a_len()), (lora.db(), shape.b_len())],
+                    )?;
+                    let dgate = concat(
+                        &dev,
+                        &[
+                            (grads.dp(), t * e),
+                            (grads.dtau(), if threshold { t } else { 0 }),
+                        ],
+                    )?;
                     Ok((
                         tensor(dx, x.shape(), xs).to_dtype(x.dtype())?,
                         tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?,
@@ -480,14 +485,11 @@ pub(crate) fn routed_bwd(
     dy: &Tensor,
 ) -> CResult<(Tensor, Tensor, Tensor)> {
     let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-    match x.dtype() {
-        DType::F32 => routed_bwd_typed::<f32>(shape, scale, gate, x, ab, g, &dy),
-        DType::F16 => routed_bwd_typed::<half::f16>(shape, scale, gate, x, ab, g, &dy),
-        DType::BF16 => routed_bwd_typed::<half::bf16>(shape, scale, gate, x, ab, g, &dy),
-        other => Err(candle_core::Error::Msg(format!(
-            "molora-routed-lora: dtype {other:?} is not supported (f32, f16, bf16)"
-        ))),
-    }
+    with_element!(
+        "molora-routed-lora",
+        x.dtype(),
+        T => routed_bwd_typed::<T>(shape, scale, gate, x, ab, g, &dy)
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -730,16 +732,7 @@ pub(crate) fn quant_bwd(weight: &Arc<QuantWeight>, dy: &Tensor, x_dtype: DType) 
             Ok(tensor(dx, (t, cols), ds))
         })
     }
-    let dx = match x_dtype {
-        DType::F32 => run::<f32>(weight, &dy, t, cols)?,
-        DType::F16 => run::<half::f16>(weight, &dy, t, cols)?,
-        DType::BF16 => run::<half::bf16>(weight, &dy, t, cols)?,
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "molora-quant-linear: dtype {other:?} is not supported (f32, f16, bf16)"
-            )))
-        }
-    };
+    let dx = with_element!("molora-quant-linear", x_dtype, T => run::<T>(weight, &dy, t, cols)?);
     dx.to_dtype(x_dtype)
 }
 
@@ -750,16 +743,8 @@ pub(crate) fn quant_fwd(
     x: (&CudaStorage, &Layout),
 ) -> CResult<(CudaStorage, Shape)> {
     let t = x.1.dims()[0];
-    let out = match x.0.dtype() {
-        DType::F32 => quant_fwd_typed::<f32>(weight, x)?,
-        DType::F16 => quant_fwd_typed::<half::f16>(weight, x)?,
-        DType::BF16 => quant_fwd_typed::<half::bf16>(weight, x)?,
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "molora-quant-linear: dtype {other:?} is not supported (f32, f16, bf16)"
-            )))
-        }
-    };
+    let out =
+        with_element!("molora-quant-linear", x.0.dtype(), T => quant_fwd_typed::<T>(weight, x)?);
     Ok((out, Shape::from((t, weight.rows()))))
 }
 
@@ -805,16 +790,11 @@ pub(crate) fn weight_space_fwd(
     p: (&CudaStorage, &Layout),
 ) -> CResult<(CudaStorage, Shape)> {
     let t = p.1.dims()[0] * seq_len;
-    let out = match x.0.dtype() {
-        DType::F32 => weight_space_fwd_typed::<f32>(shape, scale, seq_len, x, ab, p)?,
-        DType::F16 => weight_space_fwd_typed::<half::f16>(shape, scale, seq_len, x, ab, p)?,
-        DType::BF16 => weight_space_fwd_typed::<half::bf16>(shape, scale, seq_len, x, ab, p)?,
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "molora-weight-space-lora: dtype {other:?} is not supported (f32, f16, bf16)"
-            )))
-        }
-    };
+    let out = with_element!(
+        "molora-weight-space-lora",
+        x.0.dtype(),
+        T => weight_space_fwd_typed::<T>(shape, scale, seq_len, x, ab, p)?
+    );
     Ok((out, Shape::from((t, shape.d_out))))
 }
 
@@ -855,16 +835,9 @@ fn weight_space_bwd_typed<T: CudaElement + CudaDType>(
                     }
                     ws.backward(&dev, &xv, &a, &b, &pv, &dyv, scale)
                         .map_err(msg)?;
-                    let (a_len, b_len) = (shape.a_len(), shape.b_len());
-                    let dx = owned(&dev, &ws.dx(), t * shape.d_in)?;
-                    let dp = owned(&dev, &ws.dp(), s * e)?;
-                    let mut dab = dev.zeros::<f32>(a_len + b_len).map_err(msg)?;
-                    for (src, at, n) in [(ws.da(), 0, a_len), (ws.db(), a_len, b_len)] {
-                        let src = src.slice(0..n).map_err(msg)?;
-                        let mut dst = dab.slice_mut(at..at + n).map_err(msg)?;
-                        dev.copy(&src, &mut dst).map_err(msg)?;
-                    }
-                    let dab = dab.into_cuda_slice().map_err(msg)?;
+                    let dx = concat(&dev, &[(ws.dx(), t * shape.d_in)])?;
+                    let dp = concat(&dev, &[(ws.dp(), s * e)])?;
+                    let dab = concat(&dev, &[(ws.da(), shape.a_len()), (ws.db(), shape.b_len())])?;
                     Ok((
                         tensor(dx, x.shape(), xs).to_dtype(x.dtype())?,
                         tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?,
@@ -888,12 +861,9 @@ pub(crate) fn weight_space_bwd(
     dy: &Tensor,
 ) -> CResult<(Tensor, Tensor, Tensor)> {
     let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-    match x.dtype() {
-        DType::F32 => weight_space_bwd_typed::<f32>(shape, scale, seq_len, x, ab, p, &dy),
-        DType::F16 => weight_space_bwd_typed::<half::f16>(shape, scale, seq_len, x, ab, p, &dy),
-        DType::BF16 => weight_space_bwd_typed::<half::bf16>(shape, scale, seq_len, x, ab, p, &dy),
-        other => Err(candle_core::Error::Msg(format!(
-            "molora-weight-space-lora: dtype {other:?} is not supported (f32, f16, bf16)"
-        ))),
-    }
+    with_element!(
+        "molora-weight-space-lora",
+        x.dtype(),
+        T => weight_space_bwd_typed::<T>(shape, scale, seq_len, x, ab, p, &dy)
+    )
 }

@@ -36,6 +36,34 @@ use crate::{Element, LoraShape, Routing};
 
 type CResult<T> = candle_core::Result<T>;
 
+/// The output storage of `$body` computed with `$t` the element type of the float storage
+/// `$storage` (f32, f16 or bf16); another dtype returns an error naming the op.
+macro_rules! float_storage {
+    ($op:literal, $storage:expr, $t:ident => $body:expr) => {
+        match $storage {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F16(_) => {
+                type $t = f16;
+                CpuStorage::F16($body)
+            }
+            CpuStorage::BF16(_) => {
+                type $t = bf16;
+                CpuStorage::BF16($body)
+            }
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{}: dtype {:?} is not supported (f32, f16, bf16)",
+                    $op,
+                    other.dtype()
+                )))
+            }
+        }
+    };
+}
+
 /// A frozen quantised weight `[d_out, d_in]` for [`quant_linear`].
 #[derive(Debug, Clone)]
 pub enum QuantWeight {
@@ -396,26 +424,12 @@ impl CustomOp3 for MoleLora {
     ) -> CResult<(CpuStorage, Shape)> {
         let (t, _) = dims2(l1, "x")?;
         let w = slice::<f32>(s3, l3, "w")?;
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(
-                self.forward(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w, t)
-                    .map_err(msg)?,
-            ),
-            CpuStorage::F16(_) => CpuStorage::F16(
-                self.forward::<f16>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w, t)
-                    .map_err(msg)?,
-            ),
-            CpuStorage::BF16(_) => CpuStorage::BF16(
-                self.forward::<bf16>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w, t)
-                    .map_err(msg)?,
-            ),
-            other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "molora-lora: dtype {:?} is not supported (f32, f16, bf16)",
-                    other.dtype()
-                )))
-            }
-        };
+        let out = float_storage!(
+            "molora-lora",
+            s1,
+            T => self.forward::<T>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w, t)
+                .map_err(msg)?
+        );
         Ok((out, Shape::from((t, self.shape.d_out))))
     }
 
@@ -676,26 +690,12 @@ impl CustomOp3 for RoutedLora {
                 g.len()
             )));
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(
-                self.forward(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, g, t)
-                    .map_err(msg)?,
-            ),
-            CpuStorage::F16(_) => CpuStorage::F16(
-                self.forward::<f16>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, g, t)
-                    .map_err(msg)?,
-            ),
-            CpuStorage::BF16(_) => CpuStorage::BF16(
-                self.forward::<bf16>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, g, t)
-                    .map_err(msg)?,
-            ),
-            other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "molora-routed-lora: dtype {:?} is not supported (f32, f16, bf16)",
-                    other.dtype()
-                )))
-            }
-        };
+        let out = float_storage!(
+            "molora-routed-lora",
+            s1,
+            T => self.forward::<T>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, g, t)
+                .map_err(msg)?
+        );
         Ok((out, Shape::from((t, self.shape.d_out))))
     }
 
@@ -861,21 +861,11 @@ impl CustomOp1 for QuantLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (t, _) = dims2(l, "x")?;
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward(slice(s, l, "x")?, t).map_err(msg)?),
-            CpuStorage::F16(_) => {
-                CpuStorage::F16(self.forward::<f16>(slice(s, l, "x")?, t).map_err(msg)?)
-            }
-            CpuStorage::BF16(_) => {
-                CpuStorage::BF16(self.forward::<bf16>(slice(s, l, "x")?, t).map_err(msg)?)
-            }
-            other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "molora-quant-linear: dtype {:?} is not supported (f32, f16, bf16)",
-                    other.dtype()
-                )))
-            }
-        };
+        let out = float_storage!(
+            "molora-quant-linear",
+            s,
+            T => self.forward::<T>(slice(s, l, "x")?, t).map_err(msg)?
+        );
         Ok((out, Shape::from((t, self.weight.rows()))))
     }
 
