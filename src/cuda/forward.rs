@@ -314,6 +314,24 @@ impl MoleLoraForward {
     }
 }
 
+/// Where a gate's backward writes `dτ`: the buffer for a threshold gate; for the other gates
+/// nothing is written there, so the buffer is zeroed (`MoleLoraGrads::dtau` reads 0).
+fn dtau_out<'g>(
+    dev: &Device,
+    gate: &DeviceGate<'_>,
+    dtau: &'g mut Buffer<f32>,
+) -> Result<Option<&'g mut dyn DeviceWrite<f32>>> {
+    if matches!(
+        gate,
+        DeviceGate::Threshold(_) | DeviceGate::ThresholdPerToken(_)
+    ) {
+        Ok(Some(dtau))
+    } else {
+        dev.memset_zeros(dtau)?;
+        Ok(None)
+    }
+}
+
 /// The shapes of one fused-decode call.
 struct DecodeCall<'s> {
     t: usize,
@@ -541,16 +559,7 @@ impl MoleLoraForward {
         self.check_gate(gate)?;
         self.check_grads(grads)?;
         self.lora_backward(dev, x, a, b, dy, scale, grads)?;
-        let threshold = matches!(
-            gate,
-            DeviceGate::Threshold(_) | DeviceGate::ThresholdPerToken(_)
-        );
-        let dtau: Option<&mut dyn DeviceWrite<f32>> = if threshold {
-            Some(&mut grads.dtau)
-        } else {
-            dev.memset_zeros(&mut grads.dtau)?;
-            None
-        };
+        let dtau = dtau_out(dev, gate, &mut grads.dtau)?;
         gating_backward(
             dev,
             &self.logits,
@@ -602,16 +611,7 @@ impl MoleLoraForward {
         self.check_grads(grads)?;
         let (t, e) = (self.num_tokens, self.shape.num_experts);
         self.lora_backward(dev, x, a, b, dy, scale, grads)?;
-        let threshold = matches!(
-            gate,
-            DeviceGate::Threshold(_) | DeviceGate::ThresholdPerToken(_)
-        );
-        let dtau: Option<&mut dyn DeviceWrite<f32>> = if threshold {
-            Some(&mut grads.dtau)
-        } else {
-            dev.memset_zeros(&mut grads.dtau)?;
-            None
-        };
+        let dtau = dtau_out(dev, gate, &mut grads.dtau)?;
         super::backward::gate_probabilities_backward(
             dev,
             probs,

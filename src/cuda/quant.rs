@@ -223,10 +223,7 @@ pub fn quant_matmul_on<T: CudaElement>(
         QuantKernel::Gemv => (16, ffi::MOLORA_QUANT_KERNEL_GEMV),
         _ => (64, ffi::MOLORA_QUANT_KERNEL_GEMM),
     };
-    let fits = num_tokens
-        .checked_mul(rows.max(cols))
-        .is_some_and(|n| n <= i32::MAX as usize);
-    if !fits || num_tokens.div_ceil(tile) > 65535 {
+    if !fits_launch(num_tokens, rows, cols, tile) {
         return Err(Error::Unsupported {
             op: OP,
             what: format!("{num_tokens} tokens of {cols} -> {rows} on the {kernel:?} kernel (indices must fit an i32, at most 65535·{tile} tokens)"),
@@ -239,18 +236,7 @@ pub fn quant_matmul_on<T: CudaElement>(
         None => std::ptr::null(),
     };
     let y = l.output("y [T, d_out]", y, num_tokens * rows)?;
-    let (packed, q, scales) = match w {
-        DeviceQuantWeight::Nf4 { packed, absmax, .. } => (
-            l.input_any("NF4 codes", packed)?,
-            std::ptr::null(),
-            l.input_any("NF4 absmax", absmax)?,
-        ),
-        DeviceQuantWeight::Int8 { q, scales, .. } => (
-            std::ptr::null(),
-            l.input_any("int8 codes", q)?,
-            l.input_any("int8 scales", scales)?,
-        ),
-    };
+    let (packed, q, scales) = w.bind(&mut l)?;
     if num_tokens == 0 {
         return Ok(());
     }
@@ -285,10 +271,7 @@ pub fn quant_matmul_dx<T: CudaElement>(
 ) -> Result<()> {
     const OP: &str = "quant_matmul_dx";
     let (rows, cols) = (w.rows(), w.cols());
-    let fits = num_tokens
-        .checked_mul(rows.max(cols))
-        .is_some_and(|n| n <= i32::MAX as usize);
-    if !fits || num_tokens.div_ceil(64) > 65535 {
+    if !fits_launch(num_tokens, rows, cols, 64) {
         return Err(Error::Unsupported {
             op: OP,
             what: format!(
@@ -299,18 +282,7 @@ pub fn quant_matmul_dx<T: CudaElement>(
     let mut l = Launch::new(dev, OP);
     let dy = l.input("dy [T, d_out]", dy, num_tokens * rows)?;
     let dx = l.output("dx [T, d_in]", dx, num_tokens * cols)?;
-    let (packed, q, scales) = match w {
-        DeviceQuantWeight::Nf4 { packed, absmax, .. } => (
-            l.input_any("NF4 codes", packed)?,
-            std::ptr::null(),
-            l.input_any("NF4 absmax", absmax)?,
-        ),
-        DeviceQuantWeight::Int8 { q, scales, .. } => (
-            std::ptr::null(),
-            l.input_any("int8 codes", q)?,
-            l.input_any("int8 scales", scales)?,
-        ),
-    };
+    let (packed, q, scales) = w.bind(&mut l)?;
     if num_tokens == 0 {
         return Ok(());
     }
@@ -328,4 +300,32 @@ pub fn quant_matmul_dx<T: CudaElement>(
     // for rows·cols codes and their scales, exactly one of packed / q is set; every index fits an i32
     // and the token tiles fit the grid.
     unsafe { l.run(&T::QUANT_MATMUL_DX, &args) }
+}
+
+/// Whether `T` tokens of a `[rows, cols]` weight fit the matmul kernels: every index an i32, and at
+/// most 65535 tiles of `tile` tokens.
+fn fits_launch(num_tokens: usize, rows: usize, cols: usize, tile: usize) -> bool {
+    num_tokens
+        .checked_mul(rows.max(cols))
+        .is_some_and(|n| n <= i32::MAX as usize)
+        && num_tokens.div_ceil(tile) <= 65535
+}
+
+impl DeviceQuantWeight {
+    /// The weight's buffers as a launch's inputs: `(packed, q, scales)`, the codes of the other format
+    /// null, as the kernels' argument structs take them.
+    fn bind<'a>(&'a self, l: &mut Launch<'a>) -> Result<(*const u8, *const i8, *const f32)> {
+        Ok(match self {
+            DeviceQuantWeight::Nf4 { packed, absmax, .. } => (
+                l.input_any("NF4 codes", packed)?,
+                std::ptr::null(),
+                l.input_any("NF4 absmax", absmax)?,
+            ),
+            DeviceQuantWeight::Int8 { q, scales, .. } => (
+                std::ptr::null(),
+                l.input_any("int8 codes", q)?,
+                l.input_any("int8 scales", scales)?,
+            ),
+        })
+    }
 }
