@@ -158,7 +158,7 @@ impl HdmoleDemoConfig {
     /// targets that name layers (none in the encoder, whose output gives HDMoLE's global accent
     /// posterior), a rank the kernels take and `top_k` within the accents.
     pub fn check(&self) -> Result<()> {
-        for (what, v) in [
+        super::check_counts(&[
             ("steps", self.steps),
             ("pretrain steps", self.pretrain_steps),
             ("batch", self.batch),
@@ -169,24 +169,8 @@ impl HdmoleDemoConfig {
             ("d_model", self.d_model),
             ("d_ff", self.d_ff),
             ("vocab", self.vocab),
-        ] {
-            if v == 0 {
-                return Err(Error::InvalidDim {
-                    what,
-                    value: 0,
-                    reason: "the demo needs at least 1",
-                });
-            }
-        }
-        for (what, v) in [("lr_full", self.lr_full), ("lr_adapter", self.lr_adapter)] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(Error::InvalidParameter {
-                    what,
-                    value: v as f32,
-                    reason: "a learning rate must be finite and greater than 0",
-                });
-            }
-        }
+        ])?;
+        super::check_learning_rates(&[("lr_full", self.lr_full), ("lr_adapter", self.lr_adapter)])?;
         check_targets(&self.targets)?;
         crate::LoraShape::new(self.accents, self.rank, self.d_model, self.d_model)?;
         crate::cpu::gating::check_k(self.top_k, self.accents)

@@ -180,7 +180,7 @@ impl LorbDemoConfig {
     /// Checks the settings before any work: counts of at least 1, consistent sizes, fractions in
     /// [0, 1] and finite positive learning rates.
     pub fn check(&self) -> Result<()> {
-        for (what, v) in [
+        super::check_counts(&[
             ("words", self.words),
             ("topics", self.topics),
             ("min_words", self.min_words),
@@ -190,15 +190,7 @@ impl LorbDemoConfig {
             ("test_lists", self.test_lists),
             ("batch", self.batch),
             ("rank", self.rank),
-        ] {
-            if v == 0 {
-                return Err(Error::InvalidDim {
-                    what,
-                    value: 0,
-                    reason: "the demo needs at least 1",
-                });
-            }
-        }
+        ])?;
         if self.topics > self.words {
             return Err(Error::InvalidDim {
                 what: "topics",
@@ -225,19 +217,11 @@ impl LorbDemoConfig {
                 });
             }
         }
-        for (what, v) in [
+        super::check_learning_rates(&[
             ("lr_pretrain", self.lr_pretrain),
             ("lr_full", self.lr_full),
             ("lr_lora", self.lr_lora),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(Error::InvalidParameter {
-                    what,
-                    value: v as f32,
-                    reason: "a learning rate must be finite and greater than 0",
-                });
-            }
-        }
+        ])?;
         Ok(())
     }
 

@@ -48,3 +48,29 @@ impl DemoDevice {
         }
     }
 }
+
+/// Every count of a demo's settings is at least 1, else [`Error::InvalidDim`](crate::Error) naming
+/// the first that is 0.
+pub(crate) fn check_counts(counts: &[(&'static str, usize)]) -> crate::Result<()> {
+    match counts.iter().find(|(_, v)| *v == 0) {
+        Some(&(what, _)) => Err(crate::Error::InvalidDim {
+            what,
+            value: 0,
+            reason: "the demo needs at least 1",
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Every learning rate is finite and greater than 0, else
+/// [`Error::InvalidParameter`](crate::Error) naming the first that is not.
+pub(crate) fn check_learning_rates(rates: &[(&'static str, f64)]) -> crate::Result<()> {
+    match rates.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+        Some(&(what, v)) => Err(crate::Error::InvalidParameter {
+            what,
+            value: v as f32,
+            reason: "a learning rate must be finite and greater than 0",
+        }),
+        None => Ok(()),
+    }
+}

@@ -144,7 +144,7 @@ impl SamlDemoConfig {
     /// Checks the settings before any work: counts of at least 1, `frames` within the model's
     /// `max_len`, finite positive learning rates and a decay in (0, 1].
     pub fn check(&self) -> Result<()> {
-        for (what, v) in [
+        super::check_counts(&[
             ("frames", self.frames),
             ("pool speakers", self.pool_speakers),
             ("experts", self.experts),
@@ -155,15 +155,7 @@ impl SamlDemoConfig {
             ("test utterances", self.test_utterances),
             ("epochs", self.epochs),
             ("rank", self.rank),
-        ] {
-            if v == 0 {
-                return Err(Error::InvalidDim {
-                    what,
-                    value: 0,
-                    reason: "the demo needs at least 1",
-                });
-            }
-        }
+        ])?;
         if self.frames > self.model.max_len {
             return Err(Error::InvalidDim {
                 what: "frames",
@@ -171,20 +163,12 @@ impl SamlDemoConfig {
                 reason: "longer than the model's max_len",
             });
         }
-        for (what, v) in [
+        super::check_learning_rates(&[
             ("lr_router", self.lr_router),
             ("lr_experts", self.lr_experts),
             ("lr_lora", self.lr_lora),
             ("lr_pretrain", self.lr_pretrain),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(Error::InvalidParameter {
-                    what,
-                    value: v as f32,
-                    reason: "a learning rate must be finite and greater than 0",
-                });
-            }
-        }
+        ])?;
         if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
             return Err(Error::InvalidParameter {
                 what: "lr_decay",
