@@ -39,20 +39,18 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use half::{bf16, f16};
 
 use molora::cuda::Device;
-use molora::cuda::DeviceLoraGrads;
 use molora::cuda::{dispatch, gather_rows, scatter_combine, DevicePlan};
 use molora::cuda::{
-    expand_experts, expand_experts_on, expand_segments, lora_dense_gated_on, mix_experts,
-    shrink_experts, shrink_experts_on, shrink_segments, CudaElement, DenseGatedConfig,
-    DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
+    expand_experts, expand_experts_on, lora_dense_gated_on, shrink_experts, shrink_experts_on,
+    CudaElement, DenseGatedConfig, DenseGatedWorkspace, KernelPath, LoraPath,
+    DENSE_GATED_MAX_COLUMNS,
 };
 use molora::cuda::{gating, router_logits, DeviceGate};
 use molora::cuda::{gpu_view, gpu_view_mut, Buffer, BufferView, DeviceRead, DeviceWrite};
-use molora::cuda::{lora_backward_experts, mix_backward};
-use molora::cuda::{DeviceRouter, MoleLoraForward};
+use molora::cuda::{DeviceRouter, MoleLoraForward, WeightSpaceLora};
 use molora::gate::{Activation, Gate, ThresholdSpec};
 use molora::Rng;
-use molora::{AdapterSegments, DType, Error, LoraShape, Result, Segments};
+use molora::{DType, Error, LoraShape, Result};
 
 /// How the tokens of a [`BenchCase`] are routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -888,10 +886,6 @@ where
         .map(|i| seq_len.min(t - i * seq_len))
         .collect();
     let nseq = lens.len();
-    let segs = DeviceSegments::new(
-        dev,
-        &AdapterSegments::identity(Segments::from_lengths(&lens)?)?,
-    )?;
     let mixed = LoraShape::new(nseq, r, d_in, d_out)?;
     let probs_host: Vec<f32> = Rng::new(10)
         .values::<f32>(nseq * e, 1.0)
@@ -899,15 +893,9 @@ where
         .map(|v| v.abs() + 0.01)
         .collect();
     let probs = dev.upload(&probs_host)?;
-    let mut am = dev.zeros::<T>(mixed.a_len())?;
-    let mut bm = dev.zeros::<T>(mixed.b_len())?;
-    let mut hs = dev.zeros::<f32>(t * r)?;
     let scale = 2.0f32;
-    let ours = time_us(dev, iters, || {
-        mix_experts(dev, a, b, shape, &probs, nseq, &mut am, &mut bm)?;
-        shrink_segments(dev, x, &am, &mixed, &segs, &mut hs)?;
-        expand_segments(dev, &hs, &bm, &mixed, &segs, scale, y)
-    })?;
+    let mut ws = WeightSpaceLora::<T>::new(dev, &lens, shape)?;
+    let ours = time_us(dev, iters, || ws.forward(dev, x, a, b, &probs, scale, y))?;
 
     // Baseline (a): Ā = P·A_all as a GEMM ([S, E]·[E, r·d_in]: C = P·(A_allᵀ)ᵀ needs A_all as
     // [r·d_in, E], so the stacks are transposed once outside the timing), then per sequence
@@ -963,45 +951,11 @@ where
     })?;
 
     let bwd = if opts.backward {
-        // The mixed adapters' backward on a plan with one slot per token holding its sequence: the
-        // stable sort by sequence keeps token order (sequences are contiguous and in order), so
-        // the SGMV shrink `hs` is already in the plan's sorted order.
-        let ids_host: Vec<i32> = lens
-            .iter()
-            .enumerate()
-            .flat_map(|(s, &n)| std::iter::repeat_n(s as i32, n))
-            .collect();
-        let ids = dev.upload(&ids_host)?;
-        let ones = dev.upload(&vec![1.0f32; t])?;
-        let mut plan = DevicePlan::new(dev, t, 1, nseq)?;
-        dispatch(dev, &ids, &mut plan)?;
-        mix_experts(dev, a, b, shape, &probs, nseq, &mut am, &mut bm)?;
-        shrink_segments(dev, x, &am, &mixed, &segs, &mut hs)?;
+        // The mixed adapters' backward (on a plan with one slot per token holding its sequence),
+        // then the mixing backward, after the forward timed above.
         let dy = dev.upload(&Rng::new(9).values::<T>(t * d_out, 1.0))?;
-        let mut grads = DeviceLoraGrads::new(dev, t, 1, &mixed)?;
-        let mut da = dev.zeros::<f32>(shape.a_len())?;
-        let mut db = dev.zeros::<f32>(shape.b_len())?;
-        let mut dp = dev.zeros::<f32>(nseq * e)?;
-        let bytes = grads.device_bytes()
-            + std::mem::size_of::<f32>() * (shape.a_len() + shape.b_len() + nseq * e);
-        let us = time_us(dev, iters, || {
-            lora_backward_experts(
-                dev, x, &am, &bm, &mixed, &plan, &ids, &ones, &hs, &dy, scale, &mut grads,
-            )?;
-            mix_backward(
-                dev,
-                a,
-                b,
-                shape,
-                &probs,
-                nseq,
-                &grads.da(),
-                &grads.db(),
-                &mut da,
-                &mut db,
-                &mut dp,
-            )
-        })?;
+        let bytes = ws.backward_bytes();
+        let us = time_us(dev, iters, || ws.backward(dev, x, a, b, &probs, &dy, scale))?;
         Some((us, bytes))
     } else {
         None

@@ -169,6 +169,12 @@ impl<T: CudaElement> WeightSpaceLora<T> {
         )
     }
 
+    /// Device bytes the backward writes: the mixed adapters' gradient buffers and `dA`, `dB`, `dp`.
+    pub fn backward_bytes(&self) -> usize {
+        self.grads.device_bytes()
+            + std::mem::size_of::<f32>() * (self.da.len() + self.db.len() + self.dp.len())
+    }
+
     /// Rows `T`.
     pub fn num_tokens(&self) -> usize {
         self.num_tokens
