@@ -505,6 +505,79 @@ fn scalar(t: &Tensor) -> Result<f32> {
     })
 }
 
+/// The start of a new parameter.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// `U(−bound, bound)`.
+    Uniform(f32),
+    /// Every value this one.
+    Const(f32),
+}
+
+/// Where [`MoleLinear`]'s experts and gate parameters come from: the crate's generator (new
+/// variables on `device`), or a [`VarBuilder`] (created in its `VarMap` with the same starts, or
+/// loaded from its weights).
+enum ParamSource<'a> {
+    Rng { rng: &'a mut Rng, device: Device },
+    Vb(VarBuilder<'a>),
+}
+
+impl ParamSource<'_> {
+    /// The parameter `key` (after the layer's prefix) of shape `dims` in `dtype`.
+    fn param(&mut self, key: &str, dims: &[usize], start: Start, dtype: DType) -> Result<Var> {
+        match self {
+            ParamSource::Rng { rng, device } => {
+                let t = match start {
+                    Start::Uniform(bound) => uniform(rng, dims, bound, device)?,
+                    Start::Const(v) => Tensor::full(v, dims, device)?,
+                };
+                var(t.to_dtype(dtype)?)
+            }
+            ParamSource::Vb(vb) => {
+                let init = match start {
+                    Start::Uniform(bound) => Init::Uniform {
+                        lo: -f64::from(bound),
+                        up: f64::from(bound),
+                    },
+                    Start::Const(v) => Init::Const(v.into()),
+                };
+                var(vb.to_dtype(dtype).get_with_hints(dims, key, init)?)
+            }
+        }
+    }
+
+    /// The packed experts `[A; B]` in `dtype`: `A` `U(−bound, bound)` and `B = 0` when new; from a
+    /// builder, `lora_A`/`lora_B` packed once when it has them, else its `experts` variable.
+    fn experts(&mut self, shape: &LoraShape, bound: f32, dtype: DType) -> Result<Var> {
+        let fresh = |a: Tensor, device: &Device| -> Result<Tensor> {
+            let b = Tensor::zeros(shape.b_len(), DType::F32, device)?;
+            Ok(Tensor::cat(&[a, b], 0)?.to_dtype(dtype)?)
+        };
+        match self {
+            ParamSource::Rng { rng, device } => {
+                let a = uniform(rng, &[shape.a_len()], bound, device)?;
+                var(fresh(a, device)?)
+            }
+            ParamSource::Vb(vb) => {
+                let vb = vb.to_dtype(dtype);
+                let (e, r, d_in, d_out) = (shape.num_experts, shape.rank, shape.d_in, shape.d_out);
+                if vb.contains_tensor("lora_A") || vb.contains_tensor("lora_B") {
+                    let a = vb.get((e, r, d_in), "lora_A")?;
+                    let b = vb.get((e, d_out, r), "lora_B")?;
+                    return var(Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?);
+                }
+                let created = !vb.contains_tensor("experts");
+                let ab = var(vb.get_with_hints(shape.a_len() + shape.b_len(), "experts", ZERO)?)?;
+                if created {
+                    let a = Tensor::rand(-bound, bound, shape.a_len(), vb.device())?;
+                    ab.set(&fresh(a, vb.device())?)?;
+                }
+                Ok(ab)
+            }
+        }
+    }
+}
+
 impl MoleLinear {
     /// A layer from its parts; the base is trained until experts are added.
     fn assemble(name: &str, base: Base, bias: Option<Var>, dtype: DType) -> Result<Self> {
@@ -830,57 +903,8 @@ impl MoleLinear {
     /// `U(−1/√d_in, 1/√d_in)`, bias 0, the threshold and λ parameters at their configured start. In
     /// the layer's dtype; freezes the base.
     pub fn add_experts(&mut self, cfg: MoleConfig, rng: &mut Rng) -> Result<()> {
-        let shape = self.check_new_experts(&cfg)?;
-        let dev = self.device().clone();
-        let dt = self.dtype;
-        let (e, r, d_in, d_out) = (cfg.num_experts, cfg.rank, self.d_in, self.d_out);
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let a = uniform(rng, &[e * r * d_in], bound, &dev)?;
-        let b = Tensor::zeros(e * d_out * r, DType::F32, &dev)?;
-        let ab = var(Tensor::cat(&[a, b], 0)?.to_dtype(dt)?)?;
-        let routed = !matches!(cfg.gate, GateMode::Single | GateMode::WeightSpace);
-        let (router_w, router_b) = if routed {
-            (
-                Some(var(uniform(rng, &[e, d_in], bound, &dev)?.to_dtype(dt)?)?),
-                Some(var(Tensor::zeros(e, dt, &dev)?)?),
-            )
-        } else {
-            (None, None)
-        };
-        let (theta, tau_w, tau_b) = match cfg.gate {
-            GateMode::Threshold(ThresholdMode::Learned { init_theta }) => {
-                (Some(var(Tensor::new(&[init_theta], &dev)?)?), None, None)
-            }
-            GateMode::Threshold(ThresholdMode::InputDependent { init_bias }) => (
-                None,
-                Some(var(Tensor::zeros(d_in, dt, &dev)?)?),
-                Some(var(Tensor::new(&[init_bias], &dev)?)?),
-            ),
-            _ => (None, None, None),
-        };
-        let lambda_logit = match cfg.hierarchy {
-            Some(Combine::Mix {
-                lambda,
-                learned: true,
-            }) => Some(var(Tensor::new(
-                &[logit(lambda.clamp(1e-4, 1.0 - 1e-4))],
-                &dev,
-            )?)?),
-            _ => None,
-        };
-        self.experts = Some(Experts {
-            cfg,
-            shape,
-            ab,
-            router_w,
-            router_b,
-            theta,
-            tau_w,
-            tau_b,
-            lambda_logit,
-        });
-        self.train_base = false;
-        Ok(())
+        let device = self.device().clone();
+        self.install_experts(cfg, ParamSource::Rng { rng, device })
     }
 
     /// Adds experts from a [`VarBuilder`] under the layer's keys: `lora_A` `[E, r, d_in]` and
@@ -888,62 +912,38 @@ impl MoleLinear {
     /// adapters), loaded and packed once; otherwise the packed `experts` variable, which a
     /// `VarMap` builder creates (`A` `U(−1/√d_in, 1/√d_in)`, `B = 0`) so that `varmap.all_vars()`
     /// trains it. Then `router.weight`/`router.bias`, `threshold*` and `lambda` as the gate needs
-    /// them (gate scalars in f32). Freezes the base.
+    /// them (gate scalars in f32), initialised as [`MoleLinear::add_experts`] does. Freezes the base.
     pub fn add_experts_vb(&mut self, cfg: MoleConfig, vb: VarBuilder) -> Result<()> {
+        self.install_experts(cfg, ParamSource::Vb(vb))
+    }
+
+    /// The experts, router and gate parameters `cfg` needs, each from `src`, in the order the
+    /// generator draws them (`A`, then the router weights).
+    fn install_experts(&mut self, cfg: MoleConfig, mut src: ParamSource<'_>) -> Result<()> {
         let shape = self.check_new_experts(&cfg)?;
-        let (e, r, d_in, d_out) = (cfg.num_experts, cfg.rank, self.d_in, self.d_out);
-        let dt = self.dtype;
-        let vb = vb.to_dtype(dt);
-        let bound = 1.0 / (d_in as f64).sqrt();
-        let uni = Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
-        let ab = if vb.contains_tensor("lora_A") || vb.contains_tensor("lora_B") {
-            let a = vb.get((e, r, d_in), "lora_A")?;
-            let b = vb.get((e, d_out, r), "lora_B")?;
-            var(Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?)?
-        } else {
-            let fresh = !vb.contains_tensor("experts");
-            let ab = var(vb.get_with_hints(shape.a_len() + shape.b_len(), "experts", ZERO)?)?;
-            if fresh {
-                let a = Tensor::rand(-bound as f32, bound as f32, shape.a_len(), vb.device())?;
-                let b = Tensor::zeros(shape.b_len(), DType::F32, vb.device())?;
-                ab.set(&Tensor::cat(&[a, b], 0)?.to_dtype(dt)?)?;
-            }
-            ab
-        };
+        let (e, d_in, dt) = (cfg.num_experts, self.d_in, self.dtype);
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let ab = src.experts(&shape, bound, dt)?;
         let routed = !matches!(cfg.gate, GateMode::Single | GateMode::WeightSpace);
         let (router_w, router_b) = if routed {
-            let rv = vb.pp("router");
             (
-                Some(var(rv.get_with_hints((e, d_in), "weight", uni)?)?),
-                Some(var(rv.get_with_hints(e, "bias", ZERO)?)?),
+                Some(src.param("router.weight", &[e, d_in], Start::Uniform(bound), dt)?),
+                Some(src.param("router.bias", &[e], Start::Const(0.0), dt)?),
             )
         } else {
             (None, None)
         };
-        let f = vb.to_dtype(DType::F32);
+        let f32 = DType::F32;
         let (theta, tau_w, tau_b) = match cfg.gate {
             GateMode::Threshold(ThresholdMode::Learned { init_theta }) => (
-                Some(var(f.get_with_hints(
-                    1,
-                    "threshold",
-                    Init::Const(init_theta.into()),
-                )?)?),
+                Some(src.param("threshold", &[1], Start::Const(init_theta), f32)?),
                 None,
                 None,
             ),
             GateMode::Threshold(ThresholdMode::InputDependent { init_bias }) => (
                 None,
-                Some(var(vb
-                    .pp("threshold")
-                    .get_with_hints(d_in, "weight", ZERO)?)?),
-                Some(var(f.pp("threshold").get_with_hints(
-                    1,
-                    "bias",
-                    Init::Const(init_bias.into()),
-                )?)?),
+                Some(src.param("threshold.weight", &[d_in], Start::Const(0.0), dt)?),
+                Some(src.param("threshold.bias", &[1], Start::Const(init_bias), f32)?),
             ),
             _ => (None, None, None),
         };
@@ -951,11 +951,12 @@ impl MoleLinear {
             Some(Combine::Mix {
                 lambda,
                 learned: true,
-            }) => Some(var(f.get_with_hints(
-                1,
+            }) => Some(src.param(
                 "lambda",
-                Init::Const(logit(lambda.clamp(1e-4, 1.0 - 1e-4)).into()),
-            )?)?),
+                &[1],
+                Start::Const(logit(lambda.clamp(1e-4, 1.0 - 1e-4))),
+                f32,
+            )?),
             _ => None,
         };
         self.experts = Some(Experts {
