@@ -149,7 +149,20 @@ pub enum Error {
         detail: String,
     },
 
-    /// An error raised inside candle (feature `candle`), as text.
+    /// A tensor handed to a molora op that is not laid out contiguously (feature `candle`).
+    #[error("{what}: the molora ops need a contiguous tensor (call .contiguous() first)")]
+    NotContiguous { what: String },
+
+    /// A tensor of the wrong rank (feature `candle`).
+    #[error("{what}: expected a rank-{expected} tensor, got shape {shape:?}")]
+    Rank {
+        what: String,
+        expected: usize,
+        shape: Vec<usize>,
+    },
+
+    /// An error raised inside candle (feature `candle`), as text; molora's own errors that passed
+    /// through candle come back as themselves, not as this.
     #[error("candle: {0}")]
     Candle(String),
 }

@@ -132,8 +132,15 @@ fn a_bf16_and_an_f16_model_from_a_var_builder_equal_the_f32_model() {
     let e = f32_model
         .up
         .forward(&x.to_dtype(DType::BF16).unwrap())
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    assert!(
+        matches!(
+            molora::Error::from_candle(&e),
+            Some(molora::Error::Unsupported { op: "MoleLinear::forward", .. })
+        ),
+        "a typed error through Module::forward: {e}"
+    );
+    let e = e.to_string();
     assert!(e.contains("BF16") && e.contains("F32"), "{e}");
 }
 

@@ -266,6 +266,37 @@ fn bad_inputs_are_errors_naming_the_problem() {
 }
 
 #[test]
+fn errors_keep_their_type_through_candle() {
+    // Raised inside the op's cpu_fwd (the crate's gate sees the NaN), carried through candle's
+    // apply_op as a candle error, and given back as the same molora::Error.
+    let nan = Tensor::new(&[[0.5f32, 0.5], [f32::NAN, 1.0]], &Device::Cpu).unwrap();
+    let e = top_k_gate(&nan, 1, true).unwrap_err();
+    assert!(
+        matches!(e, molora::Error::NonFinite { index: 2, .. }),
+        "{e:?}"
+    );
+    let p = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
+    let e = top_k_gate(&p.to_dtype(DType::F16).unwrap(), 1, true).unwrap_err();
+    assert!(matches!(e, molora::Error::Unsupported { .. }), "{e:?}");
+    let e = top_k_gate(&p, 3, true).unwrap_err();
+    assert_eq!(e, molora::Error::InvalidK { k: 3, num_experts: 2 });
+
+    // As a candle error: candle's message leads with ours, and from_candle finds it through
+    // candle's context and path layers.
+    let c = candle_core::Error::from(e.clone());
+    assert!(c.to_string().starts_with(&e.to_string()), "{c}");
+    let c = c.context("layer 3").with_path("model.safetensors");
+    assert_eq!(molora::Error::from_candle(&c), Some(&e));
+    assert_eq!(molora::Error::from(c), e);
+
+    // candle's own errors stay candle's.
+    let x = Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap();
+    let c = x.matmul(&p).unwrap_err();
+    assert!(molora::Error::from_candle(&c).is_none());
+    assert!(matches!(molora::Error::from(c), molora::Error::Candle(_)));
+}
+
+#[test]
 fn weight_space_lora_matches_candle_autograd() {
     let mut rng = Rng::new(29);
     for &(s, l, d_in, d_out, e, r) in &[

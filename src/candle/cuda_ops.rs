@@ -46,10 +46,11 @@ macro_rules! with_element {
                 $body
             }
             other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "{}: dtype {other:?} is not supported (f32, f16, bf16)",
-                    $op
-                )))
+                return Err(Error::Unsupported {
+                    op: $op,
+                    what: format!("dtype {other:?} (the op takes f32, f16, bf16)"),
+                }
+                .into())
             }
         }
     };
@@ -70,9 +71,7 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> CResult
     let slice = s.as_cuda_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(slice.slice(a..b)),
-        None => Err(candle_core::Error::Msg(format!(
-            "{what}: the molora ops need a contiguous tensor (call .contiguous() first)"
-        ))),
+        None => Err(Error::NotContiguous { what: what.into() }.into()),
     }
 }
 
@@ -103,10 +102,14 @@ fn with_cuda<R>(
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         Storage::Cuda(s) => f(s, layout),
-        _ => Err(candle_core::Error::Msg(format!(
-            "{what}: expected a tensor on a CUDA device, found one on {:?}",
-            t.device().location()
-        ))),
+        _ => Err(Error::Unsupported {
+            op: "molora's CUDA ops",
+            what: format!(
+                "{what}: a tensor on {:?} (expected one on a CUDA device)",
+                t.device().location()
+            ),
+        }
+        .into()),
     }
 }
 
@@ -295,9 +298,11 @@ fn routed_gate<'a>(gate: &RoutedGate, tau: Option<CudaView<'a, f32>>) -> CResult
         },
         (RoutedGate::Threshold, Some(tau)) => DeviceGate::ThresholdPerToken(tau.into()),
         (RoutedGate::Threshold, None) => {
-            return Err(candle_core::Error::Msg(
-                "molora-routed-lora: the thresholds tau [T] are missing".into(),
-            ))
+            return Err(Error::Unsupported {
+                op: "molora-routed-lora",
+                what: "threshold gating without the thresholds tau [T]".into(),
+            }
+            .into())
         }
         (RoutedGate::Dense, _) => DeviceGate::Dense,
     })
@@ -535,9 +540,11 @@ fn device_gate<'a>(kind: &GateKind, tau: Option<&CudaView<'a, f32>>) -> CResult<
         },
         (GateKind::Threshold, Some(tau)) => DeviceGate::ThresholdPerToken(tau.slice(..).into()),
         (GateKind::Threshold, None) => {
-            return Err(candle_core::Error::Msg(
-                "molora-threshold-gate: the thresholds tau [T] are missing".into(),
-            ))
+            return Err(Error::Unsupported {
+                op: "molora-threshold-gate",
+                what: "threshold gating without the thresholds tau [T]".into(),
+            }
+            .into())
         }
     })
 }
@@ -551,9 +558,12 @@ pub(crate) fn gate_fwd(
     let (t, e) = match lp.dims() {
         [t, e] => (*t, *e),
         d => {
-            return Err(candle_core::Error::Msg(format!(
-                "probs: expected a rank-2 tensor, got shape {d:?}"
-            )))
+            return Err(Error::Rank {
+                what: "probs".into(),
+                expected: 2,
+                shape: d.to_vec(),
+            }
+            .into())
         }
     };
     let dev = device(p);

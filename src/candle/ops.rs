@@ -54,11 +54,11 @@ macro_rules! float_storage {
                 CpuStorage::BF16($body)
             }
             other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "{}: dtype {:?} is not supported (f32, f16, bf16)",
-                    $op,
-                    other.dtype()
-                )))
+                return Err(Error::Unsupported {
+                    op: $op,
+                    what: format!("dtype {:?} (the op takes f32, f16, bf16)", other.dtype()),
+                }
+                .into())
             }
         }
     };
@@ -136,9 +136,7 @@ fn slice<'a, T: candle_core::WithDType>(
     let v = s.as_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => Err(candle_core::Error::Msg(format!(
-            "{what}: the molora ops need a contiguous tensor (call .contiguous() first)"
-        ))),
+        None => Err(Error::NotContiguous { what: what.into() }.into()),
     }
 }
 
@@ -146,9 +144,12 @@ fn slice<'a, T: candle_core::WithDType>(
 fn dims2(l: &Layout, what: &str) -> CResult<(usize, usize)> {
     match l.dims() {
         [r, c] => Ok((*r, *c)),
-        d => Err(candle_core::Error::Msg(format!(
-            "{what}: expected a rank-2 tensor, got shape {d:?}"
-        ))),
+        d => Err(Error::Rank {
+            what: what.into(),
+            expected: 2,
+            shape: d.to_vec(),
+        }
+        .into()),
     }
 }
 
@@ -685,10 +686,7 @@ impl CustomOp3 for RoutedLora {
         let g = slice::<f32>(s3, l3, "gate input")?;
         let want = t * self.shape.num_experts + if self.gate.has_tau() { t } else { 0 };
         if g.len() != want {
-            return Err(candle_core::Error::Msg(format!(
-                "molora-routed-lora: gate input of {} values, expected {want}",
-                g.len()
-            )));
+            return Err(Error::len_mismatch("molora-routed-lora gate input (p then tau)", want, g.len()).into());
         }
         let out = float_storage!(
             "molora-routed-lora",
@@ -982,10 +980,11 @@ impl CustomOp3 for WeightSpaceLora {
                 CpuStorage::BF16(self.forward_typed::<bf16>(s1, l1, s2, l2, p, s)?)
             }
             other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "molora-weight-space-lora: dtype {:?} is not supported (f32, f16, bf16)",
-                    other.dtype()
-                )))
+                return Err(Error::Unsupported {
+                    op: "molora-weight-space-lora",
+                    what: format!("dtype {:?} (the op takes f32, f16, bf16)", other.dtype()),
+                }
+                .into())
             }
         };
         Ok((out, Shape::from((s * self.seq_len, self.shape.d_out))))
