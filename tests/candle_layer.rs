@@ -136,7 +136,10 @@ fn a_bf16_and_an_f16_model_from_a_var_builder_equal_the_f32_model() {
     assert!(
         matches!(
             molora::Error::from_candle(&e),
-            Some(molora::Error::Unsupported { op: "MoleLinear::forward", .. })
+            Some(molora::Error::Unsupported {
+                op: "MoleLinear::forward",
+                ..
+            })
         ),
         "a typed error through Module::forward: {e}"
     );

@@ -279,7 +279,13 @@ fn errors_keep_their_type_through_candle() {
     let e = top_k_gate(&p.to_dtype(DType::F16).unwrap(), 1, true).unwrap_err();
     assert!(matches!(e, molora::Error::Unsupported { .. }), "{e:?}");
     let e = top_k_gate(&p, 3, true).unwrap_err();
-    assert_eq!(e, molora::Error::InvalidK { k: 3, num_experts: 2 });
+    assert_eq!(
+        e,
+        molora::Error::InvalidK {
+            k: 3,
+            num_experts: 2
+        }
+    );
 
     // As a candle error: candle's message leads with ours, and from_candle finds it through
     // candle's context and path layers.

@@ -30,9 +30,10 @@ use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::cpu::{self, backward, Experts, Int8Weight, Nf4Weight};
+use crate::cpu::ops::{self as cpu_ops, split_packed as split_experts};
+use crate::cpu::{self, Int8Weight, Nf4Weight};
 use crate::error::{Error, Result};
-use crate::{Element, LoraShape, Routing};
+use crate::{Element, LoraShape};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -158,37 +159,6 @@ pub fn host_f32(t: &Tensor) -> CResult<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// Expands a sparse routing to a dense `[T, E]` matrix.
-fn dense_weights(r: &Routing) -> Vec<f32> {
-    let e = r.num_experts();
-    let mut out = vec![0.0f32; r.num_tokens() * e];
-    for t in 0..r.num_tokens() {
-        for s in 0..r.k_max() {
-            let id = r.id(t, s);
-            if id >= 0 {
-                out[t * e + id as usize] += r.weight(t, s);
-            }
-        }
-    }
-    out
-}
-
-/// `dw` `[T, k_max]` for the slots of `r`, read from a dense gradient `[T, E]`.
-fn gather_slots(r: &Routing, dense: &[f32]) -> Vec<f32> {
-    let e = r.num_experts();
-    let k = r.k_max();
-    let mut out = vec![0.0f32; r.num_tokens() * k];
-    for t in 0..r.num_tokens() {
-        for s in 0..k {
-            let id = r.id(t, s);
-            if id >= 0 {
-                out[t * k + s] = dense[t * e + id as usize];
-            }
-        }
-    }
-    out
-}
-
 fn check_f32(t: &Tensor, what: &'static str) -> Result<()> {
     if t.dtype() == DType::F32 {
         Ok(())
@@ -222,8 +192,11 @@ struct TopKGate {
 }
 
 impl TopKGate {
-    fn routing(&self, p: &[f32], t: usize, e: usize) -> Result<Routing> {
-        cpu::top_k(p, t, e, self.k, self.renormalize)
+    fn gate(&self) -> RoutedGate {
+        RoutedGate::TopK {
+            k: self.k,
+            renormalize: self.renormalize,
+        }
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -243,8 +216,8 @@ impl CustomOp1 for TopKGate {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (t, e) = dims2(l, "probs")?;
         let p = slice::<f32>(s, l, "probs")?;
-        let r = self.routing(p, t, e).map_err(msg)?;
-        Ok((CpuStorage::F32(dense_weights(&r)), Shape::from((t, e))))
+        let w = cpu_ops::gate_forward(&self.gate(), p, None, t, e).map_err(msg)?;
+        Ok((CpuStorage::F32(w), Shape::from((t, e))))
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -260,11 +233,8 @@ impl CustomOp1 for TopKGate {
             ));
         }
         let (t, e) = p.dims2()?;
-        let pv = host_f32(p)?;
-        let r = self.routing(&pv, t, e).map_err(msg)?;
-        let dw = gather_slots(&r, &host_f32(grad)?);
         let (dp, _) =
-            backward::gate_backward(&pv, e, r.ids(), r.k_max(), None, self.renormalize, &dw)
+            cpu_ops::gate_backward(&self.gate(), &host_f32(p)?, None, t, e, &host_f32(grad)?)
                 .map_err(msg)?;
         Ok(Some(Tensor::from_vec(dp, (t, e), p.device())?))
     }
@@ -300,8 +270,8 @@ impl CustomOp2 for ThresholdGate {
         let (t, e) = dims2(l1, "probs")?;
         let p = slice::<f32>(s1, l1, "probs")?;
         let tau = slice::<f32>(s2, l2, "tau")?;
-        let r = cpu::threshold_gate(p, t, e, tau).map_err(msg)?;
-        Ok((CpuStorage::F32(dense_weights(&r)), Shape::from((t, e))))
+        let w = cpu_ops::gate_forward(&RoutedGate::Threshold, p, Some(tau), t, e).map_err(msg)?;
+        Ok((CpuStorage::F32(w), Shape::from((t, e))))
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -333,12 +303,15 @@ impl CustomOp2 for ThresholdGate {
             return Ok((Some(dp), dtau));
         }
         let (t, e) = p.dims2()?;
-        let pv = host_f32(p)?;
-        let tv = host_f32(tau)?;
-        let r = cpu::threshold_gate(&pv, t, e, &tv).map_err(msg)?;
-        let dw = gather_slots(&r, &host_f32(grad)?);
-        let (dp, dtau) = backward::gate_backward(&pv, e, r.ids(), r.k_max(), Some(&tv), true, &dw)
-            .map_err(msg)?;
+        let (dp, dtau) = cpu_ops::gate_backward(
+            &RoutedGate::Threshold,
+            &host_f32(p)?,
+            Some(&host_f32(tau)?),
+            t,
+            e,
+            &host_f32(grad)?,
+        )
+        .map_err(msg)?;
         Ok((
             Some(Tensor::from_vec(dp, (t, e), p.device())?),
             Some(Tensor::from_vec(dtau, t, p.device())?),
@@ -368,45 +341,10 @@ struct MoleLora {
 }
 
 impl MoleLora {
-    fn forward<T: Element + candle_core::WithDType>(
-        &self,
-        x: &[T],
-        ab: &[T],
-        w: &[f32],
-        t: usize,
-    ) -> Result<Vec<T>> {
-        let (a, b) = ab.split_at(self.shape.a_len());
-        let experts = Experts::new(a, b, self.shape, self.scale)?;
-        let routing = sparse_routing(w, t, self.shape.num_experts)?;
-        let delta = cpu::lora_delta(x, t, &experts, &routing)?;
-        Ok(delta.into_iter().map(T::from_f32).collect())
+    fn forward<T: Element>(&self, x: &[T], ab: &[T], w: &[f32]) -> Result<Vec<T>> {
+        let (a, b) = split_experts(ab, &self.shape)?;
+        cpu_ops::mole_lora_forward(x, a, b, w, &self.shape, self.scale)
     }
-}
-
-/// The routing of a dense weight matrix: per token the experts with `w ≠ 0`, ascending ids, in
-/// `k_max` = the most any token uses (at least 1) slots.
-fn sparse_routing(w: &[f32], t: usize, e: usize) -> Result<Routing> {
-    let k_max = w
-        .chunks_exact(e)
-        .map(|row| row.iter().filter(|&&v| v != 0.0).count())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let mut ids = Vec::with_capacity(t * k_max);
-    let mut weights = Vec::with_capacity(t * k_max);
-    for row in w.chunks_exact(e) {
-        let mut n = 0;
-        for (ex, &v) in row.iter().enumerate() {
-            if v != 0.0 {
-                ids.push(ex as i32);
-                weights.push(v);
-                n += 1;
-            }
-        }
-        ids.extend(std::iter::repeat_n(-1, k_max - n));
-        weights.extend(std::iter::repeat_n(0.0, k_max - n));
-    }
-    Routing::new(t, k_max, e, ids, weights)
 }
 
 impl CustomOp3 for MoleLora {
@@ -428,7 +366,7 @@ impl CustomOp3 for MoleLora {
         let out = float_storage!(
             "molora-lora",
             s1,
-            T => self.forward::<T>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w, t)
+            T => self.forward::<T>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, w)
                 .map_err(msg)?
         );
         Ok((out, Shape::from((t, self.shape.d_out))))
@@ -462,19 +400,14 @@ impl CustomOp3 for MoleLora {
         }
         let (t, _) = x.dims2()?;
         let e = self.shape.num_experts;
-        let xv = host_f32(x)?;
         let abv = host_f32(ab)?;
-        let (a, b) = abv.split_at(self.shape.a_len());
-        // Every expert of every token, so that dw is exact for weights that are 0 too.
-        let ids: Vec<i32> = (0..t).flat_map(|_| 0..e as i32).collect();
-        let g = backward::lora_backward(
-            &xv,
+        let (a, b) = split_experts(&abv, &self.shape).map_err(msg)?;
+        let g = cpu_ops::mole_lora_backward(
+            &host_f32(x)?,
             a,
             b,
-            &self.shape,
-            &ids,
             &host_f32(w)?,
-            e,
+            &self.shape,
             self.scale,
             &host_f32(grad)?,
         )
@@ -605,35 +538,7 @@ pub fn mole_lora_packed(
 // From router probabilities to the LoRA output, in one op
 
 /// The gate of [`routed_lora`]: how router probabilities become the experts' slots.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RoutedGate {
-    /// The `k` most probable experts ([`cpu::top_k`]), renormalised to sum 1 when `renormalize`.
-    TopK { k: usize, renormalize: bool },
-    /// The experts at or above a per-token threshold `τ_t` ([`cpu::threshold_gate`]).
-    Threshold,
-    /// Every expert with weight `p_te` ([`cpu::dense`]).
-    Dense,
-}
-
-impl RoutedGate {
-    /// The routing of `p` `[T, E]` (and `τ` `[T]` for the threshold gate) by the crate's gates.
-    fn routing(&self, p: &[f32], tau: Option<&[f32]>, t: usize, e: usize) -> Result<Routing> {
-        match (self, tau) {
-            (RoutedGate::TopK { k, renormalize }, _) => cpu::top_k(p, t, e, *k, *renormalize),
-            (RoutedGate::Threshold, Some(tau)) => cpu::threshold_gate(p, t, e, tau),
-            (RoutedGate::Threshold, None) => Err(Error::Unsupported {
-                op: "routed_lora",
-                what: "a threshold gate without its thresholds tau [T]".into(),
-            }),
-            (RoutedGate::Dense, _) => cpu::dense(p, t, e),
-        }
-    }
-
-    /// Whether the gate input carries `τ` as its last column.
-    fn has_tau(&self) -> bool {
-        matches!(self, RoutedGate::Threshold)
-    }
-}
+pub use crate::cpu::ops::RoutedGate;
 
 struct RoutedLora {
     shape: LoraShape,
@@ -650,21 +555,19 @@ impl RoutedLora {
         (p.to_vec(), self.gate.has_tau().then(|| tau.to_vec()))
     }
 
-    fn forward<T: Element + candle_core::WithDType>(
-        &self,
-        x: &[T],
-        ab: &[T],
-        g: &[f32],
-        t: usize,
-    ) -> Result<Vec<T>> {
-        let (a, b) = ab.split_at(self.shape.a_len());
-        let experts = Experts::new(a, b, self.shape, self.scale)?;
+    fn forward<T: Element>(&self, x: &[T], ab: &[T], g: &[f32], t: usize) -> Result<Vec<T>> {
+        let (a, b) = split_experts(ab, &self.shape)?;
         let (p, tau) = self.split(g, t);
-        let routing = self
-            .gate
-            .routing(&p, tau.as_deref(), t, self.shape.num_experts)?;
-        let delta = cpu::lora_delta(x, t, &experts, &routing)?;
-        Ok(delta.into_iter().map(T::from_f32).collect())
+        cpu_ops::routed_lora_forward(
+            x,
+            a,
+            b,
+            &p,
+            tau.as_deref(),
+            &self.gate,
+            &self.shape,
+            self.scale,
+        )
     }
 }
 
@@ -686,7 +589,12 @@ impl CustomOp3 for RoutedLora {
         let g = slice::<f32>(s3, l3, "gate input")?;
         let want = t * self.shape.num_experts + if self.gate.has_tau() { t } else { 0 };
         if g.len() != want {
-            return Err(Error::len_mismatch("molora-routed-lora gate input (p then tau)", want, g.len()).into());
+            return Err(Error::len_mismatch(
+                "molora-routed-lora gate input (p then tau)",
+                want,
+                g.len(),
+            )
+            .into());
         }
         let out = float_storage!(
             "molora-routed-lora",
@@ -732,43 +640,24 @@ impl CustomOp3 for RoutedLora {
             return Ok((Some(dx), Some(dab), Some(dg)));
         }
         let (t, _) = x.dims2()?;
-        let e = self.shape.num_experts;
         let (p, tau) = self.split(&host_f32(g)?, t);
-        let routing = self.gate.routing(&p, tau.as_deref(), t, e).map_err(msg)?;
         let abv = host_f32(ab)?;
-        let (a, b) = abv.split_at(self.shape.a_len());
-        let lg = backward::lora_backward(
+        let (a, b) = split_experts(&abv, &self.shape).map_err(msg)?;
+        let lg = cpu_ops::routed_lora_backward(
             &host_f32(x)?,
             a,
             b,
+            &p,
+            tau.as_deref(),
+            &self.gate,
             &self.shape,
-            routing.ids(),
-            routing.weights(),
-            routing.k_max(),
             self.scale,
             &host_f32(grad)?,
         )
         .map_err(msg)?;
-        let renormalize = matches!(
-            self.gate,
-            RoutedGate::TopK {
-                renormalize: true,
-                ..
-            }
-        );
-        let (dp, dtau) = backward::gate_backward(
-            &p,
-            e,
-            routing.ids(),
-            routing.k_max(),
-            tau.as_deref(),
-            renormalize,
-            &lg.dw,
-        )
-        .map_err(msg)?;
-        let mut dg = dp;
+        let mut dg = lg.dp;
         if self.gate.has_tau() {
-            dg.extend_from_slice(&dtau);
+            dg.extend_from_slice(&lg.dtau);
         }
         let mut dab = lg.da;
         dab.extend_from_slice(&lg.db);
@@ -912,45 +801,15 @@ struct WeightSpaceLora {
 }
 
 impl WeightSpaceLora {
-    fn routing(&self, p: &[f32], s: usize) -> Result<crate::SeqRouting> {
-        let segments = crate::Segments::from_lengths(&vec![self.seq_len; s])?;
-        crate::SeqRouting::new(segments, self.shape.num_experts, p.to_vec())
+    /// `S` sequences of `seq_len` rows each.
+    fn sequences(&self, s: usize) -> Result<crate::Segments> {
+        crate::Segments::from_lengths(&vec![self.seq_len; s])
     }
 
-    /// `y_t = s·(x_t·Ā_qᵀ)·B̄_qᵀ` with the mixture in f32 ([`cpu::mix_experts`]) applied by the
-    /// segmented (SGMV) shrink and expand, one segment per sequence.
-    fn forward_f32(&self, x: &[f32], ab: &[f32], p: &[f32], s: usize) -> Result<Vec<f32>> {
-        let (a, b) = ab.split_at(self.shape.a_len());
-        let routing = self.routing(p, s)?;
-        let (am, bm) = cpu::mix_experts(a, b, &self.shape, &routing)?;
-        let mixed = LoraShape::new(s.max(1), self.shape.rank, self.shape.d_in, self.shape.d_out)?;
-        let segs = crate::AdapterSegments::identity(routing.segments().clone())?;
-        let t = s * self.seq_len;
-        let mut y = vec![0.0f32; t * self.shape.d_out];
-        if t > 0 {
-            let h = cpu::shrink_segments(x, &am, &mixed, &segs)?;
-            cpu::expand_segments(&h, &bm, &mixed, &segs, self.scale, &mut y)?;
-        }
-        Ok(y)
-    }
-}
-
-impl WeightSpaceLora {
-    /// [`WeightSpaceLora::forward_f32`] for f16/bf16 storage: the inputs widened to f32, the output
-    /// rounded once.
-    fn forward_typed<T: Element + candle_core::WithDType>(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        p: &[f32],
-        s: usize,
-    ) -> CResult<Vec<T>> {
-        let x = crate::dtype::to_f32_vec(slice::<T>(s1, l1, "x")?);
-        let ab = crate::dtype::to_f32_vec(slice::<T>(s2, l2, "experts")?);
-        let y = self.forward_f32(&x, &ab, p, s).map_err(msg)?;
-        Ok(crate::dtype::from_f32_slice(&y))
+    fn forward<T: Element>(&self, x: &[T], ab: &[T], p: &[f32], s: usize) -> Result<Vec<T>> {
+        let (a, b) = split_experts(ab, &self.shape)?;
+        let seq = self.sequences(s)?;
+        cpu_ops::weight_space_forward(x, a, b, p, &seq, &self.shape, self.scale)
     }
 }
 
@@ -970,23 +829,12 @@ impl CustomOp3 for WeightSpaceLora {
     ) -> CResult<(CpuStorage, Shape)> {
         let (s, _) = dims2(l3, "p")?;
         let p = slice::<f32>(s3, l3, "p")?;
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(
-                self.forward_f32(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, p, s)
-                    .map_err(msg)?,
-            ),
-            CpuStorage::F16(_) => CpuStorage::F16(self.forward_typed::<f16>(s1, l1, s2, l2, p, s)?),
-            CpuStorage::BF16(_) => {
-                CpuStorage::BF16(self.forward_typed::<bf16>(s1, l1, s2, l2, p, s)?)
-            }
-            other => {
-                return Err(Error::Unsupported {
-                    op: "molora-weight-space-lora",
-                    what: format!("dtype {:?} (the op takes f32, f16, bf16)", other.dtype()),
-                }
-                .into())
-            }
-        };
+        let out = float_storage!(
+            "molora-weight-space-lora",
+            s1,
+            T => self.forward::<T>(slice(s1, l1, "x")?, slice(s2, l2, "experts")?, p, s)
+                .map_err(msg)?
+        );
         Ok((out, Shape::from((s * self.seq_len, self.shape.d_out))))
     }
 
@@ -1032,51 +880,20 @@ impl CustomOp3 for WeightSpaceLora {
             return Ok((Some(dx), Some(dab), Some(dp)));
         }
         let (s, e) = p.dims2()?;
-        let xv = host_f32(x)?;
         let abv = host_f32(ab)?;
-        let pv = host_f32(p)?;
-        let dy = host_f32(grad)?;
-        let (a, b) = abv.split_at(self.shape.a_len());
-        let routing = self.routing(&pv, s).map_err(msg)?;
-        let (am, bm) = cpu::mix_experts(a, b, &self.shape, &routing).map_err(msg)?;
-        let LoraShape {
-            rank: r,
-            d_in,
-            d_out,
-            ..
-        } = self.shape;
-        let one = LoraShape::new(1, r, d_in, d_out).map_err(msg)?;
-        let n = self.seq_len;
-        let mut dx = Vec::with_capacity(xv.len());
-        let mut da = vec![0.0f32; a.len()];
-        let mut db = vec![0.0f32; b.len()];
-        let mut dp = Vec::with_capacity(s * e);
-        for q in 0..s {
-            // The mixed adapter of sequence q as a single expert with weight 1.
-            let g = backward::lora_backward(
-                &xv[q * n * d_in..(q + 1) * n * d_in],
-                &am[q * r * d_in..(q + 1) * r * d_in],
-                &bm[q * d_out * r..(q + 1) * d_out * r],
-                &one,
-                &vec![0; n],
-                &vec![1.0; n],
-                1,
-                self.scale,
-                &dy[q * n * d_out..(q + 1) * n * d_out],
-            )
-            .map_err(msg)?;
-            dx.extend_from_slice(&g.dx);
-            let (dae, dbe, dpq) =
-                backward::mix_backward(a, b, &self.shape, &pv[q * e..(q + 1) * e], &g.da, &g.db)
-                    .map_err(msg)?;
-            for (acc, v) in da.iter_mut().zip(dae) {
-                *acc += v;
-            }
-            for (acc, v) in db.iter_mut().zip(dbe) {
-                *acc += v;
-            }
-            dp.extend(dpq);
-        }
+        let (a, b) = split_experts(&abv, &self.shape).map_err(msg)?;
+        let seq = self.sequences(s).map_err(msg)?;
+        let cpu_ops::WeightSpaceGrads { dx, mut da, db, dp } = cpu_ops::weight_space_backward(
+            &host_f32(x)?,
+            a,
+            b,
+            &host_f32(p)?,
+            &seq,
+            &self.shape,
+            self.scale,
+            &host_f32(grad)?,
+        )
+        .map_err(msg)?;
         da.extend_from_slice(&db);
         let dev = x.device();
         Ok((

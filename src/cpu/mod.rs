@@ -8,6 +8,7 @@ pub mod gating;
 pub mod layer;
 pub mod lora;
 pub mod mixing;
+pub mod ops;
 pub mod quant;
 
 pub use dispatch::*;
