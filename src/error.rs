@@ -168,6 +168,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// Shorthand for [`Error::Weights`].
+    pub fn weights(
+        source: impl Into<String>,
+        key: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Error::Weights {
+            source_name: source.into(),
+            key: key.into(),
+            detail: detail.into(),
+        }
+    }
+
     /// Shorthand for [`Error::LengthMismatch`].
     pub fn len_mismatch(what: &'static str, expected: usize, got: usize) -> Self {
         Error::LengthMismatch {

@@ -46,6 +46,8 @@ pub mod gate;
 pub mod grads;
 #[cfg(feature = "candle")]
 pub mod model;
+#[cfg(feature = "peft")]
+pub mod peft;
 pub mod quant;
 pub mod rng;
 pub mod routing;

@@ -21,7 +21,7 @@
 //! Every error is an [`Error::Io`] (the file could not be read or written) or an [`Error::Weights`]
 //! naming the file, the key or config field, and what was expected.
 //!
-//! The parts: [`PeftConfig`] and its parsing and validation (`peft_config.rs`), PEFT adapters and
+//! The parts: [`PeftConfig`] and its parsing and validation (`crate::peft`), PEFT adapters and
 //! [`LoraPair`] (`peft.rs`), [`stack_experts`] (`stack.rs`), our safetensors files and the tensor
 //! conversions (`files.rs`); [`inspect`] is in [`crate::model::inspect`].
 
@@ -31,7 +31,6 @@ use crate::error::{Error, Result};
 
 mod files;
 mod peft;
-mod peft_config;
 mod stack;
 
 pub use files::{load_tensors, save_tensors, MOLORA_METADATA_KEY};
@@ -39,7 +38,7 @@ pub use peft::{
     load_peft_adapter, save_peft_adapter, LoraPair, PeftAdapter, ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE, PEFT_A_SUFFIX, PEFT_B_SUFFIX, PEFT_KEY_PREFIX,
 };
-pub use peft_config::PeftConfig;
+pub use crate::peft::PeftConfig;
 pub use stack::stack_experts;
 
 /// `inspect` lives in [`crate::model::inspect`]; it stays reachable here, where it used to be.
@@ -50,11 +49,7 @@ fn weights_err(
     key: impl Into<String>,
     detail: impl Into<String>,
 ) -> Error {
-    Error::Weights {
-        source_name: source.into(),
-        key: key.into(),
-        detail: detail.into(),
-    }
+    Error::weights(source, key, detail)
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {

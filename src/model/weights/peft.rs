@@ -9,7 +9,7 @@ use safetensors::tensor::Dtype as StDtype;
 use serde_json::Value;
 
 use super::files::{deserialize, save_tensors, view_to_tensor};
-use super::peft_config::{pattern_conflict, PeftConfig, TargetsGiven};
+use crate::peft::{pattern_conflict, PeftConfig, TargetsGiven};
 use super::{io_err, read_file, weights_err};
 use crate::error::Result;
 

@@ -1,4 +1,4 @@
-//! [`PeftConfig`]: the part of a PEFT `adapter_config.json` that decides what a LoRA adapter's
+//! PEFT's adapter configuration (feature `peft`, on with `candle`): [`PeftConfig`], the part of a PEFT `adapter_config.json` that decides what a LoRA adapter's
 //! weights mean, read (with every option molora does not implement rejected by name), validated and
 //! written back; PEFT's module-name matching of `target_modules`, `rank_pattern` and `alpha_pattern`.
 
@@ -6,8 +6,15 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use super::weights_err;
 use crate::error::{Error, Result};
+
+fn weights_err(
+    source: impl Into<String>,
+    key: impl Into<String>,
+    detail: impl Into<String>,
+) -> Error {
+    Error::weights(source, key, detail)
+}
 
 /// PEFT's default rank when `adapter_config.json` has no `r` (as `LoraConfig` does).
 const PEFT_DEFAULT_R: usize = 8;
@@ -117,7 +124,8 @@ fn pattern_lookup<'a, V>(
 /// When no key names `module` in full but several suffix keys with different values match it (or
 /// several full-name keys disagree), the value PEFT picks depends on the keys' order in the JSON file
 /// (lost here), so the choice is ambiguous. Returns the conflicting keys and values, if any.
-pub(super) fn pattern_conflict<V: PartialEq + std::fmt::Display>(
+#[cfg_attr(not(feature = "candle"), allow(dead_code))]
+pub(crate) fn pattern_conflict<V: PartialEq + std::fmt::Display>(
     patterns: &BTreeMap<String, V>,
     module: &str,
 ) -> Option<String> {
@@ -250,7 +258,7 @@ impl Fields<'_> {
 
 /// How `target_modules` was given in `adapter_config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum TargetsGiven {
+pub(crate) enum TargetsGiven {
     /// A list of names: kept, and checked against the weights.
     List,
     /// A regular expression, `"all-linear"` or `null`: replaced by the modules found in the weights.
@@ -291,7 +299,7 @@ impl PeftConfig {
         Self::from_value(&value, source_name).map(|(config, _)| config)
     }
 
-    pub(super) fn from_value(value: &Value, source: &str) -> Result<(Self, TargetsGiven)> {
+    pub(crate) fn from_value(value: &Value, source: &str) -> Result<(Self, TargetsGiven)> {
         let Value::Object(obj) = value else {
             return Err(weights_err(
                 source,
