@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README), and what CI runs: format, lints with and without `cuda`/`emu`
-# and with `candle-cuda`, the test suite on the CPU, and the kernel suite (tests/cuda_*.rs and
+# and with `candle-cuda`, the test suite on the CPU, the Python package (scripts/python-test.sh), and
+# the kernel suite (tests/cuda_*.rs and
 # tests/emu_selftest.rs) on the emulated device: every kernel of cuda/ compiled for the CPU and checked
 # (memory, races, barriers, uninitialised reads) against the CPU reference.
 #
@@ -26,7 +27,8 @@ step() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
 log=$(mktemp)
 emu_log=$(mktemp)
-trap 'rm -f "$log" "$emu_log"' EXIT
+py_log=$(mktemp)
+trap 'rm -f "$log" "$emu_log" "$py_log"' EXIT
 
 # The kernel suite on the emulated device; ends with `emu: N passed, M failed, K skipped`.
 emu_suite() {
@@ -71,9 +73,16 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features emu
 step "cargo test (CPU)"
 cargo test 2>&1 | tee -a "$log"
 
+step "the Python package (pip install ./python, pytest python/tests)"
+py_t0=$(date +%s)
+scripts/python-test.sh 2>&1 | tee "$py_log"
+py_summary=$(grep -E '^[0-9]+ passed' "$py_log" | tail -1 || true)
+py_t1=$(date +%s)
+
 emu_suite
 
 skipped=$(grep -oE 'skipping [A-Za-z_0-9]+: ' "$log" | wc -l || true)
 step "all checks passed in $(( $(date +%s) - start )) s ($skipped test cases skipped: GPU-only)"
 # One closing line for both runs: the totals of every `test result:` line above.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "molora: %d passed, %d failed\n", p, f }' "$log"
+echo "python: ${py_summary:-no pytest summary} ($(( py_t1 - py_t0 )) s)"

@@ -42,7 +42,7 @@ pub struct PeftConfig {
     /// as an empty list; [`load_peft_adapter`] then replaces either by the last name components of the
     /// modules found in the weights, which is what the adapter actually targets.
     ///
-    /// [`load_peft_adapter`]: super::load_peft_adapter
+    /// [`load_peft_adapter`]: crate::model::weights::load_peft_adapter
     pub target_modules: Vec<String>,
     /// Dropout on the LoRA input during training (no effect on inference).
     pub lora_dropout: f32,
@@ -53,7 +53,7 @@ pub struct PeftConfig {
     /// transposed), so the imported [`LoraPair`]s are unaffected; a caller that loads the *base* weights
     /// of such a model must transpose them to `[d_out, d_in]`.
     ///
-    /// [`LoraPair`]: super::LoraPair
+    /// [`LoraPair`]: crate::model::weights::LoraPair
     pub fan_in_fan_out: bool,
     /// Per-module ranks. A key matches a module as in [`target_modules`](Self::target_modules) (the
     /// module's name or a name suffix), or, written `^name` (PEFT's documented anchored form), only the

@@ -450,7 +450,7 @@ fn expert_shape(a: &Tensor, b: &Tensor, d_in: usize, scale: f32) -> Result<(Lora
 /// `a` `[E, r, d_in]` and `b` `[E, d_out, r]` (x, a, b of one dtype: f32, f16 or bf16) and dense gate
 /// weights `w` (f32 `[T, E]`, zero for unused experts). The forward is [`cpu::lora_delta`] over the
 /// non-zero weights (f32 accumulation, one rounding at the output); the backward is
-/// [`backward::lora_backward`] over every `(t, e)`, so `dw` is exact also where `w = 0` (the gates
+/// [`cpu::backward::lora_backward`] over every `(t, e)`, so `dw` is exact also where `w = 0` (the gates
 /// then drop it: selection is not differentiated). Memory: nothing `[T, E, d]`-sized is built.
 ///
 /// This packs `a` and `b` into one tensor per call; [`mole_lora_packed`] takes them packed.
@@ -677,7 +677,7 @@ impl CustomOp3 for RoutedLora {
 /// [`mole_lora_packed`] takes them, of `x`'s dtype).
 ///
 /// CPU: [`cpu::top_k`] / [`cpu::threshold_gate`] / [`cpu::dense`], then [`cpu::lora_delta`];
-/// backward [`backward::lora_backward`] over the slots, then [`backward::gate_backward`] to `p` and
+/// backward [`cpu::backward::lora_backward`] over the slots, then [`cpu::backward::gate_backward`] to `p` and
 /// `τ` (selection is not differentiated). CUDA (`candle-cuda`): [`crate::cuda::MoleLoraForward`]
 /// from probabilities on the path [`crate::cuda::LoraPath::for_shape`] picks (segmented or
 /// dense-gated; any `E·r`), and its backward. Gradients flow to `x`, `ab`, `p` and `tau`.
@@ -911,7 +911,7 @@ impl CustomOp3 for WeightSpaceLora {
 /// of the method). Forward: [`cpu::mix_experts`] then the segmented shrink/expand
 /// ([`cpu::shrink_segments`], [`cpu::expand_segments`]), one segment per sequence, in f32 with one
 /// rounding at the output; backward: the single-adapter LoRA backward per sequence, then
-/// [`backward::mix_backward`] to `p`, `A_e`, `B_e`. Returns `[S, L, d_out]` in `x`'s dtype.
+/// [`cpu::backward::mix_backward`] to `p`, `A_e`, `B_e`. Returns `[S, L, d_out]` in `x`'s dtype.
 pub fn weight_space_lora(
     x: &Tensor,
     a: &Tensor,

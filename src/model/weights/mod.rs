@@ -33,12 +33,12 @@ mod files;
 mod peft;
 mod stack;
 
+pub use crate::peft::PeftConfig;
 pub use files::{load_tensors, save_tensors, MOLORA_METADATA_KEY};
 pub use peft::{
     load_peft_adapter, save_peft_adapter, LoraPair, PeftAdapter, ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE, PEFT_A_SUFFIX, PEFT_B_SUFFIX, PEFT_KEY_PREFIX,
 };
-pub use crate::peft::PeftConfig;
 pub use stack::stack_experts;
 
 /// `inspect` lives in [`crate::model::inspect`]; it stays reachable here, where it used to be.

@@ -9,9 +9,9 @@ use safetensors::tensor::Dtype as StDtype;
 use serde_json::Value;
 
 use super::files::{deserialize, save_tensors, view_to_tensor};
-use crate::peft::{pattern_conflict, PeftConfig, TargetsGiven};
 use super::{io_err, read_file, weights_err};
 use crate::error::Result;
+use crate::peft::{pattern_conflict, PeftConfig, TargetsGiven};
 
 /// The file name of a PEFT adapter's configuration inside its directory.
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
