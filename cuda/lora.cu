@@ -506,7 +506,7 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora
                                             : a.h + row * a.rank;
                 const T *br = B + (static_cast<int64_t>(e) * a.d_out + o) * a.rank;
                 const float d = dot_rank<T, kVec, kRank>(hr, br, a.rank, 0.0f);
-                acc = fmaf(a.weights[slot], d, acc);
+                acc = fmaf(a.weights ? a.weights[slot] : 1.0f, d, acc);
             }
         } else {
             const int seg = find_run(a.seg_offsets, a.num_segments, t);
@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(molora_lora
             }
         }
         if (any && o < a.d_out) {
-            T *yp = y + static_cast<int64_t>(t) * a.d_out + o;
+            T *yp = y + static_cast<int64_t>(t) * (a.y_stride > 0 ? a.y_stride : a.d_out) + o;
             *yp = from_f32<T>(to_f32(*yp) + a.scale * acc);
         }
     }
@@ -601,7 +601,7 @@ __global__ void __launch_bounds__(kStThreads)
             if (a.ids) {
                 const int64_t slot = static_cast<int64_t>(t) * a.k_max + s;
                 e = a.ids[slot];
-                w = a.weights[slot];
+                w = a.weights ? a.weights[slot] : 1.0f;
                 if (e >= 0 && e < W) {
                     const int64_t row = a.h_dense ? static_cast<int64_t>(t) : a.slot_to_sorted[slot];
                     if (row < 0) e = -1;
@@ -628,7 +628,7 @@ __global__ void __launch_bounds__(kStThreads)
         }
         for (int tl = lane_t; tl < ns; tl += kStLanes) {
             const int t = base + tl;
-            T *yp = y + static_cast<int64_t>(t) * a.d_out + o0 + c0;
+            T *yp = y + static_cast<int64_t>(t) * (a.y_stride > 0 ? a.y_stride : a.d_out) + o0 + c0;
             const float y0 = c0 < cols ? to_f32(yp[0]) : 0.0f;
             const float y1 = c0 + 1 < cols ? to_f32(yp[1]) : 0.0f;
             float acc0 = 0.0f, acc1 = 0.0f;
@@ -829,6 +829,7 @@ int launch_expand(const molora_lora_expand_args *args, molora_stream_t stream) {
     if (args == nullptr) return static_cast<int>(cudaErrorInvalidValue);
     const molora_lora_expand_args a = *args;
     if (a.num_tokens < 0 || a.num_weights < 1 || a.rank < 1 || a.d_out < 1) return static_cast<int>(cudaErrorInvalidValue);
+    if (a.y_stride != 0 && a.y_stride < a.d_out) return static_cast<int>(cudaErrorInvalidValue);
     if (a.ids ? (a.k_max < 1 || (!a.h_dense && !a.slot_to_sorted)) : a.num_segments < 1)
         return static_cast<int>(cudaErrorInvalidValue);
     const bool aligned = a.rank % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(a.b) % 16 == 0;

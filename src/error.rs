@@ -249,3 +249,16 @@ pub fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
         }),
     }
 }
+
+/// `y_offset + d_out ≤ y_stride`, else an error naming the three.
+pub fn check_columns(y_stride: usize, y_offset: usize, d_out: usize) -> Result<()> {
+    match y_offset.checked_add(d_out) {
+        Some(end) if end <= y_stride => Ok(()),
+        _ => Err(Error::Unsupported {
+            op: "add_lora",
+            what: format!(
+                "columns {y_offset}..{y_offset}+{d_out} of rows of {y_stride} columns (y_offset + d_out must be ≤ y's row stride)"
+            ),
+        }),
+    }
+}

@@ -7,11 +7,11 @@ mod gpu {
     use molora::cpu;
     use molora::cuda::cudarc::driver::DeviceRepr;
     use molora::cuda::{
-        dispatch, expand_experts, expand_experts_on, expand_segments, expand_segments_on,
+        add_lora, dispatch, expand_experts, expand_experts_on, expand_segments, expand_segments_on,
         lora_dense_gated, lora_dense_gated_on, mix_experts, shrink_experts, shrink_experts_on,
-        shrink_segments, shrink_segments_on, staged_expand_max_columns, Buffer, CudaElement,
-        DenseGatedConfig, DenseGatedWorkspace, Device, DevicePlan, DeviceSegments, KernelPath,
-        DENSE_GATED_MAX_COLUMNS,
+        shrink_segments, shrink_segments_on, staged_expand_max_columns, AddLoraWorkspace, Buffer,
+        CudaElement, DenseGatedConfig, DenseGatedWorkspace, Device, DevicePlan, DeviceSegments,
+        KernelPath, DENSE_GATED_MAX_COLUMNS,
     };
     use molora::testing::{compare, test_device, Tolerance};
     use molora::Rng;
@@ -746,6 +746,112 @@ mod gpu {
         assert!(err.to_string().contains("splits"), "{err}");
     }
 
+    /// punica's add_lora on the device (one adapter per token, `-1` adds nothing, into a
+    /// column slice of a wider `y`) equals `cpu::ops::add_lora`, and leaves every other column and
+    /// every row without an adapter bit for bit unchanged.
+    fn add_lora_case<T: CudaElement>(dev: &Device, c: &Case) -> Result<(), String> {
+        let mut rng = Rng::new(c.seed ^ 0xadd);
+        let shape = LoraShape::new(c.e, c.r, c.d_in, c.d_out).map_err(|e| e.to_string())?;
+        let x: Vec<T> = rng.values(c.t * c.d_in, 1.0);
+        let a: Vec<T> = rng.values(shape.a_len(), 0.3);
+        let b: Vec<T> = rng.values(shape.b_len(), 0.3);
+        // y is a packed output: d_out columns at an odd offset inside rows of d_out + 5 + offset.
+        let y_offset = 1 + c.seed as usize % 3;
+        let y_stride = c.d_out + y_offset + 5;
+        let y0: Vec<T> = rng.values(c.t * y_stride, 1.0);
+        let indices: Vec<i32> = (0..c.t)
+            .map(|_| {
+                if rng.uniform() < c.empty {
+                    -1
+                } else if rng.uniform() < c.skew {
+                    0
+                } else {
+                    (rng.uniform() * c.e as f64) as i32 % c.e as i32
+                }
+            })
+            .collect();
+        let mut y_want = y0.clone();
+        cpu::ops::add_lora(
+            &mut y_want,
+            y_stride,
+            y_offset,
+            &x,
+            &a,
+            &b,
+            &indices,
+            &shape,
+            0.75,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut dy = up(dev, &y0);
+        if c.t > 0 {
+            let mut ws = AddLoraWorkspace::new(dev, c.t, &shape).map_err(|e| e.to_string())?;
+            let (dx, da, db, di) = (up(dev, &x), up(dev, &a), up(dev, &b), up(dev, &indices));
+            add_lora(
+                dev, &dx, &da, &db, &di, &shape, 0.75, &mut ws, &mut dy, y_stride, y_offset,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        let y_got = down(dev, &dy, y0.len());
+        let tol = Tolerance::for_dtype(T::DTYPE).scaled(((c.d_in.max(c.r)) as f32).sqrt());
+        compare("y (add_lora)", &f32s(&y_got), &f32s(&y_want), tol)?;
+        for (t, &index) in indices.iter().enumerate() {
+            for col in 0..y_stride {
+                let i = t * y_stride + col;
+                let inside = (y_offset..y_offset + c.d_out).contains(&col) && index >= 0;
+                if !inside && y_got[i] != y0[i] {
+                    return Err(format!(
+                        "y[{t}, {col}] outside the adapter's columns changed"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn add_lora_rejects_bad_input() {
+        let Some(dev) = test_device("add_lora_rejects_bad_input") else {
+            return;
+        };
+        let shape = LoraShape::new(3, 2, 4, 5).unwrap();
+        let mut ws = AddLoraWorkspace::new(&dev, 2, &shape).unwrap();
+        let (x, a, b) = (
+            dev.zeros::<f32>(8).unwrap(),
+            dev.zeros::<f32>(shape.a_len()).unwrap(),
+            dev.zeros::<f32>(shape.b_len()).unwrap(),
+        );
+        let idx = dev.zeros::<i32>(2).unwrap();
+        let mut y = dev.zeros::<f32>(2 * 7).unwrap();
+        let e = add_lora(&dev, &x, &a, &b, &idx, &shape, 1.0, &mut ws, &mut y, 7, 3).unwrap_err();
+        assert!(e.to_string().contains("columns 3..3+5"), "{e}");
+        let e = add_lora(&dev, &x, &a, &b, &idx, &shape, 1.0, &mut ws, &mut y, 6, 0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                molora::Error::LengthMismatch {
+                    expected: 12,
+                    got: 14,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let short = dev.zeros::<i32>(1).unwrap();
+        let e = add_lora(&dev, &x, &a, &b, &short, &shape, 1.0, &mut ws, &mut y, 7, 2).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                molora::Error::LengthMismatch {
+                    expected: 2,
+                    got: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(molora::testing::cases(24)))]
         #[test]
@@ -755,6 +861,20 @@ mod gpu {
                 ("f32", experts_case::<f32>(&dev, &c)),
                 ("f16", experts_case::<half::f16>(&dev, &c)),
                 ("bf16", experts_case::<half::bf16>(&dev, &c)),
+            ] {
+                if let Err(msg) = result {
+                    prop_assert!(false, "{dtype}: {msg} ({c:?})");
+                }
+            }
+        }
+
+        #[test]
+        fn add_lora_matches_cpu(c in case()) {
+            let Some(dev) = test_device("add_lora_matches_cpu") else { return Ok(()) };
+            for (dtype, result) in [
+                ("f32", add_lora_case::<f32>(&dev, &c)),
+                ("f16", add_lora_case::<half::f16>(&dev, &c)),
+                ("bf16", add_lora_case::<half::bf16>(&dev, &c)),
             ] {
                 if let Err(msg) = result {
                     prop_assert!(false, "{dtype}: {msg} ({c:?})");

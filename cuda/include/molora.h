@@ -346,6 +346,11 @@ int molora_lora_shrink_bf16(const molora_lora_shrink_args *args, molora_stream_t
  * Slots are summed in slot order, j in order, in f32; y is read and written once per element. Rows
  * of tokens with no valid slot (or adapter -1) are not touched. h [*, rank] f32, B [num_weights,
  * d_out, rank] and y [num_tokens, d_out] of the launcher's element type.
+ *
+ * Row t of y starts y_stride elements after row t - 1 (y_stride = 0: d_out; otherwise ≥ d_out), so
+ * y may be a column slice of a wider output: a packed QKV or gate-up projection passes y + offset
+ * and its full row width (punica's / vLLM's add_lora). weights = NULL (expert mode) gives every
+ * valid slot weight 1: one adapter per token, ids [T, 1].
  */
 typedef struct molora_lora_expand_args {
     const float *h;
@@ -366,6 +371,7 @@ typedef struct molora_lora_expand_args {
     int32_t rank;
     int32_t d_out;
     int32_t path; /* molora_lora_path (PLAIN, VECTOR, STAGED or AUTO) */
+    int32_t y_stride; /* elements between rows of y: 0 = d_out, else ≥ d_out */
 } molora_lora_expand_args;
 
 int molora_lora_expand_f32(const molora_lora_expand_args *args, molora_stream_t stream);

@@ -212,6 +212,12 @@ def opcheck_cases():
         ("mole_lora_backward", torch.ops.molora.mole_lora_backward.default,
          (rand(t, d_out), x.detach(), a.detach(), b.detach(), w.detach(), 0.5)),
         ("gate_backward", torch.ops.molora.gate_backward.default, (rand(t, e), p.detach(), None, "top_k", 2, True)),
+        ("mole_lora_routed_backward", torch.ops.molora.mole_lora_routed_backward.default,
+         (rand(t, d_out), x.detach(), a.detach(), b.detach(), ids, sw.detach(), 0.5)),
+        ("weight_space_lora_backward", torch.ops.molora.weight_space_lora_backward.default,
+         (rand(t, d_out), x.detach(), a.detach(), b.detach(), torch.rand(2, e), torch.tensor([0, 2, 5]), 0.5)),
+        ("quant_linear_backward", torch.ops.molora.quant_linear_backward.default,
+         (rand(t, d_out), q.data, q.scales, "nf4", d_out, d_in)),
     ]
 
 

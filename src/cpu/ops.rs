@@ -438,7 +438,7 @@ pub fn add_lora<T: Element>(
 ) -> Result<()> {
     let t = rows(x.len(), shape.d_in, "x [T, d_in]")?;
     check_len("indices [T]", t, indices.len())?;
-    check_columns(y_stride, y_offset, shape.d_out)?;
+    crate::error::check_columns(y_stride, y_offset, shape.d_out)?;
     check_len(
         "y [T, y_stride]",
         checked_elems("y [T, y_stride]", t, y_stride, 4)?,
@@ -480,19 +480,6 @@ pub fn split_packed<'a, T>(ab: &'a [T], shape: &LoraShape) -> Result<(&'a [T], &
         ab.len(),
     )?;
     Ok(ab.split_at(shape.a_len()))
-}
-
-/// `y_offset + d_out ≤ y_stride`, else an error naming the three.
-pub fn check_columns(y_stride: usize, y_offset: usize, d_out: usize) -> Result<()> {
-    match y_offset.checked_add(d_out) {
-        Some(end) if end <= y_stride => Ok(()),
-        _ => Err(Error::Unsupported {
-            op: "add_lora",
-            what: format!(
-                "columns {y_offset}..{y_offset}+{d_out} of rows of {y_stride} columns (y_offset + d_out must be ≤ y's row stride)"
-            ),
-        }),
-    }
 }
 
 /// The rows of a `[rows, cols]` buffer of `len` elements, or an error naming it.

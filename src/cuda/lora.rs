@@ -504,10 +504,101 @@ pub fn expand_experts_on<T: CudaElement>(
         rank: shape.rank as i32,
         d_out: shape.d_out as i32,
         path,
+        y_stride: 0,
     };
     // SAFETY: lengths checked above (h T·k_max·r, B E·d_out·r, ids/weights T·k_max, y T·d_out); the
     // plan's inverse holds T·k_max positions, each -1 or < T·k_max (a row of h). The kernel skips
     // ids outside [0, E). Sizes fit an i32; the launch keeps the buffers alive and ordered.
+    unsafe { l.run(&T::EXPAND, &args) }
+}
+
+/// Workspace of [`add_lora`] for `T` tokens and a [`LoraShape`]: the dispatch plan of the adapter
+/// indices and the shrink's `h` `[T, r]`.
+#[derive(Debug)]
+pub struct AddLoraWorkspace {
+    plan: DevicePlan,
+    h: Buffer<f32>,
+}
+
+impl AddLoraWorkspace {
+    /// Allocates the workspace (`T ≥ 1`).
+    pub fn new(dev: &Device, num_tokens: usize, shape: &LoraShape) -> Result<Self> {
+        Ok(AddLoraWorkspace {
+            plan: DevicePlan::new(dev, num_tokens, 1, shape.num_experts)?,
+            h: dev.zeros(crate::error::checked_elems(
+                "h [T, r]", num_tokens, shape.rank, 4,
+            )?)?,
+        })
+    }
+}
+
+/// punica's / vLLM's `add_lora` on the device, in place: `y[t, y_offset + o] += scale·((x_t·A_eᵀ)·B_eᵀ)[o]`
+/// with `e = indices[t]` (one adapter per token; `-1`, or any id outside `0..E`, adds nothing), into
+/// the columns `y_offset..y_offset + d_out` of `y` `[T, y_stride]`, so a packed QKV or gate-up output
+/// takes each part's adapters. The tokens are grouped by adapter on the device ([`dispatch`]), then
+/// the grouped shrink and the fused expand (weight 1, rows `y_stride` apart) run; nothing is copied
+/// to the host. GPU counterpart of [`crate::cpu::ops::add_lora`] (which also rejects ids outside
+/// `-1..E`; the device cannot check them without a sync).
+#[allow(clippy::too_many_arguments)]
+pub fn add_lora<T: CudaElement>(
+    dev: &Device,
+    x: &impl DeviceRead<T>,
+    a: &impl DeviceRead<T>,
+    b: &impl DeviceRead<T>,
+    indices: &impl DeviceRead<i32>,
+    shape: &LoraShape,
+    scale: f32,
+    ws: &mut AddLoraWorkspace,
+    y: &mut impl DeviceWrite<T>,
+    y_stride: usize,
+    y_offset: usize,
+) -> Result<()> {
+    const OP: &str = "add_lora";
+    check_experts(OP, shape, ws.plan.num_experts())?;
+    check_scale(scale)?;
+    crate::error::check_columns(y_stride, y_offset, shape.d_out)?;
+    let t = ws.plan.num_tokens();
+    crate::error::check_len("indices [T] (vs the workspace's T)", t, indices.len())?;
+    let y_len = crate::error::checked_elems("y [T, y_stride]", t, y_stride, 4)?;
+    fits_i32("T * y_stride", y_len)?;
+    fits_i32("y_stride", y_stride)?;
+    crate::error::check_len("x [T, d_in]", t * shape.d_in, x.len())?;
+    crate::error::check_len("y [T, y_stride]", y_len, y.len())?;
+    super::dispatch(dev, indices, &mut ws.plan)?;
+    shrink_experts(dev, x, a, shape, &ws.plan, &mut ws.h)?;
+    let mut l = Launch::new(dev, OP);
+    let h = l.input("h [T, r]", &ws.h, t * shape.rank)?;
+    let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
+    let ids = l.input("indices [T]", indices, t)?;
+    let y = l.output("y [T, y_stride]", y, y_len)?;
+    let inverse = ws.plan.bind_inverse(&mut l)?;
+    let path = resolve_path::<T>(OP, KernelPath::Auto, LoraKernel::Expand, shape, &[b])?;
+    let args = ffi::molora_lora_expand_args {
+        h,
+        b: b.cast(),
+        // Column y_offset of row 0; y_offset + d_out ≤ y_stride (checked), so every row's columns
+        // lie inside y.
+        y: y.wrapping_add(y_offset).cast(),
+        ids,
+        weights: std::ptr::null(),
+        slot_to_sorted: inverse,
+        k_max: 1,
+        h_dense: 0,
+        seg_offsets: std::ptr::null(),
+        adapter_ids: std::ptr::null(),
+        num_segments: 0,
+        scale,
+        num_tokens: t as i32,
+        num_weights: shape.num_experts as i32,
+        rank: shape.rank as i32,
+        d_out: shape.d_out as i32,
+        path,
+        y_stride: y_stride as i32,
+    };
+    // SAFETY: h holds T·r values (the workspace's, written by the shrink above), B E·d_out·r, the
+    // indices T, y T·y_stride (all checked); the expand writes y[t·y_stride + y_offset + o] for
+    // o < d_out, inside y since y_offset + d_out ≤ y_stride. The plan's inverse holds T positions,
+    // each -1 or < T; the kernel skips ids outside [0, E) and reads no weights (NULL: weight 1).
     unsafe { l.run(&T::EXPAND, &args) }
 }
 
@@ -636,6 +727,7 @@ pub fn expand_segments_on<T: CudaElement>(
         rank: shape.rank as i32,
         d_out: shape.d_out as i32,
         path,
+        y_stride: 0,
     };
     // SAFETY: as for `shrink_segments`: validated segments uploaded whole, lengths checked above.
     unsafe { l.run(&T::EXPAND, &args) }
@@ -1112,6 +1204,7 @@ pub(crate) fn dense_gated_impl<T: CudaElement>(
         rank: shape.rank as i32,
         d_out: shape.d_out as i32,
         path: code,
+        y_stride: 0,
     };
     // SAFETY: h is [T, E·r] as written above; ids/weights hold T·k_max, B E·d_out·r and y T·d_out
     // elements (checked); the kernel skips ids outside [0, E).

@@ -69,10 +69,11 @@ pub use gating::{
 pub(crate) use lora::dense_gated_shrink;
 #[cfg(feature = "cuda")]
 pub use lora::{
-    dense_gated_splits, expand_experts, expand_experts_on, expand_segments, expand_segments_on,
-    lora_dense_gated, lora_dense_gated_on, mix_experts, shrink_experts, shrink_experts_on,
-    shrink_segments, shrink_segments_on, staged_expand_max_columns, CudaElement, DenseGatedConfig,
-    DenseGatedWorkspace, DeviceSegments, KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
+    add_lora, dense_gated_splits, expand_experts, expand_experts_on, expand_segments,
+    expand_segments_on, lora_dense_gated, lora_dense_gated_on, mix_experts, shrink_experts,
+    shrink_experts_on, shrink_segments, shrink_segments_on, staged_expand_max_columns,
+    AddLoraWorkspace, CudaElement, DenseGatedConfig, DenseGatedWorkspace, DeviceSegments,
+    KernelPath, LoraPath, DENSE_GATED_MAX_COLUMNS,
 };
 #[cfg(feature = "cuda")]
 pub use memory::{
