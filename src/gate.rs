@@ -49,6 +49,35 @@ pub enum Gate {
     Dense,
 }
 
+/// How router probabilities become the experts' slots (the gate of the framework ops: `cpu::ops` and
+/// `cuda::ops`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RoutedGate {
+    /// The `k` most probable experts ([`crate::cpu::top_k`], ties to the lower id), renormalised to sum 1
+    /// when `renormalize`.
+    TopK { k: usize, renormalize: bool },
+    /// The experts at or above a per-token threshold `τ_t` ([`crate::cpu::threshold_gate`]).
+    Threshold,
+    /// Every expert with weight `p_te` ([`crate::cpu::dense`]).
+    Dense,
+}
+
+impl RoutedGate {
+    /// Whether the gate reads per-token thresholds `τ` `[T]`.
+    pub fn has_tau(&self) -> bool {
+        matches!(self, RoutedGate::Threshold)
+    }
+
+    /// Whether the kept weights are renormalised (so their gradient goes through the sum).
+    pub fn renormalizes(&self) -> bool {
+        match self {
+            RoutedGate::TopK { renormalize, .. } => *renormalize,
+            RoutedGate::Threshold => true,
+            RoutedGate::Dense => false,
+        }
+    }
+}
+
 /// A router's parameters: `W_g` `[E, d_in]`, optional bias `b_g` `[E]`, the activation and its
 /// temperature (`> 0`, finite; 1 for a plain softmax/sigmoid).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -14,34 +14,7 @@ use super::mixing::mix_experts;
 use crate::error::{check_len, checked_elems, Error, Result};
 use crate::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
 
-/// How router probabilities become the experts' slots (the gate of [`routed_lora_forward`], and of
-/// the gate ops [`gate_forward`] / [`gate_backward`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RoutedGate {
-    /// The `k` most probable experts ([`super::top_k`], ties to the lower id), renormalised to sum 1
-    /// when `renormalize`.
-    TopK { k: usize, renormalize: bool },
-    /// The experts at or above a per-token threshold `τ_t` ([`super::threshold_gate`]).
-    Threshold,
-    /// Every expert with weight `p_te` ([`super::dense`]).
-    Dense,
-}
-
-impl RoutedGate {
-    /// Whether the gate reads per-token thresholds `τ` `[T]`.
-    pub fn has_tau(&self) -> bool {
-        matches!(self, RoutedGate::Threshold)
-    }
-
-    /// Whether the kept weights are renormalised (so their gradient goes through the sum).
-    fn renormalizes(&self) -> bool {
-        match self {
-            RoutedGate::TopK { renormalize, .. } => *renormalize,
-            RoutedGate::Threshold => true,
-            RoutedGate::Dense => false,
-        }
-    }
-}
+pub use crate::gate::RoutedGate;
 
 /// The routing of `p` `[T, E]` (and `τ` `[T]` for [`RoutedGate::Threshold`]) by the crate's gates.
 pub fn gate_routing(

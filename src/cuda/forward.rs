@@ -263,6 +263,50 @@ impl MoleLoraForward {
         self.lora(dev, x, a, b, scale, y)
     }
 
+    /// The LoRA part over slots a framework already holds: `ids`/`weights` `[T, k_max]` (`-1` = an
+    /// empty slot, exactly zero) copied into this workspace's routing on the device, then
+    /// `y += scale·Σ_s w_ts·(x_t·A_eᵀ)·B_eᵀ` on its path — what [`crate::cpu::lora_delta`] computes.
+    /// Asynchronous, no allocation. [`backward_slots`](Self::backward_slots) differentiates it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_slots<T: CudaElement>(
+        &mut self,
+        dev: &Device,
+        x: &impl DeviceRead<T>,
+        ids: &impl DeviceRead<i32>,
+        weights: &impl DeviceRead<f32>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
+        scale: f32,
+        y: &mut impl DeviceWrite<T>,
+    ) -> Result<()> {
+        check_scale(scale)?;
+        let slots = self.num_tokens * self.k_max;
+        crate::error::check_len("slot ids [T, k_max]", slots, ids.len())?;
+        crate::error::check_len("slot weights [T, k_max]", slots, weights.len())?;
+        self.fused_decode = false;
+        dev.copy(ids, &mut self.ids)?;
+        dev.copy(weights, &mut self.weights)?;
+        self.lora(dev, x, a, b, scale, y)
+    }
+
+    /// Gradients of the last [`run_slots`](Self::run_slots) given `dy` `[T, d_out]`, with the same
+    /// `x`, `A`, `B` and `scale`: `dA`, `dB`, `dx` and `dw` `[T, k_max]` in `grads.lora()`. The gate's
+    /// and router's buffers are not written. Deterministic, asynchronous, no allocation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_slots<T: CudaElement>(
+        &self,
+        dev: &Device,
+        x: &impl DeviceRead<T>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
+        dy: &impl DeviceRead<T>,
+        scale: f32,
+        grads: &mut MoleLoraGrads,
+    ) -> Result<()> {
+        self.check_grads(grads)?;
+        self.lora_backward(dev, x, a, b, dy, scale, grads)
+    }
+
     fn check_gate(&self, gate: &DeviceGate<'_>) -> Result<()> {
         let e = self.shape.num_experts;
         if gate.k_max(e) != self.k_max {

@@ -37,6 +37,8 @@ mod lora;
 #[cfg(feature = "cuda")]
 mod memory;
 #[cfg(feature = "cuda")]
+pub mod ops;
+#[cfg(feature = "cuda")]
 mod quant;
 #[cfg(feature = "cuda")]
 mod selftest;
