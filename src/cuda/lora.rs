@@ -535,7 +535,7 @@ impl AddLoraWorkspace {
 /// punica's / vLLM's `add_lora` on the device, in place: `y[t, y_offset + o] += scale·((x_t·A_eᵀ)·B_eᵀ)[o]`
 /// with `e = indices[t]` (one adapter per token; `-1`, or any id outside `0..E`, adds nothing), into
 /// the columns `y_offset..y_offset + d_out` of `y` `[T, y_stride]`, so a packed QKV or gate-up output
-/// takes each part's adapters. The tokens are grouped by adapter on the device ([`dispatch`]), then
+/// takes each part's adapters. The tokens are grouped by adapter on the device ([`super::dispatch`]), then
 /// the grouped shrink and the fused expand (weight 1, rows `y_stride` apart) run; nothing is copied
 /// to the host. GPU counterpart of [`crate::cpu::ops::add_lora`] (which also rejects ids outside
 /// `-1..E`; the device cannot check them without a sync).
