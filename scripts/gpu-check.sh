@@ -3,6 +3,7 @@
 # needed). Build the bundle first, on any machine with the toolkit:
 #
 #   ../shared/gpu/bundle --features emu        # every test, bench, binary and example into .gpu/
+#   scripts/python-wheel.sh                    # the PyTorch package with the kernels, into .gpu/wheels/
 #
 # tests/candle_cuda.rs joins step 1 when the bundle is built with candle's CUDA backend, which links
 # cuBLAS and cuRAND at build time (MOLORA_CUDA_BLAS=1 makes scripts/cuda-toolkit.sh fetch them):
@@ -19,7 +20,9 @@
 # 1. every CUDA test binary (tests/cuda_*.rs, tests/emu_selftest.rs, tests/candle_cuda.rs) with
 #    MOLORA_REQUIRE_GPU=1 (GPU tests fail instead of skipping), full case counts;
 #    tests/emu_selftest.rs holds the GPU to the same primitive answers as the emulated device;
-# 2. the kernel suite on the emulated device too (MOLORA_DEVICE=emu), as CI runs it;
+# 2. the kernel suite on the emulated device too (MOLORA_DEVICE=emu), as CI runs it; then the PyTorch
+#    package from .gpu/wheels on CUDA tensors (python/tests/test_cuda.py: every op against the CPU
+#    path, PyTorch's sync debug mode on, opcheck), with the CPU suite when pytest is there;
 # 3. compute-sanitizer memcheck over the CUDA test binaries and racecheck over the LoRA and backward
 #    ones, with MOLORA_TEST_CASES=2 (racecheck 1);
 # 4. ncu over the dense-gated tensor-core kernels at T = 4096, 4096→4096, E 8, r 16, top-2 (speed of
@@ -71,6 +74,28 @@ echo "== 2. the same suite on the emulated device"
 for t in $(ls .gpu/bin/test-cuda_* .gpu/bin/test-emu_selftest 2>/dev/null); do
   check emu "emu-$(basename "$t").log" env MOLORA_DEVICE=emu "$t" --test-threads=2
 done
+
+echo "== 2b. the PyTorch package on CUDA tensors (a wheel from scripts/python-wheel.sh in .gpu/wheels)"
+wheel=$(ls .gpu/wheels/molora-*.whl 2>/dev/null | head -1)
+if [ -n "$wheel" ] && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  pydir=$(mktemp -d)
+  if python3 -m pip install --quiet --no-deps --no-index --target "$pydir" "$wheel" >"$out/py-install.log" 2>&1; then
+    # test_cuda.py compares every op on CUDA with the CPU path; the CPU suite runs too where pytest is.
+    if python3 -c "import pytest" 2>/dev/null; then
+      check python "python-tests.log" env PYTHONPATH="$pydir" MOLORA_PY_REQUIRE_CUDA=1 \
+        python3 -m pytest -q -rs -s python/tests
+      grep -E "CUDA-CPU error|passed|failed" "$out/python-tests.log" | tail -20
+    else
+      check python "python-cuda.log" env PYTHONPATH="$pydir" MOLORA_PY_REQUIRE_CUDA=1 \
+        python3 python/tests/test_cuda.py
+      grep -E "CUDA-CPU error|PASS|FAIL|python cuda" "$out/python-cuda.log" | tail -20
+    fi
+  else
+    fail=1; note "python FAIL install of $wheel (log: py-install.log)"
+  fi
+else
+  note "no wheel in .gpu/wheels or no CUDA torch: the PyTorch package's CUDA tests skipped"
+fi
 
 echo "== 3. compute-sanitizer (MOLORA_TEST_CASES=2, racecheck 1)"
 if command -v compute-sanitizer >/dev/null 2>&1; then

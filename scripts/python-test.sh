@@ -21,6 +21,11 @@ fi
 export PYO3_PYTHON="$py" PATH="$venv/bin:$PATH"
 cargo fmt --manifest-path python/Cargo.toml -- --check
 cargo clippy --manifest-path python/Cargo.toml --all-targets -- -D warnings
+# The CUDA half of the extension (python/src/gpu.rs) is linted where nvcc is (scripts/test.sh puts it
+# on PATH): it builds the kernels for one architecture; it runs only on a GPU (scripts/gpu-check.sh).
+if command -v nvcc >/dev/null 2>&1; then
+  MOLORA_CUDA_ARCHS=80 cargo clippy --manifest-path python/Cargo.toml --all-targets --features cuda -- -D warnings
+fi
 "$py" -m pip install --quiet --no-build-isolation --force-reinstall --no-deps ./python
 # From outside the source tree, so the tests import the installed package, not python/molora.
 root=$PWD

@@ -6,6 +6,10 @@ dtype (float32, float16, bfloat16); router probabilities, gate weights, threshol
 are float32. Each forward accumulates in f32 and rounds once at its output; each backward runs in f32
 and returns gradients in the inputs' dtypes.
 
+CPU tensors run on the crate's reference path; CUDA tensors (a build with ``--features cuda``) on its
+kernels, zero-copy, on ``torch.cuda.current_stream()``, for every op but ``route`` and
+``quant_linear``.
+
 Every input is checked before any work (dtype, device, rank, shape, contiguity); a wrong one raises
 ``ValueError`` naming the argument and the values, and so does anything the crate rejects (an
 expert id out of range, a NaN probability, bad sequence offsets), with the crate's message.
@@ -77,17 +81,36 @@ def _scale(scale: float) -> None:
         raise ValueError(f"scale = {scale} is invalid: must be finite")
 
 
-def _host(names: Sequence[str], ts: Sequence[Tensor]) -> None:
-    """The kernels of this build run CPU tensors; each must be contiguous."""
+def _placement(names: Sequence[str], ts: Sequence[Tensor], op: str, cuda: bool = True) -> Optional[int]:
+    """Where an op runs: ``None`` for CPU tensors (the crate's reference path), the device index for
+    CUDA tensors (the kernels, when this build has them and the op has a CUDA path). Every tensor
+    must be on the same device and contiguous."""
     _same_device(names, ts)
     for n, t in zip(names, ts):
-        if t.device.type != "cpu":
-            raise ValueError(
-                f"{n}: a tensor on {t.device}; this build of the molora package runs CPU tensors "
-                "(its CUDA kernels are not in the wheel)"
-            )
         if not t.is_contiguous():
             raise ValueError(f"{n}: the molora ops need a contiguous tensor (call .contiguous() first)")
+    d = ts[0].device
+    if d.type == "cpu":
+        return None
+    if d.type != "cuda":
+        raise ValueError(f"{names[0]}: a tensor on {d}; molora runs CPU and CUDA tensors")
+    if not _C.has_cuda:
+        raise ValueError(
+            f"{op}: {names[0]} is on {d}, but this build of the molora package has no CUDA kernels "
+            "(build it with MATURIN_PEP517_ARGS=\"--features cuda\" pip install ./python)"
+        )
+    if not cuda:
+        raise ValueError(f"{op}: {names[0]} is on {d}; this op runs CPU tensors only")
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+def _host(names: Sequence[str], ts: Sequence[Tensor]) -> None:
+    """For the ops without a CUDA path: CPU, contiguous."""
+    _placement(names, ts, names[0], cuda=False)
+
+
+def _stream(dev: int) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream
 
 
 def _buf(t: Tensor) -> Tuple[int, int]:
@@ -121,7 +144,12 @@ def mole_lora(x: Tensor, a: Tensor, b: Tensor, w: Tensor, scale: float) -> Tenso
     """``Δy_t = scale·Σ_e w[t, e]·(x_t·A_eᵀ)·B_eᵀ`` for dense gate weights ``w [T, E]`` (float32,
     zero for unused experts), ``[T, d_out]`` in ``x``'s dtype."""
     t, e, r, d_in, d_out = _check_mole_lora(x, a, b, w, scale)
-    _host(("x", "a", "b", "w"), (x, a, b, w))
+    dev = _placement(("x", "a", "b", "w"), (x, a, b, w), "mole_lora")
+    if dev is not None:
+        out = x.new_zeros((t, d_out))
+        _C.cuda_mole_lora(_float("x", x), dev, _stream(dev), _buf(x), _buf(a), _buf(b), _buf(w), _buf(out),
+                          (e, r, d_in, d_out), scale)
+        return out
     out = x.new_empty((t, d_out))
     _C.mole_lora(_float("x", x), _buf(x), _buf(a), _buf(b), _buf(w), _buf(out), (e, r, d_in, d_out), scale)
     return out
@@ -139,6 +167,13 @@ def mole_lora_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients ``(dx, da, db, dw)`` of :func:`mole_lora` (``dw`` exact also where ``w = 0``)."""
     t, e, r, d_in, d_out = _check_mole_lora(x, a, b, w, scale)
+    dev = _placement(("x", "a", "b", "w"), (x, a, b, w), "mole_lora_backward")
+    if dev is not None:
+        g = grad.detach().to(x.dtype).contiguous()
+        dx, da, db, dw = (torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in (x, a, b, w))
+        _C.cuda_mole_lora_backward(_float("x", x), dev, _stream(dev), _buf(x), _buf(a), _buf(b), _buf(w), _buf(g),
+                                   _buf(dx), _buf(da), _buf(db), _buf(dw), (e, r, d_in, d_out), scale)
+        return dx.to(x.dtype), da.to(a.dtype), db.to(b.dtype), dw
     g, xf, af, bf, wf = (_f32c(v) for v in (grad, x, a, b, w))
     _host(("grad", "x", "a", "b", "w"), (g, xf, af, bf, wf))
     dx, da, db, dw = (torch.empty_like(v) for v in (xf, af, bf, wf))
@@ -192,8 +227,13 @@ def mole_lora_routed(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tens
     """``Δy_t = scale·Σ_s weights[t, s]·(x_t·A_eᵀ)·B_eᵀ`` with ``e = ids[t, s]`` (``-1`` = an empty
     slot, exactly zero), ``[T, d_out]`` in ``x``'s dtype."""
     t, e, r, d_in, d_out, k = _check_routed(x, a, b, ids, weights, scale)
-    ids32 = ids.to(torch.int32)
-    _host(("x", "a", "b", "ids", "weights"), (x, a, b, ids32, weights))
+    ids32 = ids.to(torch.int32).contiguous()
+    dev = _placement(("x", "a", "b", "ids", "weights"), (x, a, b, ids32, weights), "mole_lora_routed")
+    if dev is not None:
+        out = x.new_zeros((t, d_out))
+        _C.cuda_mole_lora_routed(_float("x", x), dev, _stream(dev), _buf(x), _buf(a), _buf(b), _buf(ids32),
+                                 _buf(weights), k, _buf(out), (e, r, d_in, d_out), scale)
+        return out
     out = x.new_empty((t, d_out))
     _C.mole_lora_routed(
         _float("x", x), _buf(x), _buf(a), _buf(b), _buf(ids32), _buf(weights), k, _buf(out), (e, r, d_in, d_out), scale
@@ -213,8 +253,17 @@ def mole_lora_routed_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients ``(dx, da, db, dweights)`` of :func:`mole_lora_routed` (0 on empty slots)."""
     t, e, r, d_in, d_out, k = _check_routed(x, a, b, ids, weights, scale)
-    g, xf, af, bf, wf = (_f32c(v) for v in (grad, x, a, b, weights))
     ids32 = ids.to(torch.int32).contiguous()
+    dev = _placement(("x", "a", "b", "ids", "weights"), (x, a, b, ids32, weights), "mole_lora_routed_backward")
+    if dev is not None:
+        g = grad.detach().to(x.dtype).contiguous()
+        dx, da, db, dw = (torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in (x, a, b, weights))
+        _C.cuda_mole_lora_routed_backward(
+            _float("x", x), dev, _stream(dev), _buf(x), _buf(a), _buf(b), _buf(ids32), _buf(weights), k, _buf(g),
+            _buf(dx), _buf(da), _buf(db), _buf(dw), (e, r, d_in, d_out), scale,
+        )
+        return dx.to(x.dtype), da.to(a.dtype), db.to(b.dtype), dw
+    g, xf, af, bf, wf = (_f32c(v) for v in (grad, x, a, b, weights))
     _host(("grad", "x", "a", "b", "ids", "weights"), (g, xf, af, bf, ids32, wf))
     dx, da, db, dw = (torch.empty_like(v) for v in (xf, af, bf, wf))
     _C.mole_lora_routed_backward(
@@ -265,9 +314,12 @@ def _check_gate(p, tau, kind, k):
 def _gate_kernel(p: Tensor, tau: Optional[Tensor], kind: str, k: int, renormalize: bool) -> Tensor:
     t, e = _check_gate(p, tau, kind, k)
     ts = (p,) if tau is None else (p, tau)
-    _host(("p", "tau")[: len(ts)], ts)
+    dev = _placement(("p", "tau")[: len(ts)], ts, f"{kind} gate")
     out = torch.empty_like(p)
-    _C.gate(kind, k, renormalize, _buf(p), _opt(tau), _buf(out), t, e)
+    if dev is not None:
+        _C.cuda_gate(dev, _stream(dev), kind, k, renormalize, _buf(p), _opt(tau), _buf(out), t, e)
+    else:
+        _C.gate(kind, k, renormalize, _buf(p), _opt(tau), _buf(out), t, e)
     return out
 
 
@@ -305,10 +357,14 @@ def gate_backward(
     t, e = _check_gate(p, tau, kind, k)
     g = _f32c(grad)
     ts = (g, p) if tau is None else (g, p, tau)
-    _host(("grad", "p", "tau")[: len(ts)], ts)
-    dp = torch.empty_like(p)
-    dtau = p.new_empty((t,))
-    _C.gate_backward(kind, k, renormalize, _buf(p), _opt(tau), _buf(g), _buf(dp), _buf(dtau), t, e)
+    dev = _placement(("grad", "p", "tau")[: len(ts)], ts, f"{kind} gate backward")
+    dp = torch.zeros_like(p)
+    dtau = p.new_zeros((t,))
+    if dev is not None:
+        _C.cuda_gate_backward(dev, _stream(dev), kind, k, renormalize, _buf(p), _opt(tau), _buf(g), _buf(dp),
+                              _buf(dtau), t, e)
+    else:
+        _C.gate_backward(kind, k, renormalize, _buf(p), _opt(tau), _buf(g), _buf(dp), _buf(dtau), t, e)
     return dp, dtau
 
 
@@ -490,12 +546,28 @@ def _check_weight_space(x, a, b, p, seq_offsets, scale):
     return t, e, r, d_in, d_out
 
 
+def _host_offsets(seq_offsets: Tensor):
+    """The sequence offsets as a host list: they size the CUDA launch, so they live on the CPU."""
+    if seq_offsets.device.type != "cpu":
+        raise ValueError(
+            f"seq_offsets: on {seq_offsets.device}; keep it on the CPU (it sizes the launch, and reading it "
+            "from the device would wait for the GPU)"
+        )
+    return [int(v) for v in seq_offsets.tolist()]
+
+
 @torch.library.custom_op("molora::weight_space_lora", mutates_args=())
 def weight_space_lora(x: Tensor, a: Tensor, b: Tensor, p: Tensor, seq_offsets: Tensor, scale: float) -> Tensor:
     """SAML's weight-space mixture: for the rows ``seq_offsets[q]..seq_offsets[q+1]`` of sequence
     ``q``, ``y_t = scale·(x_t·Ā_qᵀ)·B̄_qᵀ`` with ``Ā_q = Σ_e p[q, e]·A_e``, ``B̄_q = Σ_e p[q, e]·B_e``
     (offsets int32 or int64, from 0 to T, non-decreasing)."""
     t, e, r, d_in, d_out = _check_weight_space(x, a, b, p, seq_offsets, scale)
+    dev = _placement(("x", "a", "b", "p"), (x, a, b, p), "weight_space_lora")
+    if dev is not None:
+        out = x.new_zeros((t, d_out))
+        _C.cuda_weight_space_lora(_float("x", x), dev, _stream(dev), _buf(x), _buf(a), _buf(b), _buf(p),
+                                  _host_offsets(seq_offsets), _buf(out), (e, r, d_in, d_out), scale)
+        return out
     offs = seq_offsets.to(torch.int64).contiguous()
     _host(("x", "a", "b", "p", "seq_offsets"), (x, a, b, p, offs))
     out = x.new_empty((t, d_out))
@@ -517,6 +589,15 @@ def weight_space_lora_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients ``(dx, da, db, dp)`` of :func:`weight_space_lora`."""
     t, e, r, d_in, d_out = _check_weight_space(x, a, b, p, seq_offsets, scale)
+    dev = _placement(("x", "a", "b", "p"), (x, a, b, p), "weight_space_lora_backward")
+    if dev is not None:
+        g = grad.detach().to(x.dtype).contiguous()
+        dx, da, db, dp = (torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in (x, a, b, p))
+        _C.cuda_weight_space_lora_backward(
+            _float("x", x), dev, _stream(dev), _buf(x), _buf(a), _buf(b), _buf(p), _host_offsets(seq_offsets),
+            _buf(g), _buf(dx), _buf(da), _buf(db), _buf(dp), (e, r, d_in, d_out), scale,
+        )
+        return dx.to(x.dtype), da.to(a.dtype), db.to(b.dtype), dp
     g, xf, af, bf, pf = (_f32c(v) for v in (grad, x, a, b, p))
     offs = seq_offsets.to(torch.int64).contiguous()
     _host(("grad", "x", "a", "b", "p", "seq_offsets"), (g, xf, af, bf, pf, offs))
@@ -684,7 +765,11 @@ def add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, indices: Tensor, scale:
     output takes each part's adapters. An inference op (no autograd)."""
     t, e, r, d_in, d_out = _check_add_lora(y, x, a, b, indices, scale, y_offset)
     idx = indices.to(torch.int32).contiguous()
-    _host(("y", "x", "a", "b", "indices"), (y, x, a, b, idx))
+    dev = _placement(("y", "x", "a", "b", "indices"), (y, x, a, b, idx), "add_lora")
+    if dev is not None:
+        _C.cuda_add_lora(_float("x", x), dev, _stream(dev), _buf(y), y.shape[1], y_offset, _buf(x), _buf(a), _buf(b),
+                         _buf(idx), (e, r, d_in, d_out), scale)
+        return
     _C.add_lora(_float("x", x), _buf(y), y.shape[1], y_offset, _buf(x), _buf(a), _buf(b), _buf(idx),
                 (e, r, d_in, d_out), scale)
 

@@ -19,6 +19,9 @@ use molora::{Error, LoraShape, Routing, Segments, SeqRouting};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+#[cfg(feature = "cuda")]
+mod gpu;
+
 type Buf = (usize, usize);
 
 fn py_err(e: Error) -> PyErr {
@@ -653,6 +656,9 @@ fn molora_c(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_linear_backward, m)?)?;
     m.add_function(wrap_pyfunction!(add_lora, m)?)?;
     m.add_function(wrap_pyfunction!(peft_module, m)?)?;
+    #[cfg(feature = "cuda")]
+    gpu::register(m)?;
+    m.add("has_cuda", cfg!(feature = "cuda"))?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

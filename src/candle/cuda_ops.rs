@@ -4,11 +4,14 @@
 //!
 //! | op | forward kernels | backward |
 //! |---|---|---|
-//! | [`super::ops::routed_lora`] | [`cuda::MoleLoraForward::run_probs`]: the gate, then the segmented or dense-gated path by shape (any `E·r`) | the forward again, then [`cuda::MoleLoraForward::backward_probs`] |
-//! | [`super::ops::mole_lora`] | dense gate ids, then the dense-gated shrink and expand | [`cuda::lora_backward_dense_gated`] (`dx`, `dA`, `dB`, `dw` for every `(t, e)`) |
-//! | [`super::ops::top_k_gate`], [`super::ops::threshold_gate`] | [`cuda::gate_probabilities`], [`cuda::slots_to_dense`] | [`cuda::dense_to_slots`], [`cuda::gate_probabilities_backward`] |
+//! | [`super::ops::routed_lora`] | [`ops::routed_lora_forward`]: the gate, then the segmented or dense-gated path by shape (any `E·r`) | [`ops::routed_lora_backward`]: the forward again, then its backward |
+//! | [`super::ops::mole_lora`] | [`ops::mole_lora_forward`]: every expert a slot with its dense weight, on the segmented or dense-gated path by shape (any `E·r`) | [`ops::mole_lora_backward`] (`dx`, `dA`, `dB`, `dw` for every `(t, e)`) |
+//! | [`super::ops::top_k_gate`], [`super::ops::threshold_gate`] | [`ops::gate_forward`]: [`cuda::gate_probabilities`], [`cuda::slots_to_dense`] | [`ops::gate_backward`]: [`cuda::dense_to_slots`], [`cuda::gate_probabilities_backward`] |
 //! | [`super::ops::quant_linear`] | [`cuda::quant_matmul`] (the packed weight uploaded once per device and weight) | [`cuda::quant_matmul_dx`] on the same packed weight |
-//! | [`super::ops::weight_space_lora`] | [`cuda::WeightSpaceLora::forward`]: [`cuda::mix_experts`], segmented shrink and expand | [`cuda::WeightSpaceLora::backward`]: the mixed adapters' LoRA backward, then [`cuda::mix_backward`] |
+//! | [`super::ops::weight_space_lora`] | [`ops::weight_space_forward`] ([`cuda::WeightSpaceLora`]): [`cuda::mix_experts`], segmented shrink and expand | [`ops::weight_space_backward`]: the mixed adapters' LoRA backward, then [`cuda::mix_backward`] |
+//!
+//! Except for the quantised base, each is the framework-neutral device op of [`crate::cuda::ops`]
+//! (tested on the emulated device against its CPU twin) on candle's storage.
 //!
 //! The gates cannot report bad probabilities without a host sync: on CUDA a NaN row gives no expert
 //! and a negative probability is never selected, where the CPU path returns an error.
@@ -19,10 +22,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use super::ops::{QuantWeight, RoutedGate};
-use crate::cuda::{self, CudaElement, DeviceGate, DeviceWrite};
+use crate::cuda::{self, ops, CudaElement};
 use crate::error::{Error, Result};
 use crate::LoraShape;
 
@@ -126,38 +129,58 @@ fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 // ---------------------------------------------------------------------------------------------
 // The LoRA part
 
-/// Ids `[T, E]` with `ids[t, e] = e`: every expert in every slot, so that the dense gate weights
-/// `w` `[T, E]` are the routing's slot weights as they are.
-fn all_expert_ids(
-    dev: &cuda::Device,
-    w: &CudaView<'_, f32>,
-    t: usize,
-    e: usize,
-) -> CResult<CudaSlice<i32>> {
-    let mut ids = zeros::<i32>(dev, t * e)?;
-    let mut copy = zeros::<f32>(dev, t * e)?;
-    if t > 0 {
-        let mut ids_v = ids.slice_mut(0..t * e);
-        let mut copy_v = copy.slice_mut(0..t * e);
-        cuda::gate_probabilities(dev, w, t, e, &DeviceGate::Dense, &mut ids_v, &mut copy_v)
-            .map_err(msg)?;
-    }
-    Ok(ids)
+/// The four f32 gradient buffers of a LoRA op's backward, handed to candle as `dx`, the packed
+/// `d[A; B]` (one buffer, split for the op), and `dw` (`dw_len` values).
+struct LoraGradSlices {
+    dx: CudaSlice<f32>,
+    dab: CudaSlice<f32>,
+    dw: CudaSlice<f32>,
 }
 
-fn check_columns(shape: &LoraShape) -> Result<()> {
-    let columns = shape.num_experts * shape.rank;
-    if columns > cuda::DENSE_GATED_MAX_COLUMNS {
-        return Err(Error::Unsupported {
-            op: "mole_lora (CUDA)",
-            what: format!(
-                "E·r = {columns}: the candle op runs the dense-gated kernels, which take up to {} \
-                 (call molora::cuda's segmented path directly for more)",
-                cuda::DENSE_GATED_MAX_COLUMNS
-            ),
-        });
+impl LoraGradSlices {
+    fn new(dev: &cuda::Device, t: usize, shape: &LoraShape, dw_len: usize) -> CResult<Self> {
+        Ok(LoraGradSlices {
+            dx: zeros::<f32>(dev, t * shape.d_in)?,
+            dab: zeros::<f32>(dev, shape.a_len() + shape.b_len())?,
+            dw: zeros::<f32>(dev, dw_len)?,
+        })
     }
-    Ok(())
+
+    /// Runs `f` on views of exactly the gradients' lengths.
+    fn with_out<R>(
+        &mut self,
+        t: usize,
+        shape: &LoraShape,
+        dw_len: usize,
+        f: impl FnOnce(&mut ops::DeviceOpGrads<'_, CudaViewMut<'_, f32>>) -> Result<R>,
+    ) -> CResult<R> {
+        let mut dx = self.dx.slice_mut(0..t * shape.d_in);
+        // dab holds exactly a_len + b_len values (both ≥ 1).
+        let (mut da, mut db) = self.dab.split_at_mut(shape.a_len());
+        let mut dw = self.dw.slice_mut(0..dw_len);
+        f(&mut ops::DeviceOpGrads {
+            dx: &mut dx,
+            da: &mut da,
+            db: &mut db,
+            dw: &mut dw,
+        })
+        .map_err(msg)
+    }
+
+    /// `(dx, d[A; B], dw)` as candle tensors of `x`'s and the experts' dtypes (dw f32).
+    fn tensors(
+        self,
+        like: &CudaStorage,
+        x: &Tensor,
+        ab: &Tensor,
+        dw_shape: impl Into<Shape>,
+    ) -> CResult<(Tensor, Tensor, Tensor)> {
+        Ok((
+            tensor(self.dx, x.shape(), like).to_dtype(x.dtype())?,
+            tensor(self.dab, ab.shape(), like).to_dtype(ab.dtype())?,
+            tensor(self.dw, dw_shape, like),
+        ))
+    }
 }
 
 fn lora_fwd_typed<T: CudaElement + CudaDType>(
@@ -172,33 +195,17 @@ fn lora_fwd_typed<T: CudaElement + CudaDType>(
     let xv = view::<T>(x, lx, "x")?;
     let abv = view::<T>(ab, lab, "experts")?;
     let wv = view::<f32>(w, lw, "w")?;
-    let a = abv.slice(0..shape.a_len());
-    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
-    let e = shape.num_experts;
+    let (a, b) = split_experts(&abv, shape);
     let mut y = zeros::<T>(&dev, t * shape.d_out)?;
-    if t > 0 {
-        let ids = all_expert_ids(&dev, &wv, t, e)?;
-        let mut ws = cuda::DenseGatedWorkspace::new(&dev, t, shape).map_err(msg)?;
+    {
         let mut yv = y.slice_mut(0..t * shape.d_out);
-        cuda::lora_dense_gated(
-            &dev,
-            &xv,
-            &a,
-            &b,
-            shape,
-            &ids.slice(0..t * e),
-            &wv,
-            e,
-            scale,
-            &mut ws,
-            &mut yv,
-        )
-        .map_err(msg)?;
+        ops::mole_lora_forward(&dev, &xv, &a, &b, &wv, t, shape, scale, &mut yv).map_err(msg)?;
     }
     Ok(wrap(y, x))
 }
 
-/// `cuda_fwd` of the LoRA op: `Δy = s·Σ_e w_te·(x_t·A_eᵀ)·B_eᵀ` on the dense-gated kernels.
+/// `cuda_fwd` of the LoRA op: `Δy = s·Σ_e w_te·(x_t·A_eᵀ)·B_eᵀ` by [`ops::mole_lora_forward`] (the
+/// segmented or dense-gated path by shape, any `E·r`).
 pub(crate) fn lora_fwd(
     shape: &LoraShape,
     scale: f32,
@@ -206,7 +213,6 @@ pub(crate) fn lora_fwd(
     ab: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
 ) -> CResult<(CudaStorage, Shape)> {
-    check_columns(shape).map_err(msg)?;
     let t = x.1.dims()[0];
     let out = with_element!(
         "molora-lora",
@@ -235,36 +241,12 @@ fn lora_bwd_typed<T: CudaElement + CudaDType>(
                     let abv = view::<T>(abs, lab, "experts")?;
                     let wv = view::<f32>(ws_, lw, "w")?;
                     let dyv = view::<T>(dys, ldy, "dy")?;
-                    let a = abv.slice(0..shape.a_len());
-                    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
-                    let mut grads =
-                        cuda::DeviceLoraGrads::new_dense_gated(&dev, t, e, shape).map_err(msg)?;
-                    if t > 0 {
-                        let ids = all_expert_ids(&dev, &wv, t, e)?;
-                        let ids = ids.slice(0..t * e);
-                        let mut ws = cuda::DenseGatedWorkspace::new(&dev, t, shape).map_err(msg)?;
-                        cuda::dense_gated_shrink(&dev, &xv, &a, shape, &mut ws).map_err(msg)?;
-                        cuda::lora_backward_dense_gated(
-                            &dev, &xv, &a, &b, shape, &ids, &wv, e, &ws, &dyv, scale, &mut grads,
-                        )
-                        .map_err(msg)?;
-                    }
-                    // dx and dw become tensors as they are (their buffers hold one padding element
-                    // the shapes do not read); dA and dB are joined into the one [A; B] gradient.
-                    // With T = 0 every gradient is zero.
-                    let (da, db, dx, dw) = grads.into_parts();
-                    let dab = concat(
-                        &dev,
-                        &[(da.view(), shape.a_len()), (db.view(), shape.b_len())],
-                    )?;
-                    let (dx, dw) = (
-                        dx.into_cuda_slice().map_err(msg)?,
-                        dw.into_cuda_slice().map_err(msg)?,
-                    );
-                    let dx = tensor(dx, x.shape(), xs).to_dtype(x.dtype())?;
-                    let dab = tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?;
-                    let dw = tensor(dw, (t, e), xs);
-                    Ok((dx, dab, dw))
+                    let (a, b) = split_experts(&abv, shape);
+                    let mut g = LoraGradSlices::new(&dev, t, shape, t * e)?;
+                    g.with_out(t, shape, t * e, |out| {
+                        ops::mole_lora_backward(&dev, &xv, &a, &b, &wv, t, shape, scale, &dyv, out)
+                    })?;
+                    g.tensors(xs, x, ab, (t, e))
                 })
             })
         })
@@ -272,7 +254,7 @@ fn lora_bwd_typed<T: CudaElement + CudaDType>(
 }
 
 /// Backward of the LoRA op on the GPU: `(dx, d[A;B], dw)`, `dw` for every `(t, e)` (exact also where
-/// `w = 0`), from the dense-gated backward kernels. `dy` is made contiguous first.
+/// `w = 0`), by [`ops::mole_lora_backward`]. `dy` is made contiguous first.
 pub(crate) fn lora_bwd(
     shape: &LoraShape,
     scale: f32,
@@ -281,32 +263,23 @@ pub(crate) fn lora_bwd(
     w: &Tensor,
     dy: &Tensor,
 ) -> CResult<(Tensor, Tensor, Tensor)> {
-    check_columns(shape).map_err(msg)?;
     let dy = dy.to_dtype(x.dtype())?.contiguous()?;
     with_element!("molora-lora", x.dtype(), T => lora_bwd_typed::<T>(shape, scale, x, ab, w, &dy))
 }
 
+/// `A` and `B` of the packed experts.
+fn split_experts<'a, T>(
+    ab: &'a CudaView<'a, T>,
+    shape: &LoraShape,
+) -> (CudaView<'a, T>, CudaView<'a, T>) {
+    (
+        ab.slice(0..shape.a_len()),
+        ab.slice(shape.a_len()..shape.a_len() + shape.b_len()),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // From router probabilities to the LoRA output
-
-/// The device gate of [`super::ops::RoutedGate`], with `τ` read from the gate input.
-fn routed_gate<'a>(gate: &RoutedGate, tau: Option<CudaView<'a, f32>>) -> CResult<DeviceGate<'a>> {
-    Ok(match (gate, tau) {
-        (RoutedGate::TopK { k, renormalize }, _) => DeviceGate::TopK {
-            k: *k,
-            renormalize: *renormalize,
-        },
-        (RoutedGate::Threshold, Some(tau)) => DeviceGate::ThresholdPerToken(tau.into()),
-        (RoutedGate::Threshold, None) => {
-            return Err(Error::Unsupported {
-                op: "molora-routed-lora",
-                what: "threshold gating without the thresholds tau [T]".into(),
-            }
-            .into())
-        }
-        (RoutedGate::Dense, _) => DeviceGate::Dense,
-    })
-}
 
 /// `p` `[T, E]` and, for a threshold gate, `τ` `[T]`: the two ranges of the gate input.
 fn split_gate_input<'a>(
@@ -315,43 +288,11 @@ fn split_gate_input<'a>(
     t: usize,
     e: usize,
 ) -> CResult<(CudaView<'a, f32>, Option<CudaView<'a, f32>>)> {
-    let want = t * e
-        + if matches!(gate, RoutedGate::Threshold) {
-            t
-        } else {
-            0
-        };
+    let want = t * e + if gate.has_tau() { t } else { 0 };
     crate::error::check_len("gate input (p, then tau)", want, g.len()).map_err(msg)?;
     let p = g.slice(0..t * e);
-    let tau = matches!(gate, RoutedGate::Threshold).then(|| g.slice(t * e..t * e + t));
+    let tau = gate.has_tau().then(|| g.slice(t * e..t * e + t));
     Ok((p, tau))
-}
-
-/// A forward workspace for `t ≥ 1` tokens on the path [`cuda::LoraPath::for_shape`] picks, its run
-/// from the probabilities, and the output `y` (zeroed, then accumulated into).
-#[allow(clippy::too_many_arguments)]
-fn routed_run<T: CudaElement + CudaDType>(
-    dev: &cuda::Device,
-    shape: &LoraShape,
-    scale: f32,
-    gate: &DeviceGate<'_>,
-    x: &CudaView<'_, T>,
-    ab: &CudaView<'_, T>,
-    p: &CudaView<'_, f32>,
-    t: usize,
-) -> CResult<(cuda::MoleLoraForward, CudaSlice<T>)> {
-    let path = cuda::LoraPath::for_shape(shape, T::DTYPE);
-    let k_max = gate.k_max(shape.num_experts);
-    let mut fwd = cuda::MoleLoraForward::new(dev, t, shape, k_max, path).map_err(msg)?;
-    let a = ab.slice(0..shape.a_len());
-    let b = ab.slice(shape.a_len()..shape.a_len() + shape.b_len());
-    let mut y = zeros::<T>(dev, t * shape.d_out)?;
-    {
-        let mut yv = y.slice_mut(0..t * shape.d_out);
-        fwd.run_probs(dev, x, p, gate, &a, &b, scale, &mut yv)
-            .map_err(msg)?;
-    }
-    Ok((fwd, y))
 }
 
 fn routed_fwd_typed<T: CudaElement + CudaDType>(
@@ -368,16 +309,30 @@ fn routed_fwd_typed<T: CudaElement + CudaDType>(
     let abv = view::<T>(ab, lab, "experts")?;
     let gv = view::<f32>(g, lg, "gate input")?;
     let (pv, tau) = split_gate_input(&gv, gate, t, shape.num_experts)?;
-    if t == 0 {
-        return Ok(wrap(zeros::<T>(&dev, 0)?, x));
+    let (a, b) = split_experts(&abv, shape);
+    let mut y = zeros::<T>(&dev, t * shape.d_out)?;
+    {
+        let mut yv = y.slice_mut(0..t * shape.d_out);
+        ops::routed_lora_forward(
+            &dev,
+            &xv,
+            &a,
+            &b,
+            &pv,
+            tau.map(Into::into),
+            gate,
+            t,
+            shape,
+            scale,
+            &mut yv,
+        )
+        .map_err(msg)?;
     }
-    let dg = routed_gate(gate, tau)?;
-    let (_, y) = routed_run(&dev, shape, scale, &dg, &xv, &abv, &pv, t)?;
     Ok(wrap(y, x))
 }
 
-/// `cuda_fwd` of [`super::ops::routed_lora`]: [`cuda::MoleLoraForward::run_probs`] (the gate's
-/// slots stay on the device) on the segmented or dense-gated path, any `E·r`.
+/// `cuda_fwd` of [`super::ops::routed_lora`]: [`ops::routed_lora_forward`] (the gate's slots stay
+/// on the device) on the segmented or dense-gated path, any `E·r`.
 pub(crate) fn routed_fwd(
     shape: &LoraShape,
     scale: f32,
@@ -393,26 +348,6 @@ pub(crate) fn routed_fwd(
         T => routed_fwd_typed::<T>(shape, scale, gate, x, ab, g)?
     );
     Ok((out, Shape::from((t, shape.d_out))))
-}
-
-/// One new device buffer holding, one after the other, the first `n` values of each `(view, n)`:
-/// how the ops hand their gradient parts (`dA` then `dB`, `dp` then `dτ`) to candle as one tensor.
-fn concat(
-    dev: &cuda::Device,
-    parts: &[(cuda::BufferView<'_, f32>, usize)],
-) -> CResult<CudaSlice<f32>> {
-    let total: usize = parts.iter().map(|(_, n)| n).sum();
-    let mut out = dev.zeros::<f32>(total.max(1)).map_err(msg)?;
-    let mut at = 0;
-    for (src, n) in parts {
-        if *n > 0 {
-            let src = src.slice(0..*n).map_err(msg)?;
-            let mut dst = out.slice_mut(at..at + n).map_err(msg)?;
-            dev.copy(&src, &mut dst).map_err(msg)?;
-        }
-        at += n;
-    }
-    out.into_cuda_slice().map_err(msg)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -437,48 +372,31 @@ fn routed_bwd_typed<T: CudaElement + CudaDType>(
                     let gv = view::<f32>(gs, lg, "gate input")?;
                     let dyv = view::<T>(dys, ldy, "dy")?;
                     let (pv, tau) = split_gate_input(&gv, gate, t, e)?;
-                    let threshold = matches!(gate, RoutedGate::Threshold);
-                    if t == 0 {
-                        return Ok((
-                            x.zeros_like()?,
-                            ab.zeros_like()?.to_dtype(ab.dtype())?,
-                            g.zeros_like()?,
-                        ));
+                    let (a, b) = split_experts(&abv, shape);
+                    // d[p; τ] is one buffer: dp in its first T·E values, dτ after them.
+                    let n_tau = if gate.has_tau() { t } else { 0 };
+                    let mut grads = LoraGradSlices::new(&dev, t, shape, t * e + n_tau)?;
+                    let mut dtau_scratch = zeros::<f32>(&dev, t)?;
+                    grads.with_out(t, shape, t * e, |out| {
+                        let mut dtau = dtau_scratch.slice_mut(0..t);
+                        let tv = tau.as_ref().map(|v| v.slice(0..t).into());
+                        ops::routed_lora_backward(
+                            &dev, &xv, &a, &b, &pv, tv, gate, t, shape, scale, &dyv, out, &mut dtau,
+                        )
+                    })?;
+                    if n_tau > 0 {
+                        let mut dst = grads.dw.slice_mut(t * e..t * e + t);
+                        dev.copy(&dtau_scratch.slice(0..t), &mut dst).map_err(msg)?;
                     }
-                    let dg = routed_gate(gate, tau)?;
-                    // The forward again (its plan, shrink and routing are what the backward reads).
-                    let (fwd, _) = routed_run(&dev, shape, scale, &dg, &xv, &abv, &pv, t)?;
-                    let mut grads = fwd.new_grads(&dev).map_err(msg)?;
-                    let a = abv.slice(0..shape.a_len());
-                    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
-                    fwd.backward_probs(&dev, &xv, &pv, &dg, &a, &b, &dyv, scale, &mut grads)
-                        .map_err(msg)?;
-                    let lora = grads.lora();
-                    let dx = concat(&dev, &[(lora.dx(), t * shape.d_in)])?;
-                    let dab = concat(
-                        &dev,
-                        &[(lora.da(), shape.a_len()), (lora.db(), shape.b_len())],
-                    )?;
-                    let dgate = concat(
-                        &dev,
-                        &[
-                            (grads.dp(), t * e),
-                            (grads.dtau(), if threshold { t } else { 0 }),
-                        ],
-                    )?;
-                    Ok((
-                        tensor(dx, x.shape(), xs).to_dtype(x.dtype())?,
-                        tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?,
-                        tensor(dgate, g.shape(), xs),
-                    ))
+                    grads.tensors(xs, x, ab, g.shape())
                 })
             })
         })
     })
 }
 
-/// Backward of [`super::ops::routed_lora`] on the GPU: `(dx, d[A;B], d[p; τ])` from
-/// [`cuda::MoleLoraForward::backward_probs`] after re-running the forward.
+/// Backward of [`super::ops::routed_lora`] on the GPU: `(dx, d[A;B], d[p; τ])` by
+/// [`ops::routed_lora_backward`] (the forward again, then its backward).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn routed_bwd(
     shape: &LoraShape,
@@ -500,58 +418,10 @@ pub(crate) fn routed_bwd(
 // ---------------------------------------------------------------------------------------------
 // Gates
 
-/// The gates of the candle ops, as the kernels take them.
-pub(crate) enum GateKind {
-    TopK {
-        k: usize,
-        renormalize: bool,
-    },
-    /// Per-token thresholds `τ` `[T]`.
-    Threshold,
-}
-
-/// Runs the gate on `p` `[T, E]` (and `τ` `[T]` for the threshold gate): the routing's ids and
-/// weights `[T, k_max]` and `k_max`.
-fn routing(
-    dev: &cuda::Device,
-    kind: &GateKind,
-    p: &CudaView<'_, f32>,
-    tau: Option<&CudaView<'_, f32>>,
-    t: usize,
-    e: usize,
-) -> CResult<(CudaSlice<i32>, CudaSlice<f32>, usize)> {
-    let gate = device_gate(kind, tau)?;
-    let k_max = gate.k_max(e);
-    let mut ids = zeros::<i32>(dev, t * k_max)?;
-    let mut weights = zeros::<f32>(dev, t * k_max)?;
-    if t > 0 {
-        let mut iv = ids.slice_mut(0..t * k_max);
-        let mut wv = weights.slice_mut(0..t * k_max);
-        cuda::gate_probabilities(dev, p, t, e, &gate, &mut iv, &mut wv).map_err(msg)?;
-    }
-    Ok((ids, weights, k_max))
-}
-
-fn device_gate<'a>(kind: &GateKind, tau: Option<&CudaView<'a, f32>>) -> CResult<DeviceGate<'a>> {
-    Ok(match (kind, tau) {
-        (GateKind::TopK { k, renormalize }, _) => DeviceGate::TopK {
-            k: *k,
-            renormalize: *renormalize,
-        },
-        (GateKind::Threshold, Some(tau)) => DeviceGate::ThresholdPerToken(tau.slice(..).into()),
-        (GateKind::Threshold, None) => {
-            return Err(Error::Unsupported {
-                op: "molora-threshold-gate",
-                what: "threshold gating without the thresholds tau [T]".into(),
-            }
-            .into())
-        }
-    })
-}
-
-/// `cuda_fwd` of the gates: the dense weights `[T, E]` of the gate over probabilities `p`.
+/// `cuda_fwd` of the gates: the dense weights `[T, E]` of the gate over probabilities `p`
+/// ([`ops::gate_forward`]).
 pub(crate) fn gate_fwd(
-    kind: &GateKind,
+    gate: &RoutedGate,
     (p, lp): (&CudaStorage, &Layout),
     tau: Option<(&CudaStorage, &Layout)>,
 ) -> CResult<(CudaStorage, Shape)> {
@@ -569,31 +439,19 @@ pub(crate) fn gate_fwd(
     let dev = device(p);
     let pv = view::<f32>(p, lp, "probs")?;
     let tv = tau.map(|(s, l)| view::<f32>(s, l, "tau")).transpose()?;
-    if let Some(tv) = &tv {
-        crate::error::check_len("tau [T]", t, tv.len()).map_err(msg)?;
-    }
     let mut dense = zeros::<f32>(&dev, t * e)?;
-    if t > 0 {
-        let (ids, weights, k_max) = routing(&dev, kind, &pv, tv.as_ref(), t, e)?;
+    {
         let mut dv = dense.slice_mut(0..t * e);
-        cuda::slots_to_dense(
-            &dev,
-            &ids.slice(0..t * k_max),
-            &weights.slice(0..t * k_max),
-            t,
-            k_max,
-            e,
-            &mut dv,
-        )
-        .map_err(msg)?;
+        let tau = tv.as_ref().map(|v| v.slice(0..v.len()).into());
+        ops::gate_forward(&dev, gate, &pv, tau, t, e, &mut dv).map_err(msg)?;
     }
     Ok((wrap(dense, p), Shape::from((t, e))))
 }
 
 /// Backward of the gates on the GPU: `dp` `[T, E]` and, for the threshold gate, `dτ` `[T]`, from the
-/// gradient of the dense weights.
+/// gradient of the dense weights ([`ops::gate_backward`]).
 pub(crate) fn gate_bwd(
-    kind: &GateKind,
+    gate: &RoutedGate,
     p: &Tensor,
     tau: Option<&Tensor>,
     grad: &Tensor,
@@ -609,33 +467,15 @@ pub(crate) fn gate_bwd(
             let run = |tv: Option<&CudaView<'_, f32>>| -> CResult<(Tensor, Option<Tensor>)> {
                 let mut dp = zeros::<f32>(&dev, t * e)?;
                 let mut dtau = zeros::<f32>(&dev, t)?;
-                if t > 0 {
-                    let (ids, _weights, k_max) = routing(&dev, kind, &pv, tv, t, e)?;
-                    let ids = ids.slice(0..t * k_max);
-                    let mut dw = zeros::<f32>(&dev, t * k_max)?;
-                    {
-                        let mut dwv = dw.slice_mut(0..t * k_max);
-                        cuda::dense_to_slots(&dev, &ids, &gv, t, k_max, e, &mut dwv)
-                            .map_err(msg)?;
-                    }
-                    let gate = device_gate(kind, tv)?;
+                {
                     let mut dpv = dp.slice_mut(0..t * e);
-                    let threshold = matches!(kind, GateKind::Threshold);
-                    cuda::gate_probabilities_backward(
-                        &dev,
-                        &pv,
-                        t,
-                        e,
-                        &gate,
-                        &ids,
-                        &dw.slice(0..t * k_max),
-                        &mut dpv,
-                        threshold.then_some(&mut dtau as &mut dyn DeviceWrite<f32>),
-                    )
-                    .map_err(msg)?;
+                    let mut dtv = dtau.slice_mut(0..t);
+                    let tau = tv.map(|v| v.slice(0..v.len()).into());
+                    ops::gate_backward(&dev, gate, &pv, tau, t, e, &gv, &mut dpv, &mut dtv)
+                        .map_err(msg)?;
                 }
                 let dp = tensor(dp, (t, e), ps);
-                let dtau = matches!(kind, GateKind::Threshold).then(|| tensor(dtau, t, ps));
+                let dtau = gate.has_tau().then(|| tensor(dtau, t, ps));
                 Ok((dp, dtau))
             };
             match &tau {
@@ -777,18 +617,25 @@ fn weight_space_fwd_typed<T: CudaElement + CudaDType>(
     let t = s * seq_len;
     let mut y = zeros::<T>(&dev, t * shape.d_out)?;
     if t > 0 {
-        let a = abv.slice(0..shape.a_len());
-        let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
-        let mut ws =
-            cuda::WeightSpaceLora::<T>::new(&dev, &vec![seq_len; s], shape).map_err(msg)?;
+        let (a, b) = split_experts(&abv, shape);
         let mut yv = y.slice_mut(0..t * shape.d_out);
-        ws.forward(&dev, &xv, &a, &b, &pv, scale, &mut yv)
-            .map_err(msg)?;
+        ops::weight_space_forward(
+            &dev,
+            &xv,
+            &a,
+            &b,
+            &pv,
+            &vec![seq_len; s],
+            shape,
+            scale,
+            &mut yv,
+        )
+        .map_err(msg)?;
     }
     Ok(wrap(y, x))
 }
 
-/// `cuda_fwd` of the weight-space LoRA: [`cuda::WeightSpaceLora::forward`] (the mixed adapters by
+/// `cuda_fwd` of the weight-space LoRA: [`ops::weight_space_forward`] (the mixed adapters by
 /// [`cuda::mix_experts`], then the segmented shrink and expand with one segment per sequence of
 /// `seq_len` rows), in `x`'s dtype.
 pub(crate) fn weight_space_fwd(
@@ -832,27 +679,15 @@ fn weight_space_bwd_typed<T: CudaElement + CudaDType>(
                     let abv = view::<T>(abs, lab, "experts")?;
                     let pv = view::<f32>(ps, lp, "p")?;
                     let dyv = view::<T>(dys, ldy, "dy")?;
-                    let a = abv.slice(0..shape.a_len());
-                    let b = abv.slice(shape.a_len()..shape.a_len() + shape.b_len());
-                    let mut ws = cuda::WeightSpaceLora::<T>::new(&dev, &vec![seq_len; s], shape)
-                        .map_err(msg)?;
-                    // The forward again: the backward reads its mixed adapters and shrink.
-                    let mut scratch = zeros::<T>(&dev, t * shape.d_out)?;
-                    {
-                        let mut sv = scratch.slice_mut(0..t * shape.d_out);
-                        ws.forward(&dev, &xv, &a, &b, &pv, scale, &mut sv)
-                            .map_err(msg)?;
-                    }
-                    ws.backward(&dev, &xv, &a, &b, &pv, &dyv, scale)
-                        .map_err(msg)?;
-                    let dx = concat(&dev, &[(ws.dx(), t * shape.d_in)])?;
-                    let dp = concat(&dev, &[(ws.dp(), s * e)])?;
-                    let dab = concat(&dev, &[(ws.da(), shape.a_len()), (ws.db(), shape.b_len())])?;
-                    Ok((
-                        tensor(dx, x.shape(), xs).to_dtype(x.dtype())?,
-                        tensor(dab, ab.shape(), xs).to_dtype(ab.dtype())?,
-                        tensor(dp, (s, e), xs),
-                    ))
+                    let (a, b) = split_experts(&abv, shape);
+                    let lengths = vec![seq_len; s];
+                    let mut g = LoraGradSlices::new(&dev, t, shape, s * e)?;
+                    g.with_out(t, shape, s * e, |out| {
+                        ops::weight_space_backward(
+                            &dev, &xv, &a, &b, &pv, &lengths, shape, scale, &dyv, out,
+                        )
+                    })?;
+                    g.tensors(xs, x, ab, (s, e))
                 })
             })
         })
@@ -860,7 +695,8 @@ fn weight_space_bwd_typed<T: CudaElement + CudaDType>(
 }
 
 /// Backward of the weight-space LoRA on the GPU: `(dx, d[A;B], dp)` by
-/// [`cuda::WeightSpaceLora::backward`] after re-running its forward; nothing goes through the host.
+/// [`ops::weight_space_backward`] (its forward again, then its backward); nothing goes through the
+/// host.
 pub(crate) fn weight_space_bwd(
     shape: &LoraShape,
     scale: f32,

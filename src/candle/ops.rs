@@ -19,8 +19,8 @@
 //! Device: with the feature `candle-cuda` every op also has a `cuda_fwd` on molora's kernels over
 //! candle's CUDA storage (on the stream of the tensor's candle device, no copies through the host),
 //! and every op has a GPU backward (nothing goes through the host). Without `candle-cuda` a CUDA tensor gives candle's "no cuda
-//! implementation" error. The CUDA forward of [`mole_lora`] takes `E·r` up to 512
-//! (`molora::cuda::DENSE_GATED_MAX_COLUMNS`, the dense-gated kernels'); an error names larger ones.
+//! implementation" error. On CUDA each op is the device op of `molora::cuda::ops` (the segmented
+//! or dense-gated path by shape, any `E·r`).
 
 use std::sync::Arc;
 
@@ -198,14 +198,6 @@ impl TopKGate {
             renormalize: self.renormalize,
         }
     }
-
-    #[cfg(feature = "candle-cuda")]
-    fn kind(&self) -> super::cuda_ops::GateKind {
-        super::cuda_ops::GateKind::TopK {
-            k: self.k,
-            renormalize: self.renormalize,
-        }
-    }
 }
 
 impl CustomOp1 for TopKGate {
@@ -222,14 +214,14 @@ impl CustomOp1 for TopKGate {
 
     #[cfg(feature = "candle-cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
-        super::cuda_ops::gate_fwd(&self.kind(), (s, l), None)
+        super::cuda_ops::gate_fwd(&self.gate(), (s, l), None)
     }
 
     fn bwd(&self, p: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         #[cfg(feature = "candle-cuda")]
         if p.device().is_cuda() {
             return Ok(Some(
-                super::cuda_ops::gate_bwd(&self.kind(), p, None, grad)?.0,
+                super::cuda_ops::gate_bwd(&self.gate(), p, None, grad)?.0,
             ));
         }
         let (t, e) = p.dims2()?;
@@ -282,11 +274,7 @@ impl CustomOp2 for ThresholdGate {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> CResult<(CudaStorage, Shape)> {
-        super::cuda_ops::gate_fwd(
-            &super::cuda_ops::GateKind::Threshold,
-            (s1, l1),
-            Some((s2, l2)),
-        )
+        super::cuda_ops::gate_fwd(&RoutedGate::Threshold, (s1, l1), Some((s2, l2)))
     }
 
     fn bwd(
@@ -298,8 +286,7 @@ impl CustomOp2 for ThresholdGate {
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "candle-cuda")]
         if p.device().is_cuda() {
-            let kind = super::cuda_ops::GateKind::Threshold;
-            let (dp, dtau) = super::cuda_ops::gate_bwd(&kind, p, Some(tau), grad)?;
+            let (dp, dtau) = super::cuda_ops::gate_bwd(&RoutedGate::Threshold, p, Some(tau), grad)?;
             return Ok((Some(dp), dtau));
         }
         let (t, e) = p.dims2()?;

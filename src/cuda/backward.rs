@@ -190,14 +190,6 @@ impl DeviceLoraGrads {
         self.dw.prefix(self.num_tokens * self.k_max)
     }
 
-    /// The gradient buffers `(dA, dB, dx, dw)`, each one element longer than its gradient (the
-    /// driver cannot allocate zero bytes), for a caller that hands them on without copying; the
-    /// `u` workspace is dropped.
-    #[cfg(feature = "candle-cuda")]
-    pub(crate) fn into_parts(self) -> (Buffer<f32>, Buffer<f32>, Buffer<f32>, Buffer<f32>) {
-        (self.da, self.db, self.dx, self.dw)
-    }
-
     /// Bytes of device memory these buffers hold (gradients and the `u` workspace), allocated once
     /// by [`DeviceLoraGrads::new`]; [`lora_backward_experts`] allocates nothing per call.
     pub fn device_bytes(&self) -> usize {

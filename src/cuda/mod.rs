@@ -67,8 +67,6 @@ pub use gating::{
     dense_to_slots, gate_probabilities, gating, router_logits, slots_to_dense, top_k_gating,
     DeviceGate, DeviceSeqRouting, MAX_GATING_EXPERTS,
 };
-#[cfg(feature = "candle-cuda")]
-pub(crate) use lora::dense_gated_shrink;
 #[cfg(feature = "cuda")]
 pub use lora::{
     add_lora, dense_gated_splits, expand_experts, expand_experts_on, expand_segments,

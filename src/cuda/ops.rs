@@ -384,7 +384,7 @@ pub fn routed_lora_backward<T: CudaElement, D: DeviceWrite<f32> + ?Sized>(
     scale: f32,
     dy: &impl DeviceRead<T>,
     out: &mut DeviceOpGrads<'_, D>,
-    dtau: &mut D,
+    dtau: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     let (t, e) = (num_tokens, shape.num_experts);
     check_len(
