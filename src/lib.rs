@@ -52,6 +52,8 @@ pub mod quant;
 pub mod rng;
 pub mod routing;
 pub mod shape;
+#[cfg(feature = "speech")]
+pub mod speech;
 #[doc(hidden)]
 pub mod testing;
 

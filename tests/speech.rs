@@ -1,0 +1,162 @@
+//! The speech front end and scoring: the FFT power spectrum against a direct DFT, the log-mel
+//! features against Whisper's own (transformers' `WhisperFeatureExtractor`, stored in
+//! tests/data/speech/whisper_log_mel.json), the mel filterbank's shape, and WER/CER on hand-made
+//! cases. (The fixture is read with serde_json, a dependency of the `candle` feature.)
+
+#![cfg(all(feature = "speech", feature = "candle"))]
+
+use molora::speech::mel::{self, LogMel, HOP, N_FFT, N_FREQS, N_MELS};
+use molora::speech::wer::{self, align, char_edits, word_edits, Edits};
+
+fn signal(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let t = i as f64;
+            (0.5 * (2.0 * std::f64::consts::PI * 440.0 * t / 16000.0).sin()
+                + 0.25 * (2.0 * std::f64::consts::PI * 3000.0 * t / 16000.0 + 0.3).sin()
+                + 0.1 * (((i * 7919) % 1000) as f64 / 1000.0 - 0.5)) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn the_fft_power_spectrum_equals_a_direct_dft() {
+    let lm = LogMel::new();
+    for n in [201usize, 400, 401, 1000, 1601] {
+        let x = signal(n);
+        let spectra = lm.power_spectra(&x).unwrap();
+        assert_eq!(spectra.len(), (n / HOP) * N_FREQS, "n = {n}");
+        let w = mel::hann(N_FFT);
+        for f in 0..n / HOP {
+            // The same centred, reflect-padded, windowed frame, transformed directly.
+            let frame: Vec<f32> = (0..N_FFT)
+                .map(|i| {
+                    let j = (f * HOP + i) as isize - (N_FFT / 2) as isize;
+                    let j = if j < 0 {
+                        -j
+                    } else if j >= n as isize {
+                        2 * (n as isize - 1) - j
+                    } else {
+                        j
+                    };
+                    x[j as usize] * w[i]
+                })
+                .collect();
+            let want = mel::power_spectrum_dft(&frame);
+            let peak = want.iter().copied().fold(0.0f64, f64::max);
+            for (k, (&got, &w)) in spectra[f * N_FREQS..(f + 1) * N_FREQS]
+                .iter()
+                .zip(&want)
+                .enumerate()
+            {
+                assert!(
+                    (f64::from(got) - w).abs() <= 1e-4 * peak + 1e-6,
+                    "n {n} frame {f} bin {k}: FFT {got} vs DFT {w} (peak {peak})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn log_mel_equals_whisper_s_feature_extractor() {
+    let text = std::fs::read_to_string("tests/data/speech/whisper_log_mel.json").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let shape: Vec<usize> = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let want: Vec<f32> = v["log_mel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_f64().unwrap() as f32)
+        .collect();
+    let got = LogMel::new().features(&signal(4000)).unwrap();
+    assert_eq!(shape, vec![N_MELS, 25]);
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    println!(
+        "log-mel: max |ours − Whisper's| = {worst:.2e} over {} values",
+        got.len()
+    );
+    assert!(worst < 2e-4, "max |ours − Whisper's| = {worst}");
+    // Each mel filter's sum over the frequency bins matches the extractor's filters.
+    let sums: Vec<f32> = v["mel_filters_sum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(sums.len(), N_MELS);
+    let filters = mel::mel_filters(16000, N_FFT, N_MELS, 0.0, 8000.0);
+    for (m, &s) in sums.iter().enumerate() {
+        let ours: f32 = filters[m * N_FREQS..(m + 1) * N_FREQS].iter().sum();
+        assert!(
+            (ours - s).abs() <= 1e-6 + 1e-4 * s.abs(),
+            "mel {m}: {ours} vs {s}"
+        );
+    }
+}
+
+#[test]
+fn log_mel_rejects_what_it_cannot_frame() {
+    let lm = LogMel::new();
+    assert!(matches!(
+        lm.features(&[0.0; 200]),
+        Err(molora::Error::InvalidDim { value: 200, .. })
+    ));
+    let mut x = signal(800);
+    x[17] = f32::NAN;
+    assert!(matches!(
+        lm.features(&x),
+        Err(molora::Error::NonFinite { index: 17, .. })
+    ));
+}
+
+#[test]
+fn edit_distances_on_hand_made_cases() {
+    let e = word_edits("the cat sat on the mat", "the cat sat on mat");
+    assert_eq!(
+        e,
+        Edits {
+            substitutions: 0,
+            deletions: 1,
+            insertions: 0,
+            reference_len: 6
+        }
+    );
+    let e = word_edits("turn on the light", "turn off the lights now");
+    assert_eq!((e.substitutions, e.deletions, e.insertions), (2, 0, 1));
+    assert!((e.rate() - 0.75).abs() < 1e-12);
+    assert_eq!(word_edits("a b c", "a b c").errors(), 0);
+    assert_eq!(word_edits("", "").rate(), 0.0);
+    assert_eq!(word_edits("", "x y").insertions, 2);
+    assert_eq!(word_edits("x y", "").deletions, 2);
+    let c = char_edits("kitten", "sitting");
+    assert_eq!((c.substitutions, c.deletions, c.insertions), (2, 0, 1));
+    assert_eq!(
+        char_edits("a  b", "a b").errors(),
+        0,
+        "runs of whitespace are one space"
+    );
+    // Corpus rates sum the edits before dividing.
+    let w = wer::wer([
+        ("one two", "one"),
+        ("three four five six", "three four five six"),
+    ]);
+    assert!((w - 1.0 / 6.0).abs() < 1e-12, "{w}");
+    let c = wer::cer([("ab", "ax")]);
+    assert!((c - 0.5).abs() < 1e-12);
+    // The distance is symmetric and bounded by the longer length.
+    let (r, h) = (["a", "b", "c", "d"], ["b", "x", "d", "e", "f"]);
+    let (e1, e2) = (align(&r, &h), align(&h, &r));
+    assert_eq!(e1.errors(), e2.errors());
+    assert!(e1.errors() <= 5);
+}
