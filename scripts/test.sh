@@ -22,6 +22,11 @@ esac
 
 CUDA_HOME=$(scripts/cuda-toolkit.sh)
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+# espeak-ng for the speech tests; with it installed, a missing espeak-ng is a failure, not a skip.
+if [ "$mode" = all ]; then
+  scripts/speech-deps.sh >&2
+  export MOLORA_REQUIRE_ESPEAK=1
+fi
 
 step() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)

@@ -160,3 +160,70 @@ fn edit_distances_on_hand_made_cases() {
     assert_eq!(e1.errors(), e2.errors());
     assert!(e1.errors() <= 5);
 }
+
+/// espeak-ng present, or `None` after saying why the test is skipped (a failure under
+/// `MOLORA_REQUIRE_ESPEAK=1`, which scripts/test.sh sets after installing it).
+fn espeak(test: &str) -> Option<String> {
+    match molora::speech::synth::espeak_version() {
+        Ok(v) => Some(v),
+        Err(e) if std::env::var("MOLORA_REQUIRE_ESPEAK").as_deref() == Ok("1") => {
+            panic!("{test}: MOLORA_REQUIRE_ESPEAK=1, but {e}")
+        }
+        Err(e) => {
+            println!("skipping {test}: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn resampling_keeps_a_tone_s_frequency() {
+    use molora::speech::synth::resample;
+    let n = 22050;
+    let x: Vec<f32> = (0..n)
+        .map(|i| (2.0 * std::f64::consts::PI * 1000.0 * i as f64 / 22050.0).sin() as f32)
+        .collect();
+    let y = resample(&x, 22050, 16000).unwrap();
+    assert!((y.len() as i64 - 16000).abs() <= 1, "{} samples", y.len());
+    // The 1 kHz tone at 16 kHz: its DFT over 1600 samples peaks at bin 100.
+    let frame = &y[4000..5600];
+    let p = mel::power_spectrum_dft(frame);
+    let peak = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+    assert_eq!(peak, 100, "peak bin {peak}");
+    // Amplitude kept (a unit sine has mean square 1/2).
+    let ms: f32 = frame.iter().map(|v| v * v).sum::<f32>() / frame.len() as f32;
+    assert!((ms - 0.5).abs() < 0.02, "mean square {ms}");
+}
+
+#[test]
+fn espeak_speech_is_deterministic_and_voices_differ() {
+    use molora::speech::synth::{synthesize, Voice};
+    let Some(version) = espeak("espeak_speech_is_deterministic_and_voices_differ") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let us = Voice::new("en-us", None);
+    let scot = Voice::new("en-gb-scotland", Some("m3")).with(40, 160);
+    let text = "turn on the kitchen light";
+    let a = synthesize(&us, text, dir.path()).unwrap();
+    let b = synthesize(&us, text, dir.path()).unwrap();
+    assert_eq!(
+        a, b,
+        "{version}: the same voice and text give the same samples"
+    );
+    let c = synthesize(&scot, text, dir.path()).unwrap();
+    assert_ne!(a, c, "another accent, pitch and rate sound different");
+    // About a second and a half of 16 kHz speech, with energy, that the front end takes.
+    assert!(a.len() > 8000 && a.len() < 64000, "{} samples", a.len());
+    assert!(a.iter().map(|v| v * v).sum::<f32>() > 1.0);
+    let f = LogMel::new().features(&a).unwrap();
+    assert_eq!(f.len(), N_MELS * (a.len() / HOP));
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "scratch WAV removed"
+    );
+    // Bad input is refused before espeak-ng runs.
+    assert!(synthesize(&us, "--help", dir.path()).is_err());
+    assert!(synthesize(&us.clone().with(120, 175), text, dir.path()).is_err());
+    assert!(synthesize(&Voice::new("en-us; rm", None), text, dir.path()).is_err());
+}

@@ -1,5 +1,7 @@
-//! Speech front end and scoring (feature `speech`, on with `candle`): Whisper's log-mel features
-//! ([`mel`]) and word / character error rates by edit distance ([`wer`]).
+//! Speech front end, synthesis and scoring (feature `speech`, on with `candle`): Whisper's log-mel
+//! features ([`mel`]), accented and per-speaker speech from espeak-ng ([`synth`]), and word /
+//! character error rates by edit distance ([`wer`]).
 
 pub mod mel;
+pub mod synth;
 pub mod wer;
