@@ -227,3 +227,82 @@ fn espeak_speech_is_deterministic_and_voices_differ() {
     assert!(synthesize(&us.clone().with(120, 175), text, dir.path()).is_err());
     assert!(synthesize(&Voice::new("en-us; rm", None), text, dir.path()).is_err());
 }
+
+#[test]
+fn the_grammar_and_its_held_out_split() {
+    use molora::speech::data::{grammar, split_sentences, vocabulary};
+    let g = grammar();
+    assert_eq!(g.len(), 1316);
+    assert_eq!(
+        g.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        1316,
+        "no duplicates"
+    );
+    let v = vocabulary();
+    println!("grammar: {} sentences over {} words", g.len(), v.len());
+    assert!(v.len() > 80 && v.len() < 150, "{} words", v.len());
+    let (train, test) = split_sentences(3, 0.15).unwrap();
+    assert_eq!(train.len() + test.len(), 1316);
+    assert_eq!(test.len(), 197);
+    let held: std::collections::BTreeSet<_> = test.iter().collect();
+    assert!(
+        train.iter().all(|s| !held.contains(s)),
+        "held-out sentences never train"
+    );
+    assert_eq!(
+        split_sentences(3, 0.15).unwrap(),
+        (train.clone(), test.clone())
+    );
+    assert_ne!(
+        split_sentences(4, 0.15).unwrap().1,
+        test,
+        "another seed, another split"
+    );
+    assert!(split_sentences(3, 1.0).is_err());
+}
+
+#[test]
+fn a_recipe_is_deterministic_and_cached() {
+    use molora::speech::data::{accent_domains, Recipe};
+    let Some(_) = espeak("a_recipe_is_deterministic_and_cached") else {
+        return;
+    };
+    let recipe = Recipe {
+        domains: accent_domains(2)[..2].to_vec(),
+        train_per_domain: 3,
+        test_per_domain: 2,
+        seed: 11,
+        held_out_permille: 150,
+    };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = recipe.build(d1.path()).unwrap();
+    let b = recipe.build(d2.path()).unwrap();
+    assert!(!a.cached && !b.cached);
+    assert_eq!((a.train.len(), a.test.len()), (6, 4));
+    let bytes =
+        |c: &molora::speech::data::Corpus| std::fs::read(c.dir.join("features.f32le")).unwrap();
+    assert_eq!(bytes(&a), bytes(&b), "the same recipe gives the same bytes");
+    // Read back from the cache: the same utterances, nothing synthesised.
+    let c = recipe.build(d1.path()).unwrap();
+    assert!(c.cached);
+    assert_eq!(c.train, a.train);
+    assert_eq!(c.test, a.test);
+    // Held-out utterances use held-out sentences only.
+    let train_texts: std::collections::BTreeSet<_> = a.train.iter().map(|u| &u.text).collect();
+    assert!(a.test.iter().all(|u| !train_texts.contains(&u.text)));
+    // A changed recipe is another cache entry.
+    let other = Recipe {
+        seed: 12,
+        ..recipe.clone()
+    };
+    assert_ne!(other.cache_key("v"), recipe.cache_key("v"));
+    assert_ne!(
+        recipe.cache_key("v1"),
+        recipe.cache_key("v2"),
+        "a new espeak-ng regenerates"
+    );
+    assert!(a
+        .train
+        .iter()
+        .all(|u| u.features.len() == u.frames * N_MELS && u.frames > 50));
+}

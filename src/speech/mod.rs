@@ -2,6 +2,7 @@
 //! features ([`mel`]), accented and per-speaker speech from espeak-ng ([`synth`]), and word /
 //! character error rates by edit distance ([`wer`]).
 
+pub mod data;
 pub mod mel;
 pub mod synth;
 pub mod wer;
