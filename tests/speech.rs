@@ -306,3 +306,57 @@ fn a_recipe_is_deterministic_and_cached() {
         .iter()
         .all(|u| u.features.len() == u.frames * N_MELS && u.frames > 50));
 }
+
+/// A hand-made model over {0: bos, 1: eos, 2: "a", 3: "b"} where the greedy choice ("a", 0.6) leads
+/// to a worse sentence than the second choice ("b" then eos at 0.9).
+fn toy(prefix: &[u32]) -> molora::Result<Vec<f32>> {
+    let p: [f32; 4] = match prefix {
+        [0] => [0.0, 0.0, 0.6, 0.4],
+        [0, 2] => [0.0, 0.3, 0.35, 0.35],
+        [0, 3] => [0.0, 0.9, 0.05, 0.05],
+        _ => [0.0, 1.0, 0.0, 0.0],
+    };
+    Ok(p.iter().map(|v| v.ln()).collect())
+}
+
+#[test]
+fn greedy_and_beam_search_on_a_hand_made_model() {
+    use molora::speech::decode::{beam_search, greedy};
+    let g = greedy(4, 0, 1, 10, toy).unwrap();
+    assert_eq!(
+        g.tokens,
+        vec![2, 2, 1],
+        "greedy takes a, then a (ties to the lower id)"
+    );
+    assert!(g.finished);
+    assert!((g.score - (0.6f64.ln() + 0.35f64.ln())).abs() < 1e-6);
+    let nbest = beam_search(4, 0, 1, 2, 10, 0.0, toy).unwrap();
+    assert_eq!(nbest[0].tokens, vec![3, 1], "the beam finds b, eos");
+    assert!((nbest[0].score - (0.4f64.ln() + 0.9f64.ln())).abs() < 1e-6);
+    assert!(
+        nbest.windows(2).all(|w| w[0].score >= w[1].score),
+        "best first"
+    );
+    assert!(nbest.len() <= 2 && nbest.iter().all(|h| h.finished));
+    let one = beam_search(4, 0, 1, 1, 10, 0.0, toy).unwrap();
+    assert_eq!(one[0].tokens, g.tokens, "a beam of one is greedy");
+    // The length limit: unfinished hypotheses come back marked so.
+    let cut = greedy(4, 0, 1, 1, toy).unwrap();
+    assert_eq!((cut.tokens.clone(), cut.finished), (vec![2], false));
+    // Bad steps and parameters are errors.
+    assert!(beam_search(4, 0, 1, 0, 10, 0.0, toy).is_err());
+    assert!(greedy(4, 0, 9, 10, toy).is_err());
+    assert!(greedy(4, 0, 1, 10, |_| Ok(vec![0.0; 3])).is_err());
+    assert!(greedy(4, 0, 1, 10, |_| Ok(vec![f32::NAN; 4])).is_err());
+    // Decoded words score by WER against their reference.
+    let words = ["<s>", "</s>", "a", "b"];
+    let text = |t: &[u32]| {
+        t.iter()
+            .filter(|&&i| i > 1)
+            .map(|&i| words[i as usize])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!((wer::wer([("b", text(&nbest[0].tokens).as_str())]) - 0.0).abs() < 1e-12);
+    assert!((wer::wer([("b", text(&g.tokens).as_str())]) - 2.0).abs() < 1e-12);
+}
