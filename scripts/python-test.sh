@@ -13,6 +13,8 @@ py="$venv/bin/python"
 if [ ! -x "$py" ]; then
   python3 -m venv "$venv"
 fi
+# pip's downloads are cached too (torch and its NVIDIA libraries are most of the cost of a new venv).
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/pip}"
 if ! "$py" -c "import torch, peft, transformers, safetensors, pytest, maturin" 2>/dev/null; then
   "$py" -m pip install --quiet --upgrade pip
   "$py" -m pip install --quiet "torch>=2.4" "peft>=0.13" "transformers>=4.40" "safetensors>=0.4" \
