@@ -467,29 +467,92 @@ pub fn expand_experts_on<T: CudaElement>(
     y: &mut impl DeviceWrite<T>,
     path: KernelPath,
 ) -> Result<()> {
-    const OP: &str = "expand_experts";
-    check_experts(OP, shape, plan.num_experts())?;
+    expand_into(
+        dev,
+        "expand_experts",
+        h,
+        b,
+        shape,
+        plan,
+        ids,
+        Some(weights),
+        scale,
+        y,
+        OutputColumns {
+            stride: shape.d_out,
+            offset: 0,
+            what: "y [T, d_out]",
+        },
+        path,
+    )
+}
+
+/// Where the expand writes: columns `offset..offset + d_out` of rows `stride` elements apart, `what`
+/// naming `y` in errors.
+#[derive(Clone, Copy)]
+struct OutputColumns {
+    stride: usize,
+    offset: usize,
+    what: &'static str,
+}
+
+impl OutputColumns {
+    /// Checks that the columns fit the rows and that `y` (`y_len` elements) holds `T` rows, and
+    /// returns `T·stride`.
+    fn check(&self, t: usize, d_out: usize, y_len: usize) -> Result<usize> {
+        crate::error::check_columns(self.stride, self.offset, d_out)?;
+        let n = crate::error::checked_elems(self.what, t, self.stride, 4)?;
+        fits_i32(self.what, n)?;
+        crate::error::check_len(self.what, n, y_len)?;
+        Ok(n)
+    }
+}
+
+/// The expert-mode expand of [`expand_experts_on`] and [`add_lora`]: `y[t, offset + o] +=
+/// scale·Σ_s w_ts·h·B_eᵀ` over the plan's slots, with `weights = None` meaning weight 1 for every
+/// valid slot, and `y` `[T, stride]`.
+#[allow(clippy::too_many_arguments)]
+fn expand_into<T: CudaElement>(
+    dev: &Device,
+    op: &'static str,
+    h: &(impl DeviceRead<f32> + ?Sized),
+    b: &(impl DeviceRead<T> + ?Sized),
+    shape: &LoraShape,
+    plan: &DevicePlan,
+    ids: &(impl DeviceRead<i32> + ?Sized),
+    weights: Option<&dyn DeviceRead<f32>>,
+    scale: f32,
+    y: &mut (impl DeviceWrite<T> + ?Sized),
+    cols: OutputColumns,
+    path: KernelPath,
+) -> Result<()> {
+    check_experts(op, shape, plan.num_experts())?;
     check_scale(scale)?;
     let (t, k_max) = (plan.num_tokens(), plan.k_max());
     let slots = t * k_max;
-    fits_i32("T * d_out", t * shape.d_out)?;
+    let y_len = cols.check(t, shape.d_out, y.len())?;
     // The element type and shape conditions of the variant, also when there is nothing to do.
-    resolve_path::<T>(OP, path, LoraKernel::Expand, shape, &[])?;
-    let mut l = Launch::new(dev, OP);
+    resolve_path::<T>(op, path, LoraKernel::Expand, shape, &[])?;
+    let mut l = Launch::new(dev, op);
     let h = l.input("h [T * k_max, r]", h, slots * shape.rank)?;
     let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
     let ids = l.input("routing ids [T, k_max]", ids, slots)?;
-    let weights = l.input("routing weights [T, k_max]", weights, slots)?;
-    let y = l.output("y [T, d_out]", y, t * shape.d_out)?;
+    let weights = match weights {
+        Some(w) => l.input("routing weights [T, k_max]", w, slots)?,
+        None => std::ptr::null(),
+    };
+    let y = l.output(cols.what, y, y_len)?;
     let inverse = plan.bind_inverse(&mut l)?;
     if t == 0 {
         return Ok(());
     }
-    let path = resolve_path::<T>(OP, path, LoraKernel::Expand, shape, &[b])?;
+    let path = resolve_path::<T>(op, path, LoraKernel::Expand, shape, &[b])?;
     let args = ffi::molora_lora_expand_args {
         h,
         b: b.cast(),
-        y: y.cast(),
+        // Column `offset` of row 0; offset + d_out ≤ stride (checked), so every row's columns lie
+        // inside y.
+        y: y.wrapping_add(cols.offset).cast(),
         ids,
         weights,
         slot_to_sorted: inverse,
@@ -504,11 +567,13 @@ pub fn expand_experts_on<T: CudaElement>(
         rank: shape.rank as i32,
         d_out: shape.d_out as i32,
         path,
-        y_stride: 0,
+        y_stride: cols.stride as i32,
     };
-    // SAFETY: lengths checked above (h T·k_max·r, B E·d_out·r, ids/weights T·k_max, y T·d_out); the
-    // plan's inverse holds T·k_max positions, each -1 or < T·k_max (a row of h). The kernel skips
-    // ids outside [0, E). Sizes fit an i32; the launch keeps the buffers alive and ordered.
+    // SAFETY: lengths checked above (h T·k_max·r, B E·d_out·r, ids and weights when given T·k_max,
+    // y T·stride); the kernel writes y[t·stride + offset + o] for o < d_out, inside y since
+    // offset + d_out ≤ stride. The plan's inverse holds T·k_max positions, each -1 or < T·k_max (a
+    // row of h). The kernel skips ids outside [0, E) and reads no weights when they are NULL (weight
+    // 1). Sizes fit an i32; the launch keeps the buffers alive and ordered.
     unsafe { l.run(&T::EXPAND, &args) }
 }
 
@@ -556,50 +621,32 @@ pub fn add_lora<T: CudaElement>(
     const OP: &str = "add_lora";
     check_experts(OP, shape, ws.plan.num_experts())?;
     check_scale(scale)?;
-    crate::error::check_columns(y_stride, y_offset, shape.d_out)?;
+    let cols = OutputColumns {
+        stride: y_stride,
+        offset: y_offset,
+        what: "y [T, y_stride]",
+    };
     let t = ws.plan.num_tokens();
     crate::error::check_len("indices [T] (vs the workspace's T)", t, indices.len())?;
-    let y_len = crate::error::checked_elems("y [T, y_stride]", t, y_stride, 4)?;
-    fits_i32("T * y_stride", y_len)?;
-    fits_i32("y_stride", y_stride)?;
     crate::error::check_len("x [T, d_in]", t * shape.d_in, x.len())?;
-    crate::error::check_len("y [T, y_stride]", y_len, y.len())?;
+    // Everything the expand checks, before the dispatch and shrink start.
+    cols.check(t, shape.d_out, y.len())?;
     super::dispatch(dev, indices, &mut ws.plan)?;
     shrink_experts(dev, x, a, shape, &ws.plan, &mut ws.h)?;
-    let mut l = Launch::new(dev, OP);
-    let h = l.input("h [T, r]", &ws.h, t * shape.rank)?;
-    let b = l.input("B [E, d_out, r]", b, shape.b_len())?;
-    let ids = l.input("indices [T]", indices, t)?;
-    let y = l.output("y [T, y_stride]", y, y_len)?;
-    let inverse = ws.plan.bind_inverse(&mut l)?;
-    let path = resolve_path::<T>(OP, KernelPath::Auto, LoraKernel::Expand, shape, &[b])?;
-    let args = ffi::molora_lora_expand_args {
-        h,
-        b: b.cast(),
-        // Column y_offset of row 0; y_offset + d_out ≤ y_stride (checked), so every row's columns
-        // lie inside y.
-        y: y.wrapping_add(y_offset).cast(),
-        ids,
-        weights: std::ptr::null(),
-        slot_to_sorted: inverse,
-        k_max: 1,
-        h_dense: 0,
-        seg_offsets: std::ptr::null(),
-        adapter_ids: std::ptr::null(),
-        num_segments: 0,
+    expand_into(
+        dev,
+        OP,
+        &ws.h,
+        b,
+        shape,
+        &ws.plan,
+        indices,
+        None,
         scale,
-        num_tokens: t as i32,
-        num_weights: shape.num_experts as i32,
-        rank: shape.rank as i32,
-        d_out: shape.d_out as i32,
-        path,
-        y_stride: y_stride as i32,
-    };
-    // SAFETY: h holds T·r values (the workspace's, written by the shrink above), B E·d_out·r, the
-    // indices T, y T·y_stride (all checked); the expand writes y[t·y_stride + y_offset + o] for
-    // o < d_out, inside y since y_offset + d_out ≤ y_stride. The plan's inverse holds T positions,
-    // each -1 or < T; the kernel skips ids outside [0, E) and reads no weights (NULL: weight 1).
-    unsafe { l.run(&T::EXPAND, &args) }
+        y,
+        cols,
+        KernelPath::Auto,
+    )
 }
 
 /// Segmented (SGMV) shrink: `h[t, j] = Σ_i x[t, i]·A[adapter(seg(t)), j, i]`, zero rows for adapter
