@@ -18,7 +18,7 @@ use molora::half::{bf16, f16};
 use molora::{Error, LoraShape};
 use pyo3::prelude::*;
 
-use super::{py_err, routed_gate, shape, value_err, Buf};
+use super::{check_addr, offsets_segments, py_err, routed_gate, shape, value_err, Buf};
 
 /// The primary contexts cudarc holds, one per device ordinal, made once.
 fn context(ordinal: usize) -> PyResult<Arc<CudaContext>> {
@@ -60,20 +60,7 @@ struct Borrowed<T: DeviceRepr> {
 
 impl<T: DeviceRepr> Borrowed<T> {
     fn new(stream: &Arc<CudaStream>, (ptr, len): Buf, what: &str) -> PyResult<Self> {
-        if len > 0 && (ptr == 0 || ptr % std::mem::align_of::<T>() != 0) {
-            return Err(value_err(format!(
-                "{what}: device address {ptr:#x} is null or not aligned to {} bytes",
-                std::mem::align_of::<T>()
-            )));
-        }
-        if len
-            .checked_mul(std::mem::size_of::<T>())
-            .is_none_or(|n| n > isize::MAX as usize)
-        {
-            return Err(value_err(format!(
-                "{what}: {len} elements overflow the address space"
-            )));
-        }
+        check_addr::<T>((ptr, len), what, "device address")?;
         // SAFETY: `(ptr, len)` is `(data_ptr(), numel())` of a live, contiguous CUDA tensor of
         // element type `T` on this stream's device (molora/_ops.py checks dtype, device and
         // contiguity, and holds the tensor for the call); the slice is leaked on drop, so PyTorch's
@@ -112,28 +99,6 @@ impl<T: DeviceRepr> std::ops::DerefMut for Borrowed<T> {
     fn deref_mut(&mut self) -> &mut CudaSlice<T> {
         &mut self.slice
     }
-}
-
-macro_rules! with_cuda_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            "f32" => {
-                type $t = f32;
-                $body
-            }
-            "f16" => {
-                type $t = f16;
-                $body
-            }
-            "bf16" => {
-                type $t = bf16;
-                $body
-            }
-            other => Err(value_err(format!(
-                "dtype {other:?} is not supported (float32, float16, bfloat16)"
-            ))),
-        }
-    };
 }
 
 fn rows(len: usize, cols: usize, what: &str) -> PyResult<usize> {
@@ -221,7 +186,7 @@ pub fn cuda_mole_lora(
 ) -> PyResult<()> {
     let s = shape(dims)?;
     let (d, st) = device(ordinal, stream)?;
-    with_cuda_dtype!(dtype, T => mole_lora_t::<T>(&d, &st, [x, a, b, w, out], &s, scale))
+    with_dtype!(dtype, T => mole_lora_t::<T>(&d, &st, [x, a, b, w, out], &s, scale))
 }
 
 fn mole_lora_backward_t<T: CudaElement>(
@@ -271,7 +236,7 @@ pub fn cuda_mole_lora_backward(
 ) -> PyResult<()> {
     let s = shape(dims)?;
     let (d, st) = device(ordinal, stream)?;
-    with_cuda_dtype!(dtype, T => mole_lora_backward_t::<T>(&d, &st, [x, a, b, w, dy], [dx, da, db, dw], &s, scale))
+    with_dtype!(dtype, T => mole_lora_backward_t::<T>(&d, &st, [x, a, b, w, dy], [dx, da, db, dw], &s, scale))
 }
 
 fn routed_t<T: CudaElement>(
@@ -310,7 +275,7 @@ pub fn cuda_mole_lora_routed(
 ) -> PyResult<()> {
     let s = shape(dims)?;
     let (d, st) = device(ordinal, stream)?;
-    with_cuda_dtype!(dtype, T => routed_t::<T>(&d, &st, [x, a, b, ids, weights, out], k, &s, scale))
+    with_dtype!(dtype, T => routed_t::<T>(&d, &st, [x, a, b, ids, weights, out], k, &s, scale))
 }
 
 fn routed_backward_t<T: CudaElement>(
@@ -366,7 +331,7 @@ pub fn cuda_mole_lora_routed_backward(
 ) -> PyResult<()> {
     let s = shape(dims)?;
     let (d, st) = device(ordinal, stream)?;
-    with_cuda_dtype!(dtype, T => routed_backward_t::<T>(&d, &st, [x, a, b, ids, weights, dy], [dx, da, db, dw], k, &s, scale))
+    with_dtype!(dtype, T => routed_backward_t::<T>(&d, &st, [x, a, b, ids, weights, dy], [dx, da, db, dw], k, &s, scale))
 }
 
 /// The dense weights of a gate on CUDA tensors.
@@ -434,13 +399,7 @@ pub fn cuda_gate_backward(
 
 /// Sequence lengths from host offsets `[S + 1]` (0 to T, non-decreasing).
 fn lengths(offsets: &[i64], t: usize) -> PyResult<Vec<usize>> {
-    let v: Vec<usize> = offsets
-        .iter()
-        .map(|&o| {
-            usize::try_from(o).map_err(|_| value_err(format!("seq_offsets: {o} is negative")))
-        })
-        .collect::<PyResult<_>>()?;
-    let segs = molora::Segments::new(v, t).map_err(py_err)?;
+    let segs = offsets_segments(offsets, t)?;
     Ok((0..segs.num_segments())
         .map(|q| segs.range(q).len())
         .collect())
@@ -478,7 +437,7 @@ pub fn cuda_weight_space_lora(
 ) -> PyResult<()> {
     let s = shape(dims)?;
     let (d, st) = device(ordinal, stream)?;
-    with_cuda_dtype!(dtype, T => weight_space_t::<T>(&d, &st, [x, a, b, p, out], &seq_offsets, &s, scale))
+    with_dtype!(dtype, T => weight_space_t::<T>(&d, &st, [x, a, b, p, out], &seq_offsets, &s, scale))
 }
 
 fn weight_space_backward_t<T: CudaElement>(
@@ -531,7 +490,7 @@ pub fn cuda_weight_space_lora_backward(
 ) -> PyResult<()> {
     let s = shape(dims)?;
     let (d, st) = device(ordinal, stream)?;
-    with_cuda_dtype!(dtype, T => weight_space_backward_t::<T>(&d, &st, [x, a, b, p, dy], [dx, da, db, dp], &seq_offsets, &s, scale))
+    with_dtype!(dtype, T => weight_space_backward_t::<T>(&d, &st, [x, a, b, p, dy], [dx, da, db, dp], &seq_offsets, &s, scale))
 }
 
 fn add_lora_t<T: CudaElement>(
@@ -574,7 +533,7 @@ pub fn cuda_add_lora(
 ) -> PyResult<()> {
     let s = shape(dims)?;
     let (d, st) = device(ordinal, stream)?;
-    with_cuda_dtype!(dtype, T => add_lora_t::<T>(&d, &st, [y, x, a, b, indices], y_stride, y_offset, &s, scale))
+    with_dtype!(dtype, T => add_lora_t::<T>(&d, &st, [y, x, a, b, indices], y_stride, y_offset, &s, scale))
 }
 
 /// Registers the CUDA functions.

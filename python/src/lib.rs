@@ -19,6 +19,30 @@ use molora::{Error, LoraShape, Routing, Segments, SeqRouting};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+/// Runs `$body` with `$t` bound to the element type named by `$dtype` (`"f32"`, `"f16"`, `"bf16"`).
+macro_rules! with_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            "f32" => {
+                type $t = f32;
+                $body
+            }
+            "f16" => {
+                type $t = f16;
+                $body
+            }
+            "bf16" => {
+                type $t = bf16;
+                $body
+            }
+            other => Err(value_err(format!(
+                "dtype {other:?} is not supported (float32, float16, bfloat16)"
+            ))),
+        }
+    };
+}
+
+// After `with_dtype!`, which it uses.
 #[cfg(feature = "cuda")]
 mod gpu;
 
@@ -32,14 +56,12 @@ fn value_err(msg: String) -> PyErr {
     PyValueError::new_err(msg)
 }
 
-/// Checks the address of a buffer of `T`: non-null (unless empty) and aligned.
-fn check_ptr<T>((ptr, len): Buf, what: &str) -> PyResult<*mut T> {
-    if len == 0 {
-        return Ok(std::ptr::NonNull::<T>::dangling().as_ptr());
-    }
-    if ptr == 0 || ptr % std::mem::align_of::<T>() != 0 {
+/// Checks the address of a buffer of `T` (host or device memory, named by `kind` in errors):
+/// non-null and aligned unless empty, and its byte length within `isize`.
+fn check_addr<T>((ptr, len): Buf, what: &str, kind: &str) -> PyResult<()> {
+    if len > 0 && (ptr == 0 || ptr % std::mem::align_of::<T>() != 0) {
         return Err(value_err(format!(
-            "{what}: address {ptr:#x} is null or not aligned to {} bytes",
+            "{what}: {kind} {ptr:#x} is null or not aligned to {} bytes",
             std::mem::align_of::<T>()
         )));
     }
@@ -51,7 +73,16 @@ fn check_ptr<T>((ptr, len): Buf, what: &str) -> PyResult<*mut T> {
             "{what}: {len} elements overflow the address space"
         )));
     }
-    Ok(ptr as *mut T)
+    Ok(())
+}
+
+/// The checked host address of a buffer of `T` (dangling when empty, as a slice needs).
+fn check_ptr<T>(b: Buf, what: &str) -> PyResult<*mut T> {
+    check_addr::<T>(b, what, "address")?;
+    if b.1 == 0 {
+        return Ok(std::ptr::NonNull::<T>::dangling().as_ptr());
+    }
+    Ok(b.0 as *mut T)
 }
 
 /// A read-only view of a tensor the Python layer handed over.
@@ -80,29 +111,6 @@ fn write<T: Copy>(out: Buf, what: &str, values: &[T]) -> PyResult<()> {
     }
     view_mut::<T>(out, what)?.copy_from_slice(values);
     Ok(())
-}
-
-/// Runs `$body` with `$t` bound to the element type named by `$dtype` (`"f32"`, `"f16"`, `"bf16"`).
-macro_rules! with_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            "f32" => {
-                type $t = f32;
-                $body
-            }
-            "f16" => {
-                type $t = f16;
-                $body
-            }
-            "bf16" => {
-                type $t = bf16;
-                $body
-            }
-            other => Err(value_err(format!(
-                "dtype {other:?} is not supported (float32, float16, bfloat16)"
-            ))),
-        }
-    };
 }
 
 fn shape((e, r, d_in, d_out): (usize, usize, usize, usize)) -> PyResult<LoraShape> {
@@ -341,14 +349,7 @@ fn route(
     };
     let hierarchy = match (global_probs, seq_offsets) {
         (Some(g), Some(o)) => {
-            let offsets: Vec<usize> = view::<i64>(o, "seq_offsets")?
-                .iter()
-                .map(|&v| {
-                    usize::try_from(v)
-                        .map_err(|_| value_err(format!("seq_offsets: {v} is negative")))
-                })
-                .collect::<PyResult<_>>()?;
-            let segments = Segments::new(offsets, t).map_err(py_err)?;
+            let segments = segments(o, t)?;
             let combine = match combine {
                 "mix" => HierarchicalCombine::Mix { lambda: lam },
                 "product" => HierarchicalCombine::Product,
@@ -396,14 +397,19 @@ fn route(
 }
 
 /// The sequences of `offsets` (int64 `[S+1]`, from 0 to `T`, non-decreasing).
-fn segments(offsets: Buf, t: usize) -> PyResult<Segments> {
-    let v: Vec<usize> = view::<i64>(offsets, "seq_offsets")?
+fn offsets_segments(offsets: &[i64], t: usize) -> PyResult<Segments> {
+    let v: Vec<usize> = offsets
         .iter()
         .map(|&o| {
             usize::try_from(o).map_err(|_| value_err(format!("seq_offsets: {o} is negative")))
         })
         .collect::<PyResult<_>>()?;
     Segments::new(v, t).map_err(py_err)
+}
+
+/// [`offsets_segments`] of an offsets tensor.
+fn segments(offsets: Buf, t: usize) -> PyResult<Segments> {
+    offsets_segments(view::<i64>(offsets, "seq_offsets")?, t)
 }
 
 /// SAML's weight-space mixture per sequence: `y_t = s·(x_t·Ā_qᵀ)·B̄_qᵀ`.
