@@ -210,6 +210,12 @@ pub fn checked_elems(what: &'static str, a: usize, b: usize, elem_bytes: usize) 
     }
 }
 
+/// A `[rows, cols]` buffer of 4-byte elements has `len` elements: the product checked as
+/// [`checked_elems`] does, then [`check_len`], both naming `what`.
+pub fn check_matrix(what: &'static str, rows: usize, cols: usize, len: usize) -> Result<()> {
+    check_len(what, checked_elems(what, rows, cols, 4)?, len)
+}
+
 /// The product of `dims` (elements of a tensor of that shape), checked like [`checked_elems`] with
 /// 4-byte elements.
 pub fn checked_product(what: &'static str, dims: &[usize]) -> Result<usize> {

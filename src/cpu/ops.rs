@@ -11,7 +11,7 @@ use super::backward;
 use super::layer::{lora_delta, Experts};
 use super::lora::{expand_segments, shrink_segments};
 use super::mixing::mix_experts;
-use crate::error::{check_len, checked_elems, Error, Result};
+use crate::error::{check_len, check_matrix, checked_elems, Error, Result};
 use crate::{AdapterSegments, Element, LoraShape, Routing, Segments, SeqRouting};
 
 pub use crate::gate::RoutedGate;
@@ -75,11 +75,7 @@ fn gather_slots(r: &Routing, dense: &[f32]) -> Vec<f32> {
 /// ids, in `k_max` = the most any token uses (at least 1) slots, `-1` after the last.
 pub fn sparse_routing(w: &[f32], num_tokens: usize, num_experts: usize) -> Result<Routing> {
     crate::error::check_experts_nonzero(num_experts)?;
-    check_len(
-        "w [T, E]",
-        checked_elems("w [T, E]", num_tokens, num_experts, 4)?,
-        w.len(),
-    )?;
+    check_matrix("w [T, E]", num_tokens, num_experts, w.len())?;
     let k_max = w
         .chunks_exact(num_experts)
         .map(|row| row.iter().filter(|&&v| v != 0.0).count())
@@ -176,7 +172,7 @@ pub fn mole_lora_backward(
 ) -> Result<crate::grads::LoraGrads<f32>> {
     let t = rows(x.len(), shape.d_in, "x [T, d_in]")?;
     let e = shape.num_experts;
-    check_len("w [T, E]", checked_elems("w [T, E]", t, e, 4)?, w.len())?;
+    check_matrix("w [T, E]", t, e, w.len())?;
     let ids: Vec<i32> = (0..t).flat_map(|_| 0..e as i32).collect();
     backward::lora_backward(x, a, b, shape, &ids, w, e, scale, dy)
 }
@@ -347,11 +343,7 @@ pub fn weight_space_backward(
 ) -> Result<WeightSpaceGrads> {
     let t = rows(x.len(), shape.d_in, "x [T, d_in]")?;
     check_len("sequence segments' rows vs x rows", t, seq.num_rows())?;
-    check_len(
-        "dy [T, d_out]",
-        checked_elems("dy [T, d_out]", t, shape.d_out, 4)?,
-        dy.len(),
-    )?;
+    check_matrix("dy [T, d_out]", t, shape.d_out, dy.len())?;
     let routing = SeqRouting::new(seq.clone(), shape.num_experts, p.to_vec())?;
     let (am, bm) = mix_experts(a, b, shape, &routing)?;
     let LoraShape {
@@ -412,11 +404,7 @@ pub fn add_lora<T: Element>(
     let t = rows(x.len(), shape.d_in, "x [T, d_in]")?;
     check_len("indices [T]", t, indices.len())?;
     crate::error::check_columns(y_stride, y_offset, shape.d_out)?;
-    check_len(
-        "y [T, y_stride]",
-        checked_elems("y [T, y_stride]", t, y_stride, 4)?,
-        y.len(),
-    )?;
+    check_matrix("y [T, y_stride]", t, y_stride, y.len())?;
     let experts = Experts::new(a, b, *shape, scale)?;
     let weights: Vec<f32> = indices
         .iter()

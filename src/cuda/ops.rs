@@ -18,7 +18,7 @@ use super::gating::{dense_to_slots, gate_probabilities, slots_to_dense, DeviceGa
 use super::lora::{CudaElement, LoraPath};
 use super::memory::{Buffer, BufferView, DeviceRead, DeviceWrite};
 use super::weight_space::WeightSpaceLora;
-use crate::error::check_len;
+use crate::error::{check_len, check_matrix};
 use crate::gate::RoutedGate;
 use crate::{Error, LoraShape, Result};
 
@@ -72,11 +72,7 @@ pub fn gate_forward(
     w: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     let (t, e) = (num_tokens, num_experts);
-    check_len(
-        "p [T, E]",
-        crate::error::checked_elems("p [T, E]", t, e, 4)?,
-        p.len(),
-    )?;
+    check_matrix("p [T, E]", t, e, p.len())?;
     check_len("w [T, E]", t * e, w.len())?;
     let g = device_gate(gate, tau)?;
     let (ids, weights, k) = slots(dev, &g, p, t, e)?;
@@ -101,11 +97,7 @@ pub fn gate_backward(
     dtau: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     let (t, e) = (num_tokens, num_experts);
-    check_len(
-        "p [T, E]",
-        crate::error::checked_elems("p [T, E]", t, e, 4)?,
-        p.len(),
-    )?;
+    check_matrix("p [T, E]", t, e, p.len())?;
     check_len("dw [T, E]", t * e, dw.len())?;
     check_len("dp [T, E]", t * e, dp.len())?;
     check_len("dtau [T]", t, dtau.len())?;
@@ -224,17 +216,9 @@ pub fn mole_lora_forward<T: CudaElement>(
     y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     let (t, e) = (num_tokens, shape.num_experts);
-    check_len(
-        "w [T, E]",
-        crate::error::checked_elems("w [T, E]", t, e, 4)?,
-        w.len(),
-    )?;
-    check_len("y [T, d_out]", t * shape.d_out, y.len())?;
-    if t == 0 {
-        return Ok(());
-    }
+    check_matrix("w [T, E]", t, e, w.len())?;
     let ids = dense_ids(dev, w, t, e)?;
-    workspace::<T>(dev, t, shape, e)?.run_slots(dev, x, &ids, w, a, b, scale, y)
+    slot_lora_forward(dev, x, a, b, &ids, w, t, e, shape, scale, y)
 }
 
 /// The dense-weight LoRA op's backward (the forward again, then its backward): `dx`, `dA`, `dB` and
@@ -254,22 +238,10 @@ pub fn mole_lora_backward<T: CudaElement, D: DeviceWrite<f32> + ?Sized>(
     out: &mut DeviceOpGrads<'_, D>,
 ) -> Result<()> {
     let (t, e) = (num_tokens, shape.num_experts);
-    check_len(
-        "w [T, E]",
-        crate::error::checked_elems("w [T, E]", t, e, 4)?,
-        w.len(),
-    )?;
+    check_matrix("w [T, E]", t, e, w.len())?;
     check_lora_grads(t, shape, x, a, b, dy, out, t * e)?;
-    if t == 0 {
-        return zero_grads(dev, out);
-    }
     let ids = dense_ids(dev, w, t, e)?;
-    let mut fwd = workspace::<T>(dev, t, shape, e)?;
-    let mut scratch = dev.zeros::<T>(t * shape.d_out)?;
-    fwd.run_slots(dev, x, &ids, w, a, b, scale, &mut scratch)?;
-    let mut grads = fwd.new_grads(dev)?;
-    fwd.backward_slots(dev, x, a, b, dy, scale, &mut grads)?;
-    copy_lora_grads(dev, &grads, t, shape, out, t * e)
+    slot_lora_backward(dev, x, a, b, &ids, w, t, e, shape, scale, dy, out)
 }
 
 /// The sparse-slot LoRA op: `y += s·Σ_s w_ts·(x_t·A_eᵀ)·B_eᵀ` for `ids`, `weights` `[T, k]` (`-1` =
@@ -290,11 +262,7 @@ pub fn slot_lora_forward<T: CudaElement>(
     y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     let t = num_tokens;
-    check_len(
-        "ids [T, k]",
-        crate::error::checked_elems("ids [T, k]", t, k, 4)?,
-        ids.len(),
-    )?;
+    check_matrix("ids [T, k]", t, k, ids.len())?;
     check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     if t == 0 {
         return Ok(());
@@ -319,11 +287,7 @@ pub fn slot_lora_backward<T: CudaElement, D: DeviceWrite<f32> + ?Sized>(
     out: &mut DeviceOpGrads<'_, D>,
 ) -> Result<()> {
     let t = num_tokens;
-    check_len(
-        "ids [T, k]",
-        crate::error::checked_elems("ids [T, k]", t, k, 4)?,
-        ids.len(),
-    )?;
+    check_matrix("ids [T, k]", t, k, ids.len())?;
     check_lora_grads(t, shape, x, a, b, dy, out, t * k)?;
     if t == 0 {
         return zero_grads(dev, out);
@@ -354,11 +318,7 @@ pub fn routed_lora_forward<T: CudaElement>(
     y: &mut impl DeviceWrite<T>,
 ) -> Result<()> {
     let (t, e) = (num_tokens, shape.num_experts);
-    check_len(
-        "p [T, E]",
-        crate::error::checked_elems("p [T, E]", t, e, 4)?,
-        p.len(),
-    )?;
+    check_matrix("p [T, E]", t, e, p.len())?;
     check_len("y [T, d_out]", t * shape.d_out, y.len())?;
     let g = device_gate(gate, tau)?;
     if t == 0 {
@@ -387,11 +347,7 @@ pub fn routed_lora_backward<T: CudaElement, D: DeviceWrite<f32> + ?Sized>(
     dtau: &mut impl DeviceWrite<f32>,
 ) -> Result<()> {
     let (t, e) = (num_tokens, shape.num_experts);
-    check_len(
-        "p [T, E]",
-        crate::error::checked_elems("p [T, E]", t, e, 4)?,
-        p.len(),
-    )?;
+    check_matrix("p [T, E]", t, e, p.len())?;
     check_lora_grads(t, shape, x, a, b, dy, out, t * e)?;
     check_len("dtau [T]", t, dtau.len())?;
     let g = device_gate(gate, tau)?;
