@@ -8,7 +8,8 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-fn weights_err(
+/// [`Error::weights`], as the weight readers (here and in `model::weights`) spell it.
+pub(crate) fn weights_err(
     source: impl Into<String>,
     key: impl Into<String>,
     detail: impl Into<String>,

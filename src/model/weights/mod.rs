@@ -44,13 +44,7 @@ pub use stack::stack_experts;
 /// `inspect` lives in [`crate::model::inspect`]; it stays reachable here, where it used to be.
 pub use super::inspect::inspect;
 
-fn weights_err(
-    source: impl Into<String>,
-    key: impl Into<String>,
-    detail: impl Into<String>,
-) -> Error {
-    Error::weights(source, key, detail)
-}
+use crate::peft::weights_err;
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Io {
