@@ -487,23 +487,15 @@ fn inspect_peft(
     for (name, info) in tensors {
         let bare = name.strip_prefix(PEFT_KEY_PREFIX);
         let key = bare.unwrap_or(name);
-        let (module, is_a) = if let Some(m) = key.strip_suffix(PEFT_A_SUFFIX) {
-            (m, true)
-        } else if let Some(m) = key.strip_suffix(PEFT_B_SUFFIX) {
-            (m, false)
-        } else {
-            let what = if name.contains("lora_embedding_") {
-                "LoRA on an embedding layer is not supported"
-            } else if name.contains("lora_magnitude_vector") {
-                "a DoRA magnitude vector is not supported"
-            } else {
-                "unexpected key"
-            };
-            problems.push(format!(
-                "{}: {what}: expected only <module>{PEFT_A_SUFFIX} and <module>{PEFT_B_SUFFIX} weights",
-                escape(name)
-            ));
-            continue;
+        let (module, is_a) = match super::weights::split_lora_key(key) {
+            Ok(split) => split,
+            Err(what) => {
+                problems.push(format!(
+                    "{}: {what}: expected only <module>{PEFT_A_SUFFIX} and <module>{PEFT_B_SUFFIX} weights",
+                    escape(name)
+                ));
+                continue;
+            }
         };
         covered.insert(name.clone());
         if bare.is_none() {

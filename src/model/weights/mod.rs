@@ -35,6 +35,7 @@ mod stack;
 
 pub use crate::peft::PeftConfig;
 pub use files::{load_tensors, save_tensors, MOLORA_METADATA_KEY};
+pub(crate) use peft::split_lora_key;
 pub use peft::{
     load_peft_adapter, save_peft_adapter, LoraPair, PeftAdapter, ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE, PEFT_A_SUFFIX, PEFT_B_SUFFIX, PEFT_KEY_PREFIX,

@@ -13,6 +13,22 @@ use super::{io_err, read_file, weights_err};
 use crate::error::Result;
 use crate::peft::{pattern_conflict, PeftConfig, TargetsGiven};
 
+/// A PEFT key without its prefix as `(module, is_a)` (`…lora_A.weight` or `…lora_B.weight`), or why
+/// it is not a LoRA weight molora reads.
+pub(crate) fn split_lora_key(key: &str) -> std::result::Result<(&str, bool), &'static str> {
+    if let Some(m) = key.strip_suffix(PEFT_A_SUFFIX) {
+        Ok((m, true))
+    } else if let Some(m) = key.strip_suffix(PEFT_B_SUFFIX) {
+        Ok((m, false))
+    } else if key.contains("lora_embedding_") {
+        Err("LoRA on an embedding layer is not supported")
+    } else if key.contains("lora_magnitude_vector") {
+        Err("a DoRA magnitude vector is not supported")
+    } else {
+        Err("unexpected key")
+    }
+}
+
 /// The file name of a PEFT adapter's configuration inside its directory.
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 /// The file name of a PEFT adapter's weights inside its directory.
@@ -160,25 +176,15 @@ pub fn load_peft_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
                 ),
             )
         })?;
-        let (module, is_a) = if let Some(m) = module_key.strip_suffix(PEFT_A_SUFFIX) {
-            (m, true)
-        } else if let Some(m) = module_key.strip_suffix(PEFT_B_SUFFIX) {
-            (m, false)
-        } else {
-            let what = if name.contains("lora_embedding_") {
-                "LoRA on an embedding layer is not supported"
-            } else if name.contains("lora_magnitude_vector") {
-                "a DoRA magnitude vector is not supported"
-            } else {
-                "unexpected key"
-            };
-            return Err(weights_err(
+        let (module, is_a) = match split_lora_key(module_key) {
+            Ok(split) => split,
+            Err(what) => return Err(weights_err(
                 &source,
                 name,
                 format!(
                     "{what}: expected only <module>{PEFT_A_SUFFIX} and <module>{PEFT_B_SUFFIX} weights"
                 ),
-            ));
+            )),
         };
         if module.is_empty() {
             return Err(weights_err(&source, name, "empty module name"));
