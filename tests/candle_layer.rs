@@ -77,21 +77,37 @@ impl Module for TwoLayer {
     }
 }
 
-/// The f32 model's tensors with every expert B given random values (B starts at zero, which would
-/// hide the experts).
+/// The f32 model's tensors, every one drawn from `rng` in a fixed (sorted) key order so the test is
+/// the same on every run: the experts (whose B starts at zero, which would hide them) at scale 0.3,
+/// every other randomly initialised tensor at its initialiser's bound, constants kept.
 fn trained_like_tensors(rng: &mut Rng) -> HashMap<String, Tensor> {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
     let _ = TwoLayer::new(vb);
+    let created: BTreeMap<String, Tensor> = map
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
     let mut out = HashMap::new();
-    for (k, v) in map.data().lock().unwrap().iter() {
-        let t = v.as_tensor();
+    for (k, t) in created {
+        let values = host(&t);
+        let constant = values.iter().all(|v| *v == values[0]);
+        // PyTorch's bound for a weight [rows, fan_in]; a 1-D vector (a bias) takes 0.1.
+        let bound = match t.dims() {
+            [_, fan_in] => 1.0 / (*fan_in as f32).sqrt(),
+            _ => 0.1,
+        };
         let t = if k.ends_with(".experts") {
             random(rng, t.dims(), 0.3)
+        } else if constant {
+            t
         } else {
-            t.copy().unwrap()
+            random(rng, t.dims(), bound)
         };
-        out.insert(k.clone(), t);
+        out.insert(k, t);
     }
     out
 }
