@@ -130,10 +130,12 @@ fn wait_at_most(mut child: std::process::Child, limit: Duration) -> Output {
     }
 }
 
-/// The smallest HDMoLE run (well under a second).
-const QUICK_HDMOLE: [&str; 7] = [
+/// The smallest HDMoLE run (well under a second): the synthetic task.
+const QUICK_HDMOLE: [&str; 9] = [
     "demo",
     "hdmole",
+    "--data",
+    "synthetic",
     "--small",
     "--steps",
     "2",
@@ -181,6 +183,8 @@ fn help_on_every_command() {
         "--pretrain-steps",
         "--targets",
         "--rank",
+        "--beam",
+        "--data",
         "--no-expert-init",
         "--small",
         "--out",
@@ -270,7 +274,7 @@ fn every_value_is_checked_before_any_work() {
             vec!["--targets", "all"],
             vec![
                 "'all' for '--targets <LIST>'",
-                "encoder.0, encoder.1",
+                "encoder.sub.0, encoder.sub.1, encoder.0.q",
                 encoder_reason,
             ],
         ),
@@ -346,15 +350,62 @@ fn every_value_is_checked_before_any_work() {
             vec!["'-3e-4' for '--lr-experts <X>'"],
         ),
         ("lorb", vec!["--device", "gpu"], vec!["'gpu' for '--device"]),
+        (
+            "hdmole",
+            vec!["--data", "audio"],
+            vec!["'audio' for '--data <DATA>'", "speech", "synthetic"],
+        ),
+        ("hdmole", vec!["--beam", "0"], vec!["'0' for '--beam <N>'"]),
+        (
+            "hdmole",
+            vec!["--data", "synthetic", "--beam", "3"],
+            vec!["--beam decodes speech"],
+        ),
+        (
+            "hdmole",
+            vec!["--data", "synthetic", "--targets", "decoder.0.q"],
+            vec!["no layer matches \"decoder.0.q\""],
+        ),
+        (
+            "hdmole",
+            vec!["--targets", "decoder.k,decoder.q", "--rank", "300"],
+            vec!["'300' for '--rank <N>'"],
+        ),
     ] {
         let mut full = vec!["demo", demo, "--small", "--out", &out_flag];
         full.extend(args);
         let out = molora(&full);
         let err = assert_error(&full, &out, 2, &needles);
-        assert!(!err.contains("pretrain:"), "{full:?} started work: {err}");
+        assert!(!err.contains("step 1/"), "{full:?} started work: {err}");
         assert!(!out_dir.exists(), "{full:?} created --out");
     }
     assert!(listing(scratch.path()).is_empty());
+}
+
+/// Without espeak-ng the speech demo fails before any work, saying how to get it, and creates no
+/// output.
+#[test]
+fn the_speech_demo_without_espeak_says_how_to_get_it() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let out_dir = scratch.path().join("out");
+    let args = [
+        OsStr::new("demo"),
+        OsStr::new("hdmole"),
+        OsStr::new("--small"),
+        OsStr::new("--out"),
+        out_dir.as_os_str(),
+    ];
+    let out = molora_cmd(&args)
+        .env("MOLORA_ESPEAK", scratch.path().join("no-espeak-here"))
+        .output()
+        .expect("the molora binary runs");
+    assert_error(
+        &args,
+        &out,
+        1,
+        &["espeak-ng is needed", "scripts/speech-deps.sh", "--data synthetic"],
+    );
+    assert!(!out_dir.exists(), "created --out");
 }
 
 #[test]

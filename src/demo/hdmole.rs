@@ -18,7 +18,6 @@
 //! Each is scored by frame error on held-out utterances of every domain: the accents (what was
 //! trained) and the general domain (forgetting).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -28,7 +27,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use super::domains::{Domains, DomainsConfig};
 use crate::error::{Error, Result};
 use crate::model::hdmole::{AsrConfig, AsrModel};
-use crate::model::linear::{Combine, GateMode, MoleConfig, ThresholdMode};
+use crate::model::linear::{Combine, GateMode, MoleConfig, MoleLinear, ThresholdMode};
 use crate::Rng;
 
 /// Settings of the HDMoLE demo.
@@ -582,7 +581,11 @@ pub fn run_hdmole_demo(
         global_router_accuracy,
     };
     if let Some(dir) = out_dir {
-        write_outputs(dir, &report, &saved)?;
+        let saved: Vec<(&str, &[MoleLinear])> = saved
+            .iter()
+            .map(|(name, m)| (name.as_str(), m.layers()))
+            .collect();
+        super::write_outputs(dir, &report.to_json(), &saved)?;
     }
     Ok(report)
 }
@@ -655,54 +658,6 @@ fn routing_table(model: &AsrModel, tests: &TestSets, experts: usize) -> Result<V
         table.push(row);
     }
     Ok(table)
-}
-
-/// Writes `report.json` and `<method>.safetensors` into `dir` (created if missing). Each file is
-/// written under a temporary name in `dir` and renamed into place, so a file of that name is always
-/// whole: the old one or the new one.
-fn write_outputs(dir: &Path, report: &HdmoleReport, saved: &[(String, AsrModel)]) -> Result<()> {
-    let io = |path: &Path, e: std::io::Error| Error::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    // The temporary name of `file` in `dir` (hidden, and unique to this process).
-    let temp = |file: &str| dir.join(format!(".{file}.tmp-{}", std::process::id()));
-    let commit = |tmp: &Path, path: &Path| -> Result<()> {
-        std::fs::rename(tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(tmp);
-            io(path, e)
-        })
-    };
-    let path = dir.join("report.json");
-    let text = serde_json::to_string_pretty(&report.to_json()).map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let tmp = temp("report.json");
-    if let Err(e) = std::fs::write(&tmp, text) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(&path, e));
-    }
-    commit(&tmp, &path)?;
-    for (name, model) in saved {
-        let mut tensors = BTreeMap::new();
-        let mut layers = serde_json::Map::new();
-        for l in model.layers() {
-            l.save_experts(&mut tensors, &mut layers)?;
-        }
-        let meta = serde_json::json!({"format": "molora", "version": 1, "layers": layers});
-        let mut metadata = BTreeMap::new();
-        metadata.insert("molora".to_string(), meta.to_string());
-        let file = format!("{name}.safetensors");
-        let tmp = temp(&file);
-        if let Err(e) = crate::model::weights::save_tensors(&tmp, &tensors, &metadata) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        commit(&tmp, &dir.join(file))?;
-    }
-    Ok(())
 }
 
 impl HdmoleReport {

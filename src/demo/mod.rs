@@ -11,8 +11,15 @@
 
 pub mod domains;
 pub mod hdmole;
+pub mod hdmole_speech;
 pub mod lorb;
 pub mod saml;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::linear::MoleLinear;
 
 /// Where a demo trains: candle's CPU backend, or a CUDA device through candle's CUDA backend with
 /// molora's kernels behind the custom ops (feature `candle-cuda`).
@@ -74,3 +81,57 @@ pub(crate) fn check_learning_rates(rates: &[(&'static str, f64)]) -> crate::Resu
         None => Ok(()),
     }
 }
+
+/// Writes `report` as `report.json` and each method's adapters (the experts of its `layers`) as
+/// `<method>.safetensors` into `dir` (created if missing). Each file is
+/// written under a temporary name in `dir` and renamed into place, so a file of that name is always
+/// whole: the old one or the new one.
+pub(crate) fn write_outputs(
+    dir: &Path,
+    report: &serde_json::Value,
+    saved: &[(&str, &[MoleLinear])],
+) -> Result<()> {
+    let io = |path: &Path, e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    // The temporary name of `file` in `dir` (hidden, and unique to this process).
+    let temp = |file: &str| dir.join(format!(".{file}.tmp-{}", std::process::id()));
+    let commit = |tmp: &Path, path: &Path| -> Result<()> {
+        std::fs::rename(tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(tmp);
+            io(path, e)
+        })
+    };
+    let path = dir.join("report.json");
+    let text = serde_json::to_string_pretty(report).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let tmp = temp("report.json");
+    if let Err(e) = std::fs::write(&tmp, text) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&path, e));
+    }
+    commit(&tmp, &path)?;
+    for (name, model_layers) in saved {
+        let mut tensors = BTreeMap::new();
+        let mut layers = serde_json::Map::new();
+        for l in model_layers.iter() {
+            l.save_experts(&mut tensors, &mut layers)?;
+        }
+        let meta = serde_json::json!({"format": "molora", "version": 1, "layers": layers});
+        let mut metadata = BTreeMap::new();
+        metadata.insert("molora".to_string(), meta.to_string());
+        let file = format!("{name}.safetensors");
+        let tmp = temp(&file);
+        if let Err(e) = crate::model::weights::save_tensors(&tmp, &tensors, &metadata) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        commit(&tmp, &dir.join(file))?;
+    }
+    Ok(())
+}
+

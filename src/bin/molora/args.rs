@@ -39,13 +39,16 @@ totals. Only the file's header is read.")]
 
 #[derive(Debug, Subcommand)]
 pub enum Demo {
-    /// HDMoLE against full fine-tuning, one LoRA and top-k MoLE on a synthetic multi-accent task;
-    /// prints the results table
+    /// HDMoLE against full fine-tuning, one LoRA and top-k MoLE on accented speech (espeak-ng), or a
+    /// synthetic multi-accent task; prints the results table
     #[command(long_about = "\
-molora demo hdmole: pretrain a small LLM-ASR-shaped model on a general domain, then fine-tune it on
-three synthetic accent domains four ways (full fine-tuning, one LoRA, MoLE top-k, HDMoLE) and print
-the error per domain, the trainable parameters, the wall time, HDMoLE's domain × expert routing
-table and its learned thresholds.")]
+molora demo hdmole: pretrain a small LLM-ASR model (speech encoder, projector, autoregressive word
+decoder) on general-domain speech (espeak-ng en-us), then fine-tune it on four English accents
+four ways (full fine-tuning, one LoRA, MoLE top-k, HDMoLE) and print each model's word error rate
+per domain from decoding held-out sentences, the trainable parameters, the model bytes, the wall
+time, HDMoLE's domain × expert routing table and its learned thresholds. The speech is synthesised
+once into a cache ($MOLORA_SPEECH_CACHE, else ~/.cache/molora/speech); espeak-ng must be installed
+(scripts/speech-deps.sh). --data synthetic runs the frame-level synthetic accent task instead.")]
     Hdmole(HdmoleArgs),
     /// SAML on an NF4-quantised Whisper-shaped model adapted per target speaker, against the
     /// full-precision and quantised models and one LoRA
@@ -113,26 +116,43 @@ pub struct DemoCommon {
     pub device: DeviceArg,
 }
 
+/// What a demo trains and scores on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DataArg {
+    /// Speech synthesised by espeak-ng, decoded and scored by WER
+    Speech,
+    /// The synthetic task (frames or tokens from a generator), scored by token error
+    Synthetic,
+}
+
 #[derive(Debug, Args)]
 pub struct HdmoleArgs {
-    /// Data and initialisation seed [default: 7]
+    /// What to train and score on
+    #[arg(long, value_enum, value_name = "DATA", default_value_t = DataArg::Speech)]
+    pub data: DataArg,
+    /// Data and initialisation seed [default: 1; synthetic 7]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Optimiser steps per fine-tuning method [default: 300]
     #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: Option<usize>,
-    /// Optimiser steps of the general-domain pretraining [default: 600]
+    /// Optimiser steps of the general-domain pretraining [default: 1500; synthetic 600]
     #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true)]
     pub pretrain_steps: Option<usize>,
-    /// Comma-separated layers that get adapters [default: projector,decoder.q,decoder.v,decoder.o].
-    /// Layers: projector.0, projector.1, decoder.q, decoder.k, decoder.v, decoder.o, decoder.up,
-    /// decoder.down, or a prefix (`projector`, `decoder`); not the encoder, whose output gives
-    /// HDMoLE's global accent posterior
+    /// Comma-separated layers that get adapters [default: projector,decoder; synthetic
+    /// projector,decoder.q,decoder.v,decoder.o]. Speech model layers: projector.0, projector.1,
+    /// decoder.<i>.{q,k,v,o,up,down}, a projection of every decoder layer (`decoder.q`) or a
+    /// prefix (`projector`, `decoder`, `decoder.1`). Synthetic model: projector.0, projector.1,
+    /// decoder.{q,k,v,o,up,down} or a prefix. Never the encoder, whose output gives HDMoLE's
+    /// global accent posterior
     #[arg(long, value_name = "LIST", value_parser = targets)]
     pub targets: Option<Targets>,
     /// LoRA rank [default: 8]
     #[arg(long, value_name = "N", value_parser = rank, allow_negative_numbers = true)]
     pub rank: Option<usize>,
+    /// Beam width of the speech decoding (1: greedy) [default: 1]
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true)]
+    pub beam: Option<usize>,
     /// Do not initialise HDMoLE's experts from per-accent LoRAs
     #[arg(long)]
     pub no_expert_init: bool,
@@ -222,9 +242,17 @@ fn targets(s: &str) -> Result<Targets, String> {
     if list.is_empty() {
         return Err("the list is empty: name at least one layer".into());
     }
-    match molora::demo::hdmole::check_targets(&list) {
-        Ok(_) => Ok(Targets(list)),
-        Err(molora::Error::Unsupported { what, .. }) => Err(what),
-        Err(e) => Err(e.to_string()),
+    // The layers of either model are accepted here; the chosen model checks its own before any
+    // work (`--data`). A list neither model takes is refused with the speech model's reason.
+    let speech = molora::demo::hdmole_speech::SpeechHdmoleConfig::default().model();
+    let Err(e) = molora::demo::hdmole_speech::check_targets(&speech, &list) else {
+        return Ok(Targets(list));
+    };
+    if molora::demo::hdmole::check_targets(&list).is_ok() {
+        return Ok(Targets(list));
+    }
+    match e {
+        molora::Error::Unsupported { what, .. } => Err(what),
+        e => Err(e.to_string()),
     }
 }

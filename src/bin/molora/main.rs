@@ -21,7 +21,9 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use args::{BenchArgs, Cli, Command, Demo, DemoCommon, DeviceArg, HdmoleArgs, LorbArgs, SamlArgs};
+use args::{
+    BenchArgs, Cli, Command, DataArg, Demo, DemoCommon, DeviceArg, HdmoleArgs, LorbArgs, SamlArgs,
+};
 use molora::model::inspect::escape;
 use output::OutDir;
 use progress::Progress;
@@ -126,8 +128,82 @@ fn finish(
     Ok(())
 }
 
+/// The files `molora demo hdmole --out` writes.
+const HDMOLE_FILES: [&str; 5] = [
+    "report.json",
+    "report.md",
+    "lora.safetensors",
+    "mole_topk.safetensors",
+    "hdmole.safetensors",
+];
+
 fn demo_hdmole(a: HdmoleArgs) -> Result<(), Fail> {
+    match a.data {
+        DataArg::Speech => demo_hdmole_speech(a),
+        DataArg::Synthetic => demo_hdmole_synthetic(a),
+    }
+}
+
+fn demo_hdmole_speech(a: HdmoleArgs) -> Result<(), Fail> {
+    use molora::demo::hdmole_speech::{run_speech_hdmole_demo, SpeechHdmoleConfig};
+    let mut cfg = if a.common.small {
+        SpeechHdmoleConfig::small()
+    } else {
+        SpeechHdmoleConfig::default()
+    };
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = a.steps {
+        cfg.steps = v;
+    }
+    if let Some(v) = a.pretrain_steps {
+        cfg.pretrain_steps = v;
+    }
+    if let Some(v) = a.rank {
+        cfg.rank = v;
+    }
+    if let Some(v) = a.beam {
+        cfg.beam = v;
+    }
+    if let Some(t) = a.targets {
+        cfg.targets = t.0;
+    }
+    if a.no_expert_init {
+        cfg.init_from_domain_lora = false;
+    }
+    cfg.device = demo_device(a.common.device);
+    cfg.dtype = a.common.dtype.candle();
+    // Before any work: the settings, then the synthesiser (its error says how to install it).
+    let checked = cfg.check();
+    if checked.is_ok() {
+        molora::speech::synth::espeak_version()?;
+    }
+    let out = prepare(checked, cfg.device, &a.common, &HDMOLE_FILES)?;
+    note(&format!(
+        "molora demo hdmole (speech): seed {}, {} pretraining steps, {} steps per method, targets {}, beam {}",
+        cfg.seed,
+        cfg.pretrain_steps,
+        cfg.steps,
+        escape(&cfg.targets.join(",")),
+        cfg.beam
+    ));
+    let report = {
+        let mut progress = Progress::new();
+        run_speech_hdmole_demo(&cfg, out.as_ref().map(OutDir::staging), &mut |s| {
+            progress.line(s)
+        })?
+    };
+    finish(out, &report.to_markdown(), None)
+}
+
+fn demo_hdmole_synthetic(a: HdmoleArgs) -> Result<(), Fail> {
     use molora::demo::hdmole::{run_hdmole_demo, HdmoleDemoConfig};
+    if a.beam.is_some() {
+        return Err(Fail::usage(
+            "--beam decodes speech: it does not apply to --data synthetic (frame classification)",
+        ));
+    }
     let mut cfg = if a.common.small {
         HdmoleDemoConfig::small()
     } else {
@@ -153,16 +229,9 @@ fn demo_hdmole(a: HdmoleArgs) -> Result<(), Fail> {
     }
     cfg.device = demo_device(a.common.device);
     cfg.dtype = a.common.dtype.candle();
-    let files = [
-        "report.json",
-        "report.md",
-        "lora.safetensors",
-        "mole_topk.safetensors",
-        "hdmole.safetensors",
-    ];
-    let out = prepare(cfg.check(), cfg.device, &a.common, &files)?;
+    let out = prepare(cfg.check(), cfg.device, &a.common, &HDMOLE_FILES)?;
     note(&format!(
-        "molora demo hdmole: seed {}, {} pretraining steps, {} steps per method, targets {}",
+        "molora demo hdmole (synthetic): seed {}, {} pretraining steps, {} steps per method, targets {}",
         cfg.seed,
         cfg.pretrain_steps,
         cfg.steps,
