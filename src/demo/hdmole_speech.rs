@@ -128,8 +128,8 @@ impl SpeechHdmoleConfig {
             accent_train: 60,
             test_per_domain: 16,
             accents: 2,
-            pretrain_steps: 400,
-            steps: 120,
+            pretrain_steps: 700,
+            steps: 100,
             d_model: 64,
             d_ff: 128,
             enc_layers: 1,
@@ -488,14 +488,14 @@ fn train_global_router(
     let mut opt = AdamW::new(
         router.into_iter().map(|(_, v)| v).collect(),
         ParamsAdamW {
-            lr: 1e-2,
+            lr: 3e-3,
             weight_decay: 0.0,
             ..Default::default()
         },
     )?;
     let accents: Vec<usize> = (1..=cfg.accents).collect();
     let dev = model.device().clone();
-    let steps = (cfg.steps / 2).max(50);
+    let steps = cfg.steps.max(50);
     for step in 0..steps {
         let (batch, ds) = data.sample(&accents, cfg.batch, rng, &dev)?;
         let enc = model.encode(&batch.features, &mut Default::default(), &mut Vec::new())?;
