@@ -24,14 +24,10 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
+use super::speech_asr::{score, train, Example, RecogniserConfig, SpeechData};
 use crate::error::{Error, Result};
 use crate::model::linear::{Combine, GateMode, MoleConfig, MoleLinear, ThresholdMode};
-use crate::model::llm_asr::{AsrBatch, LlmAsr, LlmAsrConfig};
-use crate::speech::data::{accent_domains, default_cache_root, Recipe, Utterance};
-use crate::speech::decode::beam_search;
-use crate::speech::mel::N_MELS;
-use crate::speech::text::Words;
-use crate::speech::wer::{cer, wer};
+use crate::model::llm_asr::{LlmAsr, LlmAsrConfig};
 use crate::Rng;
 
 /// Settings of the HDMoLE speech demo.
@@ -138,48 +134,43 @@ impl SpeechHdmoleConfig {
         }
     }
 
-    /// The model's sizes.
-    pub fn model(&self) -> LlmAsrConfig {
-        LlmAsrConfig {
-            d_feat: N_MELS,
+    /// The data and recogniser part of the settings.
+    pub fn recogniser(&self) -> RecogniserConfig {
+        RecogniserConfig {
+            seed: self.seed,
+            general_train: self.general_train,
+            accent_train: self.accent_train,
+            test_per_domain: self.test_per_domain,
+            variants: self.variants,
+            accents: self.accents,
+            pretrain_steps: self.pretrain_steps,
+            lr: self.lr_full,
+            batch: self.batch,
             d_model: self.d_model,
             heads: self.heads,
             d_ff: self.d_ff,
             enc_layers: self.enc_layers,
             dec_layers: self.dec_layers,
-            vocab: Words::grammar().len(),
-            num_domains: self.accents,
-            max_len: 1024,
+            cache_root: self.cache_root.clone(),
+            device: self.device,
+            dtype: self.dtype,
         }
     }
 
-    /// Checks the settings before any work: counts of at least 1, 1 to 4 accents, finite positive
-    /// learning rates, model sizes the model takes, targets that name layers outside the encoder
+    /// The model's sizes.
+    pub fn model(&self) -> LlmAsrConfig {
+        self.recogniser().model()
+    }
+
+    /// Checks the settings before any work: the recogniser's ([`RecogniserConfig::check`]), counts
+    /// of at least 1, finite positive learning rates, targets that name layers outside the encoder
     /// (HDMoLE's global accent posterior comes from it), a rank the kernels take and `top_k` within
     /// the accents.
     pub fn check(&self) -> Result<()> {
-        super::check_counts(&[
-            ("general training utterances", self.general_train),
-            ("accent training utterances", self.accent_train),
-            ("held-out utterances per domain", self.test_per_domain),
-            ("voice variants", self.variants),
-            ("accents", self.accents),
-            ("pretrain steps", self.pretrain_steps),
-            ("steps", self.steps),
-            ("batch", self.batch),
-            ("beam", self.beam),
-        ])?;
-        if self.accents > 4 {
-            return Err(Error::InvalidDim {
-                what: "accents",
-                value: self.accents,
-                reason: "the speech data has 4 accent domains",
-            });
-        }
-        super::check_learning_rates(&[("lr_full", self.lr_full), ("lr_adapter", self.lr_adapter)])?;
-        let m = self.model();
-        m.check()?;
-        check_targets(&m, &self.targets)?;
+        self.recogniser().check()?;
+        super::check_counts(&[("steps", self.steps), ("beam", self.beam)])?;
+        super::check_learning_rates(&[("lr_adapter", self.lr_adapter)])?;
+        check_targets(&self.model(), &self.targets)?;
         crate::LoraShape::new(self.accents, self.rank, self.d_model, self.d_model)?;
         crate::gate::check_k(self.top_k, self.accents)
     }
@@ -211,123 +202,6 @@ pub fn check_targets(cfg: &LlmAsrConfig, targets: &[String]) -> Result<Vec<Strin
         });
     }
     Ok(names)
-}
-
-/// One utterance ready for the model.
-struct Example {
-    domain: usize,
-    text: String,
-    tokens: Vec<u32>,
-    features: Vec<f32>,
-    frames: usize,
-}
-
-/// The demo's data: training pools and held-out sets per domain (0 the general domain, then the
-/// accents).
-struct SpeechData {
-    names: Vec<String>,
-    train: Vec<Vec<Example>>,
-    test: Vec<Vec<Example>>,
-    words: Words,
-}
-
-fn examples(utts: Vec<Utterance>, words: &Words, domain_offset: usize) -> Result<Vec<Example>> {
-    utts.into_iter()
-        .map(|u| {
-            Ok(Example {
-                domain: u.domain + domain_offset,
-                tokens: words.encode(&u.text)?,
-                text: u.text,
-                features: u.features,
-                frames: u.frames,
-            })
-        })
-        .collect()
-}
-
-impl SpeechData {
-    /// The corpus of `cfg`, synthesised into the cache or read back from it; reports
-    /// `(seconds, was cached)`.
-    fn build(cfg: &SpeechHdmoleConfig) -> Result<(Self, f32, bool)> {
-        let t = Instant::now();
-        let root = cfg.cache_root.clone().unwrap_or_else(default_cache_root);
-        let mut domains = accent_domains(cfg.variants);
-        domains.truncate(1 + cfg.accents);
-        let names = domains.iter().map(|d| d.name.clone()).collect();
-        let general = Recipe {
-            domains: domains[..1].to_vec(),
-            train_per_domain: cfg.general_train,
-            test_per_domain: cfg.test_per_domain,
-            seed: cfg.seed,
-            held_out_permille: 150,
-        }
-        .build(&root)?;
-        let accents = Recipe {
-            domains: domains[1..].to_vec(),
-            train_per_domain: cfg.accent_train,
-            test_per_domain: cfg.test_per_domain,
-            seed: cfg.seed,
-            held_out_permille: 150,
-        }
-        .build(&root)?;
-        let cached = general.cached && accents.cached;
-        let words = Words::grammar();
-        let n = 1 + cfg.accents;
-        let mut train: Vec<Vec<Example>> = (0..n).map(|_| Vec::new()).collect();
-        let mut test: Vec<Vec<Example>> = (0..n).map(|_| Vec::new()).collect();
-        for (set, offset) in [(general, 0), (accents, 1)] {
-            for e in examples(set.train, &words, offset)? {
-                let d = e.domain;
-                train[d].push(e);
-            }
-            for e in examples(set.test, &words, offset)? {
-                let d = e.domain;
-                test[d].push(e);
-            }
-        }
-        Ok((
-            SpeechData {
-                names,
-                train,
-                test,
-                words,
-            },
-            t.elapsed().as_secs_f32(),
-            cached,
-        ))
-    }
-
-    fn batch_of(&self, items: &[&Example], dev: &candle_core::Device) -> Result<AsrBatch> {
-        let feats: Vec<(&[f32], usize)> = items
-            .iter()
-            .map(|e| (e.features.as_slice(), e.frames))
-            .collect();
-        let tokens: Vec<Vec<u32>> = items.iter().map(|e| e.tokens.clone()).collect();
-        AsrBatch::new(&feats, N_MELS, &tokens, Words::BOS, Words::EOS, dev)
-    }
-
-    /// A random batch from the training pools of `domains`, with each utterance's domain.
-    fn sample(
-        &self,
-        domains: &[usize],
-        n: usize,
-        rng: &mut Rng,
-        dev: &candle_core::Device,
-    ) -> Result<(AsrBatch, Vec<usize>)> {
-        let pool: Vec<&Example> = domains.iter().flat_map(|&d| &self.train[d]).collect();
-        if pool.is_empty() {
-            return Err(Error::InvalidDim {
-                what: "training utterances of the chosen domains",
-                value: 0,
-                reason: "the demo needs at least 1",
-            });
-        }
-        let items: Vec<&Example> = (0..n)
-            .map(|_| pool[(rng.uniform() * pool.len() as f64) as usize % pool.len()])
-            .collect();
-        let ds = items.iter().map(|e| e.domain).collect();
-        Ok((self.batch_of(&items, dev)?, ds))
-    }
 }
 
 /// One row of the results table.
@@ -380,99 +254,6 @@ pub struct SpeechHdmoleReport {
     /// Training and held-out utterances in all.
     pub train_utterances: usize,
     pub test_utterances: usize,
-}
-
-/// Decodes every held-out set: `(WER % per domain, CER % over the accents)`.
-fn score(model: &LlmAsr, data: &SpeechData, beam: usize) -> Result<(Vec<f32>, f32)> {
-    let dev = model.device().clone();
-    let mut wers = Vec::with_capacity(data.test.len());
-    let mut accent_pairs: Vec<(String, String)> = Vec::new();
-    for (d, set) in data.test.iter().enumerate() {
-        let mut pairs: Vec<(String, String)> = Vec::with_capacity(set.len());
-        for chunk in set.chunks(32) {
-            let items: Vec<&Example> = chunk.iter().collect();
-            let hyps = if beam <= 1 {
-                let b = data.batch_of(&items, &dev)?;
-                model.greedy(&b.features, Words::BOS, Words::EOS, 16)?
-            } else {
-                let mut out = Vec::with_capacity(items.len());
-                for e in &items {
-                    let b = data.batch_of(&[e], &dev)?;
-                    let speech = model.prefix(&b.features, None, &mut Vec::new())?;
-                    let nbest = beam_search(
-                        data.words.len(),
-                        Words::BOS,
-                        Words::EOS,
-                        beam,
-                        16,
-                        0.0,
-                        |p| model.next_log_probs(&speech, p),
-                    )?;
-                    out.push(nbest.first().map(|h| h.tokens.clone()).unwrap_or_default());
-                }
-                out
-            };
-            for (e, h) in items.iter().zip(hyps) {
-                pairs.push((e.text.clone(), data.words.decode(&h)));
-            }
-        }
-        wers.push(100.0 * wer(pairs.iter().map(|(r, h)| (r.as_str(), h.as_str()))) as f32);
-        if d > 0 {
-            accent_pairs.extend(pairs);
-        }
-    }
-    let c = 100.0 * cer(accent_pairs.iter().map(|(r, h)| (r.as_str(), h.as_str()))) as f32;
-    Ok((wers, c))
-}
-
-/// Trains the model's trainable parameters (the global router's excluded) with AdamW on batches of
-/// `domains`, `steps` steps of teacher-forced cross-entropy.
-#[allow(clippy::too_many_arguments)]
-fn train(
-    model: &LlmAsr,
-    data: &SpeechData,
-    domains: &[usize],
-    cfg: &SpeechHdmoleConfig,
-    steps: usize,
-    lr: f64,
-    rng: &mut Rng,
-    label: &str,
-    progress: &mut dyn FnMut(&str),
-) -> Result<f32> {
-    let vars: Vec<_> = model
-        .trainable_vars(false)
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect();
-    let mut opt = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
-    let dev = model.device().clone();
-    let mut last = f32::NAN;
-    let warmup = (steps / 10).max(1);
-    for step in 0..steps {
-        // Linear warm-up, then cosine decay to a tenth.
-        let f = if step < warmup {
-            (step + 1) as f64 / warmup as f64
-        } else {
-            let p = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
-            0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-        };
-        opt.set_learning_rate(lr * f);
-        let (batch, _) = data.sample(domains, cfg.batch, rng, &dev)?;
-        let loss = model.loss(&batch, Some(rng))?;
-        opt.backward_step(&loss)?;
-        if step % 20 == 0 || step + 1 == steps {
-            last = loss.to_scalar::<f32>()?;
-            progress(&format!("{label}: step {}/{steps}, loss {last:.3}", step + 1));
-        }
-    }
-    Ok(last)
 }
 
 /// Trains the global router as an accent classifier on the (frozen) encoder's mean state.
@@ -577,7 +358,7 @@ fn init_from_domain_loras(
             &m,
             data,
             &[d],
-            cfg,
+            cfg.batch,
             (cfg.steps / 2).max(1),
             cfg.lr_adapter,
             rng,
@@ -633,31 +414,19 @@ pub fn run_speech_hdmole_demo(
     progress: &mut dyn FnMut(&str),
 ) -> Result<SpeechHdmoleReport> {
     cfg.check()?;
-    let dev = cfg.device.candle()?;
+    cfg.device.candle()?;
     progress("speech data: synthesising with espeak-ng (or reading the cache)");
-    let (data, data_seconds, data_cached) = SpeechData::build(cfg)?;
+    let data = SpeechData::build(&cfg.recogniser())?;
     progress(&format!(
         "speech data: {} s ({})",
-        data_seconds as u32,
-        if data_cached { "cached" } else { "synthesised" }
+        data.seconds as u32,
+        if data.cached { "cached" } else { "synthesised" }
     ));
     let mut rng = Rng::new(cfg.seed ^ 0xa5a5);
     let accents: Vec<usize> = (1..=cfg.accents).collect();
 
     let t0 = Instant::now();
-    let mut base = LlmAsr::new(cfg.model(), &mut rng, &dev)?;
-    base.to_dtype(cfg.dtype)?;
-    train(
-        &base,
-        &data,
-        &[0],
-        cfg,
-        cfg.pretrain_steps,
-        cfg.lr_full,
-        &mut rng,
-        "pretrain (general domain)",
-        progress,
-    )?;
+    let base = cfg.recogniser().pretrain(&data, &mut rng, progress)?;
     let full_params = base.num_base_params();
     let mut rows = Vec::new();
     let mut finish = |name: &str,
@@ -698,7 +467,7 @@ pub fn run_speech_hdmole_demo(
     let t = Instant::now();
     let full = base.deep_clone()?;
     train(
-        &full, &data, &accents, cfg, cfg.steps, cfg.lr_full, &mut rng, "full fine-tuning",
+        &full, &data, &accents, cfg.batch, cfg.steps, cfg.lr_full, &mut rng, "full fine-tuning",
         progress,
     )?;
     finish("full fine-tuning", &full, t, count(&full), progress)?;
@@ -709,7 +478,7 @@ pub fn run_speech_hdmole_demo(
     let mut lora = base.deep_clone()?;
     lora.add_experts(&cfg.targets, MoleConfig::lora(cfg.rank, cfg.alpha), &mut rng)?;
     train(
-        &lora, &data, &accents, cfg, cfg.steps, cfg.lr_adapter, &mut rng, "one LoRA", progress,
+        &lora, &data, &accents, cfg.batch, cfg.steps, cfg.lr_adapter, &mut rng, "one LoRA", progress,
     )?;
     finish("one LoRA", &lora, t, count(&lora), progress)?;
 
@@ -726,7 +495,7 @@ pub fn run_speech_hdmole_demo(
     };
     topk.add_experts(&cfg.targets, topk_cfg, &mut rng)?;
     train(
-        &topk, &data, &accents, cfg, cfg.steps, cfg.lr_adapter, &mut rng, "MoLE top-k", progress,
+        &topk, &data, &accents, cfg.batch, cfg.steps, cfg.lr_adapter, &mut rng, "MoLE top-k", progress,
     )?;
     finish(&format!("MoLE top-{}", cfg.top_k), &topk, t, count(&topk), progress)?;
 
@@ -751,7 +520,7 @@ pub fn run_speech_hdmole_demo(
         init_from_domain_loras(&mut hd, &base, &data, cfg, &mut rng, progress)?;
     }
     train(
-        &hd, &data, &accents, cfg, cfg.steps, cfg.lr_adapter, &mut rng, "HDMoLE", progress,
+        &hd, &data, &accents, cfg.batch, cfg.steps, cfg.lr_adapter, &mut rng, "HDMoLE", progress,
     )?;
     finish("HDMoLE", &hd, t, count(&hd), progress)?;
 
@@ -775,8 +544,8 @@ pub fn run_speech_hdmole_demo(
         routing,
         thresholds,
         global_router_accuracy,
-        data_seconds,
-        data_cached,
+        data_seconds: data.seconds,
+        data_cached: data.cached,
         train_utterances: data.train.iter().map(Vec::len).sum(),
         test_utterances: data.test.iter().map(Vec::len).sum(),
     };

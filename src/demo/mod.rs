@@ -14,6 +14,7 @@ pub mod hdmole;
 pub mod hdmole_speech;
 pub mod lorb;
 pub mod saml;
+pub mod speech_asr;
 
 use std::collections::BTreeMap;
 use std::path::Path;

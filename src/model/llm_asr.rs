@@ -688,6 +688,50 @@ impl LlmAsr {
         Ok(candle_nn::ops::log_softmax(&last, D::Minus1)?.to_vec1()?)
     }
 
+    /// [`LlmAsr::next_log_probs`] for several token prefixes of the same length after one
+    /// utterance's encoded speech (`B = 1`), run as one batch: one `[V]` row per prefix (the step
+    /// function of [`crate::speech::decode::beam_search_batch`]).
+    pub fn next_log_probs_batch(
+        &self,
+        speech: &SpeechPrefix,
+        prefixes: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let n = prefixes.len();
+        let l = prefixes.first().map_or(0, Vec::len);
+        if n == 0 || l == 0 {
+            return Err(Error::InvalidDim {
+                what: "decoder prefixes (each at least the start token)",
+                value: n.min(l),
+                reason: "need at least one prefix of at least one token",
+            });
+        }
+        if let Some(p) = prefixes.iter().find(|p| p.len() != l) {
+            return Err(Error::len_mismatch("prefix length (all equal in a batch)", l, p.len()));
+        }
+        crate::error::check_len("utterances of the encoded speech", 1, speech.prefix.dims()[0])?;
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            let (_, s, d) = t.dims3()?;
+            Ok(t.broadcast_as((n, s, d))?.contiguous()?)
+        };
+        let many = SpeechPrefix {
+            prefix: rep(&speech.prefix)?,
+            enc: rep(&speech.enc)?,
+            global: speech
+                .global
+                .as_ref()
+                .map(|g| -> Result<Tensor> {
+                    let e = g.dims()[1];
+                    Ok(g.broadcast_as((n, e))?.contiguous()?)
+                })
+                .transpose()?,
+        };
+        let flat: Vec<u32> = prefixes.iter().flatten().copied().collect();
+        let inputs = Tensor::from_vec(flat, (n, l), &self.device)?;
+        let logits = self.decode(&many, &inputs, None, &mut Vec::new())?;
+        let last = logits.narrow(1, l - 1, 1)?.squeeze(1)?;
+        Ok(candle_nn::ops::log_softmax(&last, D::Minus1)?.to_vec2()?)
+    }
+
     /// Every trainable parameter with its name; the global router is left out unless
     /// `with_global_router`.
     pub fn trainable_vars(&self, with_global_router: bool) -> Vec<(String, Var)> {

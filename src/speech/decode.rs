@@ -99,6 +99,23 @@ pub fn beam_search(
     alpha: f64,
     mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>,
 ) -> Result<Vec<Hypothesis>> {
+    beam_search_batch(vocab, bos, eos, beam, max_len, alpha, |prefixes| {
+        prefixes.iter().map(|p| step(p)).collect()
+    })
+}
+
+/// [`beam_search`] with a step function that scores every live hypothesis of a step at once:
+/// `step(prefixes)` gives one `vocab`-long row of log-probabilities per prefix (all prefixes of a
+/// step have the same length), so a model can run them as one batch.
+pub fn beam_search_batch(
+    vocab: usize,
+    bos: u32,
+    eos: u32,
+    beam: usize,
+    max_len: usize,
+    alpha: f64,
+    mut step: impl FnMut(&[Vec<u32>]) -> Result<Vec<Vec<f32>>>,
+) -> Result<Vec<Hypothesis>> {
     check_token("bos", bos, vocab)?;
     check_token("eos", eos, vocab)?;
     if beam == 0 {
@@ -123,9 +140,17 @@ pub fn beam_search(
     let mut done: Vec<Hypothesis> = Vec::new();
     for _ in 0..max_len {
         let mut ext: Vec<(usize, u32, f64)> = Vec::with_capacity(live.len() * vocab);
-        for (hi, (prefix, score)) in live.iter().enumerate() {
-            let lp = step(prefix)?;
-            check_step(&lp, vocab)?;
+        let prefixes: Vec<Vec<u32>> = live.iter().map(|(p, _)| p.clone()).collect();
+        let rows = step(&prefixes)?;
+        if rows.len() != live.len() {
+            return Err(Error::len_mismatch(
+                "step rows (one per live hypothesis)",
+                live.len(),
+                rows.len(),
+            ));
+        }
+        for (hi, ((_, score), lp)) in live.iter().zip(&rows).enumerate() {
+            check_step(lp, vocab)?;
             for (t, &v) in lp.iter().enumerate() {
                 if v > f32::NEG_INFINITY {
                     ext.push((hi, t as u32, score + f64::from(v)));
