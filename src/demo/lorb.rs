@@ -225,6 +225,24 @@ impl LorbDemoConfig {
         Ok(())
     }
 
+    /// How the rescorer is trained and used, apart from the task.
+    pub fn training(&self) -> RescorerTraining {
+        RescorerTraining {
+            pretrain_steps: self.pretrain_steps,
+            steps: self.steps,
+            batch: self.batch,
+            rank: self.rank,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+            beta: self.beta,
+            lambda_cor: self.lambda_cor,
+            lr_pretrain: self.lr_pretrain,
+            lr_full: self.lr_full,
+            lr_lora: self.lr_lora,
+            dtype: self.dtype,
+        }
+    }
+
     /// The rescorer's sizes for this task.
     pub fn rescorer_config(&self) -> RescorerConfig {
         RescorerConfig {
@@ -237,6 +255,31 @@ impl LorbDemoConfig {
             norm: self.norm,
         }
     }
+}
+
+/// How LoRB's methods train the rescorer, whatever makes the N-best lists (the synthetic task
+/// here, a speech recogniser's beam in [`super::lorb_speech`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RescorerTraining {
+    /// Optimiser steps of the general-domain pretraining and of each adaptation method.
+    pub pretrain_steps: usize,
+    pub steps: usize,
+    /// N-best lists per step.
+    pub batch: usize,
+    /// LoRA rank and alpha.
+    pub rank: usize,
+    pub alpha: f32,
+    /// The layers that receive LoRA (see [`Rescorer::resolve_targets`]).
+    pub targets: Vec<String>,
+    /// Weight `β` of the rescorer's score and `λ` of the correlation regulariser.
+    pub beta: f64,
+    pub lambda_cor: f64,
+    /// Learning rates: pretraining; full fine-tuning; LoRA.
+    pub lr_pretrain: f64,
+    pub lr_full: f64,
+    pub lr_lora: f64,
+    /// The dtype the rescorer runs in.
+    pub dtype: DType,
 }
 
 /// The synthetic language of both domains and the simulated first pass; see the module docs.
@@ -564,12 +607,12 @@ pub const ROW_NAMES: [&str; 5] = [
     "LoRB (MWER + L_cor)",
 ];
 
-/// Pretrains `model` on fresh general-domain lists: list-wise cross-entropy of the rescorer's
+/// Pretrains `model` on general-domain lists (`general(n, rng)` gives `n` of them): list-wise cross-entropy of the rescorer's
 /// scores alone (`softmax(−s^l)`) towards each list's oracle hypothesis (fewest word errors).
 fn pretrain(
     model: &Rescorer,
-    task: &RescoringTask,
-    cfg: &LorbDemoConfig,
+    general: &mut dyn FnMut(usize, &mut Rng) -> Result<Vec<NbestList>>,
+    cfg: &RescorerTraining,
     rng: &mut Rng,
     progress: &mut dyn FnMut(&str),
 ) -> Result<f32> {
@@ -585,7 +628,7 @@ fn pretrain(
     let dev = model.device().clone();
     let mut last = f32::NAN;
     for step in 0..cfg.pretrain_steps {
-        let lists = task.lists(0, cfg.batch, rng);
+        let lists = general(cfg.batch, rng)?;
         let (ids, _, eps) = encode_lists(&lists, &dev)?;
         let target: Vec<u32> = lists
             .iter()
@@ -619,7 +662,7 @@ fn pretrain(
 fn adapt(
     model: &Rescorer,
     train: &[NbestList],
-    cfg: &LorbDemoConfig,
+    cfg: &RescorerTraining,
     lr: f64,
     lambda_cor: f64,
     rng: &mut Rng,
@@ -661,19 +704,32 @@ fn adapt(
     Ok(last)
 }
 
-/// Runs the demo: the data, pretraining on the general domain, then full fine-tuning, LoRB and
-/// LoRB + `L_cor` on the target domain, each scored by WER on held-out target-domain lists.
-/// `progress` receives status lines.
-pub fn run_lorb_demo(cfg: &LorbDemoConfig, progress: &mut dyn FnMut(&str)) -> Result<LorbReport> {
-    cfg.check()?;
-    let dev = cfg.device.candle()?;
-    let mut rng = Rng::new(cfg.seed);
-    let task = RescoringTask::new(cfg, &mut rng)?;
-    let train = task.lists(1, cfg.target_train_lists, &mut rng);
-    let test = task.lists(1, cfg.test_lists, &mut rng);
-    let general_test = task.lists(0, cfg.test_lists, &mut rng);
+/// What [`run_methods`] measured.
+pub(crate) struct MethodsOutcome {
+    /// The rows of [`ROW_NAMES`], in order.
+    pub rows: Vec<LorbResult>,
+    /// WER (%) on held-out general-domain lists: first pass, pretrained rescorer.
+    pub general_wer: (f32, f32),
+    /// The last training loss of each trained method.
+    pub final_losses: Vec<(String, f32)>,
+}
 
-    let first = rescored_wer(None, &test, cfg.beta)?;
+/// LoRB's methods on given N-best lists: a rescorer of sizes `rescorer` pretrained on `general`
+/// lists, then full fine-tuning, LoRB and LoRB + `L_cor` on `train`, each scored by WER on `test`
+/// (and the pretrained one on `general_test`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_methods(
+    cfg: &RescorerTraining,
+    rescorer: RescorerConfig,
+    general: &mut dyn FnMut(usize, &mut Rng) -> Result<Vec<NbestList>>,
+    train: &[NbestList],
+    test: &[NbestList],
+    general_test: &[NbestList],
+    dev: &Device,
+    rng: &mut Rng,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MethodsOutcome> {
+    let first = rescored_wer(None, test, cfg.beta)?;
     let mut rows = Vec::new();
     let mut final_losses = Vec::new();
     let row = |name: &str, wer: f32, trainable: usize, full: usize, seconds: f32| LorbResult {
@@ -690,43 +746,34 @@ pub fn run_lorb_demo(cfg: &LorbDemoConfig, progress: &mut dyn FnMut(&str)) -> Re
     };
 
     let t = Instant::now();
-    let mut base = Rescorer::new(cfg.rescorer_config(), &mut rng, &dev)?;
+    let mut base = Rescorer::new(rescorer, rng, dev)?;
     base.to_dtype(cfg.dtype)?;
     let full_params = base.num_base_params();
-    let loss = pretrain(&base, &task, cfg, &mut rng, progress)?;
+    let loss = pretrain(&base, general, cfg, rng, progress)?;
     let pretrain_s = t.elapsed().as_secs_f32();
     final_losses.push(("pretraining (cross-entropy)".to_string(), loss));
     rows.push(row(ROW_NAMES[0], first, 0, full_params, 0.0));
     rows.push(row(
         ROW_NAMES[1],
-        rescored_wer(Some(&base), &test, cfg.beta)?,
+        rescored_wer(Some(&base), test, cfg.beta)?,
         0,
         full_params,
         pretrain_s,
     ));
     let general_wer = (
-        rescored_wer(None, &general_test, cfg.beta)?,
-        rescored_wer(Some(&base), &general_test, cfg.beta)?,
+        rescored_wer(None, general_test, cfg.beta)?,
+        rescored_wer(Some(&base), general_test, cfg.beta)?,
     );
 
     // Full fine-tuning with MWER.
     let full = base.deep_clone()?;
     let t = Instant::now();
-    let loss = adapt(
-        &full,
-        &train,
-        cfg,
-        cfg.lr_full,
-        0.0,
-        &mut rng,
-        ROW_NAMES[2],
-        progress,
-    )?;
+    let loss = adapt(&full, train, cfg, cfg.lr_full, 0.0, rng, ROW_NAMES[2], progress)?;
     let secs = t.elapsed().as_secs_f32();
     final_losses.push((ROW_NAMES[2].to_string(), loss));
     rows.push(row(
         ROW_NAMES[2],
-        rescored_wer(Some(&full), &test, cfg.beta)?,
+        rescored_wer(Some(&full), test, cfg.beta)?,
         full.num_trainable(),
         full_params,
         secs,
@@ -735,38 +782,53 @@ pub fn run_lorb_demo(cfg: &LorbDemoConfig, progress: &mut dyn FnMut(&str)) -> Re
     // LoRB, without and with the correlation regulariser.
     for (name, lambda) in [(ROW_NAMES[3], 0.0), (ROW_NAMES[4], cfg.lambda_cor)] {
         let mut m = base.deep_clone()?;
-        m.add_lora(
-            &cfg.targets,
-            MoleConfig::lora(cfg.rank, cfg.alpha),
-            &mut rng,
-        )?;
+        m.add_lora(&cfg.targets, MoleConfig::lora(cfg.rank, cfg.alpha), rng)?;
         let t = Instant::now();
-        let loss = adapt(
-            &m,
-            &train,
-            cfg,
-            cfg.lr_lora,
-            lambda,
-            &mut rng,
-            name,
-            progress,
-        )?;
+        let loss = adapt(&m, train, cfg, cfg.lr_lora, lambda, rng, name, progress)?;
         let secs = t.elapsed().as_secs_f32();
         final_losses.push((name.to_string(), loss));
         rows.push(row(
             name,
-            rescored_wer(Some(&m), &test, cfg.beta)?,
+            rescored_wer(Some(&m), test, cfg.beta)?,
             m.num_trainable(),
             full_params,
             secs,
         ));
     }
-
-    Ok(LorbReport {
-        config: cfg.clone(),
+    Ok(MethodsOutcome {
         rows,
-        oracle_wer: oracle_wer(&test),
         general_wer,
         final_losses,
+    })
+}
+
+/// Runs the demo: the data, pretraining on the general domain, then full fine-tuning, LoRB and
+/// LoRB + `L_cor` on the target domain, each scored by WER on held-out target-domain lists.
+/// `progress` receives status lines.
+pub fn run_lorb_demo(cfg: &LorbDemoConfig, progress: &mut dyn FnMut(&str)) -> Result<LorbReport> {
+    cfg.check()?;
+    let dev = cfg.device.candle()?;
+    let mut rng = Rng::new(cfg.seed);
+    let task = RescoringTask::new(cfg, &mut rng)?;
+    let train = task.lists(1, cfg.target_train_lists, &mut rng);
+    let test = task.lists(1, cfg.test_lists, &mut rng);
+    let general_test = task.lists(0, cfg.test_lists, &mut rng);
+    let out = run_methods(
+        &cfg.training(),
+        cfg.rescorer_config(),
+        &mut |n, rng| Ok(task.lists(0, n, rng)),
+        &train,
+        &test,
+        &general_test,
+        &dev,
+        &mut rng,
+        progress,
+    )?;
+    Ok(LorbReport {
+        config: cfg.clone(),
+        rows: out.rows,
+        oracle_wer: oracle_wer(&test),
+        general_wer: out.general_wer,
+        final_losses: out.final_losses,
     })
 }
