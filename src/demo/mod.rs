@@ -13,6 +13,7 @@ pub mod domains;
 pub mod hdmole;
 pub mod hdmole_speech;
 pub mod lorb;
+pub mod lorb_speech;
 pub mod saml;
 pub mod speech_asr;
 
