@@ -204,6 +204,12 @@ fn help_on_every_command() {
     ] {
         assert!(s.contains(flag), "saml help lacks {flag}:\n{s}");
     }
+    let s = text(&molora(&["demo", "lorb", "--help"]).stdout);
+    for flag in [
+        "--data", "--nbest", "--seed", "--out", "--dtype", "--device",
+    ] {
+        assert!(s.contains(flag), "lorb help lacks {flag}:\n{s}");
+    }
 }
 
 #[test]
@@ -351,6 +357,12 @@ fn every_value_is_checked_before_any_work() {
         ),
         ("lorb", vec!["--device", "gpu"], vec!["'gpu' for '--device"]),
         (
+            "lorb",
+            vec!["--data", "text"],
+            vec!["'text' for '--data <DATA>'"],
+        ),
+        ("lorb", vec!["--nbest", "0"], vec!["'0' for '--nbest <N>'"]),
+        (
             "hdmole",
             vec!["--data", "audio"],
             vec!["'audio' for '--data <DATA>'", "speech", "synthetic"],
@@ -403,7 +415,11 @@ fn the_speech_demo_without_espeak_says_how_to_get_it() {
         &args,
         &out,
         1,
-        &["espeak-ng is needed", "scripts/speech-deps.sh", "--data synthetic"],
+        &[
+            "espeak-ng is needed",
+            "scripts/speech-deps.sh",
+            "--data synthetic",
+        ],
     );
     assert!(!out_dir.exists(), "created --out");
 }

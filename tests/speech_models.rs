@@ -34,7 +34,10 @@ fn host(t: &Tensor) -> Vec<f32> {
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// A model with hierarchical MoLE experts on the projector and decoder.q, B randomised.
@@ -154,7 +157,10 @@ fn a_batch_pads_with_silence_and_masks_the_loss() {
     assert!(AsrBatch::new(&[(&f1, 9)], 12, &[], 1, 0, &Device::Cpu).is_err());
     let m = LlmAsr::new(cfg(), &mut rng, &Device::Cpu).unwrap();
     let bad = AsrBatch::new(&[(&f1, 9)], 12, &[vec![42]], 1, 0, &Device::Cpu).unwrap();
-    assert!(m.forward(&bad, None).is_err(), "a token id beyond the vocabulary");
+    assert!(
+        m.forward(&bad, None).is_err(),
+        "a token id beyond the vocabulary"
+    );
 }
 
 #[test]
@@ -163,10 +169,7 @@ fn targets_select_layers_and_keep_out_of_the_encoder() {
     let t = |list: &[&str]| {
         LlmAsr::resolve_targets(&c, &list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     };
-    assert_eq!(
-        t(&["decoder.q"]).unwrap(),
-        ["decoder.0.q", "decoder.1.q"]
-    );
+    assert_eq!(t(&["decoder.q"]).unwrap(), ["decoder.0.q", "decoder.1.q"]);
     assert_eq!(t(&["projector"]).unwrap(), ["projector.0", "projector.1"]);
     assert_eq!(t(&["decoder.1"]).unwrap().len(), 6);
     assert!(t(&["head"]).is_err());
@@ -236,4 +239,34 @@ fn the_speech_hdmole_demo_lowers_the_accents_wer() {
     );
     assert!(hd.trainable_pct < 100.0 && hd.trainable > 0);
     assert_eq!(r.routing.len(), 1 + cfg.accents);
+}
+
+/// The LoRB demo end to end at its small size (a smaller recogniser), on the recogniser's N-best
+/// lists of accented speech: LoRB, with and without `L_cor`, must choose better hypotheses than the
+/// first pass.
+#[test]
+fn the_speech_lorb_demo_beats_the_first_pass() {
+    use molora::demo::lorb_speech::{run_speech_lorb_demo, SpeechLorbConfig};
+    if let Err(e) = molora::speech::synth::espeak_version() {
+        assert!(
+            std::env::var("MOLORA_REQUIRE_ESPEAK").as_deref() != Ok("1"),
+            "MOLORA_REQUIRE_ESPEAK=1, but {e}"
+        );
+        println!("skipping: {e}");
+        return;
+    }
+    let cfg = SpeechLorbConfig::small();
+    let r = run_speech_lorb_demo(&cfg, &mut |_| {}).unwrap();
+    let table = r.to_markdown();
+    let first = r.row("first pass").map(|x| x.wer).unwrap_or(f32::NAN);
+    for name in ["LoRB (MWER)", "LoRB (MWER + L_cor)"] {
+        let lorb = r.row(name).map(|x| x.wer).unwrap_or(f32::NAN);
+        assert!(
+            lorb < first,
+            "{name} WER {lorb:.2}% is not below the first pass's {first:.2}%:\n{table}"
+        );
+    }
+    assert!(r.oracle_wer <= first, "{table}");
+    let (g, tr, te) = r.list_counts;
+    assert_eq!((g, tr, te), (300, 300, 80));
 }

@@ -1,5 +1,5 @@
-//! `molora demo hdmole`: HDMoLE against full fine-tuning, one LoRA and top-k MoLE on a deterministic
-//! synthetic multi-accent task.
+//! `molora demo hdmole --data synthetic`: HDMoLE against full fine-tuning, one LoRA and top-k MoLE
+//! on a deterministic synthetic multi-accent task (the speech demo is [`super::hdmole_speech`]).
 //!
 //! The task ([`Domains`]) is frame classification, the shape of ASR without alignment: an utterance is `L` tokens
 //! from a vocabulary of `V`, each rendered as one frame `x = M_d·(μ_tok + ε) + c_d` (`μ` a fixed

@@ -467,7 +467,14 @@ pub fn run_speech_hdmole_demo(
     let t = Instant::now();
     let full = base.deep_clone()?;
     train(
-        &full, &data, &accents, cfg.batch, cfg.steps, cfg.lr_full, &mut rng, "full fine-tuning",
+        &full,
+        &data,
+        &accents,
+        cfg.batch,
+        cfg.steps,
+        cfg.lr_full,
+        &mut rng,
+        "full fine-tuning",
         progress,
     )?;
     finish("full fine-tuning", &full, t, count(&full), progress)?;
@@ -476,9 +483,21 @@ pub fn run_speech_hdmole_demo(
     // 2. One LoRA.
     let t = Instant::now();
     let mut lora = base.deep_clone()?;
-    lora.add_experts(&cfg.targets, MoleConfig::lora(cfg.rank, cfg.alpha), &mut rng)?;
+    lora.add_experts(
+        &cfg.targets,
+        MoleConfig::lora(cfg.rank, cfg.alpha),
+        &mut rng,
+    )?;
     train(
-        &lora, &data, &accents, cfg.batch, cfg.steps, cfg.lr_adapter, &mut rng, "one LoRA", progress,
+        &lora,
+        &data,
+        &accents,
+        cfg.batch,
+        cfg.steps,
+        cfg.lr_adapter,
+        &mut rng,
+        "one LoRA",
+        progress,
     )?;
     finish("one LoRA", &lora, t, count(&lora), progress)?;
 
@@ -495,9 +514,23 @@ pub fn run_speech_hdmole_demo(
     };
     topk.add_experts(&cfg.targets, topk_cfg, &mut rng)?;
     train(
-        &topk, &data, &accents, cfg.batch, cfg.steps, cfg.lr_adapter, &mut rng, "MoLE top-k", progress,
+        &topk,
+        &data,
+        &accents,
+        cfg.batch,
+        cfg.steps,
+        cfg.lr_adapter,
+        &mut rng,
+        "MoLE top-k",
+        progress,
     )?;
-    finish(&format!("MoLE top-{}", cfg.top_k), &topk, t, count(&topk), progress)?;
+    finish(
+        &format!("MoLE top-{}", cfg.top_k),
+        &topk,
+        t,
+        count(&topk),
+        progress,
+    )?;
 
     // 4. HDMoLE.
     let t = Instant::now();
@@ -520,7 +553,15 @@ pub fn run_speech_hdmole_demo(
         init_from_domain_loras(&mut hd, &base, &data, cfg, &mut rng, progress)?;
     }
     train(
-        &hd, &data, &accents, cfg.batch, cfg.steps, cfg.lr_adapter, &mut rng, "HDMoLE", progress,
+        &hd,
+        &data,
+        &accents,
+        cfg.batch,
+        cfg.steps,
+        cfg.lr_adapter,
+        &mut rng,
+        "HDMoLE",
+        progress,
     )?;
     finish("HDMoLE", &hd, t, count(&hd), progress)?;
 

@@ -1,5 +1,5 @@
-//! `molora demo lorb`: the LoRB rescorer ([`crate::model::lorb`]) adapted to a new domain on a
-//! deterministic synthetic rescoring task.
+//! `molora demo lorb --data synthetic`: the LoRB rescorer ([`crate::model::lorb`]) adapted to a new
+//! domain on a deterministic synthetic rescoring task (the speech demo is [`super::lorb_speech`]).
 //!
 //! The task: a "language" of topics: every word belongs to one topic and a correct sentence draws all
 //! its words from one topic (no word twice in a row); a general domain and a target domain whose topic
@@ -230,6 +230,7 @@ impl LorbDemoConfig {
         RescorerTraining {
             pretrain_steps: self.pretrain_steps,
             steps: self.steps,
+            pretrain_on_combined: false,
             batch: self.batch,
             rank: self.rank,
             alpha: self.alpha,
@@ -264,6 +265,10 @@ pub struct RescorerTraining {
     /// Optimiser steps of the general-domain pretraining and of each adaptation method.
     pub pretrain_steps: usize,
     pub steps: usize,
+    /// Pretraining scores each hypothesis by the rescorer alone (`false`: it learns to rank by
+    /// itself) or by `s^a + β·s^l` (`true`: it learns what the first pass gets wrong, the score it
+    /// is used with).
+    pub pretrain_on_combined: bool,
     /// N-best lists per step.
     pub batch: usize,
     /// LoRA rank and alpha.
@@ -607,8 +612,10 @@ pub const ROW_NAMES: [&str; 5] = [
     "LoRB (MWER + L_cor)",
 ];
 
-/// Pretrains `model` on general-domain lists (`general(n, rng)` gives `n` of them): list-wise cross-entropy of the rescorer's
-/// scores alone (`softmax(−s^l)`) towards each list's oracle hypothesis (fewest word errors).
+/// Pretrains `model` on general-domain lists (`general(n, rng)` gives `n` of them): list-wise
+/// cross-entropy of the rescorer's scores (`softmax(−s^l)`, or `softmax(−(s^a + β·s^l))` with
+/// [`RescorerTraining::pretrain_on_combined`]) towards each list's oracle hypothesis (fewest word
+/// errors).
 fn pretrain(
     model: &Rescorer,
     general: &mut dyn FnMut(usize, &mut Rng) -> Result<Vec<NbestList>>,
@@ -629,7 +636,7 @@ fn pretrain(
     let mut last = f32::NAN;
     for step in 0..cfg.pretrain_steps {
         let lists = general(cfg.batch, rng)?;
-        let (ids, _, eps) = encode_lists(&lists, &dev)?;
+        let (ids, sa, eps) = encode_lists(&lists, &dev)?;
         let target: Vec<u32> = lists
             .iter()
             .map(|l| {
@@ -642,7 +649,12 @@ fn pretrain(
             .forward(&ids, &mut Ctx::default())?
             .scores
             .reshape(eps.dims())?;
-        let loss = candle_nn::loss::cross_entropy(&sl.neg()?, &target)?;
+        let s = if cfg.pretrain_on_combined {
+            combined_scores(&sa, &sl, cfg.beta)?
+        } else {
+            sl
+        };
+        let loss = candle_nn::loss::cross_entropy(&s.neg()?, &target)?;
         opt.backward_step(&loss)?;
         if step % 25 == 0 || step + 1 == cfg.pretrain_steps {
             last = loss.to_scalar::<f32>()?;
@@ -768,7 +780,16 @@ pub(crate) fn run_methods(
     // Full fine-tuning with MWER.
     let full = base.deep_clone()?;
     let t = Instant::now();
-    let loss = adapt(&full, train, cfg, cfg.lr_full, 0.0, rng, ROW_NAMES[2], progress)?;
+    let loss = adapt(
+        &full,
+        train,
+        cfg,
+        cfg.lr_full,
+        0.0,
+        rng,
+        ROW_NAMES[2],
+        progress,
+    )?;
     let secs = t.elapsed().as_secs_f32();
     final_losses.push((ROW_NAMES[2].to_string(), loss));
     rows.push(row(

@@ -1,10 +1,15 @@
-//! The `molora demo` programs (feature `candle`): each trains the models of [`crate::model`] on a
-//! deterministic synthetic task and reports what it measured.
+//! The `molora demo` programs (feature `candle`): each trains the models of [`crate::model`] and
+//! reports what it measured.
 //!
-//! - [`hdmole`]: HDMoLE against full fine-tuning, one LoRA and top-k MoLE on a multi-accent task;
-//! - [`saml`]: SAML on an NF4-quantised Whisper-shaped model, adapted per target speaker;
-//! - [`lorb`]: LoRB (LoRA for a second-pass rescorer) adapted to a new domain of N-best lists;
-//! - [`domains`]: the synthetic accent/speaker task the HDMoLE and SAML demos share.
+//! - [`hdmole_speech`]: HDMoLE against full fine-tuning, one LoRA and top-k MoLE on accented speech
+//!   (espeak-ng), scored by WER of the decoded held-out sentences (`molora demo hdmole`);
+//! - [`lorb_speech`]: LoRB (LoRA for a second-pass rescorer) on the N-best lists of that speech
+//!   recogniser's beam (`molora demo lorb`);
+//! - [`speech_asr`]: what the two speech demos share (the recogniser, its data, training, scoring);
+//! - [`hdmole`], [`lorb`]: the same methods on synthetic tasks (`--data synthetic`);
+//! - [`saml`]: SAML on an NF4-quantised Whisper-shaped model, adapted per target speaker (synthetic
+//!   speakers);
+//! - [`domains`]: the synthetic accent/speaker task the synthetic HDMoLE and SAML demos share.
 //!
 //! Every demo trains on a [`DemoDevice`] and draws its data and initialisation from one seeded
 //! [`Rng`](crate::Rng), so a configuration reproduces its report.
@@ -136,4 +141,3 @@ pub(crate) fn write_outputs(
     }
     Ok(())
 }
-

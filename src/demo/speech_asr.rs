@@ -138,7 +138,11 @@ pub(crate) struct SpeechData {
     pub cached: bool,
 }
 
-pub(crate) fn examples(utts: Vec<Utterance>, words: &Words, domain_offset: usize) -> Result<Vec<Example>> {
+pub(crate) fn examples(
+    utts: Vec<Utterance>,
+    words: &Words,
+    domain_offset: usize,
+) -> Result<Vec<Example>> {
     utts.into_iter()
         .map(|u| {
             Ok(Example {
@@ -312,12 +316,14 @@ pub(crate) fn train(
         opt.backward_step(&loss)?;
         if step % 20 == 0 || step + 1 == steps {
             last = loss.to_scalar::<f32>()?;
-            progress(&format!("{label}: step {}/{steps}, loss {last:.3}", step + 1));
+            progress(&format!(
+                "{label}: step {}/{steps}, loss {last:.3}",
+                step + 1
+            ));
         }
     }
     Ok(last)
 }
-
 
 /// The N-best list of beam search of width `beam` on one utterance: hypotheses (tokens before the
 /// end token) with their scores (total log-probability), best first; every live hypothesis of a

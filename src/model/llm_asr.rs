@@ -526,14 +526,17 @@ impl LlmAsr {
         };
         let enc = self.encode(features, &mut ctx, routing)?;
         let global = if self.is_hierarchical() {
-            Some(candle_nn::ops::softmax(&self.global_logits(&enc)?, D::Minus1)?)
+            Some(candle_nn::ops::softmax(
+                &self.global_logits(&enc)?,
+                D::Minus1,
+            )?)
         } else {
             None
         };
         let (b, s, _) = enc.dims3()?;
         let g = global.as_ref().map(|g| per_token(g, b, s)).transpose()?;
         let mut ctx = Ctx {
-            rng: rng.as_deref_mut(),
+            rng,
             global: g.as_ref(),
             ..Default::default()
         };
@@ -639,7 +642,13 @@ impl LlmAsr {
     /// Greedy decoding of a whole batch at once: from `bos`, the most probable next token of every
     /// utterance at each step, until every utterance has written `eos` or `max_len` tokens. Returns
     /// each utterance's tokens before its `eos`.
-    pub fn greedy(&self, features: &Tensor, bos: u32, eos: u32, max_len: usize) -> Result<Vec<Vec<u32>>> {
+    pub fn greedy(
+        &self,
+        features: &Tensor,
+        bos: u32,
+        eos: u32,
+        max_len: usize,
+    ) -> Result<Vec<Vec<u32>>> {
         let speech = self.prefix(features, None, &mut Vec::new())?;
         let b = speech.prefix.dims()[0];
         let mut seqs: Vec<Vec<u32>> = vec![vec![bos]; b];
@@ -706,9 +715,17 @@ impl LlmAsr {
             });
         }
         if let Some(p) = prefixes.iter().find(|p| p.len() != l) {
-            return Err(Error::len_mismatch("prefix length (all equal in a batch)", l, p.len()));
+            return Err(Error::len_mismatch(
+                "prefix length (all equal in a batch)",
+                l,
+                p.len(),
+            ));
         }
-        crate::error::check_len("utterances of the encoded speech", 1, speech.prefix.dims()[0])?;
+        crate::error::check_len(
+            "utterances of the encoded speech",
+            1,
+            speech.prefix.dims()[0],
+        )?;
         let rep = |t: &Tensor| -> Result<Tensor> {
             let (_, s, d) = t.dims3()?;
             Ok(t.broadcast_as((n, s, d))?.contiguous()?)
@@ -783,7 +800,9 @@ impl LlmAsr {
 /// `g` `[B, E]` repeated for each of `n` positions: `[B·n, E]`.
 fn per_token(g: &Tensor, b: usize, n: usize) -> Result<Tensor> {
     let e = g.dims()[1];
-    Ok(g.unsqueeze(1)?.broadcast_as((b, n, e))?.reshape((b * n, e))?)
+    Ok(g.unsqueeze(1)?
+        .broadcast_as((b, n, e))?
+        .reshape((b * n, e))?)
 }
 
 /// `Σ mask·(−log softmax(logits)[target]) / Σ mask` for logits `[B, L, V]`, targets `[B, L]` (u32)

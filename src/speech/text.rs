@@ -38,13 +38,15 @@ impl Words {
     /// vocabulary, named.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         text.split_whitespace()
-            .map(|w| match self.words.binary_search_by(|v| v.as_str().cmp(w)) {
-                Ok(i) => Ok(i as u32 + 2),
-                Err(_) => Err(Error::Unsupported {
-                    op: "speech::text::Words::encode",
-                    what: format!("the word {w:?} is not in the vocabulary"),
-                }),
-            })
+            .map(
+                |w| match self.words.binary_search_by(|v| v.as_str().cmp(w)) {
+                    Ok(i) => Ok(i as u32 + 2),
+                    Err(_) => Err(Error::Unsupported {
+                        op: "speech::text::Words::encode",
+                        what: format!("the word {w:?} is not in the vocabulary"),
+                    }),
+                },
+            )
             .collect()
     }
 

@@ -58,13 +58,15 @@ it to NF4, train one rank-1 LoRA per training speaker, then adapt to each target
 its utterances with one LoRA and with SAML (experts from the speaker LoRAs, per-utterance routers,
 two Adam optimisers taking turns), and print the token error per target speaker and overall.")]
     Saml(SamlArgs),
-    /// LoRB: a BERT-style N-best rescorer adapted with LoRA and MWER (+ L_cor), against the first
-    /// pass and full fine-tuning
+    /// LoRB: a BERT-style N-best rescorer adapted with LoRA and MWER (+ L_cor) on a speech
+    /// recogniser's N-best lists (or synthetic lists), against the first pass and full fine-tuning
     #[command(long_about = "\
-molora demo lorb: pretrain a small BERT-style rescorer on a general domain, then adapt it to a target
-domain's N-best lists with MWER (full fine-tuning, LoRA on q and v, LoRA + the correlation
-regulariser) and print the WER of the first pass and of each rescorer, trainable parameters and
-training time.")]
+molora demo lorb: pretrain the HDMoLE demo's speech recogniser on en-us speech (espeak-ng), decode
+accented speech with its beam search into N-best lists, pretrain a small BERT-style rescorer on two
+accents' lists, adapt it to the other two accents' lists with MWER (full fine-tuning, LoRA on q and
+v, LoRA + the correlation regulariser) and print the WER of the first pass and of each rescorer on
+held-out lists, trainable parameters and training time. --data synthetic runs the synthetic
+rescoring task instead.")]
     Lorb(LorbArgs),
 }
 
@@ -180,9 +182,15 @@ pub struct SamlArgs {
 
 #[derive(Debug, Args)]
 pub struct LorbArgs {
-    /// Data and initialisation seed [default: 11]
+    /// What to train and score on
+    #[arg(long, value_enum, value_name = "DATA", default_value_t = DataArg::Speech)]
+    pub data: DataArg,
+    /// Data and initialisation seed [default: 1; synthetic 11]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub seed: Option<u64>,
+    /// Hypotheses per N-best list (the recogniser's beam width on speech) [default: 8]
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true)]
+    pub nbest: Option<usize>,
     #[command(flatten)]
     pub common: DemoCommon,
 }

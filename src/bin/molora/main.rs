@@ -282,6 +282,9 @@ fn demo_saml(a: SamlArgs) -> Result<(), Fail> {
 }
 
 fn demo_lorb(a: LorbArgs) -> Result<(), Fail> {
+    if a.data == DataArg::Speech {
+        return demo_lorb_speech(a);
+    }
     use molora::demo::lorb::{run_lorb_demo, LorbDemoConfig};
     let mut cfg = if a.common.small {
         LorbDemoConfig::tiny()
@@ -290,6 +293,9 @@ fn demo_lorb(a: LorbArgs) -> Result<(), Fail> {
     };
     if let Some(v) = a.seed {
         cfg.seed = v;
+    }
+    if let Some(v) = a.nbest {
+        cfg.nbest = v;
     }
     cfg.device = demo_device(a.common.device);
     cfg.dtype = a.common.dtype.candle();
@@ -302,6 +308,42 @@ fn demo_lorb(a: LorbArgs) -> Result<(), Fail> {
     let report = {
         let mut progress = Progress::new();
         run_lorb_demo(&cfg, &mut |s| progress.line(s))?
+    };
+    finish(out, &report.to_markdown(), Some(report.to_json()))
+}
+
+fn demo_lorb_speech(a: LorbArgs) -> Result<(), Fail> {
+    use molora::demo::lorb_speech::{run_speech_lorb_demo, SpeechLorbConfig};
+    let mut cfg = if a.common.small {
+        SpeechLorbConfig::small()
+    } else {
+        SpeechLorbConfig::default()
+    };
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = a.nbest {
+        cfg.nbest = v;
+    }
+    cfg.device = demo_device(a.common.device);
+    cfg.training.dtype = a.common.dtype.candle();
+    let checked = cfg.check();
+    if checked.is_ok() {
+        molora::speech::synth::espeak_version()?;
+    }
+    let out = prepare(
+        checked,
+        cfg.device,
+        &a.common,
+        &["report.json", "report.md"],
+    )?;
+    note(&format!(
+        "molora demo lorb (speech): seed {}, N-best lists of {} from the recogniser's beam",
+        cfg.seed, cfg.nbest
+    ));
+    let report = {
+        let mut progress = Progress::new();
+        run_speech_lorb_demo(&cfg, &mut |s| progress.line(s))?
     };
     finish(out, &report.to_markdown(), Some(report.to_json()))
 }
