@@ -20,6 +20,7 @@ pub mod hdmole_speech;
 pub mod lorb;
 pub mod lorb_speech;
 pub mod saml;
+pub mod saml_speech;
 pub mod speech_asr;
 
 use std::collections::BTreeMap;

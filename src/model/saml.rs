@@ -451,20 +451,24 @@ impl SamlModel {
             .forward_ctx(&h, &mut Ctx::default())
     }
 
-    /// Teacher-forced logits `[B, L, V]` for frames `[B, L, d_feat]` and labels `[B, L]` (u32): the
-    /// decoder sees the start token and the labels shifted right.
+    /// Teacher-forced logits `[B, L, V]` for frames `[B, F, d_feat]` and labels `[B, L]` (u32; `L`
+    /// need not be `F`): the decoder sees the start token and the labels shifted right.
     pub fn forward(&self, frames: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        let (b, l, _) = frames.dims3()?;
+        let (b, f, _) = frames.dims3()?;
+        let (bl, l) = labels.dims2()?;
+        crate::error::check_len("label rows (the batch)", b, bl)?;
         let dt = self.dtype();
         let frames = &frames.to_dtype(dt)?;
-        if l > self.cfg.max_len {
-            return Err(Error::InvalidDim {
-                what: "sequence length",
-                value: l,
-                reason: "longer than the model's max_len",
-            });
+        for (what, n) in [("frames", f), ("labels", l)] {
+            if n > self.cfg.max_len {
+                return Err(Error::InvalidDim {
+                    what,
+                    value: n,
+                    reason: "longer than the model's max_len",
+                });
+            }
         }
-        let pos = self.pos.narrow(0, 0, l)?.to_dtype(dt)?;
+        let pos = self.pos.narrow(0, 0, f)?.to_dtype(dt)?;
         let conv = self
             .layer("encoder.conv")?
             .forward_ctx(&unfold3(frames)?, &mut Ctx::default())?;
@@ -502,7 +506,7 @@ impl SamlModel {
         let emb = self
             .layer("decoder.embed")?
             .forward_ctx(&onehot, &mut Ctx::default())?;
-        let mut h = emb.broadcast_add(&pos)?;
+        let mut h = emb.broadcast_add(&self.pos.narrow(0, 0, l)?.to_dtype(dt)?)?;
         for i in 0..self.cfg.dec_layers {
             let n = rms(&h)?;
             let p = self.router(1).map(|r| r.probs(&n, None)).transpose()?;
@@ -547,6 +551,51 @@ impl SamlModel {
             .mean_all()?
             .to_scalar::<f32>()?;
         Ok(100.0 * wrong)
+    }
+
+    /// The mean cross-entropy of the teacher-forced predictions over the tokens where `mask`
+    /// `[B, L]` (f32) is 1 (variable-length transcripts padded to `L`).
+    pub fn loss_masked(&self, frames: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(frames, labels)?;
+        crate::model::llm_asr::masked_cross_entropy(&logits, labels, mask)
+    }
+
+    /// Greedy decoding of a batch: at each step the labels so far (and a placeholder) are run
+    /// teacher-forced and the most probable token at the new position is kept, until every
+    /// utterance has written `eos` or `max_len` tokens. Every step recomputes the whole model, as
+    /// the decoder routers' mixture changes with each token (see the module docs). Returns each
+    /// utterance's tokens before its `eos`.
+    pub fn greedy(&self, frames: &Tensor, eos: u32, max_len: usize) -> Result<Vec<Vec<u32>>> {
+        let b = frames.dims3()?.0;
+        let mut seqs: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let mut done = vec![false; b];
+        for _ in 0..max_len {
+            let l = seqs[0].len() + 1;
+            let flat: Vec<u32> = seqs
+                .iter()
+                .flat_map(|s| s.iter().copied().chain(std::iter::once(eos)))
+                .collect();
+            let labels = Tensor::from_vec(flat, (b, l), frames.device())?;
+            let next: Vec<u32> = self
+                .forward(frames, &labels)?
+                .narrow(1, l - 1, 1)?
+                .squeeze(1)?
+                .argmax(D::Minus1)?
+                .to_dtype(DType::U32)?
+                .to_vec1()?;
+            for (i, t) in next.into_iter().enumerate() {
+                let t = if done[i] { eos } else { t };
+                done[i] |= t == eos;
+                seqs[i].push(t);
+            }
+            if done.iter().all(|d| *d) {
+                break;
+            }
+        }
+        Ok(seqs
+            .into_iter()
+            .map(|s| s.into_iter().take_while(|&t| t != eos).collect())
+            .collect())
     }
 
     /// Cross-entropy of the teacher-forced predictions.
