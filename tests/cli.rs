@@ -199,6 +199,7 @@ fn help_on_every_command() {
         "--epochs",
         "--lr-router",
         "--lr-experts",
+        "--data",
         "--out",
         "--dtype",
     ] {

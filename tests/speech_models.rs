@@ -270,3 +270,31 @@ fn the_speech_lorb_demo_beats_the_first_pass() {
     let (g, tr, te) = r.list_counts;
     assert_eq!((g, tr, te), (300, 300, 80));
 }
+
+/// The SAML demo end to end at its small size, on espeak-ng speakers: the NF4 model adapted with
+/// SAML must decode the unseen target speakers better than the NF4 model itself.
+#[test]
+fn the_speech_saml_demo_beats_the_quantised_model() {
+    use molora::demo::saml_speech::{run_speech_saml_demo, SpeechSamlConfig};
+    if let Err(e) = molora::speech::synth::espeak_version() {
+        assert!(
+            std::env::var("MOLORA_REQUIRE_ESPEAK").as_deref() != Ok("1"),
+            "MOLORA_REQUIRE_ESPEAK=1, but {e}"
+        );
+        println!("skipping: {e}");
+        return;
+    }
+    let cfg = SpeechSamlConfig::small();
+    let r = run_speech_saml_demo(&cfg, &mut |_| {}).unwrap();
+    let table = r.to_markdown();
+    let overall = r.rows.last().expect("an overall row");
+    assert_eq!(overall.name, "overall");
+    assert!(
+        overall.quantised_saml < overall.quantised,
+        "NF4 + SAML WER {:.1}% is not below the NF4 model's {:.1}%:\n{table}",
+        overall.quantised_saml,
+        overall.quantised
+    );
+    assert!(r.quant_bytes * 4 < r.fp_bytes, "{table}");
+    assert_eq!(r.rows.len(), cfg.target_speakers + 1);
+}

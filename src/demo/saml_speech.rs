@@ -351,7 +351,13 @@ pub fn run_speech_saml_demo(
     let pool_list = &POOL[..cfg.pool_speakers];
     let train_list = &TRAINING[..cfg.experts];
     let target_list = &TARGETS[..cfg.target_speakers];
-    let (pool, _) = speakers(pool_list, cfg.pool_utterances, cfg.test_utterances, cfg, &words)?;
+    let (pool, _) = speakers(
+        pool_list,
+        cfg.pool_utterances,
+        cfg.test_utterances,
+        cfg,
+        &words,
+    )?;
     let (training, _) = speakers(train_list, cfg.expert_utterances, 0, cfg, &words)?;
     let (targets, _) = speakers(
         target_list,
@@ -441,7 +447,13 @@ pub fn run_speech_saml_demo(
         let mut opt = adam(vars, cfg.lr_lora)?;
         // (b) SAML.
         let mut saml = q.base_clone()?;
-        saml.add_saml_experts(&expert_loras, cfg.rank, cfg.alpha, cfg.temperature, &mut rng)?;
+        saml.add_saml_experts(
+            &expert_loras,
+            cfg.rank,
+            cfg.alpha,
+            cfg.temperature,
+            &mut rng,
+        )?;
         let (rv, ev) = (saml.router_vars(), saml.layer_vars());
         saml_params = count(&rv) + count(&ev);
         let mut opt_router = adam(rv, cfg.lr_router)?;
@@ -469,7 +481,11 @@ pub fn run_speech_saml_demo(
                 let lr = o.learning_rate();
                 o.set_learning_rate(lr * cfg.lr_decay);
             }
-            progress(&format!("target {name}: epoch {}/{}", epoch + 1, cfg.epochs));
+            progress(&format!(
+                "target {name}: epoch {}/{}",
+                epoch + 1,
+                cfg.epochs
+            ));
         }
         progress(&format!("target {name}: decoding the held-out utterances"));
         let test = &targets.test[si];

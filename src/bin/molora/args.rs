@@ -50,13 +50,15 @@ time, HDMoLE's domain × expert routing table and its learned thresholds. The sp
 once into a cache ($MOLORA_SPEECH_CACHE, else ~/.cache/molora/speech); espeak-ng must be installed
 (scripts/speech-deps.sh). --data synthetic runs the frame-level synthetic accent task instead.")]
     Hdmole(HdmoleArgs),
-    /// SAML on an NF4-quantised Whisper-shaped model adapted per target speaker, against the
-    /// full-precision and quantised models and one LoRA
+    /// SAML on an NF4-quantised Whisper-shaped model adapted per target speaker (espeak-ng speakers,
+    /// or synthetic ones), against the full-precision and quantised models and one LoRA
     #[command(long_about = "\
-molora demo saml: pretrain a Whisper-shaped encoder-decoder on a pool of synthetic speakers, quantise
-it to NF4, train one rank-1 LoRA per training speaker, then adapt to each target speaker from 60 of
-its utterances with one LoRA and with SAML (experts from the speaker LoRAs, per-utterance routers,
-two Adam optimisers taking turns), and print the token error per target speaker and overall.")]
+molora demo saml: pretrain a Whisper-shaped encoder-decoder on a pool of espeak-ng speakers (en-us
+voice variants at a pitch and a rate), quantise it to NF4, train one rank-1 LoRA per training
+speaker, then adapt to each unseen target speaker from 40 of its utterances with one LoRA and with
+SAML (experts from the speaker LoRAs, per-utterance routers, two Adam optimisers taking turns), and
+print the WER of decoding each target speaker's held-out sentences. --data synthetic runs the
+synthetic speakers instead (token error, teacher-forced).")]
     Saml(SamlArgs),
     /// LoRB: a BERT-style N-best rescorer adapted with LoRA and MWER (+ L_cor) on a speech
     /// recogniser's N-best lists (or synthetic lists), against the first pass and full fine-tuning
@@ -164,7 +166,10 @@ pub struct HdmoleArgs {
 
 #[derive(Debug, Args)]
 pub struct SamlArgs {
-    /// Data and initialisation seed [default: 11]
+    /// What to train and score on
+    #[arg(long, value_enum, value_name = "DATA", default_value_t = DataArg::Speech)]
+    pub data: DataArg,
+    /// Data and initialisation seed [default: 1; synthetic 11]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Adaptation epochs [default: 10]

@@ -248,6 +248,9 @@ fn demo_hdmole_synthetic(a: HdmoleArgs) -> Result<(), Fail> {
 }
 
 fn demo_saml(a: SamlArgs) -> Result<(), Fail> {
+    if a.data == DataArg::Speech {
+        return demo_saml_speech(a);
+    }
     use molora::demo::saml::{run_saml_demo, SamlDemoConfig};
     let mut cfg = if a.common.small {
         SamlDemoConfig::tiny()
@@ -277,6 +280,48 @@ fn demo_saml(a: SamlArgs) -> Result<(), Fail> {
     let report = {
         let mut progress = Progress::new();
         run_saml_demo(&cfg, &mut |s| progress.line(s))?
+    };
+    finish(out, &report.to_markdown(), Some(report.to_json()))
+}
+
+fn demo_saml_speech(a: SamlArgs) -> Result<(), Fail> {
+    use molora::demo::saml_speech::{run_speech_saml_demo, SpeechSamlConfig};
+    let mut cfg = if a.common.small {
+        SpeechSamlConfig::small()
+    } else {
+        SpeechSamlConfig::default()
+    };
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = a.epochs {
+        cfg.epochs = v;
+    }
+    if let Some(v) = a.lr_router {
+        cfg.lr_router = v;
+    }
+    if let Some(v) = a.lr_experts {
+        cfg.lr_experts = v;
+    }
+    cfg.device = demo_device(a.common.device);
+    cfg.dtype = a.common.dtype.candle();
+    let checked = cfg.check();
+    if checked.is_ok() {
+        molora::speech::synth::espeak_version()?;
+    }
+    let out = prepare(
+        checked,
+        cfg.device,
+        &a.common,
+        &["report.json", "report.md"],
+    )?;
+    note(&format!(
+        "molora demo saml (speech): seed {}, {} target speakers, {} epochs",
+        cfg.seed, cfg.target_speakers, cfg.epochs
+    ));
+    let report = {
+        let mut progress = Progress::new();
+        run_speech_saml_demo(&cfg, &mut |s| progress.line(s))?
     };
     finish(out, &report.to_markdown(), Some(report.to_json()))
 }
