@@ -73,7 +73,7 @@ pub struct SpeechHdmoleConfig {
     pub init_from_domain_lora: bool,
     /// Beam width of the decoding (1: greedy).
     pub beam: usize,
-    /// Where the synthesised corpus is cached (default: [`default_cache_root`]).
+    /// Where the synthesised corpus is cached (default: [`crate::speech::data::default_cache_root`]).
     pub cache_root: Option<PathBuf>,
     /// Where to train.
     pub device: super::DemoDevice,

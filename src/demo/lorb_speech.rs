@@ -8,7 +8,8 @@
 //! (Scottish and Caribbean English): it is pretrained on their lists. Its target domain is the other
 //! two (Lancastrian and West Midlands English): full fine-tuning, LoRB and LoRB + `L_cor` adapt it on
 //! the target's training lists with MWER, and each is scored by the WER of its choices on held-out
-//! target lists, whose sentences no model trained on ([`super::lorb::run_methods`]).
+//! target lists, whose sentences no model trained on (the methods are the synthetic demo's, over
+//! these lists).
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -40,8 +40,8 @@ pub enum DemoDevice {
 }
 
 impl DemoDevice {
-    /// The candle device. Errors: [`Error::Unsupported`](crate::Error::Unsupported) for `Cuda` in a
-    /// build without `candle-cuda`, [`Error::NoDevice`](crate::Error::NoDevice) with candle's reason
+    /// The candle device. Errors: [`Error::Unsupported`] for `Cuda` in a
+    /// build without `candle-cuda`, [`Error::NoDevice`] with candle's reason
     /// when the device cannot be opened.
     pub fn candle(&self) -> crate::Result<candle_core::Device> {
         match self {
@@ -64,7 +64,7 @@ impl DemoDevice {
     }
 }
 
-/// Every count of a demo's settings is at least 1, else [`Error::InvalidDim`](crate::Error) naming
+/// Every count of a demo's settings is at least 1, else [`Error::InvalidDim`] naming
 /// the first that is 0.
 pub(crate) fn check_counts(counts: &[(&'static str, usize)]) -> crate::Result<()> {
     match counts.iter().find(|(_, v)| *v == 0) {
@@ -78,7 +78,7 @@ pub(crate) fn check_counts(counts: &[(&'static str, usize)]) -> crate::Result<()
 }
 
 /// Every learning rate is finite and greater than 0, else
-/// [`Error::InvalidParameter`](crate::Error) naming the first that is not.
+/// [`Error::InvalidParameter`] naming the first that is not.
 pub(crate) fn check_learning_rates(rates: &[(&'static str, f64)]) -> crate::Result<()> {
     match rates.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
         Some(&(what, v)) => Err(crate::Error::InvalidParameter {

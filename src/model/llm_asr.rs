@@ -650,7 +650,7 @@ impl LlmAsr {
         max_len: usize,
     ) -> Result<Vec<Vec<u32>>> {
         let speech = self.prefix(features, None, &mut Vec::new())?;
-        let b = speech.prefix.dims()[0];
+        let b = speech.prefix.dims3()?.0;
         let mut seqs: Vec<Vec<u32>> = vec![vec![bos]; b];
         let mut done = vec![false; b];
         for _ in 0..max_len {
@@ -724,7 +724,7 @@ impl LlmAsr {
         crate::error::check_len(
             "utterances of the encoded speech",
             1,
-            speech.prefix.dims()[0],
+            speech.prefix.dims3()?.0,
         )?;
         let rep = |t: &Tensor| -> Result<Tensor> {
             let (_, s, d) = t.dims3()?;
@@ -737,7 +737,7 @@ impl LlmAsr {
                 .global
                 .as_ref()
                 .map(|g| -> Result<Tensor> {
-                    let e = g.dims()[1];
+                    let e = g.dims2()?.1;
                     Ok(g.broadcast_as((n, e))?.contiguous()?)
                 })
                 .transpose()?,
@@ -799,7 +799,7 @@ impl LlmAsr {
 
 /// `g` `[B, E]` repeated for each of `n` positions: `[B·n, E]`.
 fn per_token(g: &Tensor, b: usize, n: usize) -> Result<Tensor> {
-    let e = g.dims()[1];
+    let e = g.dims2()?.1;
     Ok(g.unsqueeze(1)?
         .broadcast_as((b, n, e))?
         .reshape((b * n, e))?)
@@ -808,7 +808,7 @@ fn per_token(g: &Tensor, b: usize, n: usize) -> Result<Tensor> {
 /// `Σ mask·(−log softmax(logits)[target]) / Σ mask` for logits `[B, L, V]`, targets `[B, L]` (u32)
 /// and mask `[B, L]` (f32).
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let v = logits.dims()[2];
+    let v = logits.dims3()?.2;
     let lp = candle_nn::ops::log_softmax(&logits.reshape(((), v))?, D::Minus1)?;
     let picked = lp
         .gather(&targets.flatten_all()?.unsqueeze(1)?, 1)?

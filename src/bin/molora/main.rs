@@ -98,6 +98,20 @@ fn prepare(
         .transpose()
 }
 
+/// [`prepare`] for a speech demo: after the settings and before the device and the output
+/// directory, the synthesiser (its error says how to install it).
+fn prepare_speech(
+    check: molora::Result<()>,
+    device: molora::demo::DemoDevice,
+    common: &DemoCommon,
+    files: &[&str],
+) -> Result<Option<OutDir>, Fail> {
+    if check.is_ok() {
+        molora::speech::synth::espeak_version()?;
+    }
+    prepare(check, device, common, files)
+}
+
 /// Writes `report.md` (and `report.json` when given) into the staging directory, moves every output
 /// into place, prints the table and says where the files went.
 fn finish(
@@ -174,12 +188,7 @@ fn demo_hdmole_speech(a: HdmoleArgs) -> Result<(), Fail> {
     }
     cfg.device = demo_device(a.common.device);
     cfg.dtype = a.common.dtype.candle();
-    // Before any work: the settings, then the synthesiser (its error says how to install it).
-    let checked = cfg.check();
-    if checked.is_ok() {
-        molora::speech::synth::espeak_version()?;
-    }
-    let out = prepare(checked, cfg.device, &a.common, &HDMOLE_FILES)?;
+    let out = prepare_speech(cfg.check(), cfg.device, &a.common, &HDMOLE_FILES)?;
     note(&format!(
         "molora demo hdmole (speech): seed {}, {} pretraining steps, {} steps per method, targets {}, beam {}",
         cfg.seed,
@@ -305,12 +314,8 @@ fn demo_saml_speech(a: SamlArgs) -> Result<(), Fail> {
     }
     cfg.device = demo_device(a.common.device);
     cfg.dtype = a.common.dtype.candle();
-    let checked = cfg.check();
-    if checked.is_ok() {
-        molora::speech::synth::espeak_version()?;
-    }
-    let out = prepare(
-        checked,
+    let out = prepare_speech(
+        cfg.check(),
         cfg.device,
         &a.common,
         &["report.json", "report.md"],
@@ -372,12 +377,8 @@ fn demo_lorb_speech(a: LorbArgs) -> Result<(), Fail> {
     }
     cfg.device = demo_device(a.common.device);
     cfg.training.dtype = a.common.dtype.candle();
-    let checked = cfg.check();
-    if checked.is_ok() {
-        molora::speech::synth::espeak_version()?;
-    }
-    let out = prepare(
-        checked,
+    let out = prepare_speech(
+        cfg.check(),
         cfg.device,
         &a.common,
         &["report.json", "report.md"],
