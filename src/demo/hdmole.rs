@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 
 use super::domains::{Domains, DomainsConfig};
 use crate::error::{Error, Result};
@@ -298,14 +298,7 @@ fn train(
         .into_iter()
         .map(|(_, v)| v)
         .collect();
-    let mut opt = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = super::adam(vars, lr)?;
     let dev = model.device().clone();
     let mut last = f32::NAN;
     for step in 0..steps {
@@ -336,14 +329,7 @@ fn train_global_router(
 ) -> Result<()> {
     model.layer_mut("global_router")?.set_train_base(true);
     let router = model.layer_mut("global_router")?.trainable_vars();
-    let mut opt = AdamW::new(
-        router.into_iter().map(|(_, v)| v).collect(),
-        ParamsAdamW {
-            lr: 1e-2,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = super::adam(router.into_iter().map(|(_, v)| v).collect(), 1e-2)?;
     let accents: Vec<usize> = (1..=cfg.accents).collect();
     let dev = model.device().clone();
     let steps = (cfg.steps / 2).max(50);

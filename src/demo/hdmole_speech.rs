@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 
 use super::speech_asr::{score, train, Example, RecogniserConfig, SpeechData};
 use crate::error::{Error, Result};
@@ -266,14 +266,7 @@ fn train_global_router(
 ) -> Result<()> {
     model.layer_mut("global_router")?.set_train_base(true);
     let router = model.layer_mut("global_router")?.trainable_vars();
-    let mut opt = AdamW::new(
-        router.into_iter().map(|(_, v)| v).collect(),
-        ParamsAdamW {
-            lr: 3e-3,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = super::adam(router.into_iter().map(|(_, v)| v).collect(), 3e-3)?;
     let accents: Vec<usize> = (1..=cfg.accents).collect();
     let dev = model.device().clone();
     let steps = cfg.steps.max(50);

@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 
 use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, MoleConfig};
@@ -624,14 +624,7 @@ fn pretrain(
     progress: &mut dyn FnMut(&str),
 ) -> Result<f32> {
     let vars = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr: cfg.lr_pretrain,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = super::adam(vars, cfg.lr_pretrain)?;
     let dev = model.device().clone();
     let mut last = f32::NAN;
     for step in 0..cfg.pretrain_steps {
@@ -682,14 +675,7 @@ fn adapt(
     progress: &mut dyn FnMut(&str),
 ) -> Result<f32> {
     let vars = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = super::adam(vars, lr)?;
     let dev = model.device().clone();
     let mut last = f32::NAN;
     for step in 0..cfg.steps {

@@ -12,7 +12,7 @@
 //! - [`domains`]: the synthetic accent/speaker task the synthetic HDMoLE and SAML demos share.
 //!
 //! Every demo trains on a [`DemoDevice`] and draws its data and initialisation from one seeded
-//! [`Rng`](crate::Rng), so a configuration reproduces its report.
+//! [`Rng`], so a configuration reproduces its report.
 
 pub mod domains;
 pub mod hdmole;
@@ -28,6 +28,8 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::model::linear::MoleLinear;
+use crate::Rng;
+use candle_nn::Optimizer;
 
 /// Where a demo trains: candle's CPU backend, or a CUDA device through candle's CUDA backend with
 /// molora's kernels behind the custom ops (feature `candle-cuda`).
@@ -61,6 +63,58 @@ impl DemoDevice {
                 })
             }
         }
+    }
+}
+
+/// Adam: candle's AdamW without weight decay, at learning rate `lr` (the other settings candle's
+/// defaults), the optimiser every demo trains with.
+pub(crate) fn adam(vars: Vec<candle_core::Var>, lr: f64) -> Result<candle_nn::AdamW> {
+    Ok(candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// The number of values in `vars`.
+pub(crate) fn param_count(vars: &[candle_core::Var]) -> usize {
+    vars.iter().map(|v| v.as_tensor().elem_count()).sum()
+}
+
+/// A permutation of `0..n` (Fisher–Yates with our generator).
+pub(crate) fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        v.swap(i, rng.below(i + 1));
+    }
+    v
+}
+
+/// The learning-rate factor of step `step` of `steps`: linear warm-up over the first tenth, then
+/// cosine decay to a tenth.
+pub(crate) fn warmup_cosine(step: usize, steps: usize) -> f64 {
+    let warmup = (steps / 10).max(1);
+    if step < warmup {
+        (step + 1) as f64 / warmup as f64
+    } else {
+        let p = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
+        0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+    }
+}
+
+/// A learning-rate decay per epoch in (0, 1], else [`Error::InvalidParameter`] naming `lr_decay`.
+pub(crate) fn check_decay(lr_decay: f64) -> Result<()> {
+    if lr_decay > 0.0 && lr_decay <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter {
+            what: "lr_decay",
+            value: lr_decay as f32,
+            reason: "must be in (0, 1]",
+        })
     }
 }
 

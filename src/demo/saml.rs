@@ -14,10 +14,11 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{DType, Tensor};
+use candle_nn::Optimizer;
 
 use super::domains::{Domains, DomainsConfig};
+use super::{adam, param_count as count, shuffled};
 use crate::error::{Error, Result};
 use crate::model::linear::QuantFormat;
 use crate::model::saml::{SamlConfig, SamlModel};
@@ -169,14 +170,7 @@ impl SamlDemoConfig {
             ("lr_lora", self.lr_lora),
             ("lr_pretrain", self.lr_pretrain),
         ])?;
-        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
-            return Err(Error::InvalidParameter {
-                what: "lr_decay",
-                value: self.lr_decay as f32,
-                reason: "must be in (0, 1]",
-            });
-        }
-        Ok(())
+        super::check_decay(self.lr_decay)
     }
 }
 
@@ -218,22 +212,6 @@ pub struct SamlReport {
     pub lora_params: usize,
     /// Wall time of the whole run (s).
     pub seconds: f32,
-}
-
-fn count(vars: &[Var]) -> usize {
-    vars.iter().map(|v| v.as_tensor().elem_count()).sum()
-}
-
-/// Adam (AdamW without weight decay).
-fn adam(vars: Vec<Var>, lr: f64) -> Result<AdamW> {
-    Ok(AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?)
 }
 
 /// Runs the demo; `progress` receives status lines.
@@ -391,15 +369,6 @@ pub fn run_saml_demo(cfg: &SamlDemoConfig, progress: &mut dyn FnMut(&str)) -> Re
         lora_params,
         seconds: start.elapsed().as_secs_f32(),
     })
-}
-
-/// A permutation of `0..n` (Fisher–Yates with our generator).
-fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        v.swap(i, rng.below(i + 1));
-    }
-    v
 }
 
 impl SamlReport {

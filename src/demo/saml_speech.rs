@@ -14,11 +14,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::Optimizer;
 
 use super::saml::SpeakerRow;
 use super::speech_asr::{examples, Example, MAX_TOKENS};
+use super::{adam, param_count as count, shuffled, warmup_cosine};
 use crate::error::{Error, Result};
 use crate::model::linear::QuantFormat;
 use crate::model::llm_asr::AsrBatch;
@@ -209,14 +210,7 @@ impl SpeechSamlConfig {
             ("lr_lora", self.lr_lora),
             ("lr_pretrain", self.lr_pretrain),
         ])?;
-        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
-            return Err(Error::InvalidParameter {
-                what: "lr_decay",
-                value: self.lr_decay as f32,
-                reason: "must be in (0, 1]",
-            });
-        }
-        Ok(())
+        super::check_decay(self.lr_decay)
     }
 }
 
@@ -278,21 +272,6 @@ fn decode_wer(
     }
     let w = 100.0 * wer(pairs.iter().map(|(r, h)| (r.as_str(), h.as_str()))) as f32;
     Ok((w, pairs))
-}
-
-fn count(vars: &[Var]) -> usize {
-    vars.iter().map(|v| v.as_tensor().elem_count()).sum()
-}
-
-fn adam(vars: Vec<Var>, lr: f64) -> Result<AdamW> {
-    Ok(AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?)
 }
 
 /// Per speaker: training utterances and held-out utterances.
@@ -376,15 +355,8 @@ pub fn run_speech_saml_demo(
     fp.set_train_base(true);
     let mut opt = adam(fp.layer_vars(), cfg.lr_pretrain)?;
     let all: Vec<&Example> = pool.train.iter().flatten().collect();
-    let warmup = (cfg.pretrain_steps / 10).max(1);
     for step in 0..cfg.pretrain_steps {
-        let f = if step < warmup {
-            (step + 1) as f64 / warmup as f64
-        } else {
-            let p = (step - warmup) as f64 / (cfg.pretrain_steps - warmup).max(1) as f64;
-            0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-        };
-        opt.set_learning_rate(cfg.lr_pretrain * f);
+        opt.set_learning_rate(cfg.lr_pretrain * warmup_cosine(step, cfg.pretrain_steps));
         let b = batch(&pick(&all, cfg.batch, &mut rng), &dev)?;
         let l = loss(&fp, &b)?;
         opt.backward_step(&l)?;
@@ -460,10 +432,7 @@ pub fn run_speech_saml_demo(
         let mut opt_experts = adam(ev, cfg.lr_experts)?;
         let mut step = 0usize;
         for epoch in 0..cfg.epochs {
-            let mut order: Vec<usize> = (0..adapt.len()).collect();
-            for i in (1..order.len()).rev() {
-                order.swap(i, rng.below(i + 1));
-            }
+            let order = shuffled(adapt.len(), &mut rng);
             for chunk in order.chunks(cfg.adapt_batch) {
                 let items: Vec<&Example> = chunk.iter().map(|&i| &adapt[i]).collect();
                 let b = batch(&items, &dev)?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::DType;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 
 use crate::error::{Error, Result};
 use crate::model::llm_asr::{AsrBatch, LlmAsr, LlmAsrConfig};
@@ -291,26 +291,11 @@ pub(crate) fn train(
         .into_iter()
         .map(|(_, v)| v)
         .collect();
-    let mut opt = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = super::adam(vars, lr)?;
     let dev = model.device().clone();
     let mut last = f32::NAN;
-    let warmup = (steps / 10).max(1);
     for step in 0..steps {
-        // Linear warm-up, then cosine decay to a tenth.
-        let f = if step < warmup {
-            (step + 1) as f64 / warmup as f64
-        } else {
-            let p = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
-            0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-        };
-        opt.set_learning_rate(lr * f);
+        opt.set_learning_rate(lr * super::warmup_cosine(step, steps));
         let (b, _) = data.sample(domains, batch, rng, &dev)?;
         let loss = model.loss(&b, Some(rng))?;
         opt.backward_step(&loss)?;

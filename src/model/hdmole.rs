@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, MoleConfig, MoleLinear, Routed};
-use crate::model::nn::{rms_norm, softmax};
+use crate::model::nn::{push_routing as push, rms_norm, softmax};
 use crate::Rng;
 
 /// Sizes of an [`AsrModel`].
@@ -355,11 +355,5 @@ impl AsrModel {
     pub fn predict(&self, frames: &Tensor) -> Result<Tensor> {
         let out = self.forward(frames, None)?;
         Ok(out.logits.argmax(D::Minus1)?.to_dtype(DType::U32)?)
-    }
-}
-
-fn push(routing: &mut Vec<(String, Routed)>, name: &str, r: Option<Routed>) {
-    if let Some(r) = r {
-        routing.push((name.to_string(), r));
     }
 }

@@ -28,7 +28,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, MoleConfig, MoleLinear, Routed};
-use crate::model::nn::{rms_norm, softmax};
+use crate::model::nn::{push_routing as push, rms_norm, sinusoids, softmax};
 use crate::Rng;
 
 /// Sizes of an [`LlmAsr`].
@@ -212,17 +212,6 @@ pub struct LlmAsr {
     layers: Vec<MoleLinear>,
     pos: Tensor,
     device: Device,
-}
-
-fn sinusoids(len: usize, d: usize, dev: &Device) -> Result<Tensor> {
-    let mut v = Vec::with_capacity(len * d);
-    for p in 0..len {
-        for i in 0..d {
-            let f = (p as f32) / 10000f32.powf((2 * (i / 2)) as f32 / d as f32);
-            v.push(if i % 2 == 0 { f.sin() } else { f.cos() });
-        }
-    }
-    Ok(Tensor::from_vec(v, (len, d), dev)?)
 }
 
 /// `[B, L, d]` → `[B, L/2, 2d]` (L even): each pair of neighbouring positions side by side.
@@ -816,10 +805,4 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) ->
     let m = mask.flatten_all()?;
     let n = m.sum_all()?.to_scalar::<f32>()?.max(1.0);
     Ok((picked.mul(&m)?.sum_all()?.neg()? / f64::from(n))?)
-}
-
-fn push(routing: &mut Vec<(String, Routed)>, name: &str, r: Option<Routed>) {
-    if let Some(r) = r {
-        routing.push((name.to_string(), r));
-    }
 }

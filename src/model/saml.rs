@@ -31,7 +31,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::error::{Error, Result};
 use crate::model::linear::{Ctx, GateMode, MoleConfig, MoleLinear, QuantFormat};
-use crate::model::nn::{rms_norm as rms, softmax};
+use crate::model::nn::{rms_norm as rms, sinusoids, softmax};
 use crate::model::weights::LoraPair;
 use crate::Rng;
 
@@ -165,17 +165,6 @@ pub struct SamlModel {
     routers: Option<Vec<Router>>,
     pos: Tensor,
     device: Device,
-}
-
-fn sinusoids(len: usize, d: usize, dev: &Device) -> Result<Tensor> {
-    let mut v = Vec::with_capacity(len * d);
-    for p in 0..len {
-        for i in 0..d {
-            let f = (p as f32) / 10000f32.powf((2 * (i / 2)) as f32 / d as f32);
-            v.push(if i % 2 == 0 { f.sin() } else { f.cos() });
-        }
-    }
-    Ok(Tensor::from_vec(v, (len, d), dev)?)
 }
 
 /// The attention projections of the model, which receive experts.
